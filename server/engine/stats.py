@@ -1,0 +1,44 @@
+"""Plain records the engine emits; `server.metrics.Metrics` is fed only from these.
+
+The engine thread builds one `StepStats` per engine step and one `RequestStats` per finished request
+(any outcome) and hands them to the `on_step` / `on_request` callbacks given to `Engine`. Callbacks run on
+the engine thread and must be cheap and thread-safe (prometheus-client metrics are).
+All times are seconds (floats from `time.perf_counter()` / `time.monotonic()` differences).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """One engine step (one scheduler plan executed)."""
+
+    model: str                 # served model name ("" if the engine was built without one)
+    batch_size: int            # sequences that got a token computed this step (prefill chunks + decodes)
+    num_prefill_tokens: int    # prompt tokens prefilled this step (sum over chunks)
+    num_decode_tokens: int     # decode tokens computed this step (= decoding sequences)
+    step_duration_s: float     # wall time of the step (plan + runner calls + sampling + hand-off)
+    running: int               # sequences holding a KV slot after the step
+    waiting: int               # requests waiting for a slot after the step
+    kv_slots_used: int         # = running
+    kv_slots_total: int        # runner.max_slots
+    kv_tokens_used: int = 0    # tokens resident in the KV cache (sum of sequence lengths)
+    kv_tokens_total: int = 0   # max_slots * max_seq
+
+
+@dataclass(frozen=True)
+class RequestStats:
+    """One finished request."""
+
+    model: str
+    request_id: str
+    prompt_tokens: int
+    generation_tokens: int
+    finish_reason: str                  # "stop" | "length" | "abort" | "timeout" | "error"
+    queue_time_s: float                 # submit -> slot assigned (0 if never admitted: see finish_reason)
+    ttft_s: Optional[float]             # submit -> first generated token (None if none was produced)
+    e2e_latency_s: float                # submit -> finish
+    inter_token_latencies_s: Tuple[float, ...] = field(default_factory=tuple)  # gaps between successive tokens
+    error_code: Optional[str] = None    # e.g. "internal_error", "request_timeout" when finish_reason is error/timeout
