@@ -1,0 +1,148 @@
+"""The one place that decides which int4 kernel runs on a device, and logs that choice once.
+
+Kernels:
+- "cpu_int4pack": aten._weight_int4pack_mm_for_cpu (bf16 activations), weights repacked with
+  _convert_weight_to_int4pack_for_cpu (out_features padded to a multiple of 64).
+- "cuda_tinygemm": aten._weight_int4pack_mm (sm80+), weights repacked with _convert_weight_to_int4pack.
+- "reference": dequantize to the activation dtype, then a dense matmul (2/3/8-bit, odd group sizes,
+  devices without an int4 kernel).
+
+Prefill policy: `KernelPlan.dense_min_tokens` is the token count from which dequantize-then-dense beats the
+int4 kernel. On this CPU the int4 kernel won at every size measured (1..512 tokens, see
+benchmarks/qlinear.py), so the CPU plan never switches to dense. CUDA is unmeasured: tinygemm everywhere.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+CPU_INT4PACK = "cpu_int4pack"
+CUDA_TINYGEMM = "cuda_tinygemm"
+REFERENCE = "reference"
+
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+CPU_N_BLOCK = 64  # _convert_weight_to_int4pack_for_cpu blocks 64 output rows (32 per nibble half)
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """What QuantLinear runs: kernel name, and from how many tokens it should dequantize + dense matmul."""
+    name: str
+    dense_min_tokens: Optional[int]  # None: never switch to dense
+    reason: str
+
+
+@functools.lru_cache(maxsize=None)
+def _log_once(device_type: str, name: str, reason: str) -> None:
+    logger.info("int4 kernel for %s: %s (%s)", device_type, name, reason)
+
+
+def _has_cpu_int4() -> bool:
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
+        torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
+
+
+def _has_cuda_int4(device: torch.device) -> bool:
+    if not (torch.cuda.is_available() and hasattr(torch.ops.aten, "_weight_int4pack_mm")):
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def device_kernel(device: torch.device) -> KernelPlan:
+    """The int4 kernel this device would use for a well-shaped 4-bit layer (logged once per device type)."""
+    device = torch.device(device)
+    if device.type == "cpu" and _has_cpu_int4():
+        plan = KernelPlan(CPU_INT4PACK, None, "int4pack_mm_for_cpu measured faster than dense bf16 at 1..512 tokens")
+    elif device.type == "cuda" and _has_cuda_int4(device):
+        plan = KernelPlan(CUDA_TINYGEMM, None, "tinygemm on sm80+ (prefill crossover unmeasured)")
+    else:
+        plan = KernelPlan(REFERENCE, 0, f"no torch int4 kernel on {device.type}: dequantize + dense matmul")
+    _log_once(device.type, plan.name, plan.reason)
+    return plan
+
+
+def select_kernel(device: torch.device, bits: int, group_size: int, in_features: int,
+                  out_features: int) -> KernelPlan:
+    """Kernel for one layer: the device's int4 kernel when the layer's shape allows, else reference.
+
+    A layer that cannot use the int4 kernel is logged once per (device, reason) -- never silently.
+    """
+    plan = device_kernel(device)
+    if plan.name == REFERENCE:
+        return plan
+    why = None
+    if bits != 4:
+        why = f"{bits}-bit weights"
+    elif group_size not in INT4_GROUP_SIZES:
+        why = f"group_size={group_size} (int4 kernels take {INT4_GROUP_SIZES})"
+    elif in_features % group_size:
+        why = f"in_features={in_features} not a multiple of group_size={group_size}"
+    elif plan.name == CUDA_TINYGEMM and (in_features % 32 or out_features % 8):
+        why = f"shape ({out_features}, {in_features}) not tinygemm-aligned"
+    elif plan.name == CPU_INT4PACK and out_features % 16:
+        why = f"out_features={out_features} not a multiple of 16"
+    if why is None:
+        return plan
+    ref = KernelPlan(REFERENCE, 0, f"{why}: dequantize + dense matmul")
+    _log_once(torch.device(device).type, ref.name, ref.reason)
+    return ref
+
+
+def cuda_inner_k_tiles(in_features: int) -> int:
+    """Largest tinygemm inner_k_tiles in (8, 4, 2) with in_features % (16 * tiles) == 0."""
+    for tiles in (8, 4, 2):
+        if in_features % (16 * tiles) == 0:
+            return tiles
+    raise ValueError(f"in_features={in_features} is not a multiple of 32")
+
+
+def int4_mm(name: str, x2d: torch.Tensor, packed: torch.Tensor, group_size: int,
+            scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """x2d (M, in) bf16 contiguous -> (M, out_padded) bf16 with the named int4 kernel."""
+    if name == CPU_INT4PACK:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, packed, group_size, scales_and_zeros)
+    if name == CUDA_TINYGEMM:
+        return torch.ops.aten._weight_int4pack_mm(x2d, packed, group_size, scales_and_zeros)
+    raise ValueError(f"not an int4 kernel: {name}")
+
+
+def cpu_int4pack_codes(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Unpack _convert_weight_to_int4pack_for_cpu output (N, in/2) uint8 -> codes (N, in) uint8.
+
+    Layout (torch 2.5+ CPU): 64-row blocks; byte [b, k, j] holds row b*64+j (low nibble) and
+    row b*64+32+j (high nibble) of column k. Verified against the converter by `cpu_layout_ok()`.
+    """
+    blocks = packed.reshape(-1, in_features, 32)  # (N/64, in, 32)
+    codes = torch.stack([blocks & 0xF, blocks >> 4], dim=2)  # (N/64, in, 2, 32)
+    return codes.permute(0, 2, 3, 1).reshape(-1, in_features)  # (N, in)
+
+
+def cpu_int4pack_dequant_t(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
+                           in_features: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Dequantize the CPU int4pack layout straight to W^T (in, N_padded) in `dtype` (prefill helper)."""
+    blocks = packed.reshape(-1, in_features, 32)  # (N/64, in, 32)
+    codes = torch.stack([blocks & 0xF, blocks >> 4], dim=2)  # (N/64, in, 2, 32)
+    codes = codes.permute(1, 0, 2, 3).reshape(in_features, -1)  # (in, N)
+    sz = scales_and_zeros.to(dtype).repeat_interleave(group_size, dim=0)  # (in, N, 2)
+    return (codes.to(dtype) - 8) * sz[..., 0] + sz[..., 1]
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_layout_ok() -> bool:
+    """Probe once that cpu_int4pack_codes inverts this torch build's CPU converter."""
+    if not _has_cpu_int4():
+        return False
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randint(0, 16, (128, 64), generator=gen, dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(w, 1)
+    ok = packed.dtype == torch.uint8 and packed.numel() * 2 == w.numel() and torch.equal(
+        cpu_int4pack_codes(packed, 64).to(torch.int32), w)
+    if not ok:
+        logger.warning("torch CPU int4pack layout differs from the known one: dense prefill disabled")
+    return ok

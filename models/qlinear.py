@@ -1,0 +1,221 @@
+"""QuantLinear: a GPTQ/AWQ linear layer with a plain-PyTorch reference forward and a fast int4 path.
+
+The fast path and its shape rules are chosen by models.kernels.select_kernel (logged once per device).
+4-bit layers hold only torch's int4 layout + bf16 scales_and_zeros (+ an act-order input permutation);
+other layers hold the unpacked codes and dequantize per call (the reference path).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from . import kernels
+from .formats import (QuantConfig, QuantizedWeight, UnsupportedFormatError, act_order_perm, dequantize,
+                      int4pack_scales_and_zeros, unpack_awq, unpack_gptq)
+
+logger = logging.getLogger(__name__)
+
+
+def unpack_linear(tensors: Dict[str, torch.Tensor], prefix: str, qcfg: QuantConfig,
+                  in_features: int, out_features: int) -> QuantizedWeight:
+    """Read one quantized linear's checkpoint tensors into a QuantizedWeight (validating shapes)."""
+    def get(name: str, required: bool = True) -> Optional[torch.Tensor]:
+        key = f"{prefix}.{name}"
+        if key in tensors:
+            return tensors[key]
+        if required:
+            raise UnsupportedFormatError(f"{qcfg.method.upper()} checkpoint lacks tensor {key!r}")
+        return None
+
+    if qcfg.method == "gptq":
+        qw = unpack_gptq(get("qweight"), get("qzeros"), get("scales"), get("g_idx", required=False), qcfg.bits,
+                         group_size=qcfg.group_size, checkpoint_format=qcfg.checkpoint_format,
+                         in_features=in_features)
+    elif qcfg.method == "awq":
+        qw = unpack_awq(get("qweight"), get("qzeros", required=qcfg.zero_point), get("scales"), qcfg.bits,
+                        group_size=qcfg.group_size)
+    else:
+        raise UnsupportedFormatError(f"QuantLinear needs a GPTQ/AWQ config, got method={qcfg.method!r}")
+    if tuple(qw.qweight.shape) != (out_features, in_features):
+        raise UnsupportedFormatError(
+            f"{prefix}: unpacked weight is {tuple(qw.qweight.shape)}, expected ({out_features}, {in_features})")
+    groups = -(-in_features // qw.group_size)
+    if tuple(qw.scales.shape) != (groups, out_features):
+        raise UnsupportedFormatError(f"{prefix}: scales {tuple(qw.scales.shape)}, expected ({groups}, {out_features})")
+    return qw
+
+
+class QuantLinear(torch.nn.Module):
+    """y = x @ W.T + b for a quantized W (out, in). x (..., in) -> (..., out) in the activation dtype."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
+                 plan: kernels.KernelPlan, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bits = bits
+        self.group_size = group_size
+        self.plan = plan
+        self.dtype = dtype
+        self.split_sizes: List[int] = [out_features]  # output widths of the fused parts, in order
+        self._reference: Optional[QuantizedWeight] = None
+
+    # --- construction -------------------------------------------------------------------------------
+    @classmethod
+    def from_tensors(cls, tensors: Dict[str, torch.Tensor], prefix: str, qcfg: QuantConfig, in_features: int,
+                     out_features: int, *, device, dtype: torch.dtype = torch.bfloat16,
+                     keep_reference: bool = False) -> "QuantLinear":
+        """Build from checkpoint tensors (name -> tensor, e.g. mmap'd safetensors); uses prefix.bias if present.
+
+        keep_reference keeps the unpacked codes on CPU so forward_reference works on CUDA too (tests only).
+        """
+        qw = unpack_linear(tensors, prefix, qcfg, in_features, out_features)
+        bias = tensors.get(f"{prefix}.bias")
+        return cls.from_quantized(qw, bias, device=device, dtype=dtype, keep_reference=keep_reference)
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None, *, device,
+                       dtype: torch.dtype = torch.bfloat16, keep_reference: bool = False) -> "QuantLinear":
+        device = torch.device(device)
+        plan = kernels.select_kernel(device, qw.bits, qw.group_size, qw.in_features, qw.out_features)
+        self = cls(qw.in_features, qw.out_features, qw.bits, qw.group_size, plan, dtype)
+        self.register_buffer("bias", None if bias is None else bias.to(device=device, dtype=dtype))
+        if plan.name == kernels.REFERENCE:
+            self.register_buffer("qweight", qw.qweight.to(device))
+            self.register_buffer("zeros", qw.zeros.to(device))
+            self.register_buffer("scales", qw.scales.to(device=device, dtype=torch.float32))
+            self.register_buffer("g_idx", None if qw.g_idx is None else qw.g_idx.to(device))
+            return self
+        perm = act_order_perm(qw)
+        q = qw.qweight if perm is None else qw.qweight[:, perm]  # groups contiguous along in
+        sz = int4pack_scales_and_zeros(qw)  # (groups, out, 2)
+        if plan.name == kernels.CPU_INT4PACK:
+            pad = -qw.out_features % kernels.CPU_N_BLOCK
+            if pad:  # zero rows; sliced off the output
+                q = torch.cat([q, q.new_zeros(pad, q.shape[1])])
+                sz = torch.cat([sz, sz.new_zeros(sz.shape[0], pad, 2)], dim=1)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.cpu().to(torch.int32).contiguous(), 1)
+        else:
+            tiles = kernels.cuda_inner_k_tiles(qw.in_features)
+            qd = q.to(device=device, dtype=torch.uint8)
+            packed = torch.ops.aten._convert_weight_to_int4pack((qd[:, ::2] << 4 | qd[:, 1::2]).contiguous(), tiles)
+        self.register_buffer("packed", packed.to(device))
+        self.register_buffer("scales_and_zeros", sz.to(device).contiguous())
+        self.register_buffer("perm", None if perm is None else perm.to(device))
+        self.out_padded = sz.shape[1]
+        if keep_reference:
+            self._reference = qw
+        return self
+
+    @classmethod
+    def fuse(cls, parts: Sequence["QuantLinear"]) -> Optional["QuantLinear"]:
+        """Concatenate layers sharing an input along the output dim (QKV, gate/up), or None if they can't be.
+
+        Requires the same kernel, bits, group size, in_features, act-order permutation and device; for the
+        CPU int4 layout each part's out_features must be a multiple of 64 (no padding rows inside).
+        The fused layer's `split_sizes` lists the parts' widths.
+        """
+        first = parts[0]
+        if len(parts) < 2:
+            return None
+        for p in parts:
+            if (p.plan != first.plan or p.bits != first.bits or p.group_size != first.group_size
+                    or p.in_features != first.in_features or p.dtype != first.dtype
+                    or (p.bias is None) != (first.bias is None)):
+                return None
+        name = first.plan.name
+        if name == kernels.REFERENCE:
+            if any(p.g_idx is not None for p in parts):
+                if not all(p.g_idx is not None and torch.equal(p.g_idx, first.g_idx) for p in parts):
+                    return None
+        else:
+            if first.packed.device != parts[-1].packed.device:
+                return None
+            if any(p.perm is not None for p in parts):
+                if not all(p.perm is not None and torch.equal(p.perm, first.perm) for p in parts):
+                    return None
+            if name == kernels.CPU_INT4PACK and any(p.out_features % kernels.CPU_N_BLOCK for p in parts):
+                return None
+        out = sum(p.out_features for p in parts)
+        fused = cls(first.in_features, out, first.bits, first.group_size, first.plan, first.dtype)
+        fused.split_sizes = [s for p in parts for s in p.split_sizes]
+        fused.register_buffer("bias", None if first.bias is None else torch.cat([p.bias for p in parts]))
+        if name == kernels.REFERENCE:
+            fused.register_buffer("qweight", torch.cat([p.qweight for p in parts]))
+            fused.register_buffer("zeros", torch.cat([p.zeros for p in parts], dim=1))
+            fused.register_buffer("scales", torch.cat([p.scales for p in parts], dim=1))
+            fused.register_buffer("g_idx", first.g_idx)
+            return fused
+        fused.register_buffer("packed", torch.cat([p.packed for p in parts]))  # both layouts block along out
+        fused.register_buffer("scales_and_zeros", torch.cat([p.scales_and_zeros for p in parts], dim=1))
+        fused.register_buffer("perm", first.perm)
+        fused.out_padded = out
+        if all(p._reference is not None for p in parts):
+            refs = [p._reference for p in parts]
+            fused._reference = QuantizedWeight(
+                torch.cat([r.qweight for r in refs]), torch.cat([r.zeros for r in refs], dim=1),
+                torch.cat([r.scales for r in refs], dim=1), refs[0].g_idx, first.bits, first.group_size)
+        return fused
+
+    # --- forward ------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in) -> (..., out). int4 kernel unless the plan says dense from this many tokens on."""
+        shape = x.shape[:-1]
+        x2d = x.reshape(-1, self.in_features)  # (M, in)
+        m = x2d.shape[0]
+        if self.plan.name == kernels.REFERENCE:
+            y = x2d.to(self.dtype) @ self._dequant_reference().to(self.dtype).t()
+        else:
+            if self.perm is not None:
+                x2d = x2d.index_select(-1, self.perm)
+            x2d = x2d.to(torch.bfloat16).contiguous()
+            dense_from = self.plan.dense_min_tokens
+            if dense_from is not None and m >= dense_from and self.plan.name == kernels.CPU_INT4PACK:
+                y = x2d @ kernels.cpu_int4pack_dequant_t(self.packed, self.scales_and_zeros, self.group_size,
+                                                         self.in_features)
+            else:
+                y = kernels.int4_mm(self.plan.name, x2d, self.packed, self.group_size, self.scales_and_zeros)
+            if self.out_padded != self.out_features:
+                y = y[:, : self.out_features]
+            y = y.to(self.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape, self.out_features)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """Plain PyTorch: dequantize (float32), matmul in float32, return in x's dtype."""
+        w = self.reference_weight()  # (out, in) float32
+        y = x.float() @ w.to(x.device).t()
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype)
+
+    def reference_weight(self) -> torch.Tensor:
+        """The dequantized (out, in) float32 weight in the checkpoint's input order."""
+        if self.plan.name == kernels.REFERENCE:
+            return self._dequant_reference()
+        if self._reference is not None:
+            return dequantize(self._reference)
+        if self.plan.name != kernels.CPU_INT4PACK or not kernels.cpu_layout_ok():
+            raise RuntimeError("forward_reference on CUDA needs QuantLinear(..., keep_reference=True)")
+        codes = kernels.cpu_int4pack_codes(self.packed, self.in_features)[: self.out_features]  # (out, in)
+        sz = self.scales_and_zeros[:, : self.out_features].float()  # (groups, out, 2)
+        g = torch.arange(self.in_features, device=codes.device) // self.group_size
+        w = (codes.float() - 8) * sz[g, :, 0].t() + sz[g, :, 1].t()  # grouped input order
+        if self.perm is not None:
+            w = torch.empty_like(w).index_copy_(1, self.perm, w)
+        return w
+
+    def _dequant_reference(self) -> torch.Tensor:
+        return dequantize(QuantizedWeight(self.qweight, self.zeros, self.scales, self.g_idx, self.bits,
+                                          self.group_size))
+
+    def weight_bytes(self) -> int:
+        """Bytes held by this layer's buffers (packed weights, scales, zeros, permutation, bias)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, kernel={self.plan.name}, splits={self.split_sizes}")
