@@ -1,0 +1,40 @@
+"""Static KV cache: allocated once, written in place; positions and slot ids are always arguments.
+
+Layout: k and v are each one tensor (layers, max_slots + 1, max_seq, kv_heads, head_dim). The extra
+slot (index `max_slots`, `scratch_slot`) absorbs the writes of padding rows when a decode batch is padded
+to a captured bucket size. `k[i]` / `v[i]` are per-layer views (slots + 1, max_seq, kv_heads, head_dim).
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+
+class KVCache:
+    def __init__(self, layers: int, max_slots: int, max_seq: int, kv_heads: int, head_dim: int, *,
+                 device: torch.device, dtype: torch.dtype):
+        self.layers, self.max_slots, self.max_seq = layers, max_slots, max_seq
+        self.kv_heads, self.head_dim = kv_heads, head_dim
+        shape = (layers, max_slots + 1, max_seq, kv_heads, head_dim)
+        self.k_all = torch.zeros(shape, device=device, dtype=dtype)
+        self.v_all = torch.zeros(shape, device=device, dtype=dtype)
+        self.k: List[torch.Tensor] = list(self.k_all.unbind(0))
+        self.v: List[torch.Tensor] = list(self.v_all.unbind(0))
+
+    @property
+    def scratch_slot(self) -> int:
+        return self.max_slots
+
+    def nbytes(self) -> int:
+        return 2 * self.k_all.numel() * self.k_all.element_size()
+
+    @staticmethod
+    def predict_bytes(layers: int, max_slots: int, max_seq: int, kv_heads: int, head_dim: int,
+                      dtype: torch.dtype) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        return 2 * layers * (max_slots + 1) * max_seq * kv_heads * head_dim * elem
+
+    def data_ptrs(self) -> tuple:
+        """Identity of the storage (tests check the cache is never reallocated)."""
+        return (self.k_all.data_ptr(), self.v_all.data_ptr())

@@ -1,0 +1,234 @@
+"""A decoder-only transformer built from an `ArchSpec` table, with explicit positions and KV slots.
+
+The model holds weights only. Every call gets its tokens, positions and KV slots as arguments and writes
+keys/values into a `KVCache` in place; nothing here keeps per-request state. Activations are 2-D
+(tokens, hidden) throughout so any linear (dense or `QuantLinear`) sees a matrix.
+
+- `prefill(tokens (T,), slot, start_pos, cache)`: one sequence, T new tokens at [start_pos, start_pos+T).
+- `decode(tokens (B,), positions (B,), slots (B,), cache, kv_len)`: one new token for each of B sequences,
+  attention over the first `kv_len` cache positions with a mask built from `positions` (fixed shapes).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .arch import ArchSpec, Dims, rope_inv_freq
+from .kv_cache import KVCache
+
+_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+
+class DenseLinear(nn.Module):
+    """y = x @ W.T + b for an unquantized checkpoint; `fuse` concatenates along the output axis."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.out_features, self.in_features = weight.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    forward_reference = forward
+
+    def weight_bytes(self) -> int:
+        n = self.weight.numel() * self.weight.element_size()
+        return n + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
+
+    @staticmethod
+    def fuse(parts: Sequence["DenseLinear"]) -> "DenseLinear":
+        w = torch.cat([p.weight.data for p in parts], 0)
+        if all(p.bias is None for p in parts):
+            return DenseLinear(w)
+        b = torch.cat([p.bias.data if p.bias is not None else torch.zeros(p.out_features, dtype=w.dtype, device=w.device)
+                       for p in parts])
+        return DenseLinear(w, b)
+
+
+class Concat(nn.Module):
+    """Runs several linears on the same input and concatenates (used when quantized parts cannot fuse)."""
+
+    def __init__(self, parts: Sequence[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.out_features = sum(p.out_features for p in parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p(x) for p in self.parts], -1)
+
+    def weight_bytes(self) -> int:
+        return sum(p.weight_bytes() for p in self.parts)
+
+
+def fuse_linears(parts: Sequence[nn.Module]) -> nn.Module:
+    """One module computing cat([p(x) for p in parts], -1): fused weights when the type allows, else Concat."""
+    if all(isinstance(p, DenseLinear) for p in parts):
+        return DenseLinear.fuse(parts)
+    fuse = getattr(type(parts[0]), "fuse", None)
+    fused = fuse(list(parts)) if fuse is not None else None
+    return fused if fused is not None else Concat(parts)
+
+
+class Norm(nn.Module):
+    """RMSNorm (weight) or LayerNorm (weight, bias), computed like transformers does for parity."""
+
+    def __init__(self, kind: str, hidden: int, eps: float):
+        super().__init__()
+        self.kind, self.eps, self.shape = kind, eps, (hidden,)
+        self.weight = nn.Parameter(torch.empty(hidden), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(hidden), requires_grad=False) if kind == "layer" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "layer":
+            return F.layer_norm(x, self.shape, self.weight, self.bias, self.eps)
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Block(nn.Module):
+    """One pre-norm decoder block. `qkv`, `o`, `up` (gate+up or fc1) and `down` are set by the loader."""
+
+    def __init__(self, spec: ArchSpec, dims: Dims):
+        super().__init__()
+        self.norm1 = Norm(spec.norm, dims.hidden, dims.norm_eps)
+        self.norm2 = Norm(spec.norm, dims.hidden, dims.norm_eps)
+        self.qkv: nn.Module = nn.Identity()
+        self.o: nn.Module = nn.Identity()
+        self.up: nn.Module = nn.Identity()
+        self.down: nn.Module = nn.Identity()
+
+
+class Transformer(nn.Module):
+    """Weights of one checkpoint plus the prefill/decode math. Build under `torch.device("meta")`."""
+
+    def __init__(self, spec: ArchSpec, dims: Dims):
+        super().__init__()
+        self.spec, self.dims = spec, dims
+        self.embed = nn.Parameter(torch.empty(dims.vocab, dims.hidden), requires_grad=False)
+        self.pos_embed = (nn.Parameter(torch.empty(dims.max_position + spec.pos_offset, dims.hidden), requires_grad=False)
+                          if spec.positions == "learned" else None)
+        self.blocks = nn.ModuleList([Block(spec, dims) for _ in range(dims.layers)])
+        self.final_norm = Norm(spec.norm, dims.hidden, dims.norm_eps)
+        self.lm_head: nn.Module = nn.Identity()
+        self.register_buffer("cos", None, persistent=False)
+        self.register_buffer("sin", None, persistent=False)
+        h, kv, d = dims.heads, dims.kv_heads, dims.head_dim
+        self._split = (h * d, kv * d, kv * d)
+        self._gated = spec.mlp == "gated_silu"
+
+    def init_rope(self, max_seq: int, device: torch.device, dtype: torch.dtype) -> None:
+        """Precompute cos/sin tables (max_seq, head_dim/2) in the activation dtype (as transformers casts them)."""
+        if self.spec.positions != "rope":
+            return
+        inv = rope_inv_freq(self.dims).to(device)
+        freqs = torch.outer(torch.arange(max_seq, device=device, dtype=torch.float32), inv)
+        self.cos = freqs.cos().to(dtype)
+        self.sin = freqs.sin().to(dtype)
+
+    # --- pieces -------------------------------------------------------------------------------------------
+    def _embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = F.embedding(tokens, self.embed)
+        if self.pos_embed is not None:
+            x = x + F.embedding(positions + self.spec.pos_offset, self.pos_embed)
+        return x
+
+    @staticmethod
+    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # x (N, heads, D); cos/sin (N, 1, D/2); rotate-half convention of transformers
+        x1, x2 = x.chunk(2, -1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1)
+
+    def _mlp(self, blk: Block, h: torch.Tensor) -> torch.Tensor:
+        u = blk.up(h)
+        if self._gated:
+            g, u = u.chunk(2, -1)
+            u = F.silu(g) * u
+        else:
+            u = F.relu(u)
+        return blk.down(u)
+
+    def _qkv(self, blk: Block, x: torch.Tensor, cos, sin):
+        n = x.shape[0]
+        dims = self.dims
+        q, k, v = blk.qkv(blk.norm1(x)).split(self._split, -1)
+        q = q.view(n, dims.heads, dims.head_dim)
+        k = k.view(n, dims.kv_heads, dims.head_dim)
+        v = v.view(n, dims.kv_heads, dims.head_dim)
+        if cos is not None:
+            q = self._rope(q, cos, sin)
+            k = self._rope(k, cos, sin)
+        return q, k, v
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm + lm_head: (N, hidden) -> float32 logits (N, vocab)."""
+        return self.lm_head(self.final_norm(x)).float()
+
+    # --- entry points -------------------------------------------------------------------------------------
+    def prefill(self, tokens: torch.Tensor, slot: int, start_pos: int, cache: KVCache) -> torch.Tensor:
+        """tokens (T,) of one sequence at positions [start_pos, start_pos+T) -> hidden states (T, hidden)."""
+        T = tokens.shape[0]
+        end = start_pos + T
+        dims = self.dims
+        pos = torch.arange(start_pos, end, device=tokens.device)
+        x = self._embed(tokens, pos)
+        cos = sin = None
+        if self.cos is not None:
+            cos, sin = self.cos[start_pos:end, None], self.sin[start_pos:end, None]
+        # chunked prefill: causal mask offset by start_pos over the cached prefix
+        mask = None
+        if start_pos > 0:
+            mask = torch.arange(end, device=tokens.device)[None, :] <= pos[:, None]  # (T, end)
+        rep = dims.heads // dims.kv_heads
+        for i, blk in enumerate(self.blocks):
+            q, k, v = self._qkv(blk, x, cos, sin)
+            kc, vc = cache.k[i], cache.v[i]
+            kc[slot, start_pos:end] = k
+            vc[slot, start_pos:end] = v
+            if start_pos > 0:
+                k, v = kc[slot, :end], vc[slot, :end]  # (end, kv, D) views
+            q, k, v = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]  # (1, heads, T|end, D)
+            if rep > 1 and not _HAS_GQA:
+                k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+            kw = {"enable_gqa": True} if rep > 1 and _HAS_GQA else {}
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, **kw)
+            x = x + blk.o(a[0].transpose(0, 1).reshape(T, dims.heads * dims.head_dim))
+            x = x + self._mlp(blk, blk.norm2(x))
+        return x
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, cache: KVCache,
+               kv_len: int) -> torch.Tensor:
+        """One token for each of B sequences -> float32 logits (B, vocab). Fixed shapes for fixed (B, kv_len)."""
+        B = tokens.shape[0]
+        dims = self.dims
+        x = self._embed(tokens, positions)
+        cos = sin = None
+        if self.cos is not None:
+            cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # (B, 1, D/2)
+        # (B, 1, 1, kv_len): key j is visible to row b iff j <= positions[b]
+        mask = (torch.arange(kv_len, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
+        g = dims.heads // dims.kv_heads
+        for i, blk in enumerate(self.blocks):
+            q, k, v = self._qkv(blk, x, cos, sin)
+            kc, vc = cache.k[i], cache.v[i]
+            kc.index_put_((slots, positions), k)
+            vc.index_put_((slots, positions), v)
+            kk = kc[slots, :kv_len].transpose(1, 2)  # (B, kv, kv_len, D)
+            vv = vc[slots, :kv_len].transpose(1, 2)
+            # GQA without repeating KV: the g query heads of one kv head form a length-g query block
+            qq = q.view(B, dims.kv_heads, g, dims.head_dim)
+            a = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask)  # (B, kv, g, D)
+            x = x + blk.o(a.reshape(B, dims.heads * dims.head_dim))
+            x = x + self._mlp(blk, blk.norm2(x))
+        return self.head(x)
+
+    def linear_modules(self) -> List[nn.Module]:
+        out: List[nn.Module] = []
+        for blk in self.blocks:
+            out += [blk.qkv, blk.o, blk.up, blk.down]
+        return out
