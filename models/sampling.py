@@ -1,0 +1,266 @@
+"""Sampling: pure functions from logits to token ids.
+
+No text, no module state. `sample` works on a batch whose rows may each have different parameters; every
+step is vectorised across the batch with per-row parameter tensors (the only Python loop is over seeded
+rows, to draw each row's noise from its own generator).
+
+Order of operations (HF `generate` order for the warpers, vLLM order for the penalties):
+1. penalties on the raw logits: repetition (HF `RepetitionPenaltyLogitsProcessor`: a logit of a token seen
+   in prompt+generated is divided by the penalty when positive, multiplied when negative), then frequency
+   and presence (OpenAI: `logit -= frequency * count + presence * (count > 0)`, counting generated tokens only);
+2. greedy rows (temperature == 0) take the argmax of the penalised logits;
+3. temperature, then top-k, then top-p (the smallest set of most likely tokens whose mass reaches top_p;
+   the most likely token is always kept), then min-p (drop tokens whose probability is below
+   min_p * the largest probability);
+4. one draw per row with the exponential race `argmax(p / E)`, `E ~ Exp(1)`, which is an exact sample of `p`.
+   A row with a generator draws only from it, so a seeded request gives the same tokens whatever else is
+   in the batch.
+
+Returned log-probabilities are those of the raw model distribution (`log_softmax` of the logits as given,
+before penalties and temperature), as vLLM reports them by default.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+
+MAX_LOGPROBS = 20  # OpenAI chat allows top_logprobs 0..20 (completions 0..5)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling parameters. Defaults sample from the full distribution at temperature 1."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 (or -1) disables top-k
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: Optional[int] = None
+    logprobs: Optional[int] = None  # None: no logprobs; k >= 0: chosen token's logprob plus the top k
+
+    def validate(self) -> "SamplingParams":
+        """Raise ValueError with a clear message when a value is NaN, infinite or out of range; return self."""
+
+        def finite(name: str, v) -> float:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"{name} must be a number, got {v!r}")
+            if not math.isfinite(v):
+                raise ValueError(f"{name} must be finite, got {v!r}")
+            return float(v)
+
+        t = finite("temperature", self.temperature)
+        if t < 0:
+            raise ValueError(f"temperature must be >= 0 (0 means greedy), got {t}")
+        if t > 100:
+            raise ValueError(f"temperature must be <= 100, got {t}")
+        p = finite("top_p", self.top_p)
+        if not 0.0 < p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {p}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
+            raise ValueError(f"top_k must be an integer, got {self.top_k!r}")
+        if self.top_k < -1:
+            raise ValueError(f"top_k must be >= 0 (0 or -1 disables it), got {self.top_k}")
+        m = finite("min_p", self.min_p)
+        if not 0.0 <= m <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {m}")
+        r = finite("repetition_penalty", self.repetition_penalty)
+        if r <= 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 disables it), got {r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = finite(name, getattr(self, name))
+            if not -2.0 <= v <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {v}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.logprobs is not None:
+            if isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int):
+                raise ValueError(f"logprobs must be an integer, got {self.logprobs!r}")
+            if not 0 <= self.logprobs <= MAX_LOGPROBS:
+                raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class SampleOutput:
+    """Result of one `sample` call; tensors live on the logits' device.
+
+    tokens: (B,) int64 chosen ids. logprobs: (B,) float32 raw-model log-probability of each chosen id.
+    top_ids / top_logprobs: (B, k) with k = the largest `logprobs` asked in the batch (rows that asked
+    for fewer use their first entries), sorted by decreasing logprob; None when no row asked for k > 0.
+    """
+
+    tokens: torch.Tensor
+    logprobs: torch.Tensor
+    top_ids: Optional[torch.Tensor] = None
+    top_logprobs: Optional[torch.Tensor] = None
+
+
+def make_generator(seed: Optional[int], device: Union[str, torch.device] = "cpu") -> Optional[torch.Generator]:
+    """A generator on `device` seeded with `seed` (any Python int; taken mod 2**64), or None when seed is None
+    (the row then draws from torch's global generator)."""
+    if seed is None:
+        return None
+    g = torch.Generator(device=torch.device(device))
+    g.manual_seed(int(seed) % (1 << 64))
+    return g
+
+
+def _row_tensor(values: Sequence[float], like: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    # (B, 1) so it broadcasts over the vocabulary
+    return torch.tensor(values, dtype=dtype).to(like.device, non_blocking=True).unsqueeze(1)
+
+
+def _history_masks(histories: torch.Tensor, prompt_lens: torch.Tensor, vocab: int):
+    """Seen-anywhere mask and generated-token counts, both (B, V), from (B, L) histories padded with -1."""
+    b, length = histories.shape
+    valid = histories >= 0  # (B, L)
+    ids = torch.where(valid, histories, torch.full_like(histories, vocab))  # padding -> spare column V
+    seen = torch.zeros(b, vocab + 1, dtype=torch.bool, device=histories.device)
+    seen.scatter_(1, ids, True)
+    pos = torch.arange(length, device=histories.device).unsqueeze(0)  # (1, L)
+    generated = valid & (pos >= prompt_lens.to(histories.device).unsqueeze(1))  # (B, L)
+    counts = torch.zeros(b, vocab + 1, dtype=torch.float32, device=histories.device)
+    counts.scatter_add_(1, ids, generated.to(torch.float32))
+    return seen[:, :vocab], counts[:, :vocab]
+
+
+def apply_penalties(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    histories: Optional[torch.Tensor],
+    prompt_lens: Optional[Union[torch.Tensor, Sequence[int]]] = None,
+) -> torch.Tensor:
+    """Repetition, frequency and presence penalties; returns a new (B, V) float32 tensor.
+
+    histories: (B, L) int64, each row prompt ids then generated ids, padded with -1. prompt_lens: (B,) count of
+    leading prompt ids per row (None: 0, i.e. the whole history counts as generated).
+    """
+    x = logits.float().clone()
+    if histories is None or histories.numel() == 0:
+        return x
+    if all(p.repetition_penalty == 1.0 and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0 for p in params):
+        return x
+    b, v = x.shape
+    if prompt_lens is None:
+        prompt_lens_t = torch.zeros(b, dtype=torch.long, device=x.device)
+    else:
+        prompt_lens_t = torch.as_tensor(prompt_lens, dtype=torch.long).to(x.device)
+    seen, counts = _history_masks(histories.to(x.device, torch.long), prompt_lens_t, v)
+    rep = _row_tensor([p.repetition_penalty for p in params], x)
+    penalised = torch.where(x > 0, x / rep, x * rep)
+    x = torch.where(seen, penalised, x)
+    freq = _row_tensor([p.frequency_penalty for p in params], x)
+    pres = _row_tensor([p.presence_penalty for p in params], x)
+    x = x - freq * counts - pres * (counts > 0).to(x.dtype)
+    return x
+
+
+def apply_warpers(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Temperature, top-k, top-p, min-p for sampled rows; returns (B, V) float32 logits with removed tokens at -inf.
+
+    Greedy rows (temperature 0) are left at temperature 1 and unfiltered: their token is the argmax anyway.
+    """
+    x = logits.float()
+    b, v = x.shape
+    temps = [p.temperature if p.temperature > 0 else 1.0 for p in params]
+    if any(t != 1.0 for t in temps):
+        x = x / _row_tensor(temps, x)
+    neg_inf = torch.tensor(float("-inf"), device=x.device)
+
+    ks = [p.top_k if (p.top_k > 0 and p.temperature > 0) else v for p in params]
+    ps = [p.top_p if p.temperature > 0 else 1.0 for p in params]
+    if any(k < v for k in ks) or any(p < 1.0 for p in ps):
+        sorted_x, order = x.sort(dim=-1, descending=True)  # (B, V) each
+        rank = torch.arange(v, device=x.device).unsqueeze(0)  # (1, V)
+        drop = rank >= _row_tensor(ks, x, torch.long)  # top-k: keep exactly k per row
+        sorted_x = sorted_x.masked_fill(drop, float("-inf"))
+        if any(p < 1.0 for p in ps):
+            probs = sorted_x.softmax(dim=-1)
+            mass_before = probs.cumsum(dim=-1) - probs  # exclusive cumulative mass, (B, V)
+            sorted_x = sorted_x.masked_fill(mass_before >= _row_tensor(ps, x), float("-inf"))
+        x = torch.full_like(x, float("-inf")).scatter(1, order, sorted_x)
+
+    mins = [p.min_p if p.temperature > 0 else 0.0 for p in params]
+    if any(m > 0 for m in mins):
+        probs = x.softmax(dim=-1)
+        threshold = probs.amax(dim=-1, keepdim=True) * _row_tensor(mins, x)  # (B, 1)
+        x = torch.where(probs < threshold, neg_inf, x)
+    return x
+
+
+def _exponential_noise(b: int, v: int, device: torch.device, generators: Sequence[Optional[torch.Generator]]):
+    """(B, V) Exp(1) noise; rows with a generator draw from it alone, other rows from the global RNG."""
+    u = torch.empty(b, v, dtype=torch.float32, device=device)
+    unseeded = [i for i, g in enumerate(generators) if g is None]
+    if unseeded:
+        if len(unseeded) == b:
+            u.uniform_()
+        else:
+            u[unseeded] = torch.rand(len(unseeded), v, device=device)
+    for i, g in enumerate(generators):
+        if g is not None:
+            u[i] = torch.rand(v, generator=g, device=device)
+    # u in [0, 1) -> E in [0, 16.7]; E == 0 (u == 0) would make log E = -inf and NaN at masked tokens
+    return (-torch.log1p(-u)).clamp_min_(1e-30)
+
+
+def sample(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    histories: Optional[torch.Tensor] = None,
+    generators: Optional[Sequence[Optional[torch.Generator]]] = None,
+    prompt_lens: Optional[Union[torch.Tensor, Sequence[int]]] = None,
+) -> SampleOutput:
+    """Choose one token per row.
+
+    logits: (B, V) float; params: B validated SamplingParams; histories: (B, L) int64 prompt+generated ids padded
+    with -1 (needed only for penalties); generators: B entries from `make_generator` (None entries and a None list
+    use the global RNG); prompt_lens: (B,) leading prompt ids in each history (None: 0). Generators must be on the
+    logits' device. No host synchronisation: the result stays on the device.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be (B, V), got shape {tuple(logits.shape)}")
+    b, v = logits.shape
+    if len(params) != b:
+        raise ValueError(f"got {len(params)} SamplingParams for {b} rows")
+    if generators is None:
+        generators = [None] * b
+    elif len(generators) != b:
+        raise ValueError(f"got {len(generators)} generators for {b} rows")
+
+    raw_logprobs = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
+    x = apply_penalties(logits, params, histories, prompt_lens)
+    greedy = [p.temperature == 0.0 for p in params]
+    if all(greedy):
+        tokens = x.argmax(dim=-1)
+    else:
+        warped = apply_warpers(x, params)
+        sampled_rows = [i for i, g in enumerate(greedy) if not g]
+        row_gens = [generators[i] for i in sampled_rows]
+        w = warped if len(sampled_rows) == b else warped[sampled_rows]  # (S, V)
+        noise = _exponential_noise(w.shape[0], v, w.device, row_gens)
+        # argmax(p / E) == argmax(log p - log E); softmax of w is p, and -inf stays -inf
+        race = torch.log_softmax(w, dim=-1) - torch.log(noise)
+        drawn = race.argmax(dim=-1)
+        if len(sampled_rows) == b:
+            tokens = drawn
+        else:
+            tokens = x.argmax(dim=-1)
+            tokens[torch.tensor(sampled_rows, device=tokens.device)] = drawn
+
+    out = SampleOutput(tokens=tokens, logprobs=raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1))
+    k = max((p.logprobs or 0) for p in params)
+    if k > 0:
+        top = raw_logprobs.topk(k, dim=-1)
+        out.top_ids, out.top_logprobs = top.indices, top.values
+    return out
