@@ -1,0 +1,368 @@
+"""The engine: one dedicated thread per model that owns the runner and runs the step loop.
+
+The event loop only calls `submit()` / `abort()` (cheap, thread-safe) and consumes `RequestHandle`s; all
+tensor work happens on the engine thread. Tokens go back through `loop.call_soon_threadsafe`.
+
+Step loop: take new requests and aborts -> expire timeouts -> `Scheduler.plan` -> prefill chunks (one
+`runner.prefill` per chunk) -> one batched `runner.decode` -> one batched `sample` -> hand tokens to the
+requests -> `StepStats`. A failure inside one request's prefill (or its test-hook fault) finishes only that
+request with an error; a failing batched decode or sample finishes the sequences of that batch with an
+error and the engine keeps serving.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Deque, Dict, List, Optional, Set
+
+import torch
+
+from models.sampling import make_generator, sample
+from server.engine.request import (
+    FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, FINISH_TIMEOUT, EngineStoppedError,
+    GenerationRequest, QueueFullError, RequestHandle, SequenceState, TokenEvent,
+)
+from server.engine.scheduler import Scheduler
+from server.engine.stats import RequestStats, StepStats
+
+logger = logging.getLogger(__name__)
+
+
+class InjectedFault(RuntimeError):
+    """Raised by the test hook (`GenerationRequest.fault`) for exactly one request."""
+
+
+class Engine:
+    """Continuous-batching engine over a `models.runner.Runner`.
+
+    `settings` supplies max_queue, prefill_chunk and request_timeout_s. Batch size is the runner's
+    `max_slots`; context is the runner's `max_seq`. `on_step(StepStats)` / `on_request(RequestStats)` run on
+    the engine thread.
+    """
+
+    def __init__(self, runner: Any, settings: Any, *, name: str = "",
+                 on_step: Optional[Callable[[StepStats], None]] = None,
+                 on_request: Optional[Callable[[RequestStats], None]] = None):
+        self.runner = runner
+        self.name = name
+        self.max_slots = int(runner.max_slots)
+        self.max_seq = int(runner.max_seq)
+        self.max_queue = int(settings.max_queue)
+        self.request_timeout_s = float(settings.request_timeout_s)
+        self.test_hooks = bool(getattr(settings, "enable_test_hooks", False))
+        self.scheduler = Scheduler(int(settings.prefill_chunk))
+        self.eos_ids = frozenset(int(t) for t in getattr(runner, "eos_token_ids", ()) or ())
+        self.device = getattr(runner, "device", torch.device("cpu"))
+        self.on_step = on_step
+        self.on_request = on_request
+
+        self._cv = threading.Condition()
+        self._inbox: Deque[SequenceState] = deque()
+        self._aborts: Set[str] = set()
+        self._num_active = 0          # submitted and not yet finished (guarded by _cv)
+        self._accepting = True
+        self._stopping = False
+        self._thread: Optional[threading.Thread] = None
+
+        # Engine-thread state.
+        self._running: List[SequenceState] = []
+        self._waiting: Deque[SequenceState] = deque()
+
+        # Counters readable from any thread (plain ints; torn reads are harmless).
+        self.steps = 0
+        self.max_batch_seen = 0
+        self.tokens_generated = 0
+        self.recent_batch_sizes: Deque[int] = deque(maxlen=4096)
+        self.last_running = 0
+        self.last_waiting = 0
+
+    # ----------------------------------------------------------------- lifecycle
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=f"jetserve-engine-{self.name or 'model'}", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop_accepting(self) -> None:
+        """New submits raise `EngineStoppedError`; in-flight requests continue."""
+        with self._cv:
+            self._accepting = False
+
+    def stop(self, timeout: Optional[float] = 10.0) -> None:
+        """Abort everything still in flight and join the thread."""
+        with self._cv:
+            self._accepting = False
+            self._stopping = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                logger.warning("engine thread %s did not stop within %.1fs", self.name, timeout or 0.0)
+
+    close = stop  # ModelManager disposes engines with close()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def num_active(self) -> int:
+        return self._num_active
+
+    # ----------------------------------------------------------------- event-loop side
+    def submit(self, request: GenerationRequest) -> RequestHandle:
+        """Queue a request; call from a running event loop. Raises QueueFullError / EngineStoppedError / ValueError."""
+        n = len(request.prompt_ids)
+        if n == 0:
+            raise ValueError("prompt is empty")
+        if n >= self.max_seq:
+            raise ValueError(f"prompt has {n} tokens; the context holds {self.max_seq} (prompt + at least 1 generated)")
+        if request.max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+        loop = asyncio.get_running_loop()
+        handle = RequestHandle(request, loop, self.abort)
+        timeout = request.timeout_s if request.timeout_s is not None else self.request_timeout_s
+        seq = SequenceState(request, handle, timeout)
+        seq.generator = make_generator(request.params.seed, self.device)
+        with self._cv:
+            if not self._accepting:
+                raise EngineStoppedError("the server is shutting down or the model is unloading")
+            if self._num_active >= self.max_slots + self.max_queue:
+                raise QueueFullError(
+                    f"server is at capacity: {self.max_slots} running and {self.max_queue} waiting requests",
+                    retry_after_s=1.0)
+            self._num_active += 1
+            self._inbox.append(seq)
+            self._cv.notify()
+        return handle
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request; its slot is freed at the next step boundary. Unknown ids are ignored."""
+        with self._cv:
+            self._aborts.add(request_id)
+            self._cv.notify()
+
+    def stats(self) -> Dict[str, Any]:
+        return {
+            "model": self.name,
+            "steps": self.steps,
+            "running": self.last_running,
+            "waiting": self.last_waiting,
+            "active": self._num_active,
+            "max_slots": self.max_slots,
+            "max_batch_seen": self.max_batch_seen,
+            "tokens_generated": self.tokens_generated,
+        }
+
+    def reset_stats(self) -> None:
+        self.max_batch_seen = 0
+        self.recent_batch_sizes.clear()
+
+    # ----------------------------------------------------------------- engine thread
+    def _run(self) -> None:
+        logger.info("engine %s started (slots=%d, max_seq=%d, prefill_chunk=%d, max_queue=%d)", self.name,
+                    self.max_slots, self.max_seq, self.scheduler.prefill_chunk, self.max_queue)
+        try:
+            while True:
+                with self._cv:
+                    while not (self._inbox or self._aborts or self._running or self._waiting or self._stopping):
+                        self._cv.wait()
+                    self._waiting.extend(self._inbox)
+                    self._inbox.clear()
+                    aborts, self._aborts = self._aborts, set()
+                    stopping = self._stopping
+                if stopping:
+                    for seq in list(self._running) + list(self._waiting):
+                        self._finish(seq, FINISH_ABORT, error="engine stopped", error_code="engine_stopped")
+                    return
+                if aborts:
+                    for seq in [s for s in list(self._running) + list(self._waiting) if s.request.request_id in aborts]:
+                        self._finish(seq, FINISH_ABORT)
+                now = time.perf_counter()
+                for seq in [s for s in list(self._running) + list(self._waiting) if now > s.deadline]:
+                    self._finish(seq, FINISH_TIMEOUT, error="request timed out", error_code="request_timeout")
+                if self._running or self._waiting:
+                    self._step()
+        except Exception:  # a bug in the loop itself: fail everything loudly rather than hang clients
+            logger.exception("engine %s loop crashed", self.name)
+            for seq in list(self._running) + list(self._waiting):
+                self._finish(seq, FINISH_ERROR, error="engine failure", error_code="internal_error")
+            with self._cv:
+                self._accepting = False
+            raise
+
+    def _maybe_fault(self, seq: SequenceState, stage: str) -> None:
+        if self.test_hooks and seq.request.fault == stage:
+            raise InjectedFault(f"injected {stage} fault for {seq.request.request_id}")
+
+    def _step(self) -> None:
+        t0 = time.perf_counter()
+        used = {s.slot for s in self._running}
+        free = [i for i in range(self.max_slots) if i not in used]
+        plan = self.scheduler.plan(self._running, list(self._waiting), free)
+        for seq, slot in plan.admit:
+            self._waiting.remove(seq)
+            seq.slot = slot
+            seq.admit_time = t0
+            self._running.append(seq)
+
+        to_sample: List[SequenceState] = []
+        logits_parts: List[torch.Tensor] = []
+        prefill_tokens = 0
+        prefill_seqs = 0
+        for seq, start, n in plan.prefill:
+            try:
+                self._maybe_fault(seq, "prefill")
+                ids = torch.tensor(seq.request.prompt_ids[start:start + n], dtype=torch.long, device=self.device)
+                logits = self.runner.prefill(ids, seq.slot, start)
+            except Exception as e:
+                logger.warning("request %s failed in prefill: %s", seq.request.request_id, e,
+                               exc_info=not isinstance(e, InjectedFault))
+                self._finish(seq, FINISH_ERROR, error=f"prefill failed: {e}", error_code="internal_error")
+                continue
+            seq.num_prefilled += n
+            prefill_tokens += n
+            prefill_seqs += 1
+            if seq.prefill_done:
+                to_sample.append(seq)
+                logits_parts.append(logits.reshape(1, -1))  # (1, vocab)
+
+        decode = []
+        for seq in plan.decode:
+            if seq.finished:
+                continue
+            try:
+                self._maybe_fault(seq, "decode")
+            except InjectedFault as e:
+                self._finish(seq, FINISH_ERROR, error=str(e), error_code="internal_error")
+                continue
+            decode.append(seq)
+        if decode:
+            tokens = torch.tensor([s.output_ids[-1] for s in decode], dtype=torch.long, device=self.device)
+            positions = torch.tensor([s.prompt_len + len(s.output_ids) - 1 for s in decode], dtype=torch.long,
+                                     device=self.device)
+            slots = torch.tensor([s.slot for s in decode], dtype=torch.long, device=self.device)
+            try:
+                logits_parts.append(self.runner.decode(tokens, positions, slots))  # (B, vocab)
+                to_sample.extend(decode)
+            except Exception as e:
+                logger.exception("batched decode failed for %d sequences", len(decode))
+                for seq in decode:
+                    self._finish(seq, FINISH_ERROR, error=f"decode failed: {e}", error_code="internal_error")
+
+        if to_sample:
+            try:
+                self._sample_and_emit(to_sample, torch.cat(logits_parts, dim=0))
+            except Exception as e:
+                logger.exception("sampling failed for %d sequences", len(to_sample))
+                for seq in to_sample:
+                    if not seq.finished:
+                        self._finish(seq, FINISH_ERROR, error=f"sampling failed: {e}", error_code="internal_error")
+
+        batch = prefill_seqs + len(decode)
+        self.steps += 1
+        self.max_batch_seen = max(self.max_batch_seen, batch)
+        self.recent_batch_sizes.append(batch)
+        self.last_running = len(self._running)
+        self.last_waiting = len(self._waiting)
+        if self.on_step is not None:
+            kv_tokens = sum(s.seq_len for s in self._running)
+            self._safe_callback(self.on_step, StepStats(
+                model=self.name, batch_size=batch, num_prefill_tokens=prefill_tokens,
+                num_decode_tokens=len(decode), step_duration_s=time.perf_counter() - t0,
+                running=len(self._running), waiting=len(self._waiting), kv_slots_used=len(self._running),
+                kv_slots_total=self.max_slots, kv_tokens_used=kv_tokens,
+                kv_tokens_total=self.max_slots * self.max_seq))
+
+    def _sample_and_emit(self, seqs: List[SequenceState], logits: torch.Tensor) -> None:
+        params = [s.request.params for s in seqs]
+        need_history = any(p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+                           for p in params)
+        histories = prompt_lens = None
+        if need_history:  # (B, L) prompt+generated ids padded with -1
+            hists = [s.history() for s in seqs]
+            width = max(len(h) for h in hists)
+            histories = torch.full((len(seqs), width), -1, dtype=torch.long)
+            for i, h in enumerate(hists):
+                histories[i, :len(h)] = torch.tensor(h, dtype=torch.long)
+            histories = histories.to(self.device)
+            prompt_lens = [s.prompt_len for s in seqs]
+        out = sample(logits.float(), params, histories, [s.generator for s in seqs], prompt_lens)
+        tokens = out.tokens.tolist()  # the one host sync per step: tokens must reach the clients
+        want_lp = any(p.logprobs is not None for p in params)
+        if want_lp:
+            lps = out.logprobs.tolist()
+            top_ids = out.top_ids.tolist() if out.top_ids is not None else [[] for _ in seqs]
+            top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else [[] for _ in seqs]
+        now = time.perf_counter()
+        for i, seq in enumerate(seqs):
+            tok = int(tokens[i])
+            seq.output_ids.append(tok)
+            self.tokens_generated += 1
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            else:
+                seq.itl.append(now - seq.last_token_time)
+            seq.last_token_time = now
+            lp, top = None, ()
+            if want_lp and seq.request.params.logprobs is not None:
+                k = int(seq.request.params.logprobs)
+                lp = float(lps[i])
+                top = tuple((int(a), float(b)) for a, b in zip(top_ids[i][:k], top_lps[i][:k]))
+            finish = None
+            if not seq.request.ignore_eos and (tok in self.eos_ids or tok in seq.request.stop_token_ids):
+                finish = FINISH_STOP
+            elif len(seq.output_ids) >= seq.request.max_tokens or seq.prompt_len + len(seq.output_ids) >= self.max_seq:
+                finish = FINISH_LENGTH
+            ev = TokenEvent(token_id=tok, logprob=lp, top=top, finish_reason=finish)
+            if finish is None:
+                seq.handle.push(ev)
+            else:
+                self._finish(seq, finish, event=ev)
+
+    def _finish(self, seq: SequenceState, reason: str, *, event: Optional[TokenEvent] = None,
+                error: Optional[str] = None, error_code: Optional[str] = None) -> None:
+        """Release the slot, send the final event, emit RequestStats. Idempotent."""
+        if seq.finished:
+            return
+        seq.finished = True
+        if seq in self._running:
+            self._running.remove(seq)
+        elif seq in self._waiting:
+            self._waiting.remove(seq)
+        if seq.slot is not None:
+            try:
+                self.runner.release(seq.slot)
+            except Exception:
+                logger.exception("runner.release(%d) failed", seq.slot)
+        if event is None:
+            event = TokenEvent(token_id=-1, finish_reason=reason, error=error, error_code=error_code)
+        seq.handle.push(event)
+        with self._cv:
+            self._num_active -= 1
+        if self.on_request is not None:
+            now = time.perf_counter()
+            self._safe_callback(self.on_request, RequestStats(
+                model=self.name, request_id=seq.request.request_id, prompt_tokens=seq.prompt_len,
+                generation_tokens=len(seq.output_ids), finish_reason=reason,
+                queue_time_s=(seq.admit_time - seq.submit_time) if seq.admit_time is not None else 0.0,
+                ttft_s=(seq.first_token_time - seq.submit_time) if seq.first_token_time is not None else None,
+                e2e_latency_s=now - seq.submit_time, inter_token_latencies_s=tuple(seq.itl),
+                error_code=error_code))
+
+    @staticmethod
+    def _safe_callback(fn: Callable[[Any], None], arg: Any) -> None:
+        try:
+            fn(arg)
+        except Exception:
+            logger.exception("stats callback failed")
+
+
+def make_engine(runner: Any, settings: Any, *, name: str = "",
+                on_step: Optional[Callable[[StepStats], None]] = None,
+                on_request: Optional[Callable[[RequestStats], None]] = None) -> Engine:
+    """`ModelManager` engine_factory: build and start an engine for an already warmed-up runner."""
+    return Engine(runner, settings, name=name, on_step=on_step, on_request=on_request).start()

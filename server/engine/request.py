@@ -1,0 +1,161 @@
+"""Request objects shared by the HTTP edge and the engine thread.
+
+- `GenerationRequest`: what the edge submits (token ids + sampling params; never text).
+- `TokenEvent`: what the engine hands back, one per generated token (or a final error/abort event).
+- `RequestHandle`: the edge's async iterator over a request's events, fed from the engine thread with
+  `loop.call_soon_threadsafe`.
+- `SequenceState`: the engine's private per-request state (slot, progress, timings). Only the engine
+  thread mutates it; the scheduler reads it.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Sequence, Tuple
+
+if TYPE_CHECKING:  # SamplingParams lives in models/ (no torch needed to describe a request)
+    from models.sampling import SamplingParams
+
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+FINISH_ABORT = "abort"
+FINISH_TIMEOUT = "timeout"
+FINISH_ERROR = "error"
+
+
+class QueueFullError(RuntimeError):
+    """The engine's waiting queue is full (HTTP 429)."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class EngineStoppedError(RuntimeError):
+    """The engine no longer accepts requests (shutting down / unloaded; HTTP 503)."""
+
+
+def new_request_id(prefix: str = "cmpl") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+@dataclass
+class GenerationRequest:
+    """A tokenized request. `max_tokens` is already bounded by the context (the edge checks)."""
+
+    prompt_ids: List[int]
+    params: "SamplingParams"
+    max_tokens: int
+    request_id: str = field(default_factory=new_request_id)
+    stop_token_ids: Tuple[int, ...] = ()        # extra ids that end generation with finish_reason "stop"
+    ignore_eos: bool = False
+    timeout_s: Optional[float] = None           # wall-clock limit from submit; None = Settings.request_timeout_s
+    fault: Optional[str] = None                 # test hook: "prefill" | "decode" makes the engine raise for this request
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One event of a request's stream.
+
+    A token event has `token_id >= 0`. The last event of every stream has `finish_reason` set; it may also
+    carry a token (the one that finished it: EOS or the max_tokens-th) or none (`token_id == -1`: abort,
+    timeout, error). `error` / `error_code` are set when finish_reason is "error" or "timeout".
+    """
+
+    token_id: int
+    logprob: Optional[float] = None
+    top: Tuple[Tuple[int, float], ...] = ()
+    finish_reason: Optional[str] = None
+    error: Optional[str] = None
+    error_code: Optional[str] = None
+
+
+class RequestHandle:
+    """Async iterator of `TokenEvent`s for one request; created on the event loop by `Engine.submit`.
+
+    Iteration ends after the event whose `finish_reason` is set. `abort()` asks the engine to stop the
+    request and free its slot at the next step boundary (safe to call more than once or after finishing).
+    """
+
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, abort_fn: Callable[[str], None]):
+        self.request = request
+        self.request_id = request.request_id
+        self._loop = loop
+        self._queue: "asyncio.Queue[TokenEvent]" = asyncio.Queue()
+        self._abort_fn = abort_fn
+        self.finished = False
+
+    # Engine thread side.
+    def push(self, event: TokenEvent) -> None:
+        """Thread-safe hand-off from the engine thread."""
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+        except RuntimeError:  # loop closed: nobody is listening any more
+            pass
+
+    # Event loop side.
+    def abort(self) -> None:
+        if not self.finished:
+            self._abort_fn(self.request_id)
+
+    def __aiter__(self) -> "RequestHandle":
+        return self
+
+    async def __anext__(self) -> TokenEvent:
+        if self.finished:
+            raise StopAsyncIteration
+        ev = await self._queue.get()
+        if ev.finish_reason is not None:
+            self.finished = True
+        return ev
+
+
+_seq_counter = itertools.count()
+
+
+class SequenceState:
+    """Engine-private state of one request (mutated only on the engine thread)."""
+
+    __slots__ = ("request", "handle", "order", "slot", "num_prefilled", "output_ids", "submit_time",
+                 "admit_time", "first_token_time", "last_token_time", "itl", "deadline", "aborted",
+                 "generator", "finished")
+
+    def __init__(self, request: GenerationRequest, handle: Any, timeout_s: float):
+        self.request = request
+        self.handle = handle
+        self.order = next(_seq_counter)            # FIFO tiebreak
+        self.slot: Optional[int] = None
+        self.num_prefilled = 0                     # prompt tokens already in the KV cache
+        self.output_ids: List[int] = []
+        self.submit_time = time.perf_counter()
+        self.admit_time: Optional[float] = None
+        self.first_token_time: Optional[float] = None
+        self.last_token_time: Optional[float] = None
+        self.itl: List[float] = []
+        self.deadline = self.submit_time + timeout_s
+        self.aborted = False
+        self.generator: Any = None
+        self.finished = False
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.request.prompt_ids)
+
+    @property
+    def prefill_done(self) -> bool:
+        return self.num_prefilled >= self.prompt_len
+
+    @property
+    def remaining_prefill(self) -> int:
+        return self.prompt_len - self.num_prefilled
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens whose KV is (or after this step will be) resident."""
+        return self.num_prefilled + max(0, len(self.output_ids) - 1)
+
+    def history(self) -> Sequence[int]:
+        return list(self.request.prompt_ids) + self.output_ids

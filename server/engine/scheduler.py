@@ -1,0 +1,64 @@
+"""Continuous-batching scheduler: pure Python, never touches tensors.
+
+Each engine step the scheduler looks at the running sequences (holding a KV slot), the FIFO of waiting
+requests and the free slots, and returns a `StepPlan`:
+
+- every running sequence whose prompt is fully prefilled decodes one token;
+- waiting requests are admitted in FIFO order while slots are free (they join at this step boundary);
+- prompt tokens are prefilled in chunks, at most `prefill_chunk` tokens per step in total, oldest first, so
+  the decoding streams stall for at most one chunk per step.
+
+Sequences are duck-typed (see `server.engine.request.SequenceState`): `.slot`, `.num_prefilled`,
+`.prompt_len`, `.prefill_done`, `.output_ids`, `.order`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Sequence, Tuple
+
+
+@dataclass
+class StepPlan:
+    admit: List[Tuple[Any, int]] = field(default_factory=list)        # (sequence, slot) joining this step
+    prefill: List[Tuple[Any, int, int]] = field(default_factory=list)  # (sequence, start_pos, num_tokens)
+    decode: List[Any] = field(default_factory=list)                    # sequences decoding one token
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return sum(n for _, _, n in self.prefill)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.prefill or self.decode)
+
+
+class Scheduler:
+    """FIFO admission + chunked prefill + decode-everyone. Stateless between steps."""
+
+    def __init__(self, prefill_chunk: int):
+        if prefill_chunk < 1:
+            raise ValueError("prefill_chunk must be >= 1")
+        self.prefill_chunk = prefill_chunk
+
+    def plan(self, running: Sequence[Any], waiting: Sequence[Any], free_slots: Sequence[int]) -> StepPlan:
+        """Plan one step. `waiting` is in arrival order; `free_slots` are KV slot indices not in use."""
+        plan = StepPlan()
+        slots = list(free_slots)
+        for seq in waiting:
+            if not slots:
+                break
+            plan.admit.append((seq, slots.pop(0)))
+
+        plan.decode = [s for s in running if s.prefill_done and s.output_ids]
+
+        budget = self.prefill_chunk
+        candidates = sorted((s for s in running if not s.prefill_done), key=lambda s: s.order)
+        candidates += [s for s, _ in plan.admit]
+        for seq in candidates:
+            if budget <= 0:
+                break
+            n = min(seq.prompt_len - seq.num_prefilled, budget)
+            if n > 0:
+                plan.prefill.append((seq, seq.num_prefilled, n))
+                budget -= n
+        return plan

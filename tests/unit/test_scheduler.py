@@ -1,0 +1,58 @@
+"""Scheduler: pure-Python planning (FIFO admission, chunked prefill budget, decode everyone)."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from server.engine.scheduler import Scheduler
+
+
+def seq(order, prompt_len, prefilled=0, outputs=0, slot=None):
+    s = SimpleNamespace(order=order, prompt_len=prompt_len, num_prefilled=prefilled, output_ids=[7] * outputs,
+                        slot=slot)
+    s.prefill_done = prefilled >= prompt_len
+    return s
+
+
+def test_fifo_admission_limited_by_free_slots():
+    waiting = [seq(i, 4) for i in range(5)]
+    plan = Scheduler(64).plan([], waiting, [2, 0, 3])
+    assert [(s.order, slot) for s, slot in plan.admit] == [(0, 2), (1, 0), (2, 3)]
+    assert [(s.order, start, n) for s, start, n in plan.prefill] == [(0, 0, 4), (1, 0, 4), (2, 0, 4)]
+    assert plan.decode == []
+
+
+def test_no_free_slots_admits_nobody():
+    running = [seq(0, 4, 4, 1, slot=0)]
+    plan = Scheduler(64).plan(running, [seq(1, 4)], [])
+    assert plan.admit == [] and plan.prefill == [] and plan.decode == running
+
+
+def test_prefill_budget_is_one_chunk_per_step_and_decoders_keep_going():
+    decoding = [seq(0, 3, 3, 5, slot=0), seq(1, 3, 3, 2, slot=1)]
+    long = seq(2, 1000, 0, 0, slot=2)
+    sched = Scheduler(256)
+    plan = sched.plan(decoding + [long], [seq(3, 10)], [3])
+    assert plan.decode == decoding
+    assert [(s.order, st, n) for s, st, n in plan.prefill] == [(2, 0, 256)]
+    assert plan.num_prefill_tokens == 256
+    # the newcomer is admitted (slot taken) but waits for the prefill budget
+    assert [s.order for s, _ in plan.admit] == [3]
+
+
+def test_chunked_prefill_resumes_and_spills_budget_to_next():
+    a = seq(0, 300, 256, 0, slot=0)
+    b = seq(1, 100, 0, 0, slot=1)
+    plan = Scheduler(256).plan([b, a], [], [])
+    assert [(s.order, st, n) for s, st, n in plan.prefill] == [(0, 256, 44), (1, 0, 100)]
+
+
+def test_sequence_without_a_token_yet_is_not_decoded():
+    s = seq(0, 4, 4, 0, slot=0)  # prefilled but first token not sampled (mid-step state)
+    assert Scheduler(16).plan([s], [], []).decode == []
+
+
+def test_bad_chunk():
+    with pytest.raises(ValueError):
+        Scheduler(0)
