@@ -413,3 +413,119 @@ def format_table(report: dict) -> str:
             f"{f(t['p50']) + '/' + f(t['p95']) + '/' + f(t['p99']):>22} {f(i['p50']) + '/' + f(i['p95']) + '/' + f(i['p99']):>22}  "
             f"{lv['errors'] or '-'}")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- server-process harness
+class ServerProcess:
+    """`jetserve serve` as a child process on 127.0.0.1 (for fault, restart and soak runs).
+
+    `serve_args` are extra `jetserve serve` flags. The child's output goes to `log_path`. Use as a context
+    manager; on exit the child gets SIGTERM, then SIGKILL after `kill_after_s`. Only this child is signalled.
+    """
+
+    def __init__(self, serve_args: Sequence[str] = (), *, port: Optional[int] = None, env: Optional[Dict[str, str]] = None,
+                 log_path: Optional[Path] = None, cwd: Optional[Path] = None, kill_after_s: float = 30.0):
+        import os
+        import sys
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+                    *serve_args]
+        self.env = {**os.environ, **(env or {})}
+        self.log_path = Path(log_path) if log_path else None
+        self.cwd = cwd
+        self.kill_after_s = kill_after_s
+        self.proc = None
+        self.started_at = 0.0
+        self._log = None
+
+    def start(self) -> "ServerProcess":
+        import subprocess
+        import tempfile
+        if self.log_path is None:
+            fd, name = tempfile.mkstemp(prefix="jetserve-serve-", suffix=".log")
+            import os
+            os.close(fd)
+            self.log_path = Path(name)
+        self._log = open(self.log_path, "wb")
+        self.started_at = time.perf_counter()
+        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd)
+        return self
+
+    def wait_ready(self, timeout_s: float = 180.0, path: str = "/health") -> float:
+        """Poll `path` until it answers 200; return seconds since start. Raises RuntimeError on exit/timeout."""
+        deadline = time.perf_counter() + timeout_s
+        with httpx.Client(timeout=2.0, trust_env=False) as c:
+            while time.perf_counter() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"jetserve serve exited with {self.proc.returncode}:\n{self.log_tail()}")
+                try:
+                    if c.get(self.url + path).status_code == 200:
+                        return time.perf_counter() - self.started_at
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.05)
+        raise RuntimeError(f"jetserve serve not ready after {timeout_s}s:\n{self.log_tail()}")
+
+    def rss(self) -> int:
+        """Resident set size of the server process in bytes."""
+        import psutil
+        return int(psutil.Process(self.proc.pid).memory_info().rss)
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def wait(self, timeout_s: float) -> Optional[int]:
+        import subprocess
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self) -> Optional[int]:
+        import signal as _signal
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(_signal.SIGTERM)
+            if self.wait(self.kill_after_s) is None:
+                self.proc.kill()
+                self.wait(10)
+        if self._log:
+            self._log.close()
+        return self.proc.returncode
+
+    def log_tail(self, n: int = 4000) -> str:
+        try:
+            return self.log_path.read_bytes()[-n:].decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def __enter__(self) -> "ServerProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape_metrics(url: str, api_key: Optional[str] = None, timeout_s: float = 10.0) -> Dict[str, float]:
+    """GET /metrics and parse it with prometheus-client: {"name{label=value,...}": value} (labels sorted)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    r = httpx.get(url.rstrip("/") + "/metrics", headers=headers, timeout=timeout_s, trust_env=False)
+    r.raise_for_status()
+    out: Dict[str, float] = {}
+    for fam in text_string_to_metric_families(r.text):
+        for s in fam.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = float(s.value)
+    return out
