@@ -187,7 +187,9 @@ def apply_warpers(logits: torch.Tensor, params: Sequence[SamplingParams]) -> tor
         if any(p < 1.0 for p in ps):
             probs = sorted_x.softmax(dim=-1)
             mass_before = probs.cumsum(dim=-1) - probs  # exclusive cumulative mass, (B, V)
-            sorted_x = sorted_x.masked_fill(mass_before >= _row_tensor(ps, x), float("-inf"))
+            # rows with top_p == 1 keep everything (float32 cumsum can reach 1.0 before the tail)
+            limit = _row_tensor([p if p < 1.0 else float("inf") for p in ps], x)
+            sorted_x = sorted_x.masked_fill(mass_before >= limit, float("-inf"))
         x = torch.full_like(x, float("-inf")).scatter(1, order, sorted_x)
 
     mins = [p.min_p if p.temperature > 0 else 0.0 for p in params]

@@ -1,0 +1,382 @@
+"""models.sampling against straightforward per-row reference implementations on fresh random logits."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from models.sampling import (
+    SamplingParams,
+    apply_penalties,
+    apply_warpers,
+    make_generator,
+    sample,
+)
+
+V = 200
+
+
+@pytest.fixture
+def rng():
+    # fresh random logits each test run (seed from the OS), printed so a failure can be replayed
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=torch.Generator().manual_seed(torch.seed())).item())
+    print(f"logits seed {seed}")
+    return torch.Generator().manual_seed(seed)
+
+
+def rand_logits(rng, b, v=V, scale=3.0):
+    return torch.randn(b, v, generator=rng) * scale
+
+
+# ---- straightforward references (one row at a time, plain Python over sorted lists) ----
+
+def ref_top_k(row: torch.Tensor, k: int) -> set:
+    if k <= 0:
+        return set(range(row.numel()))
+    return set(torch.topk(row, k).indices.tolist())
+
+
+def ref_top_p(row: torch.Tensor, p: float) -> set:
+    probs = torch.softmax(row.double(), -1).tolist()
+    order = sorted(range(len(probs)), key=lambda i: -probs[i])
+    kept, mass = set(), 0.0
+    for i in order:
+        if i not in kept and math.isfinite(row[i].item()):
+            kept.add(i)
+            mass += probs[i]
+        if mass >= p:
+            break
+    return kept
+
+
+def boundary_tokens(row: torch.Tensor, p: float, tol: float = 1e-5) -> set:
+    """Tokens whose exclusive cumulative mass is within `tol` of p: float32 rounding may put them either side."""
+    probs = torch.softmax(row.double(), -1)
+    sorted_p, order = probs.sort(descending=True)
+    before = sorted_p.cumsum(0) - sorted_p
+    return set(order[(before - p).abs() < tol].tolist())
+
+
+def ref_min_p(row: torch.Tensor, m: float) -> set:
+    probs = torch.softmax(row.double(), -1)
+    return {i for i in range(row.numel()) if probs[i] >= m * probs.max() and math.isfinite(row[i].item())}
+
+
+def ref_warp(row: torch.Tensor, p: SamplingParams):
+    """HF warper order: temperature, top-k, top-p, min-p; removed tokens at -inf.
+
+    Also returns the tokens at the top-p boundary (float32 rounding may legitimately put them either side).
+    """
+    x = row.double() / p.temperature
+    ambiguous = set()
+    for step in ("k", "p", "min_p"):
+        if step == "k":
+            kept = ref_top_k(x, p.top_k)
+        elif step == "p":
+            kept = ref_top_p(x, p.top_p)
+            ambiguous = boundary_tokens(x, p.top_p) if p.top_p < 1.0 else set()
+        else:
+            kept = ref_min_p(x, p.min_p)
+        x = torch.tensor([x[i].item() if i in kept else float("-inf") for i in range(x.numel())], dtype=torch.float64)
+    return x, ambiguous
+
+
+def finite_set(row: torch.Tensor) -> set:
+    return set(torch.nonzero(torch.isfinite(row)).flatten().tolist())
+
+
+# ---- greedy, masks, temperature ----
+
+def test_greedy_is_argmax(rng):
+    logits = rand_logits(rng, 6)
+    out = sample(logits, [SamplingParams(temperature=0.0)] * 6)
+    assert torch.equal(out.tokens, logits.argmax(-1))
+    assert out.tokens.dtype == torch.int64 and out.top_ids is None
+
+
+def test_greedy_ignores_filters_and_seed(rng):
+    logits = rand_logits(rng, 3)
+    ps = [SamplingParams(temperature=0.0, top_k=5, top_p=0.3, min_p=0.2, seed=i) for i in range(3)]
+    out = sample(logits, ps, generators=[make_generator(p.seed, "cpu") for p in ps])
+    assert torch.equal(out.tokens, logits.argmax(-1))
+
+
+@pytest.mark.parametrize("k", [1, 2, 7, 50, V - 1, V, 10 * V])
+def test_top_k_mask_matches_reference(rng, k):
+    logits = rand_logits(rng, 4)
+    warped = apply_warpers(logits, [SamplingParams(top_k=k)] * 4)
+    for b in range(4):
+        assert finite_set(warped[b]) == ref_top_k(logits[b], min(k, V))
+        kept = torch.isfinite(warped[b])
+        assert torch.equal(warped[b][kept], logits[b][kept])  # kept logits untouched at temperature 1
+
+
+@pytest.mark.parametrize("top_p", [1e-6, 0.1, 0.5, 0.9, 0.999])
+def test_top_p_mask_matches_reference(rng, top_p):
+    logits = rand_logits(rng, 4)
+    warped = apply_warpers(logits, [SamplingParams(top_p=top_p)] * 4)
+    for b in range(4):
+        assert finite_set(warped[b]) ^ ref_top_p(logits[b], top_p) <= boundary_tokens(logits[b], top_p)
+
+
+@pytest.mark.parametrize("min_p", [0.0, 0.01, 0.2, 0.9, 1.0])
+def test_min_p_mask_matches_reference(rng, min_p):
+    logits = rand_logits(rng, 4)
+    warped = apply_warpers(logits, [SamplingParams(min_p=min_p)] * 4)
+    for b in range(4):
+        assert finite_set(warped[b]) == ref_min_p(logits[b], min_p)
+
+
+def test_per_row_mixed_params_match_reference(rng):
+    """Different params in every row, one vectorised call, each row equal to its own reference."""
+    params = [
+        SamplingParams(temperature=0.7, top_k=20, top_p=0.8, min_p=0.05),
+        SamplingParams(temperature=1.3, top_p=0.6),
+        SamplingParams(temperature=0.4, top_k=3),
+        SamplingParams(temperature=2.0, min_p=0.3),
+        SamplingParams(),
+        SamplingParams(temperature=0.9, top_k=100, top_p=0.95, min_p=0.01),
+    ]
+    logits = rand_logits(rng, len(params))
+    warped = apply_warpers(logits, params)
+    for b, p in enumerate(params):
+        ref, ambiguous = ref_warp(logits[b], p)
+        diff = finite_set(warped[b]) ^ finite_set(ref)
+        if diff and diff <= ambiguous:
+            continue  # a float32 rounding case at the top-p boundary; rare
+        assert finite_set(warped[b]) == finite_set(ref), p
+        kept = torch.isfinite(ref)
+        torch.testing.assert_close(warped[b][kept].double(), ref[kept], rtol=1e-5, atol=1e-5)
+
+
+def test_temperature_scales_logits(rng):
+    logits = rand_logits(rng, 3)
+    warped = apply_warpers(logits, [SamplingParams(temperature=t) for t in (0.5, 1.0, 4.0)])
+    torch.testing.assert_close(warped, logits / torch.tensor([[0.5], [1.0], [4.0]]))
+
+
+def test_sampled_tokens_stay_inside_the_mask(rng):
+    logits = rand_logits(rng, 64)
+    params = [SamplingParams(top_k=5, top_p=0.7, min_p=0.1)] * 64
+    warped = apply_warpers(logits, params)
+    for _ in range(5):
+        toks = sample(logits, params).tokens
+        assert torch.isfinite(warped.gather(1, toks[:, None])).all()
+
+
+def test_never_picks_minus_inf_tokens():
+    logits = torch.full((512, 1000), float("-inf"))
+    logits[:, 3] = 0.0
+    logits[:, 7] = -1.0
+    for _ in range(4):
+        toks = sample(logits, [SamplingParams()] * 512).tokens
+        assert set(toks.tolist()) <= {3, 7}
+
+
+# ---- statistics: empirical frequencies vs the target distribution (chi-square, can fail) ----
+
+CHI2_999 = {7: 24.32, 4: 18.47, 3: 16.27, 2: 13.82}  # chi-square 0.999 quantiles by degrees of freedom
+
+
+def chi_square(tokens: torch.Tensor, probs: torch.Tensor) -> float:
+    counts = torch.bincount(tokens, minlength=probs.numel()).double()
+    expected = probs.double() * tokens.numel()
+    support = expected > 0
+    assert counts[~support].sum() == 0, "drew a token with zero probability"
+    return float(((counts[support] - expected[support]) ** 2 / expected[support]).sum())
+
+
+def test_temperature_one_matches_softmax():
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -0.5, -1.0, 1.5, 0.2])
+    n = 40000
+    toks = sample(logits.expand(n, -1), [SamplingParams()] * n).tokens
+    assert chi_square(toks, torch.softmax(logits, -1)) < CHI2_999[7]
+
+
+def test_temperature_changes_distribution():
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -0.5, -1.0, 1.5, 0.2])
+    n = 40000
+    toks = sample(logits.expand(n, -1), [SamplingParams(temperature=0.5)] * n).tokens
+    assert chi_square(toks, torch.softmax(logits / 0.5, -1)) < CHI2_999[7]
+    # and it is detectably not the temperature-1 distribution
+    assert chi_square(toks, torch.softmax(logits, -1)) > 10 * CHI2_999[7]
+
+
+def test_top_p_renormalises():
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -0.5, -1.0, 1.5, 0.2])
+    n = 30000
+    toks = sample(logits.expand(n, -1), [SamplingParams(top_p=0.8)] * n).tokens
+    kept = ref_top_p(logits, 0.8)
+    target = torch.zeros(8)
+    target[list(kept)] = torch.softmax(logits, -1)[list(kept)]
+    target /= target.sum()
+    assert chi_square(toks, target) < CHI2_999[len(kept) - 1]
+
+
+def test_seeded_rows_follow_the_distribution():
+    """The per-row generator path (one generator per row) is also an exact sample."""
+    logits = torch.tensor([1.0, 0.0, -1.0, 0.5, 2.0])
+    n = 3000
+    params = [SamplingParams(seed=1000 + i) for i in range(n)]
+    toks = sample(logits.expand(n, -1), params, generators=[make_generator(p.seed, "cpu") for p in params]).tokens
+    assert chi_square(toks, torch.softmax(logits, -1)) < CHI2_999[4]
+
+
+# ---- seeds ----
+
+def _draw_sequence(logits_row, seed, companions, position, steps=25):
+    """Draw `steps` tokens for one seeded row placed at `position` among companion rows."""
+    g = make_generator(seed, "cpu")
+    comp_gens = [make_generator(s, "cpu") for s in companions]
+    out = []
+    for _ in range(steps):
+        rows = [torch.randn(V) for _ in companions]
+        rows.insert(position, logits_row)
+        gens = list(comp_gens)
+        gens.insert(position, g)
+        params = [SamplingParams(temperature=0.8, top_p=0.95, seed=s) for s in companions]
+        params.insert(position, SamplingParams(temperature=1.2, top_k=50, seed=seed))
+        out.append(int(sample(torch.stack(rows), params, generators=gens).tokens[position]))
+    return out
+
+
+def test_seed_reproducible_regardless_of_batch(rng):
+    row = rand_logits(rng, 1, scale=1.0)[0]
+    alone = _draw_sequence(row, 1234, [], 0)
+    assert _draw_sequence(row, 1234, [], 0) == alone
+    assert _draw_sequence(row, 1234, [None, 5, None], 2) == alone
+    assert _draw_sequence(row, 1234, [99, None, 7, 8, None, None, 3], 0) == alone
+    assert _draw_sequence(row, 4321, [], 0) != alone  # 25 draws over a flat-ish 50-token set
+
+
+def test_same_seed_same_tokens_different_seed_differs(rng):
+    logits = rand_logits(rng, 1, scale=0.5).expand(2, -1)
+    a = [make_generator(s, "cpu") for s in (7, 7)]
+    got = [sample(logits, [SamplingParams(seed=7)] * 2, generators=a).tokens.tolist() for _ in range(20)]
+    assert all(x[0] == x[1] for x in got)
+    b = [make_generator(s, "cpu") for s in (7, 8)]
+    got = [sample(logits, [SamplingParams(seed=7), SamplingParams(seed=8)], generators=b).tokens.tolist()
+           for _ in range(20)]
+    assert any(x[0] != x[1] for x in got)
+
+
+def test_make_generator_handles_none_and_big_or_negative_seeds():
+    assert make_generator(None, "cpu") is None
+    g1, g2 = make_generator(-1, "cpu"), make_generator(2**64 - 1, "cpu")
+    assert torch.equal(torch.rand(4, generator=g1), torch.rand(4, generator=g2))
+
+
+# ---- penalties ----
+
+def test_repetition_penalty_matches_hf_processor(rng):
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    logits = rand_logits(rng, 3)
+    hist = torch.randint(0, V, (3, 30), generator=rng)
+    hist[1, 20:] = -1  # padding
+    for penalty in (1.3, 0.7):
+        ours = apply_penalties(logits, [SamplingParams(repetition_penalty=penalty)] * 3, hist, prompt_lens=[10, 5, 0])
+        for b in range(3):
+            ids = hist[b][hist[b] >= 0][None]
+            ref = RepetitionPenaltyLogitsProcessor(penalty)(ids, logits[b:b + 1].clone())
+            torch.testing.assert_close(ours[b:b + 1], ref)
+
+
+def test_presence_frequency_openai_formula(rng):
+    logits = rand_logits(rng, 2)
+    hist = torch.tensor([[5, 5, 9, 9, 9, 11, 5, 12, 12, -1], [3, 3, 3, 4, 4, 4, 4, -1, -1, -1]])
+    prompt_lens = [3, 4]
+    params = [SamplingParams(presence_penalty=0.5, frequency_penalty=0.25),
+              SamplingParams(presence_penalty=-1.0, frequency_penalty=1.5)]
+    ours = apply_penalties(logits, params, hist, prompt_lens)
+    for b, p in enumerate(params):
+        ref = logits[b].clone()
+        generated = [t for t in hist[b, prompt_lens[b]:].tolist() if t >= 0]
+        for tok in set(generated):
+            c = generated.count(tok)
+            ref[tok] -= c * p.frequency_penalty + (1.0 if c > 0 else 0.0) * p.presence_penalty
+        torch.testing.assert_close(ours[b], ref)
+    # prompt-only tokens are not penalised by presence/frequency
+    assert ours[1, 3] == logits[1, 3] and ours[0, 9] != logits[0, 9]
+
+
+def test_penalties_change_greedy_choice_and_rows_are_independent():
+    logits = torch.zeros(2, 10)
+    logits[:, 4] = 1.0
+    logits[:, 6] = 0.9
+    hist = torch.tensor([[4, 4], [4, 4]])
+    params = [SamplingParams(temperature=0.0, repetition_penalty=2.0), SamplingParams(temperature=0.0)]
+    out = sample(logits, params, hist)
+    assert out.tokens.tolist() == [6, 4]
+    # logprobs stay those of the raw model distribution
+    torch.testing.assert_close(out.logprobs, torch.log_softmax(logits, -1)[[0, 1], [6, 4]])
+
+
+def test_no_history_no_penalty(rng):
+    logits = rand_logits(rng, 2)
+    out = apply_penalties(logits, [SamplingParams(repetition_penalty=1.5)] * 2, None)
+    assert torch.equal(out, logits)
+
+
+# ---- logprobs ----
+
+def test_logprobs_and_top_logprobs(rng):
+    logits = rand_logits(rng, 3)
+    params = [SamplingParams(temperature=0.0, logprobs=5), SamplingParams(logprobs=0), SamplingParams(top_k=4, logprobs=2)]
+    out = sample(logits, params)
+    raw = torch.log_softmax(logits, -1)
+    torch.testing.assert_close(out.logprobs, raw.gather(1, out.tokens[:, None]).squeeze(1))
+    assert out.top_ids.shape == (3, 5) and out.top_logprobs.dtype == torch.float32
+    top = raw.topk(5, -1)
+    assert torch.equal(out.top_ids, top.indices)
+    torch.testing.assert_close(out.top_logprobs, top.values)
+
+
+def test_mixed_greedy_and_sampled_rows(rng):
+    logits = rand_logits(rng, 4)
+    params = [SamplingParams(temperature=0.0), SamplingParams(top_k=1), SamplingParams(temperature=0.0),
+              SamplingParams(top_p=1e-9)]
+    out = sample(logits, params)
+    assert torch.equal(out.tokens, logits.argmax(-1))  # top_k=1 and tiny top_p are greedy too
+
+
+# ---- validation ----
+
+@pytest.mark.parametrize("kwargs, msg", [
+    (dict(temperature=float("nan")), "temperature must be finite"),
+    (dict(temperature=float("inf")), "temperature must be finite"),
+    (dict(temperature=-0.1), "temperature must be >= 0"),
+    (dict(top_p=0.0), "top_p must be in"),
+    (dict(top_p=1.5), "top_p must be in"),
+    (dict(top_p=float("nan")), "top_p must be finite"),
+    (dict(top_k=-2), "top_k must be >= 0"),
+    (dict(top_k=2.5), "top_k must be an integer"),
+    (dict(min_p=-0.1), "min_p must be in"),
+    (dict(min_p=float("inf")), "min_p must be finite"),
+    (dict(repetition_penalty=0.0), "repetition_penalty must be > 0"),
+    (dict(repetition_penalty=float("nan")), "repetition_penalty must be finite"),
+    (dict(presence_penalty=2.5), "presence_penalty must be in"),
+    (dict(frequency_penalty=-3.0), "frequency_penalty must be in"),
+    (dict(frequency_penalty=float("-inf")), "frequency_penalty must be finite"),
+    (dict(seed="1"), "seed must be an integer"),
+    (dict(logprobs=21), "logprobs must be in"),
+    (dict(logprobs=-1), "logprobs must be in"),
+    (dict(temperature="hot"), "temperature must be a number"),
+])
+def test_validation_errors(kwargs, msg):
+    with pytest.raises(ValueError, match=msg):
+        SamplingParams(**kwargs).validate()
+
+
+def test_validation_accepts_edges():
+    for p in (SamplingParams(), SamplingParams(temperature=0, top_p=1.0, top_k=-1, min_p=1.0, repetition_penalty=0.5,
+                                               presence_penalty=-2, frequency_penalty=2, seed=-5, logprobs=20)):
+        assert p.validate() is p
+
+
+def test_shape_errors():
+    with pytest.raises(ValueError, match="2 SamplingParams for 3 rows"):
+        sample(torch.zeros(3, 5), [SamplingParams()] * 2)
+    with pytest.raises(ValueError, match=r"\(B, V\)"):
+        sample(torch.zeros(5), [SamplingParams()])
