@@ -101,6 +101,16 @@ class RequestHandle:
         if not self.finished:
             self._abort_fn(self.request_id)
 
+    def ready_events(self) -> List[TokenEvent]:
+        """Events already delivered and not yet consumed (lets the edge coalesce a backlog into one chunk)."""
+        out: List[TokenEvent] = []
+        while not self.finished and not self._queue.empty():
+            ev = self._queue.get_nowait()
+            out.append(ev)
+            if ev.finish_reason is not None:
+                self.finished = True
+        return out
+
     def __aiter__(self) -> "RequestHandle":
         return self
 
