@@ -63,9 +63,9 @@ ROWS = [
             _q(f"sum by (model, kind) (jetserve:model_memory_bytes{{{SEL}}})", "{{model}} {{kind}}"),
         ], "What jetserve accounts against JETSERVE_MEMORY_BUDGET (weights + KV cache + workspace)."),
         ("GPU allocator", "bytes", [
-            _q(f"jetserve:gpu_memory_allocated_bytes{{{SEL}}}", "allocated"),
-            _q(f"jetserve:gpu_memory_reserved_bytes{{{SEL}}}", "reserved"),
-        ], "torch.cuda caching allocator (0 on CPU)."),
+            _q(f"jetserve:gpu_memory_allocated_bytes{{{SEL}}}", "allocated cuda:{{device}}"),
+            _q(f"jetserve:gpu_memory_reserved_bytes{{{SEL}}}", "reserved cuda:{{device}}"),
+        ], "torch.cuda caching allocator (no series on CPU)."),
         ("Jetson RAM, NvMap, swap", "bytes", [
             _q(f"jetserve:jetson_ram_used_bytes{{{SEL}}}", "RAM used"),
             _q(f"jetserve:jetson_ram_total_bytes{{{SEL}}}", "RAM total"),
@@ -76,7 +76,9 @@ ROWS = [
             _q(f"sum by (model) (increase(jetserve:model_loads_total{{{SEL}}}[$__range]))", "loads {{model}}"),
             _q(f"sum by (model) (increase(jetserve:model_evictions_total{{{SEL}}}[$__range]))", "evictions {{model}}"),
         ], ""),
-        ("Model load time", "s", _quantiles("jetserve:model_load_seconds", (0.5, 0.95)), ""),
+        ("Model load time", "s", [
+            _q(f"jetserve:model_load_seconds{{{SEL}}}", "{{model}}"),
+        ], "Duration of each loaded model's last load, warm-up included."),
     ]),
     ("Jetson", [
         ("EMC (memory controller) and GPU utilization", "percentunit", [
