@@ -1,0 +1,113 @@
+"""models/kernels.py: kernel choice per device, CPU int4pack layout, int4 matmul parity vs the reference."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from models import kernels
+from models.formats import dequantize, to_int4pack_cpu, to_int4pack_cuda
+
+from test_formats import random_qw
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA GPU not available (tinygemm path)")
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    return torch.Generator().manual_seed(torch.seed() % 2**31)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref.float()).norm() / ref.float().norm())
+
+
+def test_cpu_layout_probe():
+    assert kernels.cpu_layout_ok()
+
+
+@pytest.mark.parametrize("n,k", [(64, 32), (192, 576), (576, 1536), (128, 96)])
+def test_cpu_int4pack_codes_roundtrip(n, k, gen):
+    w = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(w, 1)
+    assert torch.equal(kernels.cpu_int4pack_codes(packed, k).int(), w)
+
+
+def test_device_kernel_cpu_logged_once(caplog):
+    kernels._log_once.cache_clear()
+    with caplog.at_level(logging.INFO, logger="models.kernels"):
+        for _ in range(3):
+            plan = kernels.device_kernel(torch.device("cpu"))
+    assert plan.name == kernels.CPU_INT4PACK
+    assert sum("int4 kernel for cpu" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("bits,group,in_f,out_f,why", [
+    (8, 64, 576, 192, "8-bit"),
+    (3, 64, 576, 192, "3-bit"),
+    (4, 16, 576, 192, "group_size=16"),
+    (4, 128, 576, 192, "not a multiple of group_size"),
+    (4, 64, 576, 200, "out_features=200"),
+])
+def test_select_kernel_reference_for_unsupported_shapes(bits, group, in_f, out_f, why, caplog):
+    kernels._log_once.cache_clear()
+    with caplog.at_level(logging.INFO, logger="models.kernels"):
+        plan = kernels.select_kernel(torch.device("cpu"), bits, group, in_f, out_f)
+    assert plan.name == kernels.REFERENCE and why in plan.reason
+    assert any(why in r.getMessage() for r in caplog.records)
+
+
+def test_select_kernel_int4_for_smollm_shapes():
+    for in_f, out_f in [(576, 576), (576, 192), (576, 1536), (1536, 576)]:
+        for g in (32, 64, 192 if in_f == 576 else 128):
+            want = kernels.CPU_INT4PACK if g in kernels.INT4_GROUP_SIZES else kernels.REFERENCE
+            assert kernels.select_kernel(torch.device("cpu"), 4, g, in_f, out_f).name == want
+
+
+@pytest.mark.parametrize("m", [1, 2, 8, 32, 128])
+@pytest.mark.parametrize("in_f,out_f,group", [(576, 192, 64), (576, 1536, 32), (1536, 576, 128), (256, 64, 64)])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_cpu_int4_mm_matches_reference(m, in_f, out_f, group, act_order, gen):
+    qw = random_qw(out_f, in_f, 4, group, act_order=act_order, gen=gen)
+    packed, sz, perm = to_int4pack_cpu(qw)
+    x = torch.randn(m, in_f, generator=gen).to(torch.bfloat16)
+    xp = x if perm is None else x[:, perm]
+    out = kernels.int4_mm(kernels.CPU_INT4PACK, xp.contiguous(), packed, group, sz)
+    ref = x.float() @ dequantize(qw).t()
+    assert out.shape == (m, out_f) and out.dtype == torch.bfloat16
+    assert rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_cpu_int4pack_dense_dequant_matches_reference(group, gen):
+    qw = random_qw(192, 1536, 4, group, gen=gen)
+    packed, sz, _ = to_int4pack_cpu(qw)
+    wt = kernels.cpu_int4pack_dequant_t(packed, sz, group, 1536, dtype=torch.float32)  # (in, out)
+    # Only bf16 rounding of scale and (8 - z) * scale separates it from the fp16-scale reference.
+    assert rel_err(wt.t(), dequantize(qw)) < 5e-3
+
+
+def test_cuda_inner_k_tiles():
+    assert kernels.cuda_inner_k_tiles(4096) == 8
+    assert kernels.cuda_inner_k_tiles(576) == 4
+    assert kernels.cuda_inner_k_tiles(96) == 2
+    with pytest.raises(ValueError):
+        kernels.cuda_inner_k_tiles(48)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("m", [1, 4, 8, 64, 512])
+@pytest.mark.parametrize("in_f,out_f,group", [(576, 192, 64), (4096, 4096, 128), (576, 1536, 32)])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_cuda_tinygemm_matches_reference(m, in_f, out_f, group, act_order, gen):
+    dev = torch.device("cuda")
+    assert kernels.device_kernel(dev).name == kernels.CUDA_TINYGEMM
+    qw = random_qw(out_f, in_f, 4, group, act_order=act_order, gen=gen)
+    packed, sz, perm = to_int4pack_cuda(qw, dev, kernels.cuda_inner_k_tiles(in_f))
+    x = torch.randn(m, in_f, generator=gen).to(torch.bfloat16)
+    xp = (x if perm is None else x[:, perm.cpu()]).to(dev).contiguous()
+    out = kernels.int4_mm(kernels.CUDA_TINYGEMM, xp, packed, group, sz)
+    ref = x.float() @ dequantize(qw).t()
+    assert rel_err(out.cpu(), ref) < 1e-2

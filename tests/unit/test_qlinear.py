@@ -1,0 +1,279 @@
+"""models/qlinear.py: QuantLinear fast path vs reference, fusion, memory, and parity with GPTQModel's layers."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Dict
+
+import pytest
+import torch
+
+from models import kernels
+from models.formats import QuantizedWeight, dequantize, pack_awq, pack_gptq, parse_quant_config, read_quant_config
+from models.qlinear import QuantLinear
+
+from test_formats import random_qw
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA GPU not available (tinygemm path)")
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    return torch.Generator().manual_seed(torch.seed() % 2**31)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref.float()).norm() / ref.float().norm())
+
+
+def qcfg(method: str, bits: int = 4, group: int = 64, sym: bool = False, desc_act: bool = False, fmt: str = "gptq"):
+    if method == "gptq":
+        return parse_quant_config({"quant_method": "gptq", "bits": bits, "group_size": group, "sym": sym,
+                                   "desc_act": desc_act, "checkpoint_format": fmt})
+    return parse_quant_config({"quant_method": "awq", "bits": bits, "group_size": group, "zero_point": not sym,
+                               "version": "gemm"})
+
+
+def checkpoint(qw: QuantizedWeight, cfg, prefix: str = "layer", bias: torch.Tensor = None) -> Dict[str, torch.Tensor]:
+    """Tensors as a checkpoint of `cfg`'s format would store them."""
+    t = pack_gptq(qw, checkpoint_format=cfg.checkpoint_format) if cfg.method == "gptq" else pack_awq(qw)
+    if cfg.method == "awq" and not cfg.zero_point:
+        t.pop("qzeros")
+    out = {f"{prefix}.{k}": v for k, v in t.items()}
+    if bias is not None:
+        out[f"{prefix}.bias"] = bias
+    return out
+
+
+CASES = [  # method, bits, sym, act_order, format
+    ("gptq", 4, True, False, "gptq"),
+    ("gptq", 4, False, False, "gptq"),
+    ("gptq", 4, False, True, "gptq"),
+    ("gptq", 4, False, True, "gptq_v2"),
+    ("awq", 4, False, False, "awq_gemm"),
+    ("awq", 4, True, False, "awq_gemm"),
+]
+
+
+@pytest.mark.parametrize("method,bits,sym,act_order,fmt", CASES)
+@pytest.mark.parametrize("m", [1, 5, 64])
+def test_fast_path_matches_reference(method, bits, sym, act_order, fmt, m, gen):
+    cfg = qcfg(method, bits, 64, sym, act_order, fmt)
+    qw = random_qw(192, 576, bits, 64, act_order=act_order, sym=sym, gen=gen)
+    layer = QuantLinear.from_tensors(checkpoint(qw, cfg), "layer", cfg, 576, 192, device="cpu")
+    assert layer.plan.name == kernels.CPU_INT4PACK
+    x = torch.randn(m, 576, generator=gen).to(torch.bfloat16)
+    out = layer(x)
+    ref = x.float() @ dequantize(qw).t()  # fp16 scales, float32: the checkpoint's own semantics
+    assert out.shape == (m, 192) and out.dtype == torch.bfloat16
+    assert rel_err(out, ref) < 1e-2
+    assert rel_err(layer.forward_reference(x), ref) < 1e-2
+    assert rel_err(layer.reference_weight(), dequantize(qw)) < 5e-3
+
+
+@pytest.mark.parametrize("bits", [2, 3, 8])
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_other_bit_widths_use_reference_path(bits, method, gen):
+    cfg = qcfg(method, bits, 32)
+    qw = random_qw(64, 128, bits, 32, gen=gen)
+    layer = QuantLinear.from_tensors(checkpoint(qw, cfg), "layer", cfg, 128, 64, device="cpu")
+    assert layer.plan.name == kernels.REFERENCE
+    x = torch.randn(2, 3, 128, generator=gen).to(torch.bfloat16)
+    out = layer(x)
+    assert out.shape == (2, 3, 64)
+    assert rel_err(out, x.float() @ dequantize(qw).t()) < 1e-2
+
+
+def test_odd_out_features_padded_and_bias(gen):
+    cfg = qcfg("gptq", group=32)
+    qw = random_qw(96, 64, 4, 32, gen=gen)
+    bias = torch.randn(96, generator=gen).to(torch.float16)
+    layer = QuantLinear.from_tensors(checkpoint(qw, cfg, bias=bias), "layer", cfg, 64, 96, device="cpu")
+    assert layer.out_padded == 128
+    x = torch.randn(3, 64, generator=gen).to(torch.bfloat16)
+    out = layer(x)
+    assert out.shape == (3, 96)
+    assert rel_err(out, x.float() @ dequantize(qw).t() + bias.float()) < 1e-2
+
+
+def test_dense_prefill_switch(gen):
+    """With a dense threshold in the plan, many-token inputs dequantize + dense and still match."""
+    cfg = qcfg("gptq", desc_act=True)
+    qw = random_qw(128, 256, 4, 64, act_order=True, gen=gen)
+    layer = QuantLinear.from_tensors(checkpoint(qw, cfg), "layer", cfg, 256, 128, device="cpu")
+    layer.plan = kernels.KernelPlan(kernels.CPU_INT4PACK, 16, "test")
+    x = torch.randn(32, 256, generator=gen).to(torch.bfloat16)
+    assert rel_err(layer(x), x.float() @ dequantize(qw).t()) < 1e-2
+
+
+def test_missing_tensor_and_shape_mismatch(gen):
+    from models.formats import UnsupportedFormatError
+    cfg = qcfg("gptq")
+    qw = random_qw(64, 128, 4, 64, gen=gen)
+    t = checkpoint(qw, cfg)
+    with pytest.raises(UnsupportedFormatError, match="qzeros"):
+        QuantLinear.from_tensors({k: v for k, v in t.items() if "qzeros" not in k}, "layer", cfg, 128, 64,
+                                 device="cpu")
+    with pytest.raises(UnsupportedFormatError, match="expected"):
+        QuantLinear.from_tensors(t, "layer", cfg, 128, 128, device="cpu")
+
+
+def test_weight_bytes_is_packed_size(gen):
+    cfg = qcfg("gptq", group=64)
+    qw = random_qw(1536, 576, 4, 64, gen=gen)
+    layer = QuantLinear.from_tensors(checkpoint(qw, cfg), "layer", cfg, 576, 1536, device="cpu")
+    packed = 1536 * 576 // 2
+    scales_zeros = (576 // 64) * 1536 * 2 * 2  # bf16 scale + zero
+    assert layer.weight_bytes() == packed + scales_zeros
+
+
+# ----------------------------------------------------------------------------------------------- fusion
+def _parts(cfg, outs, in_f, gen, act_order=False, shared_g_idx=True):
+    qws = [random_qw(o, in_f, 4, cfg.group_size, act_order=act_order, gen=gen) for o in outs]
+    if act_order and shared_g_idx:
+        for q in qws[1:]:
+            q.g_idx = qws[0].g_idx.clone()
+    layers = [QuantLinear.from_tensors(checkpoint(q, cfg, f"p{i}"), f"p{i}", cfg, in_f, q.out_features,
+                                       device="cpu") for i, q in enumerate(qws)]
+    return qws, layers
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_fuse_qkv_matches_separate(act_order, gen):
+    cfg = qcfg("gptq", group=64, desc_act=act_order)
+    qws, layers = _parts(cfg, [576, 192, 192], 576, gen, act_order=act_order)
+    fused = QuantLinear.fuse(layers)
+    assert fused is not None and fused.split_sizes == [576, 192, 192] and fused.out_features == 960
+    x = torch.randn(4, 576, generator=gen).to(torch.bfloat16)
+    y = fused(x)
+    sep = torch.cat([l(x) for l in layers], dim=-1)
+    assert torch.equal(y, sep)  # same kernel over the same bytes: bit-identical
+    assert rel_err(fused.forward_reference(x), torch.cat([x.float() @ dequantize(q).t() for q in qws], -1)) < 1e-2
+    assert fused.weight_bytes() == sum(l.weight_bytes() for l in layers) - (
+        0 if not act_order else 2 * layers[0].perm.numel() * layers[0].perm.element_size())
+
+
+def test_fuse_refuses_mismatched_parts(gen):
+    cfg = qcfg("gptq", group=64, desc_act=True)
+    _, layers = _parts(cfg, [128, 128], 256, gen, act_order=True, shared_g_idx=False)
+    assert QuantLinear.fuse(layers) is None  # different act-order permutations
+    _, a = _parts(qcfg("gptq", group=64), [128], 256, gen)
+    _, b = _parts(qcfg("gptq", group=32), [128], 256, gen)
+    assert QuantLinear.fuse(a + b) is None  # different group sizes
+    _, c = _parts(qcfg("gptq", group=64), [96, 128], 256, gen)
+    assert QuantLinear.fuse(c) is None  # CPU layout would hold padding rows inside
+
+
+def test_fuse_reference_path(gen):
+    cfg = qcfg("gptq", bits=8, group=32)
+    qws = [random_qw(o, 64, 8, 32, gen=gen) for o in (64, 32)]
+    layers = [QuantLinear.from_tensors(checkpoint(q, cfg, "p"), "p", cfg, 64, q.out_features, device="cpu")
+              for q in qws]
+    fused = QuantLinear.fuse(layers)
+    x = torch.randn(3, 64, generator=gen).to(torch.bfloat16)
+    assert torch.equal(fused(x), torch.cat([l(x) for l in layers], -1))
+
+
+# ----------------------------------------------------------------------------------------------- GPTQModel parity
+VARIANTS = {  # name -> (method, QuantizeConfig kwargs)
+    "gptq-sym": ("gptq", dict(bits=4, group_size=32, sym=True, desc_act=False)),
+    "gptq-asym-actorder": ("gptq", dict(bits=4, group_size=32, sym=False, desc_act=True)),
+    "awq-zp": ("awq", dict(bits=4, group_size=32, sym=False)),
+    "awq-nozp": ("awq", dict(bits=4, group_size=32, sym=True)),
+}
+
+
+@pytest.fixture(scope="module")
+def gptqmodel_checkpoints(smollm2_dir: Path, tmp_path_factory) -> Dict[str, Path]:
+    """A tiny random Llama quantized by GPTQModel itself, once per variant (CPU, ~7 s each).
+
+    hidden 128 / kv out 64: GPTQModel's AWQ clip search needs out_features divisible by its batch (64).
+    """
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+    from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
+    from gptqmodel.quantization import FORMAT, METHOD
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("gptqmodel-tiny")
+    base = root / "base"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                 max_position_embeddings=256, tie_word_embeddings=True)
+                     ).to(torch.bfloat16).save_pretrained(base)
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    tok.save_pretrained(base)
+    texts = [f"Calibration sentence {i}: the quick brown fox jumps over the lazy dog near river {i * 7}."
+             for i in range(16)]
+    calib = [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in (tok(t)["input_ids"] for t in texts)]
+    out = {}
+    for name, (method, kw) in VARIANTS.items():
+        extra = dict(quant_method=METHOD.AWQ, format=FORMAT.GEMM) if method == "awq" else {}
+        model = GPTQModel.load(str(base), QuantizeConfig(**kw, **extra))
+        model.quantize(calib, batch_size=4, **({"backend": BACKEND.AWQ_TORCH} if method == "awq" else {}))
+        model.save(str(root / name))
+        out[name] = root / name
+        del model
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_parity_with_gptqmodel_layers(variant, gptqmodel_checkpoints):
+    """Every linear of a GPTQModel-written checkpoint: our QuantLinear == GPTQModel's own loaded layer."""
+    from gptqmodel import BACKEND, GPTQModel
+    from safetensors.torch import load_file
+
+    path = gptqmodel_checkpoints[variant]
+    cfg = read_quant_config(path)
+    method = VARIANTS[variant][0]
+    assert cfg.method == method and cfg.checkpoint_format == ("gptq" if method == "gptq" else "awq_gemm")
+    backend = BACKEND.TORCH if method == "gptq" else BACKEND.AWQ_TORCH
+    theirs = GPTQModel.load(str(path), backend=backend, device="cpu", dtype=torch.bfloat16)
+    tensors = load_file(str(path / "model.safetensors"))
+    modules = dict(theirs.model.named_modules())
+    names = [k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")]
+    assert len(names) == 2 * 7
+    gen = torch.Generator().manual_seed(1234)
+    for name in names:
+        ref_layer = modules[name]
+        ours = QuantLinear.from_tensors(tensors, name, cfg, ref_layer.in_features, ref_layer.out_features,
+                                        device="cpu")
+        x = torch.randn(6, ref_layer.in_features, generator=gen).to(torch.bfloat16)
+        with torch.no_grad():
+            want = ref_layer(x).float()
+        assert rel_err(ours(x), want) < 1e-2, name
+        assert rel_err(ours.forward_reference(x), want) < 1e-2, name
+
+
+# ----------------------------------------------------------------------------------------------- CUDA
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("method,bits,sym,act_order,fmt", CASES)
+@pytest.mark.parametrize("m", [1, 8, 512])
+def test_cuda_quantlinear_matches_reference(method, bits, sym, act_order, fmt, m, gen):
+    cfg = qcfg(method, bits, 64, sym, act_order, fmt)
+    qw = random_qw(192, 576, bits, 64, act_order=act_order, sym=sym, gen=gen)
+    layer = QuantLinear.from_tensors(checkpoint(qw, cfg), "layer", cfg, 576, 192, device="cuda", keep_reference=True)
+    assert layer.plan.name == kernels.CUDA_TINYGEMM
+    x = torch.randn(m, 576, generator=gen).to(torch.bfloat16)
+    out = layer(x.cuda())
+    ref = x.float() @ dequantize(qw).t()
+    assert rel_err(out.cpu(), ref) < 1e-2
+    assert rel_err(layer.forward_reference(x.cuda()).cpu(), ref) < 1e-2
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("act_order", [False, True])
+def test_cuda_fuse_matches_separate(act_order, gen):
+    cfg = qcfg("gptq", group=64, desc_act=act_order)
+    qws = [random_qw(o, 576, 4, 64, act_order=act_order, gen=gen) for o in (576, 192, 192)]
+    for q in qws[1:]:
+        q.g_idx = qws[0].g_idx
+    layers = [QuantLinear.from_tensors(checkpoint(q, cfg, "p"), "p", cfg, 576, q.out_features, device="cuda")
+              for q in qws]
+    fused = QuantLinear.fuse(layers)
+    assert fused is not None
+    x = torch.randn(8, 576, generator=gen).to(torch.bfloat16).cuda()
+    torch.testing.assert_close(fused(x), torch.cat([l(x) for l in layers], -1), rtol=0, atol=0)
