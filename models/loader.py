@@ -185,7 +185,8 @@ class TensorSource(Mapping):
 
 
 def _float(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    return t.to(device=device, dtype=dtype)
+    # copy: no tensor keeps the checkpoint mmap alive, so its pages are not resident twice after the load
+    return t.to(device=device, dtype=dtype, copy=True)
 
 
 def _make_linear(src: TensorSource, prefix: str, qcfg: QuantConfig, in_f: int, out_f: int, *,
