@@ -43,7 +43,7 @@ from server.store import (
     Footprint, ModelLoadError, ModelNotFoundError, ModelShape, ModelSpec, ModelStore, predict_footprint,
     read_model_shape,
 )
-from server.telemetry.memory import MemorySource, memory_source_for
+from server.telemetry.memory import MemorySource, memory_source_for, process_model_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -122,22 +122,46 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _process_bytes(device: str) -> int:
-    """What a load is measured with: RSS on CPU, memory_allocated on CUDA."""
+def _process_bytes(device: str, model_dir: Path) -> int:
+    """What a load is measured with: on CUDA memory_allocated; on CPU anonymous RSS + resident pages of the
+    model's mmap'd files (server.telemetry.memory.process_model_bytes), after returning free heap to the OS."""
     if device.startswith("cuda"):
         import torch
 
         torch.cuda.synchronize()
         return int(torch.cuda.memory_allocated())
-    import psutil
+    _malloc_trim()
+    return process_model_bytes(model_dir)
 
-    return int(psutil.Process().memory_info().rss)
+
+def _malloc_trim() -> None:
+    """Give glibc's free heap pages back to the OS (loaders free many temporaries); no-op off glibc."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
-def _default_runner_loader(model_dir: Path, **kw):
+def _default_runner_loader(model_dir: Path, *, dtype: str, **kw):
+    """models.loader.load_runner with the dtype name turned into a torch.dtype."""
+    import torch
     from models.loader import load_runner
 
-    return load_runner(model_dir, **kw)
+    return load_runner(model_dir, dtype=getattr(torch, dtype), **kw)
+
+
+def _import_default_loaders(model_dir: Path) -> None:
+    """Import the runtime before a measured load, so module imports are not counted as model memory.
+
+    The first tokenizer load imports ~700 transformers modules (~50 MiB); loading the tokenizer once and
+    dropping it pays that before the baseline is taken.
+    """
+    import models.loader  # noqa: F401
+    import models.runner  # noqa: F401
+    import models.tokenizer  # noqa: F401
+    models.tokenizer.Tokenizer.from_dir(model_dir)
 
 
 def _default_tokenizer_loader(model_dir: Path):
@@ -168,6 +192,7 @@ class ModelManager:
         self._load_serial = threading.Lock()       # one load at a time: measured deltas stay attributable
         self._reaper: Optional[asyncio.Task] = None
         self._closed = False
+        self._runtime_imported = False
         if metrics is not None:
             metrics.set_memory_budget(self.budget_bytes)
         logger.info("memory budget %.3f GiB (%s of %s source, device %s)", self.budget_bytes / GiB,
@@ -327,9 +352,12 @@ class ModelManager:
         shape = read_model_shape(spec.path)
         fp = predict_footprint(spec.path, max_slots=s.max_batch_size, max_seq=s.max_context, dtype=s.dtype,
                                prefill_chunk=s.prefill_chunk)
+        if not self._runtime_imported and self._tokenizer_loader is _default_tokenizer_loader:
+            _import_default_loaders(spec.path)
+            self._runtime_imported = True
         with self._load_serial:
             t0 = time.perf_counter()
-            before = _process_bytes(self.device)
+            before = _process_bytes(self.device, spec.path)
             try:
                 runner = self._runner_loader(spec.path, device=self.device, dtype=s.dtype,
                                              max_slots=s.max_batch_size, max_seq=s.max_context)
@@ -341,7 +369,7 @@ class ModelManager:
                 raise
             except Exception as e:
                 raise ModelLoadError(f"cannot load model {spec.name!r}: {type(e).__name__}: {e}") from e
-            measured = max(0, _process_bytes(self.device) - before)
+            measured = max(0, _process_bytes(self.device, spec.path) - before)
             load_s = time.perf_counter() - t0
         engine = None
         if self._engine_factory is not None:

@@ -18,7 +18,7 @@ aliases:
 ```
 
 Prediction (`predict_footprint`) reads only config.json and the safetensors headers (never tensor data):
-weights = sum of tensor byte ranges in the headers; KV cache = layers x slots x max_seq x kv_heads x head_dim
+weights = sum of tensor byte ranges in the headers; KV cache = layers x (slots + 1 scratch) x max_seq x kv_heads x head_dim
 x 2 (K and V) x dtype size; workspace = decode logits (slots x vocab x 4, float32) + prefill scratch
 (prefill_chunk x (vocab x 4 + activations)) + a fixed runtime constant, calibrated on SmolLM2 (see
 `WORKSPACE_CONSTANT_BYTES` and benchmarks/memory_prediction.py).
@@ -169,8 +169,12 @@ def read_model_shape(model_dir: Path) -> ModelShape:
 
 
 def kv_cache_bytes(shape: ModelShape, *, max_slots: int, max_seq: int, dtype: str) -> int:
-    """layers x slots x max_seq x kv_heads x head_dim x 2 (K and V) x dtype size."""
-    return shape.num_layers * max_slots * max_seq * shape.num_kv_heads * shape.head_dim * 2 * DTYPE_BYTES[dtype]
+    """layers x (slots + 1) x max_seq x kv_heads x head_dim x 2 (K and V) x dtype size.
+
+    The runner's cache has one scratch slot beyond `max_slots` for padded decode rows (models/kv_cache.py).
+    """
+    slots = max_slots + 1
+    return shape.num_layers * slots * max_seq * shape.num_kv_heads * shape.head_dim * 2 * DTYPE_BYTES[dtype]
 
 
 def workspace_bytes(shape: ModelShape, *, max_slots: int, prefill_chunk: int, dtype: str) -> int:

@@ -113,3 +113,48 @@ def memory_source_for(device: str, *, meminfo: Path = Path("/proc/meminfo")) -> 
     if meminfo.is_file():
         return MeminfoMemory(meminfo, kind="cpu")
     return PsutilMemory()
+
+
+# ---------------------------------------------------------------- process memory (what a load costs)
+
+def parse_status_kb(text: str, key: str) -> Optional[int]:
+    """Bytes of one `Key:   123 kB` line of /proc/<pid>/status (None when absent)."""
+    for line in text.splitlines():
+        if line.startswith(key + ":"):
+            fields = line.split(":", 1)[1].split()
+            return int(fields[0]) * 1024
+    return None
+
+
+def file_rss_under(smaps_text: str, prefix: str) -> int:
+    """Resident bytes of the mappings in /proc/<pid>/smaps whose file lies under directory `prefix`."""
+    total = 0
+    inside = False
+    pre = prefix.rstrip("/") + "/"
+    for line in smaps_text.splitlines():
+        head = line.split(None, 5)
+        if len(head) >= 5 and "-" in head[0] and ":" in head[3]:   # mapping header: addr perms offset dev inode [path]
+            inside = len(head) == 6 and head[5].strip().startswith(pre)
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1]) * 1024
+    return total
+
+
+def process_model_bytes(model_dir: Path, proc: Path = Path("/proc/self")) -> int:
+    """Anonymous RSS of the process + resident pages of `model_dir`'s mmap'd files (bytes).
+
+    The difference of this figure around a load is what the load costs: the runner's own tensors
+    (anonymous) and the checkpoint pages it maps instead of copying. Shared-library code paged in by a
+    first kernel call is runtime overhead shared by every model and is left out. Falls back to psutil RSS
+    where /proc is unavailable.
+    """
+    try:
+        anon = parse_status_kb((proc / "status").read_text(), "RssAnon")
+        smaps = (proc / "smaps").read_text()
+    except OSError:
+        anon = None
+    if anon is None:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    return anon + file_rss_under(smaps, str(Path(model_dir).resolve()))

@@ -110,7 +110,7 @@ def test_prediction_reads_headers(store):
     s = settings(store, 10**9)
     fp = predict_footprint(store / "b", max_slots=2, max_seq=64, dtype="bfloat16", prefill_chunk=s.prefill_chunk)
     assert fp.weights_bytes == 2000 * 4
-    assert fp.kv_cache_bytes == 2 * 2 * 64 * 2 * 16 * 2 * 2  # layers*slots*seq*kv_heads*head_dim*2*bf16
+    assert fp.kv_cache_bytes == 2 * (2 + 1) * 64 * 2 * 16 * 2 * 2  # layers*(slots+scratch)*seq*kv_heads*head_dim*2*bf16
     assert fp.total_bytes == fp.weights_bytes + fp.kv_cache_bytes + fp.workspace_bytes
 
 
