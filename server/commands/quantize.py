@@ -51,11 +51,10 @@ def run(args: argparse.Namespace) -> int:
                      nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
     store = args.store if args.store is not None else Settings().model_store
     try:
-        print(f"jetserve quantize: {args.src} -> {args.out}: {spec.to_dict()}", file=sys.stderr)
         res = quantize(args.src, args.out, spec, args.overwrite, store, device=args.device)
     except QuantizeInputError as e:
         print(f"jetserve quantize: error: {e}", file=sys.stderr)
         return 2
-    print(f"jetserve quantize: wrote {res.out_dir} in {res.seconds:.1f} s", file=sys.stderr)
+    print(f"jetserve quantize: wrote {res.out_dir} in {res.seconds:.1f} s with {res.spec}", file=sys.stderr)
     print(res.out_dir)
     return 0
