@@ -83,8 +83,11 @@ async def _parse(request: Request, model: Type[M]) -> M:
     raw = await request.body()
     try:
         data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")  # lone surrogates ("\\ud800") fail here
+    except (ValueError, UnicodeError) as e:
         raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "request body is nested too deeply", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "request body must be a JSON object", code="invalid_json")
     try:
@@ -338,9 +341,6 @@ async def _stream(handle, dec: _Decoder, chat: bool, rid: str, created: int, mod
         async for ev in handle:
             offset = dec.text_len
             text, lps = dec.feed([ev] + handle.ready_events())  # coalesce a backlog into one chunk
-            if dec.error is not None:
-                yield dumps(dec.error.body())
-                break
             if text or lps or dec.finish_reason:
                 lp = _format_logprobs(chat, lps, offset)
                 if chat:
@@ -348,6 +348,9 @@ async def _stream(handle, dec: _Decoder, chat: bool, rid: str, created: int, mod
                                              dec.finish_reason, lp, include_usage))
                 else:
                     yield dumps(P.completion_chunk(rid, created, model, text, dec.finish_reason, lp, include_usage))
+            if dec.error is not None:
+                yield dumps(dec.error.body())
+                break
             if dec.done:
                 break
         if include_usage and dec.error is None:
