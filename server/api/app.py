@@ -1,7 +1,7 @@
 """FastAPI app factory.
 
 `create_app(settings)` wires: OpenAI routes, /health, /ready, /v1/models (server/api/routes.py), the admin
-and /metrics routers when present (server/api/admin.py, server/api/metrics.py), OpenAI-shaped errors,
+and /metrics routers when present (server/api/admin.py, server/api/metrics_route.py), OpenAI-shaped errors,
 API-key auth and the body-size limit. The lifespan starts the `ModelManager` in the background (so /health
 answers at once and /ready turns 200 when the default model is loaded and warmed) and closes it on exit.
 
@@ -28,7 +28,7 @@ from server.config import Settings
 
 logger = logging.getLogger(__name__)
 
-OPTIONAL_ROUTERS = ("server.api.admin", "server.api.metrics")
+OPTIONAL_ROUTERS = ("server.api.admin", "server.api.metrics_route")
 
 
 @dataclass
