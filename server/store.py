@@ -275,10 +275,14 @@ class ModelStore:
         if any(p in ("", ".", "..") for p in parts):
             raise ModelNotFoundError(f"model {name!r} not found: '..', '.' and empty path parts are not allowed")
         root = self._root_resolved()
-        path = (root / name).resolve()
+        try:
+            path = (root / name).resolve()
+            is_model = (path / "config.json").is_file()
+        except OSError as e:  # e.g. ENAMETOOLONG for a 5000-character name: still just "not found"
+            raise ModelNotFoundError(f"model {name[:200]!r} not found: {e.strerror or e}") from None
         if not path.is_relative_to(root) or path == root:
             raise ModelNotFoundError(f"model {name!r} not found: it resolves outside the model store")
-        if not (path / "config.json").is_file():
+        if not is_model:
             raise ModelNotFoundError(f"model {name!r} not found in the model store")
         return path
 
