@@ -92,6 +92,10 @@ def _graceful_server_class():
 
             await drain(self.jetserve_app, self.grace_s)
             super().handle_exit(sig, None)
+            # a drained shutdown is a clean exit (rc 0): don't let uvicorn re-raise the signal afterwards
+            captured = getattr(self, "_captured_signals", None)
+            if isinstance(captured, list):
+                captured.clear()
 
     return GracefulServer
 

@@ -1,0 +1,114 @@
+"""Protocol schemas, error shaping and the auth / body-limit middleware (no model, no server)."""
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from server.api import protocol as P
+from server.api.auth import AuthMiddleware, BodyLimitMiddleware, check_bearer
+from server.api.errors import from_validation_error
+
+
+def test_completion_request_defaults_and_stop_forms():
+    r = P.CompletionRequest(prompt="hi")
+    assert (r.temperature, r.top_p, r.top_k, r.n, r.stream, r.max_tokens) == (1.0, 1.0, 0, 1, False, None)
+    assert r.stop_list == [] and not r.include_usage
+    assert P.CompletionRequest(prompt="hi", stop="\n").stop_list == ["\n"]
+    assert P.CompletionRequest(prompt="hi", stop=["a", "b"]).stop_list == ["a", "b"]
+    assert P.CompletionRequest(prompt=["only one"]).prompt == "only one"
+    assert P.CompletionRequest(prompt=[[1, 2, 3]]).prompt == [1, 2, 3]
+    assert P.CompletionRequest(prompt="x", stream=True, stream_options={"include_usage": True}).include_usage
+    assert P.CompletionRequest(prompt="x", some_future_field=1).prompt == "x"  # unknown fields ignored
+
+
+@pytest.mark.parametrize("kw,param", [
+    (dict(n=2), None), (dict(temperature=-0.1), "temperature"), (dict(top_p=1.5), "top_p"),
+    (dict(logprobs=6), "logprobs"), (dict(stop=[""]), "stop"), (dict(stop=["s"] * 17), "stop"),
+    (dict(presence_penalty=3), "presence_penalty"), (dict(echo=True), None), (dict(best_of=2), None),
+    (dict(logit_bias={"1": 2.0}), None), (dict(prompt=["a", "b"]), "prompt"), (dict(prompt=""), "prompt"),
+    (dict(max_tokens=0), "max_tokens"),
+])
+def test_completion_request_refusals(kw, param):
+    with pytest.raises(ValidationError) as ei:
+        P.CompletionRequest(**{"prompt": "hi", **kw})
+    err = from_validation_error(ei.value)
+    assert err.status == 400
+    body = err.body()["error"]
+    assert set(body) == {"message", "type", "param", "code"} and body["type"] == "invalid_request_error"
+    if param is not None:
+        assert body["param"] == param
+    assert not body["message"].startswith("Value error")
+
+
+def test_chat_request():
+    r = P.ChatCompletionRequest(messages=[{"role": "developer", "content": "be brief"},
+                                          {"role": "user", "content": [{"type": "text", "text": "a"},
+                                                                       {"type": "text", "text": "b"}]}],
+                                max_completion_tokens=5, logprobs=True, top_logprobs=2)
+    assert r.template_messages() == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "ab"}]
+    assert r.max_new_tokens == 5 and r.num_logprobs == 2
+    assert P.ChatCompletionRequest(messages=[{"role": "user", "content": "x"}]).num_logprobs is None
+    for bad in (dict(messages=[]), dict(messages=[{"role": "user", "content": "x"}], top_logprobs=2),
+                dict(messages=[{"role": "user", "content": "x"}], tools=[{"type": "function"}]),
+                dict(messages=[{"role": "user", "content": "x"}], top_logprobs=6, logprobs=True)):
+        with pytest.raises(ValidationError):
+            P.ChatCompletionRequest(**bad)
+
+
+def test_response_builders():
+    u = P.usage_dict(3, 4)
+    assert u == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    c = P.chat_chunk("id", 1, "m", {"content": "x"}, None, None, True)
+    assert c["usage"] is None and c["choices"][0]["delta"] == {"content": "x"}
+    assert "usage" not in P.completion_chunk("id", 1, "m", "x", None, None, False)
+    lp = P.completion_logprobs(["a", "bc"], [-0.1, -0.2], [[("a", -0.1)], [("bc", -0.2), ("d", -3.0)]], 10)
+    assert lp["text_offset"] == [10, 11] and lp["top_logprobs"][1] == {"bc": -0.2, "d": -3.0}
+    clp = P.chat_logprobs(["é"], [-0.5], [[("é", -0.5)]])
+    assert clp["content"][0]["bytes"] == [195, 169]
+
+
+def test_check_bearer_constant_time_semantics():
+    keys = [b"k1", b"k2"]
+    assert check_bearer(b"Bearer k1", keys) and check_bearer(b"bearer k2", keys)
+    for bad in (None, b"", b"Bearer", b"Bearer k3", b"Basic k1", b"k1", b"Bearer k1x"):
+        assert not check_bearer(bad, keys)
+
+
+def _app(metrics_require_key: bool, keys=("secret",)):
+    async def ok(request):
+        body = await request.body()
+        return PlainTextResponse(f"ok {len(body)}")
+
+    routes = [Route(p, ok, methods=["GET", "POST"]) for p in ("/health", "/ready", "/metrics", "/v1/models",
+                                                              "/admin/models")]
+    app = Starlette(routes=routes)
+    return AuthMiddleware(BodyLimitMiddleware(app, 1024), api_keys=list(keys), metrics_require_key=metrics_require_key)
+
+
+@pytest.mark.parametrize("metrics_require_key", [False, True])
+def test_auth_middleware_open_paths(metrics_require_key):
+    c = TestClient(_app(metrics_require_key))
+    assert c.get("/health").status_code == 200 and c.get("/ready").status_code == 200
+    assert c.get("/admin/models").status_code == 200  # admin router checks the admin key itself
+    r = c.get("/v1/models")
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert r.headers["www-authenticate"] == "Bearer"
+    assert c.get("/v1/models", headers={"Authorization": "Bearer secret"}).status_code == 200
+    assert c.get("/metrics").status_code == (401 if metrics_require_key else 200)
+    assert c.get("/metrics", headers={"Authorization": "Bearer secret"}).status_code == 200
+
+
+def test_no_keys_means_no_auth():
+    c = TestClient(_app(True, keys=()))
+    assert c.get("/v1/models").status_code == 200 and c.get("/metrics").status_code == 200
+
+
+def test_body_limit_middleware():
+    c = TestClient(_app(False, keys=()))
+    assert c.post("/v1/models", content=b"x" * 1024).text == "ok 1024"
+    r = c.post("/v1/models", content=b"x" * 1025)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
