@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 import sys
 import threading
-import time
-from typing import Callable, Dict, Iterable, Optional
+from pathlib import Path
+from typing import Dict, Optional, Union
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -55,7 +55,11 @@ class _GpuMemoryCollector(Collector):
 class Metrics:
     """All jetserve metrics on one registry. Create one per app."""
 
-    def __init__(self, registry: Optional[CollectorRegistry] = None, *, telemetry: Optional[Collector] = None):
+    def __init__(self, registry: Optional[CollectorRegistry] = None, *,
+                 telemetry: Union[Collector, None, str] = "auto", jetson_root: Union[str, Path] = "/",
+                 use_jtop: bool = True):
+        """`telemetry="auto"` adds the Jetson collector when `jetson_root` is a Jetson (jtop, else sysfs);
+        None adds none; a Collector is registered as is."""
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         m = ["model"]
@@ -101,6 +105,12 @@ class Metrics:
         self._step_seconds: Dict[str, float] = {}
         self._generated_total = 0
         self.last_weight_bandwidth = 0.0   # bytes/s over the steps between the last two scrapes (all models)
+        if telemetry == "auto":
+            from server.telemetry.jetson import jetson_collector
+
+            telemetry = jetson_collector(Path(jetson_root), use_jtop=use_jtop, tokens_fn=self.generated_tokens_total,
+                                         bandwidth_fn=lambda: self.last_weight_bandwidth)
+        self.telemetry = telemetry
         if telemetry is not None:
             r.register(telemetry)
 
