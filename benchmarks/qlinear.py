@@ -28,22 +28,38 @@ LLAMA2_7B = {"q/k/v/o 4096x4096": (4096, 4096), "gate/up 4096->11008": (4096, 11
              "down 11008->4096": (11008, 4096)}
 
 
+GRAPH_CALLS = 20  # calls per captured CUDA graph: times the kernels, not Python launch overhead
+
+
 def timer(device: torch.device, fn: Callable[[], object], reps: int) -> float:
-    """Seconds per call after warm-up: CUDA median of event timings; CPU best of `reps` (this 2-core CPU is
-    shared, so the minimum is the estimate least disturbed by other processes)."""
-    for _ in range(3):
-        fn()
+    """Seconds per call after warm-up. CUDA: `fn` x GRAPH_CALLS captured in one CUDA graph (as the runtime's
+    decode is), median over `reps` replays. CPU: best of `reps` (this 2-core CPU is shared, so the minimum
+    is the estimate least disturbed by other processes)."""
     samples: List[float] = []
     if device.type == "cuda":
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(GRAPH_CALLS):
+                fn()
+        graph.replay()
         torch.cuda.synchronize()
         for _ in range(reps):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            graph.replay()
             end.record()
             end.synchronize()
-            samples.append(start.elapsed_time(end) / 1e3)
+            samples.append(start.elapsed_time(end) / 1e3 / GRAPH_CALLS)
+        del graph
     else:
+        for _ in range(3):
+            fn()
         for _ in range(reps):
             t0 = time.perf_counter()
             fn()
@@ -62,17 +78,14 @@ def random_layer(in_f: int, out_f: int, group: int, device: torch.device, gen: t
 
 def dense_weight(layer: QuantLinear) -> torch.Tensor:
     """(out, in) bf16 weight for the dense baseline (dequantized once, outside the timing)."""
-    if layer.plan.name == kernels.CPU_INT4PACK:
-        return layer.reference_weight().to(torch.bfloat16)
-    eye = torch.eye(layer.in_features, device=layer.packed.device, dtype=torch.bfloat16)
-    return kernels.int4_mm(layer.plan.name, eye, layer.packed, layer.group_size, layer.scales_and_zeros).t().contiguous()
+    return layer.reference_weight().to(torch.bfloat16)
 
 
 def bench_shapes(device: torch.device, shapes: dict, tokens: Tuple[int, ...], group: int, reps: int,
                  gen: torch.Generator) -> None:
     print(f"\n## int4 kernel vs dense bf16 on {device.type} (ms per call; ratio = dense / int4, >1: int4 faster)")
     cols = "| layer | tokens | int4 ms | dense ms | dense/int4 |"
-    has_deq = device.type == "cpu" and kernels.cpu_layout_ok()
+    has_deq = device.type == "cuda" or kernels.cpu_layout_ok()
     if has_deq:
         cols += " dequant+dense ms | (dequant+dense)/int4 |"
     print(cols)
@@ -86,8 +99,8 @@ def bench_shapes(device: torch.device, shapes: dict, tokens: Tuple[int, ...], gr
             t_dense = timer(device, lambda: torch.nn.functional.linear(x, w), reps)
             row = f"| {name} | {m} | {t_int4 * 1e3:.3f} | {t_dense * 1e3:.3f} | {t_dense / t_int4:.2f} |"
             if has_deq:
-                t_deq = timer(device, lambda: x @ kernels.cpu_int4pack_dequant_t(
-                    layer.packed, layer.scales_and_zeros, group, in_f), reps)
+                t_deq = timer(device, lambda: x @ kernels.dequant_t(
+                    layer.plan.name, layer.packed, layer.scales_and_zeros, group, in_f), reps)
                 row += f" {t_deq * 1e3:.3f} | {t_deq / t_int4:.2f} |"
             print(row, flush=True)
         del layer, w

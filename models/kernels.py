@@ -133,6 +133,33 @@ def cpu_int4pack_dequant_t(packed: torch.Tensor, scales_and_zeros: torch.Tensor,
     return (codes.to(dtype) - 8) * sz[..., 0] + sz[..., 1]
 
 
+def cuda_tinygemm_codes(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Unpack _convert_weight_to_int4pack (CUDA) output -> codes (N, in) uint8, in plain PyTorch.
+
+    packed (N/8, in/(tiles*16), 32, tiles/2) int32. Lane t of n-tile nt holds row nt*8 + t//4; word i2 holds
+    bytes i2*16 + i*4 + t%4 (i = 0..3) of its k super-tile, high nibbles (even k) in bits 0-15, low nibbles
+    (odd k) in bits 16-31 (aten/src/ATen/native/cuda/int4mm.cu, matrix_to_m16n8k16_Bint4_layout).
+    """
+    nt, ks, _, half = packed.shape
+    shifts = torch.arange(0, 32, 4, device=packed.device, dtype=torch.int32)
+    nib = (packed.unsqueeze(-1) >> shifts) & 0xF  # (nt, ks, 32, half, 8)
+    nib = nib.reshape(nt, ks, 8, 4, half, 2, 4)  # (nt, ks, r, c, i2, hi/lo, i)
+    codes = nib.permute(0, 2, 1, 4, 6, 3, 5)  # (nt, r, ks, i2, i, c, hi/lo)
+    return codes.reshape(nt * 8, in_features).to(torch.uint8)
+
+
+def dequant_t(name: str, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
+              in_features: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """W^T (in, N) in `dtype` from either int4 layout: the dense-prefill weight, built per call, never cached."""
+    if name == CPU_INT4PACK:
+        if not cpu_layout_ok():
+            raise RuntimeError("unknown torch CPU int4pack layout: cannot dequantize it")
+        return cpu_int4pack_dequant_t(packed, scales_and_zeros, group_size, in_features, dtype)
+    codes_t = cuda_tinygemm_codes(packed, in_features).t()  # (in, N)
+    sz = scales_and_zeros.to(dtype).repeat_interleave(group_size, dim=0)  # (in, N, 2)
+    return (codes_t.to(dtype) - 8) * sz[..., 0] + sz[..., 1]
+
+
 @functools.lru_cache(maxsize=None)
 def cpu_layout_ok() -> bool:
     """Probe once that cpu_int4pack_codes inverts this torch build's CPU converter."""

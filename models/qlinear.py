@@ -69,7 +69,8 @@ class QuantLinear(torch.nn.Module):
                      keep_reference: bool = False) -> "QuantLinear":
         """Build from checkpoint tensors (name -> tensor, e.g. mmap'd safetensors); uses prefix.bias if present.
 
-        keep_reference keeps the unpacked codes on CPU so forward_reference works on CUDA too (tests only).
+        keep_reference keeps the unpacked QuantizedWeight (CPU) so forward_reference uses the checkpoint's own
+        fp16 scales rather than the bf16 ones the kernel holds (tests only).
         """
         qw = unpack_linear(tensors, prefix, qcfg, in_features, out_features)
         bias = tensors.get(f"{prefix}.bias")
@@ -172,9 +173,9 @@ class QuantLinear(torch.nn.Module):
                 x2d = x2d.index_select(-1, self.perm)
             x2d = x2d.to(torch.bfloat16).contiguous()
             dense_from = self.plan.dense_min_tokens
-            if dense_from is not None and m >= dense_from and self.plan.name == kernels.CPU_INT4PACK:
-                y = x2d @ kernels.cpu_int4pack_dequant_t(self.packed, self.scales_and_zeros, self.group_size,
-                                                         self.in_features)
+            if dense_from is not None and m >= dense_from:
+                y = x2d @ kernels.dequant_t(self.plan.name, self.packed, self.scales_and_zeros, self.group_size,
+                                            self.in_features)
             else:
                 y = kernels.int4_mm(self.plan.name, x2d, self.packed, self.group_size, self.scales_and_zeros)
             if self.out_padded != self.out_features:
@@ -198,9 +199,13 @@ class QuantLinear(torch.nn.Module):
             return self._dequant_reference()
         if self._reference is not None:
             return dequantize(self._reference)
-        if self.plan.name != kernels.CPU_INT4PACK or not kernels.cpu_layout_ok():
-            raise RuntimeError("forward_reference on CUDA needs QuantLinear(..., keep_reference=True)")
-        codes = kernels.cpu_int4pack_codes(self.packed, self.in_features)[: self.out_features]  # (out, in)
+        if self.plan.name == kernels.CPU_INT4PACK:
+            if not kernels.cpu_layout_ok():
+                raise RuntimeError("unknown torch CPU int4pack layout: keep_reference=True is needed")
+            codes = kernels.cpu_int4pack_codes(self.packed, self.in_features)
+        else:
+            codes = kernels.cuda_tinygemm_codes(self.packed, self.in_features)
+        codes = codes[: self.out_features]  # (out, in)
         sz = self.scales_and_zeros[:, : self.out_features].float()  # (groups, out, 2)
         g = torch.arange(self.in_features, device=codes.device) // self.group_size
         w = (codes.float() - 8) * sz[g, :, 0].t() + sz[g, :, 1].t()  # grouped input order

@@ -88,6 +88,30 @@ def test_cpu_int4pack_dense_dequant_matches_reference(group, gen):
     assert rel_err(wt.t(), dequantize(qw)) < 5e-3
 
 
+def tinygemm_pack_emulated(q: torch.Tensor, tiles: int) -> torch.Tensor:
+    """Loop-for-loop emulation of int4mm.cu's matrix_to_m16n8k16_Bint4_layout (NVIDIA branch)."""
+    n, k = q.shape
+    b = (q[:, ::2].int() << 4 | q[:, 1::2].int())  # (n, k/2) bytes, even k in the high nibble
+    out = torch.zeros(n // 8, k // (tiles * 16), 32, tiles // 2, dtype=torch.int64)
+    for ko in range(out.shape[1]):
+        for inner in range(0, tiles, 2):
+            base0 = (ko * tiles + inner) * 8
+            for t in range(32):
+                rows = torch.arange(n // 8) * 8 + t // 4
+                ks = [base0 + t % 4, base0 + t % 4 + 4, base0 + 8 + t % 4, base0 + 12 + t % 4]
+                v = [b[rows, j].long() for j in ks]
+                out[:, ko, t, inner // 2] = ((v[3] & 0xF) << 28 | (v[2] & 0xF) << 24 | (v[1] & 0xF) << 20
+                                             | (v[0] & 0xF) << 16 | (v[3] & 0xF0) << 8 | (v[2] & 0xF0) << 4
+                                             | (v[1] & 0xF0) | (v[0] & 0xF0) >> 4)
+    return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
+
+
+@pytest.mark.parametrize("n,k,tiles", [(16, 64, 2), (24, 128, 4), (8, 256, 8)])
+def test_cuda_tinygemm_codes_inverts_layout(n, k, tiles, gen):
+    q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    assert torch.equal(kernels.cuda_tinygemm_codes(tinygemm_pack_emulated(q, tiles), k), q)
+
+
 def test_cuda_inner_k_tiles():
     assert kernels.cuda_inner_k_tiles(4096) == 8
     assert kernels.cuda_inner_k_tiles(576) == 4
@@ -111,3 +135,24 @@ def test_cuda_tinygemm_matches_reference(m, in_f, out_f, group, act_order, gen):
     out = kernels.int4_mm(kernels.CUDA_TINYGEMM, xp, packed, group, sz)
     ref = x.float() @ dequantize(qw).t()
     assert rel_err(out.cpu(), ref) < 1e-2
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("n,k,tiles", [(16, 64, 2), (192, 576, 4), (64, 4096, 8)])
+def test_cuda_tinygemm_layout_matches_converter(n, k, tiles, gen):
+    """The real converter equals our emulation of it, and cuda_tinygemm_codes inverts it."""
+    q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    packed = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).cuda(), tiles)
+    if k <= 576:
+        assert torch.equal(packed.cpu(), tinygemm_pack_emulated(q, tiles))
+    assert torch.equal(kernels.cuda_tinygemm_codes(packed, k).cpu(), q)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_dense_dequant_matches_reference(gen):
+    qw = random_qw(256, 1024, 4, 128, gen=gen)
+    packed, sz, _ = to_int4pack_cuda(qw, "cuda", 8)
+    wt = kernels.dequant_t(kernels.CUDA_TINYGEMM, packed, sz, 128, 1024, dtype=torch.float32)
+    assert rel_err(wt.t().cpu(), dequantize(qw)) < 5e-3

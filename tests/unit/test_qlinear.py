@@ -254,7 +254,8 @@ def test_parity_with_gptqmodel_layers(variant, gptqmodel_checkpoints):
 def test_cuda_quantlinear_matches_reference(method, bits, sym, act_order, fmt, m, gen):
     cfg = qcfg(method, bits, 64, sym, act_order, fmt)
     qw = random_qw(192, 576, bits, 64, act_order=act_order, sym=sym, gen=gen)
-    layer = QuantLinear.from_tensors(checkpoint(qw, cfg), "layer", cfg, 576, 192, device="cuda", keep_reference=True)
+    layer = QuantLinear.from_tensors(checkpoint(qw, cfg), "layer", cfg, 576, 192, device="cuda",
+                                     keep_reference=m == 1)  # else reference from the tinygemm layout
     assert layer.plan.name == kernels.CUDA_TINYGEMM
     x = torch.randn(m, 576, generator=gen).to(torch.bfloat16)
     out = layer(x.cuda())
@@ -277,3 +278,14 @@ def test_cuda_fuse_matches_separate(act_order, gen):
     assert fused is not None
     x = torch.randn(8, 576, generator=gen).to(torch.bfloat16).cuda()
     torch.testing.assert_close(fused(x), torch.cat([l(x) for l in layers], -1), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_dense_prefill_switch(gen):
+    cfg = qcfg("gptq", desc_act=True)
+    qw = random_qw(256, 512, 4, 64, act_order=True, gen=gen)
+    layer = QuantLinear.from_tensors(checkpoint(qw, cfg), "layer", cfg, 512, 256, device="cuda")
+    layer.plan = kernels.KernelPlan(kernels.CUDA_TINYGEMM, 16, "test")
+    x = torch.randn(64, 512, generator=gen).to(torch.bfloat16)
+    assert rel_err(layer(x.cuda()).cpu(), x.float() @ dequantize(qw).t()) < 1e-2
