@@ -329,7 +329,7 @@ class JetsonCollector(Collector):
 
         yield from g("ram_total_bytes", "RAM total (MemTotal).", r.ram_total)
         yield from g("ram_used_bytes", "RAM used (MemTotal - MemAvailable).", r.ram_used)
-        yield from g("nvmap_used_bytes", "GPU-shared memory (NvMapMemUsed).", r.nvmap_used)
+        yield from g("nvmap_bytes", "GPU-shared memory in use (NvMapMemUsed).", r.nvmap_used)
         yield from g("swap_total_bytes", "Swap total.", r.swap_total)
         yield from g("swap_used_bytes", "Swap used.", r.swap_used)
         yield from g("emc_utilization_ratio", "Memory-controller (EMC) utilization.", r.emc_util)
@@ -356,7 +356,7 @@ class JetsonCollector(Collector):
             c.add_metric([], self._energy_j)
             yield c
         if self._j_per_token is not None:
-            yield GaugeMetricFamily("jetserve:energy_per_token_joules",
+            yield GaugeMetricFamily("jetserve:joules_per_token",
                                     "Board energy per generated token over the last scrape interval with tokens.",
                                     value=self._j_per_token)
         if self.bandwidth_fn is not None and self.peak_gbps:

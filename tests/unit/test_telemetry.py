@@ -125,14 +125,14 @@ def test_collector_metrics_energy_per_token_and_bandwidth_efficiency():
     assert s[("jetserve:jetson_power_watts", (("rail", "VDD_IN"),))] == pytest.approx(watts)
     assert s[("jetserve:jetson_gpu_utilization_ratio", ())] == pytest.approx(0.999)
     assert s[("jetserve:jetson_temperature_celsius", (("zone", "cpu-thermal"),))] == 55.0
-    assert s[("jetserve:jetson_nvmap_used_bytes", ())] == 524288 * 1024
+    assert s[("jetserve:jetson_nvmap_bytes", ())] == 524288 * 1024
     assert s[("jetserve:bandwidth_efficiency_ratio", ())] == pytest.approx(0.5)
-    assert ("jetserve:energy_per_token_joules", ()) not in s
+    assert ("jetserve:joules_per_token", ()) not in s
     clock.t += 10.0
     tokens["n"] = 200
     s = samples(reg)
     assert s[("jetserve:jetson_energy_joules_total", ())] == pytest.approx(watts * 10)
-    assert s[("jetserve:energy_per_token_joules", ())] == pytest.approx(watts * 10 / 200)
+    assert s[("jetserve:joules_per_token", ())] == pytest.approx(watts * 10 / 200)
     assert ("jetserve:jetson_emc_utilization_ratio", ()) not in s
 
 
@@ -142,7 +142,7 @@ def test_metrics_auto_detects_fixture_board_and_is_absent_off_jetson():
     assert 'jetserve:jetson_info{model="NVIDIA Jetson AGX Orin Developer Kit",peak_bandwidth_gbps="204.8",source="sysfs"} 1.0' in text
     assert "jetserve:jetson_emc_utilization_ratio 0.5" in text
     off = Metrics(jetson_root=FIX, use_jtop=False).exposition().decode()
-    assert "jetson" not in off and "energy_per_token" not in off
+    assert "jetson" not in off and "joules_per_token" not in off
     assert jetson_collector(FIX) is None
 
 
