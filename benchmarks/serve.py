@@ -1,0 +1,206 @@
+"""Serving benchmark: HTTP/SSE overhead and concurrency scaling of `jetserve serve`.
+
+One run measures, on the same machine and model:
+1. in-process engine decode tok/s at batch 1 (Engine + Runner in this process, no HTTP);
+2. end-to-end SSE decode tok/s at batch 1 against a real `jetserve serve` subprocess (httpx streaming client),
+   interleaved with (1) so background load hits both alike; prints the ratio SSE / engine (target >= 0.95);
+3. aggregate tok/s and TTFT p50/p95 at 1, 2, 4, 8 concurrent streams.
+
+Decode tok/s = (completion_tokens - 1) / (time of last token - time of first token), so prefill/TTFT is
+excluded from both sides of the ratio. Requests use greedy decoding with ignore_eos so lengths are fixed.
+
+    python benchmarks/serve.py [--model NAME] [--model-store DIR] [--device cpu] [--tokens 64] [--reps 3]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+PROMPT = "Write a short story about a robot who learns to paint. Once upon a time"
+
+
+def pct(xs: List[float], q: float) -> float:
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    k = (len(xs) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+# ----------------------------------------------------------------------------- in-process engine
+def engine_decode_tps(engine, prompt_ids: List[int], tokens: int) -> float:
+    from models.sampling import SamplingParams
+    from server.engine.request import GenerationRequest
+
+    async def go():
+        req = GenerationRequest(list(prompt_ids), SamplingParams(temperature=0.0), max_tokens=tokens, ignore_eos=True)
+        times = []
+        async for ev in engine.submit(req):
+            if ev.token_id >= 0:
+                times.append(time.perf_counter())
+        return (len(times) - 1) / (times[-1] - times[0])
+
+    return asyncio.run(go())
+
+
+# ----------------------------------------------------------------------------- HTTP side
+async def sse_request(client, model: str, tokens: int) -> Tuple[float, float, int, float]:
+    """(ttft_s, decode_tps, completion_tokens, t_end) of one streamed completion."""
+    body = {"model": model, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    first = last = None
+    usage = None
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            d = json.loads(line[6:])
+            if d.get("choices"):
+                now = time.perf_counter()
+                if first is None:
+                    first = now
+                last = now
+            if d.get("usage"):
+                usage = d["usage"]
+    n = usage["completion_tokens"]
+    # chunks may coalesce several tokens; the first chunk carries >= 1 token
+    tps = (n - 1) / (last - first) if last > first else float("nan")
+    return first - t0, tps, n, last
+
+
+async def sse_decode_tps(base: str, model: str, tokens: int) -> float:
+    import httpx
+
+    async with httpx.AsyncClient(base_url=base, timeout=600) as c:
+        _, tps, _, _ = await sse_request(c, model, tokens)
+    return tps
+
+
+async def concurrency(base: str, model: str, n: int, tokens: int) -> Dict[str, float]:
+    import httpx
+
+    limits = httpx.Limits(max_connections=n + 2)
+    async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as c:
+        t0 = time.perf_counter()
+        res = await asyncio.gather(*(sse_request(c, model, tokens) for _ in range(n)))
+        wall = max(r[3] for r in res) - t0
+    ttfts = [r[0] for r in res]
+    total = sum(r[2] for r in res)
+    return {"streams": n, "aggregate_tps": total / wall, "ttft_p50_s": pct(ttfts, 0.5), "ttft_p95_s": pct(ttfts, 0.95),
+            "per_stream_decode_tps": statistics.median(r[1] for r in res), "wall_s": wall}
+
+
+def start_server(args, port: int, env: Dict[str, str]) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--model-store", str(args.model_store),
+           "--model", args.model, "--device", args.device, "--max-batch-size", "8",
+           "--max-context", str(args.max_context), "--log-level", "warning"]
+    return subprocess.Popen(cmd, cwd=REPO, env=env)
+
+
+def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 600) -> None:
+    import httpx
+
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError("server exited during startup")
+        try:
+            if httpx.get(base + "/ready", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError("server not ready")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="model name in the store (default: demo 4-bit, else bf16)")
+    p.add_argument("--model-store", type=Path, default=Path(os.environ.get("JETSERVE_MODEL_STORE", REPO / "model-store")))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--tokens", type=int, default=64, help="tokens generated per request")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--max-context", type=int, default=512)
+    p.add_argument("--streams", default="1,2,4,8")
+    p.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = p.parse_args(argv)
+    if args.model is None:
+        for name in ("smollm2-135m-instruct-gptq-g64", "smollm2-135m-instruct"):
+            if (args.model_store / name / "config.json").is_file():
+                args.model = name
+                break
+        else:
+            p.error(f"no model in {args.model_store}; run `jetserve demo prepare`")
+
+    import torch
+
+    from models.loader import load_runner
+    from models.tokenizer import Tokenizer
+    from server.config import Settings
+    from server.engine.engine import Engine
+
+    model_dir = args.model_store / args.model
+    settings = Settings(model=args.model, model_store=args.model_store, device=args.device, max_batch_size=8,
+                        max_context=args.max_context)
+    runner = load_runner(model_dir, device=args.device, dtype=torch.bfloat16, max_slots=8, max_seq=args.max_context)
+    runner.warmup()
+    tok = Tokenizer.from_dir(model_dir)
+    prompt_ids = tok.encode(PROMPT)
+    engine = Engine(runner, settings, name=args.model).start()
+    engine_decode_tps(engine, prompt_ids, 8)  # warm
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JETSERVE_")}
+    proc = start_server(args, port, env)
+    base = f"http://127.0.0.1:{port}"
+    result: Dict[str, object] = {"model": args.model, "device": args.device, "tokens": args.tokens,
+                                 "torch_threads": torch.get_num_threads()}
+    try:
+        wait_ready(base, proc)
+        asyncio.run(sse_decode_tps(base, args.model, 8))  # warm
+        eng, sse = [], []
+        for _ in range(args.reps):  # interleaved so background load affects both alike
+            eng.append(engine_decode_tps(engine, prompt_ids, args.tokens))
+            sse.append(asyncio.run(sse_decode_tps(base, args.model, args.tokens)))
+        engine.stop()
+        e_med, s_med = statistics.median(eng), statistics.median(sse)
+        result.update(engine_tps=e_med, sse_tps=s_med, ratio=s_med / e_med, engine_runs=eng, sse_runs=sse)
+        print(f"batch 1 decode: in-process engine {e_med:.1f} tok/s, end-to-end SSE {s_med:.1f} tok/s, "
+              f"ratio {s_med / e_med:.3f} (target >= 0.95)")
+        rows = []
+        for n in [int(x) for x in args.streams.split(",")]:
+            row = asyncio.run(concurrency(base, args.model, n, args.tokens))
+            rows.append(row)
+            print(f"{n} streams: aggregate {row['aggregate_tps']:.1f} tok/s, TTFT p50 {row['ttft_p50_s'] * 1000:.0f} ms "
+                  f"p95 {row['ttft_p95_s'] * 1000:.0f} ms, per-stream {row['per_stream_decode_tps']:.1f} tok/s")
+        result["concurrency"] = rows
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
