@@ -87,6 +87,7 @@ ROWS = [
         ], "Decode is memory-bound: EMC near 1.0 means bandwidth is the limit."),
         ("GPU and EMC frequency", "hertz", [
             _q(f"jetserve:jetson_gpu_frequency_hertz{{{SEL}}}", "GPU"),
+            _q(f"jetserve:jetson_gpu_max_frequency_hertz{{{SEL}}}", "GPU max"),
             _q(f"jetserve:jetson_emc_frequency_hertz{{{SEL}}}", "EMC"),
         ], "Drops under load mean thermal or power capping (see nvpmodel / jetson_clocks)."),
         ("Temperatures", "celsius", [
@@ -94,13 +95,14 @@ ROWS = [
         ], ""),
         ("Power by rail", "watt", [
             _q(f"jetserve:jetson_power_watts{{{SEL}}}", "{{rail}}"),
-        ], "INA3221 rails as exposed by the board."),
+            _q(f"jetserve:jetson_board_power_watts{{{SEL}}}", "board"),
+        ], "INA3221/INA238 rails; board = VDD_IN/VIN rail, else the sum of rails."),
         ("Energy per generated token", "J", [
             _q(f"jetserve:joules_per_token{{{SEL}}}", "J/token"),
         ], "Board power integrated over decode steps divided by generated tokens."),
         ("Memory bandwidth efficiency", "percentunit", [
-            _q(f"jetserve:bandwidth_efficiency_ratio{{{SEL}}}", "{{model}}"),
-        ], "Achieved bytes/s (weights + KV read per decode step) over the device's peak bandwidth."),
+            _q(f"jetserve:bandwidth_efficiency_ratio{{{SEL}}}", "weights read / peak DRAM bandwidth"),
+        ], "Weight bytes streamed per second of engine step time over the board's peak DRAM bandwidth."),
     ]),
 ]
 
