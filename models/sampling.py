@@ -175,29 +175,51 @@ def apply_warpers(logits: torch.Tensor, params: Sequence[SamplingParams]) -> tor
     temps = [p.temperature if p.temperature > 0 else 1.0 for p in params]
     if any(t != 1.0 for t in temps):
         x = x / _row_tensor(temps, x)
-    neg_inf = torch.tensor(float("-inf"), device=x.device)
 
     ks = [p.top_k if (p.top_k > 0 and p.temperature > 0) else v for p in params]
     ps = [p.top_p if p.temperature > 0 else 1.0 for p in params]
     if any(k < v for k in ks) or any(p < 1.0 for p in ps):
-        sorted_x, order = x.sort(dim=-1, descending=True)  # (B, V) each
-        rank = torch.arange(v, device=x.device).unsqueeze(0)  # (1, V)
-        drop = rank >= _row_tensor(ks, x, torch.long)  # top-k: keep exactly k per row
-        sorted_x = sorted_x.masked_fill(drop, float("-inf"))
-        if any(p < 1.0 for p in ps):
-            probs = sorted_x.softmax(dim=-1)
-            mass_before = probs.cumsum(dim=-1) - probs  # exclusive cumulative mass, (B, V)
-            # rows with top_p == 1 keep everything (float32 cumsum can reach 1.0 before the tail)
-            limit = _row_tensor([p if p < 1.0 else float("inf") for p in ps], x)
-            sorted_x = sorted_x.masked_fill(mass_before >= limit, float("-inf"))
-        x = torch.full_like(x, float("-inf")).scatter(1, order, sorted_x)
+        x = _top_k_top_p(x, ks, ps)
 
     mins = [p.min_p if p.temperature > 0 else 0.0 for p in params]
     if any(m > 0 for m in mins):
         probs = x.softmax(dim=-1)
         threshold = probs.amax(dim=-1, keepdim=True) * _row_tensor(mins, x)  # (B, 1)
-        x = torch.where(probs < threshold, neg_inf, x)
+        x = x.masked_fill(probs < threshold, float("-inf"))
     return x
+
+
+# On CPU a full sort of the vocabulary costs ~5 ms a row; the top-p nucleus almost always lies in the few hundred
+# most likely tokens, so try a top-K candidate set first and sort everything only when it does not cover a row.
+CPU_TOP_P_CANDIDATES = 1024
+
+
+def _top_k_top_p(x: torch.Tensor, ks: Sequence[int], ps: Sequence[float]) -> torch.Tensor:
+    """Keep each row's `ks[i]` largest logits, then the smallest prefix whose mass (after top-k) reaches `ps[i]`."""
+    b, v = x.shape
+    k_t = _row_tensor(ks, x, torch.long)  # (B, 1)
+    # rows with top_p == 1 keep everything (float32 cumsum can reach 1.0 before the tail)
+    limit = _row_tensor([p if p < 1.0 else float("inf") for p in ps], x)  # (B, 1)
+    n_cand = min(v, CPU_TOP_P_CANDIDATES)
+    if x.device.type == "cpu" and n_cand < v and all(k <= n_cand or k == v for k in ks):
+        cand, idx = x.topk(n_cand, dim=-1)  # (B, K) sorted descending
+        cand = cand.masked_fill(torch.arange(n_cand).unsqueeze(0) >= k_t, float("-inf"))
+        k_on = k_t < v
+        lse = torch.where(k_on, cand.logsumexp(-1, keepdim=True), x.logsumexp(-1, keepdim=True))  # (B, 1)
+        probs = (cand - lse).exp()
+        cum = probs.cumsum(dim=-1)
+        # a row is covered when the candidates hold every token whose preceding mass is below top_p
+        if bool(((cum[:, -1:] >= limit) | torch.isinf(limit)).all()):  # host tensor: no device sync
+            cand = cand.masked_fill(cum - probs >= limit, float("-inf"))
+            active = k_on | torch.isfinite(limit)  # rows without any filter keep the full vocabulary
+            return torch.where(active, torch.full_like(x, float("-inf")).scatter(1, idx, cand), x)
+    sorted_x, order = x.sort(dim=-1, descending=True)  # (B, V) each
+    sorted_x = sorted_x.masked_fill(torch.arange(v, device=x.device).unsqueeze(0) >= k_t, float("-inf"))
+    if any(p < 1.0 for p in ps):
+        probs = sorted_x.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # exclusive cumulative mass, (B, V)
+        sorted_x = sorted_x.masked_fill(mass_before >= limit, float("-inf"))
+    return torch.full_like(x, float("-inf")).scatter(1, order, sorted_x)
 
 
 def _exponential_noise(b: int, v: int, device: torch.device, generators: Sequence[Optional[torch.Generator]]):

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from models import sampling
 from models.sampling import (
     SamplingParams,
     apply_penalties,
@@ -23,6 +24,13 @@ def rng():
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=torch.Generator().manual_seed(torch.seed())).item())
     print(f"logits seed {seed}")
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(params=[16, 4096], ids=["cpu-candidates", "full-sort"])
+def cand(request, monkeypatch):
+    """Run a test with the CPU top-K candidate shortcut (16 of V=200) and with the full sort (4096 >= V)."""
+    monkeypatch.setattr(sampling, "CPU_TOP_P_CANDIDATES", request.param)
+    return request.param
 
 
 def rand_logits(rng, b, v=V, scale=3.0):
@@ -103,7 +111,7 @@ def test_greedy_ignores_filters_and_seed(rng):
 
 
 @pytest.mark.parametrize("k", [1, 2, 7, 50, V - 1, V, 10 * V])
-def test_top_k_mask_matches_reference(rng, k):
+def test_top_k_mask_matches_reference(rng, cand, k):
     logits = rand_logits(rng, 4)
     warped = apply_warpers(logits, [SamplingParams(top_k=k)] * 4)
     for b in range(4):
@@ -113,7 +121,7 @@ def test_top_k_mask_matches_reference(rng, k):
 
 
 @pytest.mark.parametrize("top_p", [1e-6, 0.1, 0.5, 0.9, 0.999])
-def test_top_p_mask_matches_reference(rng, top_p):
+def test_top_p_mask_matches_reference(rng, cand, top_p):
     logits = rand_logits(rng, 4)
     warped = apply_warpers(logits, [SamplingParams(top_p=top_p)] * 4)
     for b in range(4):
@@ -121,14 +129,14 @@ def test_top_p_mask_matches_reference(rng, top_p):
 
 
 @pytest.mark.parametrize("min_p", [0.0, 0.01, 0.2, 0.9, 1.0])
-def test_min_p_mask_matches_reference(rng, min_p):
+def test_min_p_mask_matches_reference(rng, cand, min_p):
     logits = rand_logits(rng, 4)
     warped = apply_warpers(logits, [SamplingParams(min_p=min_p)] * 4)
     for b in range(4):
         assert finite_set(warped[b]) == ref_min_p(logits[b], min_p)
 
 
-def test_per_row_mixed_params_match_reference(rng):
+def test_per_row_mixed_params_match_reference(rng, cand):
     """Different params in every row, one vectorised call, each row equal to its own reference."""
     params = [
         SamplingParams(temperature=0.7, top_k=20, top_p=0.8, min_p=0.05),
@@ -156,7 +164,7 @@ def test_temperature_scales_logits(rng):
     torch.testing.assert_close(warped, logits / torch.tensor([[0.5], [1.0], [4.0]]))
 
 
-def test_sampled_tokens_stay_inside_the_mask(rng):
+def test_sampled_tokens_stay_inside_the_mask(rng, cand):
     logits = rand_logits(rng, 64)
     params = [SamplingParams(top_k=5, top_p=0.7, min_p=0.1)] * 64
     warped = apply_warpers(logits, params)
@@ -380,3 +388,21 @@ def test_shape_errors():
         sample(torch.zeros(3, 5), [SamplingParams()] * 2)
     with pytest.raises(ValueError, match=r"\(B, V\)"):
         sample(torch.zeros(5), [SamplingParams()])
+
+
+def test_cpu_shortcut_avoids_full_sort(rng, monkeypatch):
+    """Peaked logits: the nucleus lies in the 16 candidates, so no full-vocabulary sort runs, and masks still match."""
+    monkeypatch.setattr(sampling, "CPU_TOP_P_CANDIDATES", 16)
+    logits = rand_logits(rng, 3, scale=12.0)
+    params = [SamplingParams(top_p=0.9), SamplingParams(top_k=10, top_p=0.99), SamplingParams()]
+
+    def no_sort(*a, **k):
+        raise AssertionError("full sort used")
+
+    monkeypatch.setattr(torch.Tensor, "sort", no_sort)
+    warped = apply_warpers(logits, params)
+    monkeypatch.undo()
+    for b, p in enumerate(params):
+        ref, ambiguous = ref_warp(logits[b], p)
+        assert finite_set(warped[b]) ^ finite_set(ref) <= ambiguous
+    assert torch.equal(warped[2], logits[2])  # the unfiltered row keeps the whole vocabulary
