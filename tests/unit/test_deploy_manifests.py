@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,7 +85,7 @@ def test_kubectl_kustomize_builds():
     proc = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     kinds = {d["kind"] for d in yaml.safe_load_all(proc.stdout) if d}
-    assert {"Deployment", "Service", "ServiceMonitor", "ConfigMap", "Namespace", "RuntimeClass"} <= kinds
+    assert {"Deployment", "Service", "ServiceMonitor", "PrometheusRule", "ConfigMap", "Namespace", "RuntimeClass"} <= kinds
 
 
 def _unit() -> dict[str, dict[str, str]]:
@@ -162,3 +163,12 @@ def test_every_jetserve_variable_in_deploy_assets_is_a_real_setting():
     assert {"JETSERVE_MEMORY_BUDGET", "JETSERVE_MODEL_STORE"} <= set(used)
     for key, value in _env_file().items():
         Settings.model_validate({key[len("JETSERVE_"):].lower(): value} if value else {})
+
+
+def test_prometheusrule_matches_rules_file(k8s):
+    proc = subprocess.run([sys.executable, str(K8S / "sync_rules.py"), "--check"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    rules = yaml.safe_load((REPO / "deploy" / "rules" / "jetserve-alerts.yml").read_text(encoding="utf-8"))
+    assert k8s["PrometheusRule"]["spec"]["groups"] == rules["groups"]
+    assert k8s["PrometheusRule"]["metadata"]["labels"]["release"] == k8s["ServiceMonitor"]["metadata"]["labels"]["release"]
