@@ -243,3 +243,25 @@ def test_metrics_doc_covers_every_family(families):
     assert not undocumented, f"add to docs/metrics.md: {undocumented}"
     stale = sorted(d for d in documented if d not in families and d not in _recorded())
     assert not stale, f"documented but not exposed: {stale}"
+
+
+def test_dashboard_layout_is_consistent():
+    """Grafana is not available offline; check what it would reject or render badly."""
+    board = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    ids = [p["id"] for p in board["panels"]]
+    assert len(ids) == len(set(ids))
+    cells = set()
+    for p in board["panels"]:
+        g = p["gridPos"]
+        assert 0 <= g["x"] and g["x"] + g["w"] <= 24, p["title"]
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                assert (x, y) not in cells, f"{p['title']} overlaps another panel"
+                cells.add((x, y))
+        refs = [t["refId"] for t in p.get("targets", [])]
+        assert len(refs) == len(set(refs)), p["title"]
+        if p["type"] != "row":
+            assert p["targets"] and p["fieldConfig"]["defaults"]["unit"], p["title"]
+    variables = {v["name"] for v in board["templating"]["list"]}
+    used = set(re.findall(r"\$(\w+)", json.dumps(board["panels"]))) - {"__rate_interval", "__range", "__interval"}
+    assert used <= variables, used - variables
