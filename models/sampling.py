@@ -18,14 +18,18 @@ Order of operations (HF `generate` order for the warpers, vLLM order for the pen
 
 Returned log-probabilities are those of the raw model distribution (`log_softmax` of the logits as given,
 before penalties and temperature), as vLLM reports them by default.
+
+torch is imported inside the functions, so describing a request (`SamplingParams`) does not import torch:
+server/api builds SamplingParams and never imports torch.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 MAX_LOGPROBS = 20  # OpenAI chat allows top_logprobs 0..20 (completions 0..5)
 
@@ -108,6 +112,8 @@ class SampleOutput:
 def make_generator(seed: Optional[int], device: Union[str, torch.device] = "cpu") -> Optional[torch.Generator]:
     """A generator on `device` seeded with `seed` (any Python int; taken mod 2**64), or None when seed is None
     (the row then draws from torch's global generator)."""
+    import torch
+
     if seed is None:
         return None
     g = torch.Generator(device=torch.device(device))
@@ -115,13 +121,17 @@ def make_generator(seed: Optional[int], device: Union[str, torch.device] = "cpu"
     return g
 
 
-def _row_tensor(values: Sequence[float], like: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    # (B, 1) so it broadcasts over the vocabulary
-    return torch.tensor(values, dtype=dtype).to(like.device, non_blocking=True).unsqueeze(1)
+def _row_tensor(values: Sequence[float], like: torch.Tensor, dtype=None) -> torch.Tensor:
+    """Per-row values as a (B, 1) tensor on `like`'s device, to broadcast over the vocabulary."""
+    import torch
+
+    return torch.tensor(values, dtype=dtype or torch.float32).to(like.device, non_blocking=True).unsqueeze(1)
 
 
 def _history_masks(histories: torch.Tensor, prompt_lens: torch.Tensor, vocab: int):
     """Seen-anywhere mask and generated-token counts, both (B, V), from (B, L) histories padded with -1."""
+    import torch
+
     b, length = histories.shape
     valid = histories >= 0  # (B, L)
     ids = torch.where(valid, histories, torch.full_like(histories, vocab))  # padding -> spare column V
@@ -145,6 +155,8 @@ def apply_penalties(
     histories: (B, L) int64, each row prompt ids then generated ids, padded with -1. prompt_lens: (B,) count of
     leading prompt ids per row (None: 0, i.e. the whole history counts as generated).
     """
+    import torch
+
     x = logits.float().clone()
     if histories is None or histories.numel() == 0:
         return x
@@ -196,6 +208,8 @@ CPU_TOP_P_CANDIDATES = 1024
 
 def _top_k_top_p(x: torch.Tensor, ks: Sequence[int], ps: Sequence[float]) -> torch.Tensor:
     """Keep each row's `ks[i]` largest logits, then the smallest prefix whose mass (after top-k) reaches `ps[i]`."""
+    import torch
+
     b, v = x.shape
     k_t = _row_tensor(ks, x, torch.long)  # (B, 1)
     # rows with top_p == 1 keep everything (float32 cumsum can reach 1.0 before the tail)
@@ -224,6 +238,8 @@ def _top_k_top_p(x: torch.Tensor, ks: Sequence[int], ps: Sequence[float]) -> tor
 
 def _exponential_noise(b: int, v: int, device: torch.device, generators: Sequence[Optional[torch.Generator]]):
     """(B, V) Exp(1) noise; rows with a generator draw from it alone, other rows from the global RNG."""
+    import torch
+
     u = torch.empty(b, v, dtype=torch.float32, device=device)
     unseeded = [i for i, g in enumerate(generators) if g is None]
     if unseeded:
@@ -252,6 +268,8 @@ def sample(
     use the global RNG); prompt_lens: (B,) leading prompt ids in each history (None: 0). Generators must be on the
     logits' device. No host synchronisation: the result stays on the device.
     """
+    import torch
+
     if logits.dim() != 2:
         raise ValueError(f"logits must be (B, V), got shape {tuple(logits.shape)}")
     b, v = logits.shape

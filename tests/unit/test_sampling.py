@@ -406,3 +406,14 @@ def test_cpu_shortcut_avoids_full_sort(rng, monkeypatch):
         ref, ambiguous = ref_warp(logits[b], p)
         assert finite_set(warped[b]) ^ finite_set(ref) <= ambiguous
     assert torch.equal(warped[2], logits[2])  # the unfiltered row keeps the whole vocabulary
+
+
+def test_describing_a_request_does_not_import_torch():
+    """server/api builds SamplingParams and an IncrementalDetokenizer but never imports torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, models.sampling as s, models.tokenizer; s.SamplingParams(top_p=0.5).validate(); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr
