@@ -10,6 +10,10 @@ Layouts (int32 words, little-endian bit stream inside a word, values crossing wo
   shifts each field for 3 bits); "gptq_v2" stores z.
 - AWQ GEMM: qweight (in, out*bits/32) packs the *output* axis; 4-bit words use the interleave
   [0, 2, 4, 6, 1, 3, 5, 7]; qzeros (groups, out*bits/32) likewise; scales (groups, out).
+- compressed-tensors "pack-quantized" (llm-compressor W4A16/W8A16): weight_packed (out, in*bits/32) packs the
+  input axis; codes are the signed values + 2**(bits-1); weight_scale (out, groups); weight_zero_point
+  (out*bits/32, groups) packed along out (asymmetric only, symmetric means zero = 2**(bits-1));
+  weight_g_idx (in,) with actorder "group"; weight_shape (2,).
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "UnsupportedFormatError", "QuantConfig", "QuantizedWeight", "read_quant_config", "parse_quant_config",
-    "linear_tensor_names", "unpack_gptq", "pack_gptq", "unpack_awq", "pack_awq", "dequantize",
+    "linear_tensor_names", "unpack_gptq", "pack_gptq", "unpack_awq", "pack_awq", "unpack_compressed", "dequantize",
     "act_order_perm", "to_int4pack_cpu", "to_int4pack_cuda", "int4pack_scales_and_zeros",
     "SUPPORTED_BITS", "INT4PACK_GROUP_SIZES",
 ]
@@ -44,13 +48,13 @@ class UnsupportedFormatError(ValueError):
 
 @dataclass(frozen=True)
 class QuantConfig:
-    method: str  # "gptq" | "awq" | "none"
+    method: str  # "gptq" | "awq" | "compressed_tensors" | "none"
     bits: int
     group_size: int  # -1: one group spanning all input features
     sym: bool
     desc_act: bool
     zero_point: bool
-    checkpoint_format: str  # "gptq" (v1) | "gptq_v2" | "awq_gemm" | "none"
+    checkpoint_format: str  # "gptq" (v1) | "gptq_v2" | "awq_gemm" | "pack_quantized" | "none"
     raw: Dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     @property
@@ -149,7 +153,7 @@ def parse_quant_config(q: Dict[str, Any], source: str = "quantization_config") -
     if method in ("fp8", "fbgemm_fp8", "mxfp4", "nvfp4", "hqq", "quanto", "eetq", "aqlm", "gguf", "torchao"):
         raise bad(f"quant_method={method!r}")
     if method == "compressed_tensors":
-        raise bad(f"compressed-tensors (format={q.get('format')!r})")
+        return _parse_compressed_tensors(q, bad)
 
     if method not in ("gptq", "awq"):
         raise bad(f"quant_method={method or None!r} (format={fmt or None!r})")
@@ -185,6 +189,48 @@ def parse_quant_config(q: Dict[str, Any], source: str = "quantization_config") -
     return QuantConfig("awq", bits, group_size, not zero_point, False, zero_point, "awq_gemm", dict(q))
 
 
+def _parse_compressed_tensors(q: Dict[str, Any], bad) -> QuantConfig:
+    """compressed-tensors: only weight-only "pack-quantized" int groups/channels applied to every Linear."""
+    fmt = q.get("format")
+    if fmt != "pack-quantized":
+        raise bad(f"compressed-tensors format={fmt!r} (only pack-quantized weight-only int)")
+    groups = q.get("config_groups") or {}
+    if len(groups) != 1:
+        raise bad(f"compressed-tensors with {len(groups)} config_groups (one needed)")
+    grp = next(iter(groups.values()))
+    w = grp.get("weights") or {}
+    if grp.get("input_activations") or grp.get("output_activations"):
+        raise bad("compressed-tensors activation quantization (only weight-only W*A16)")
+    if sorted(grp.get("targets") or []) != ["Linear"]:
+        raise bad(f"compressed-tensors targets={grp.get('targets')!r} (only ['Linear'])")
+    extra_ignored = [n for n in (q.get("ignore") or []) if n not in ("lm_head", "re:.*lm_head")]
+    if extra_ignored:
+        raise bad(f"compressed-tensors ignore={extra_ignored[:3]!r} (only lm_head may stay dense)")
+    if q.get("kv_cache_scheme"):
+        raise bad("compressed-tensors kv_cache_scheme (quantized KV cache)")
+    sparsity = q.get("sparsity_config") or {}
+    if sparsity.get("format") not in (None, "dense"):
+        raise bad(f"compressed-tensors sparsity format={sparsity.get('format')!r}")
+    bits = w.get("num_bits")
+    if w.get("type") != "int" or bits not in (2, 4, 8) or w.get("dynamic"):
+        raise bad(f"compressed-tensors weights type={w.get('type')!r} num_bits={bits!r} dynamic={w.get('dynamic')!r}")
+    strategy = w.get("strategy")
+    if strategy == "group":
+        group_size = w.get("group_size")
+        if not isinstance(group_size, int) or group_size <= 0 or group_size % 16:
+            raise bad(f"compressed-tensors group_size={group_size!r}")
+    elif strategy == "channel":
+        group_size = -1
+    else:
+        raise bad(f"compressed-tensors strategy={strategy!r} (group or channel)")
+    sym = bool(w.get("symmetric", True))
+    actorder = w.get("actorder")
+    if actorder not in (None, "group", "weight", "static", False):
+        raise bad(f"compressed-tensors actorder={actorder!r}")
+    return QuantConfig("compressed_tensors", bits, group_size, sym, actorder == "group", not sym, "pack_quantized",
+                       dict(q))
+
+
 def linear_tensor_names(qcfg: QuantConfig, prefix: str, *, optional: bool = False) -> List[str]:
     """Names of the tensors of one linear layer at `prefix` (e.g. "model.layers.0.self_attn.q_proj").
 
@@ -201,6 +247,12 @@ def linear_tensor_names(qcfg: QuantConfig, prefix: str, *, optional: bool = Fals
             names.append(f"{prefix}.g_idx")
     elif qcfg.method == "awq":
         names = [f"{prefix}.qweight", f"{prefix}.qzeros", f"{prefix}.scales"]
+    elif qcfg.method == "compressed_tensors":
+        names = [f"{prefix}.weight_packed", f"{prefix}.weight_scale", f"{prefix}.weight_shape"]
+        if qcfg.zero_point:
+            names.append(f"{prefix}.weight_zero_point")
+        if qcfg.desc_act or optional:
+            names.append(f"{prefix}.weight_g_idx")
     else:
         raise UnsupportedFormatError(f"unknown method {qcfg.method!r}")
     if optional:
@@ -365,6 +417,33 @@ def pack_awq(qw: QuantizedWeight) -> Dict[str, torch.Tensor]:
     qweight = _pack_stream(_awq_interleave(qw.qweight.t().contiguous(), qw.bits), qw.bits)
     qzeros = _pack_stream(_awq_interleave(qw.zeros, qw.bits), qw.bits)
     return {"qweight": qweight, "qzeros": qzeros, "scales": qw.scales.to(torch.float16)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# compressed-tensors pack-quantized
+# ---------------------------------------------------------------------------------------------------------
+
+def unpack_compressed(weight_packed: torch.Tensor, weight_scale: torch.Tensor,
+                      weight_zero_point: Optional[torch.Tensor], weight_g_idx: Optional[torch.Tensor], bits: int, *,
+                      group_size: int, in_features: int) -> QuantizedWeight:
+    """compressed-tensors pack-quantized tensors -> QuantizedWeight (zero_point None: symmetric)."""
+    if bits not in (2, 4, 8):
+        raise UnsupportedFormatError(f"compressed-tensors num_bits={bits}")
+    out_features = weight_packed.shape[0]
+    q = _unpack_stream(weight_packed, bits, in_features)  # (out, in): stored = signed + 2**(bits-1)
+    scales = weight_scale.reshape(out_features, -1).t().contiguous()  # (groups, out)
+    if weight_zero_point is None:
+        zeros = torch.full(scales.shape, 1 << (bits - 1), dtype=torch.uint8, device=scales.device)
+    else:  # packed along out: (out*bits/32, groups)
+        zeros = _unpack_stream(weight_zero_point.t().contiguous(), bits, out_features)  # (groups, out)
+    if group_size <= 0:
+        group_size = in_features
+    g_idx = None
+    if weight_g_idx is not None and not bool((weight_g_idx < 0).all()):
+        g_idx = weight_g_idx.to(torch.int32)
+        if torch.equal(g_idx, torch.arange(in_features, device=g_idx.device, dtype=torch.int32) // group_size):
+            g_idx = None
+    return QuantizedWeight(q, zeros, scales, g_idx, bits, group_size)
 
 
 # ---------------------------------------------------------------------------------------------------------

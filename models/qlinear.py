@@ -13,7 +13,7 @@ import torch
 
 from . import kernels
 from .formats import (QuantConfig, QuantizedWeight, UnsupportedFormatError, act_order_perm, dequantize,
-                      int4pack_scales_and_zeros, unpack_awq, unpack_gptq)
+                      int4pack_scales_and_zeros, unpack_awq, unpack_compressed, unpack_gptq)
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +36,16 @@ def unpack_linear(tensors: Dict[str, torch.Tensor], prefix: str, qcfg: QuantConf
     elif qcfg.method == "awq":
         qw = unpack_awq(get("qweight"), get("qzeros", required=qcfg.zero_point), get("scales"), qcfg.bits,
                         group_size=qcfg.group_size)
+    elif qcfg.method == "compressed_tensors":
+        shape = get("weight_shape", required=False)
+        if shape is not None and tuple(int(v) for v in shape) != (out_features, in_features):
+            raise UnsupportedFormatError(f"{prefix}: weight_shape {shape.tolist()}, expected "
+                                         f"[{out_features}, {in_features}]")
+        qw = unpack_compressed(get("weight_packed"), get("weight_scale"),
+                               get("weight_zero_point", required=qcfg.zero_point), get("weight_g_idx", required=False),
+                               qcfg.bits, group_size=qcfg.group_size, in_features=in_features)
     else:
-        raise UnsupportedFormatError(f"QuantLinear needs a GPTQ/AWQ config, got method={qcfg.method!r}")
+        raise UnsupportedFormatError(f"QuantLinear needs a quantized config, got method={qcfg.method!r}")
     if tuple(qw.qweight.shape) != (out_features, in_features):
         raise UnsupportedFormatError(
             f"{prefix}: unpacked weight is {tuple(qw.qweight.shape)}, expected ({out_features}, {in_features})")

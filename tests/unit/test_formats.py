@@ -240,3 +240,83 @@ def test_linear_tensor_names():
     awq = parse_quant_config(AUTOAWQ)
     assert linear_tensor_names(awq, "m.q") == ["m.q.qweight", "m.q.qzeros", "m.q.scales"]
     assert linear_tensor_names(awq, "m.q", optional=True)[-1] == "m.q.bias"
+
+
+# ----------------------------------------------------------------------------------------------- compressed-tensors
+LLMCOMPRESSOR_W4A16 = {
+    "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+    "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": None, "output_activations": None,
+                                  "weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group",
+                                              "group_size": 128, "actorder": None, "dynamic": False}}},
+    "ignore": ["lm_head"], "kv_cache_scheme": None, "sparsity_config": {},
+}
+
+
+def _with_weights(**kw):
+    cfg = json.loads(json.dumps(LLMCOMPRESSOR_W4A16))
+    cfg["config_groups"]["group_0"]["weights"].update(kw)
+    return cfg
+
+
+def test_read_compressed_tensors_w4a16(tmp_path):
+    q = read_quant_config(write_model(tmp_path, LLMCOMPRESSOR_W4A16))
+    assert (q.method, q.bits, q.group_size, q.sym, q.zero_point, q.checkpoint_format) == \
+        ("compressed_tensors", 4, 128, True, False, "pack_quantized")
+    asym = read_quant_config(write_model(tmp_path, _with_weights(symmetric=False, strategy="channel")))
+    assert asym.zero_point and asym.group_size == -1
+    assert linear_tensor_names(asym, "m.q") == ["m.q.weight_packed", "m.q.weight_scale", "m.q.weight_shape",
+                                                "m.q.weight_zero_point"]
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"format": "float-quantized"}, "float-quantized"),
+    ({"kv_cache_scheme": {"num_bits": 8, "type": "float"}}, "kv_cache_scheme"),
+    ({"ignore": ["lm_head", "model.layers.0.mlp.down_proj"]}, "down_proj"),
+    ({"sparsity_config": {"format": "sparse-24-bitmask"}}, "sparse-24"),
+])
+def test_compressed_tensors_unsupported(tmp_path, change, needle):
+    with pytest.raises(UnsupportedFormatError, match=needle):
+        read_quant_config(write_model(tmp_path, {**LLMCOMPRESSOR_W4A16, **change}))
+
+
+@pytest.mark.parametrize("weights,needle", [
+    ({"type": "float", "num_bits": 8}, "type='float'"),
+    ({"num_bits": 3}, "num_bits=3"),
+    ({"strategy": "tensor"}, "strategy='tensor'"),
+    ({"dynamic": True}, "dynamic=True"),
+])
+def test_compressed_tensors_unsupported_weights(tmp_path, weights, needle):
+    with pytest.raises(UnsupportedFormatError, match=needle):
+        read_quant_config(write_model(tmp_path, _with_weights(**weights)))
+
+
+def test_compressed_tensors_activation_quant_rejected(tmp_path):
+    cfg = json.loads(json.dumps(LLMCOMPRESSOR_W4A16))
+    cfg["config_groups"]["group_0"]["input_activations"] = {"num_bits": 8, "type": "int", "strategy": "token"}
+    with pytest.raises(UnsupportedFormatError, match="activation"):
+        read_quant_config(write_model(tmp_path, cfg))
+
+
+@pytest.mark.parametrize("bits", [4, 8, 2])
+@pytest.mark.parametrize("symmetric,strategy", [(True, "group"), (False, "group"), (False, "channel")])
+def test_compressed_tensors_matches_library(bits, symmetric, strategy, gen):
+    """compressed-tensors' own compressor writes the tensors; our dequant equals its decompress."""
+    pq = pytest.importorskip("compressed_tensors.compressors.pack_quantized.base")
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from models.formats import unpack_compressed
+
+    out_f, in_f, gs = 64, 256, 64
+    groups = in_f // gs if strategy == "group" else 1
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, strategy=strategy,
+                            group_size=gs if strategy == "group" else None)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    half = 1 << (bits - 1)
+    state = {"weight": torch.randn(out_f, in_f, generator=gen),
+             "weight_scale": torch.rand(out_f, groups, generator=gen) * 0.05 + 0.01}
+    if not symmetric:
+        state["weight_zero_point"] = torch.randint(-half, half, (out_f, groups), generator=gen).to(torch.int8)
+    packed = pq.PackedQuantizationCompressor.compress(state, scheme)
+    theirs = pq.PackedQuantizationCompressor.decompress(packed, scheme)["weight"]
+    qw = unpack_compressed(packed["weight_packed"], packed["weight_scale"], packed.get("weight_zero_point"), None,
+                           bits, group_size=gs if strategy == "group" else -1, in_features=in_f)
+    torch.testing.assert_close(dequantize(qw), theirs.float(), rtol=1e-6, atol=1e-7)

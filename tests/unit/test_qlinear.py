@@ -84,6 +84,27 @@ def test_other_bit_widths_use_reference_path(bits, method, gen):
     assert rel_err(out, x.float() @ dequantize(qw).t()) < 1e-2
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_compressed_tensors_layer(symmetric, gen):
+    """A pack-quantized W4A16 layer written by compressed-tensors runs on the int4 kernel and matches it."""
+    pq = pytest.importorskip("compressed_tensors.compressors.pack_quantized.base")
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=symmetric, strategy="group", group_size=64)
+    state = {"weight": torch.randn(192, 576, generator=gen), "weight_scale": torch.rand(192, 9, generator=gen) * 0.05}
+    if not symmetric:
+        state["weight_zero_point"] = torch.randint(-8, 8, (192, 9), generator=gen).to(torch.int8)
+    packed = pq.PackedQuantizationCompressor.compress(state, QuantizationScheme(targets=["Linear"], weights=args))
+    want_w = pq.PackedQuantizationCompressor.decompress(packed, QuantizationScheme(targets=["Linear"], weights=args))
+    cfg = parse_quant_config({"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {
+        "g": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "symmetric": symmetric,
+                                                 "strategy": "group", "group_size": 64}}}})
+    layer = QuantLinear.from_tensors({f"l.{k}": v for k, v in packed.items()}, "l", cfg, 576, 192, device="cpu")
+    assert layer.plan.name == kernels.CPU_INT4PACK
+    x = torch.randn(3, 576, generator=gen).to(torch.bfloat16)
+    assert rel_err(layer(x), x.float() @ want_w["weight"].float().t()) < 1e-2
+
+
 def test_odd_out_features_padded_and_bias(gen):
     cfg = qcfg("gptq", group=32)
     qw = random_qw(96, 64, 4, 32, gen=gen)
