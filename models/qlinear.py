@@ -112,7 +112,8 @@ class QuantLinear(torch.nn.Module):
             packed = torch.ops.aten._convert_weight_to_int4pack((qd[:, ::2] << 4 | qd[:, 1::2]).contiguous(), tiles)
         self.register_buffer("packed", packed.to(device))
         self.register_buffer("scales_and_zeros", sz.to(device).contiguous())
-        self.register_buffer("perm", None if perm is None else perm.to(device))
+        # int32 halves the bytes; index_select takes it
+        self.register_buffer("perm", None if perm is None else perm.to(device=device, dtype=torch.int32))
         self.out_padded = sz.shape[1]
         if keep_reference:
             self._reference = qw
@@ -218,7 +219,7 @@ class QuantLinear(torch.nn.Module):
         g = torch.arange(self.in_features, device=codes.device) // self.group_size
         w = (codes.float() - 8) * sz[g, :, 0].t() + sz[g, :, 1].t()  # grouped input order
         if self.perm is not None:
-            w = torch.empty_like(w).index_copy_(1, self.perm, w)
+            w = torch.empty_like(w).index_copy_(1, self.perm.long(), w)
         return w
 
     def _dequant_reference(self) -> torch.Tensor:
