@@ -268,7 +268,10 @@ def quantize(src: str, out: str, spec: QuantSpec, overwrite: bool = False, store
 
         qcfg = _gptqmodel_config(spec, device)
         log.info("quantizing %s with %s on %s: %s", src_dir, spec.method, device, spec.to_dict())
-        model = GPTQModel.load(str(src_dir), qcfg)
+        # Calibration forwards run in float32 on CPU: about 2x faster than bf16 on CPUs without bf16 matmul units,
+        # and never less accurate. Unquantized tensors are cast back to the source dtype after saving.
+        load_kw = {"dtype": torch.float32} if device == "cpu" else {}
+        model = GPTQModel.load(str(src_dir), qcfg, **load_kw)
         backend = BACKEND.AWQ_TORCH if (spec.method == "awq" and device == "cpu") else BACKEND.AUTO
         calibration = None
         if samples is not None:
@@ -276,12 +279,14 @@ def quantize(src: str, out: str, spec: QuantSpec, overwrite: bool = False, store
         model.quantize(calibration, batch_size=1, backend=backend, calibration_sort=None)
         model.save(str(tmp))
         del model
+        if load_kw:
+            _restore_dtype(tmp, src_dir)
         seconds = time.perf_counter() - t0
         for name in TOKENIZER_FILES:
             f = src_dir / name
             if f.is_file() and not (tmp / name).exists():
                 shutil.copy2(f, tmp / name)
-        record = {"source": str(src), "spec": spec.to_dict(), "settings_hash": spec.settings_hash(),
+        record = {"source": str(src), "source_dir": str(src_dir.resolve()), "spec": spec.to_dict(), "settings_hash": spec.settings_hash(),
                   "calibration": calib_info, "seconds": round(seconds, 1), "device": device,
                   "versions": tool_versions(), "machine": f"{platform.machine()} {os.cpu_count()} cpus"}
         (tmp / SETTINGS_FILE).write_text(json.dumps(record, indent=2) + "\n")
@@ -298,6 +303,27 @@ def quantize(src: str, out: str, spec: QuantSpec, overwrite: bool = False, store
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return QuantizeResult(outp, seconds, spec.to_dict(), calib_info)
+
+
+def _restore_dtype(out: Path, src_dir: Path) -> None:
+    """Cast float32 unquantized tensors (embeddings, norms) back to the source checkpoint's dtype."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src_cfg = json.loads((src_dir / "config.json").read_text())
+    name = src_cfg.get("dtype") or src_cfg.get("torch_dtype") or "bfloat16"
+    dtype = getattr(torch, str(name).replace("torch.", ""), torch.bfloat16)
+    if dtype == torch.float32:
+        return
+    for f in out.glob("*.safetensors"):
+        tensors = load_file(str(f))
+        tensors = {k: (v.to(dtype) if v.dtype == torch.float32 else v) for k, v in tensors.items()}
+        save_file(tensors, str(f), metadata={"format": "pt"})
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["dtype"] = str(dtype).replace("torch.", "")
+    cfg.pop("torch_dtype", None)
+    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
 def _check_written(d: Path) -> None:

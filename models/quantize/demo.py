@@ -202,10 +202,16 @@ def _replace_dir(tmp: Path, out: Path) -> None:
 # ---------------------------------------------------------------- variants
 
 def variant_is_current(variant: Path, spec: QuantSpec, base: Path) -> bool:
+    """Same settings hash and same base origin. A variant quantized by `jetserve quantize` from this very base
+    folder with the same settings, but before demo prepare recorded the origin, is adopted (origin recorded)."""
     rec = _read_json(variant / SETTINGS_FILE)
     base_marker = _read_json(base / MARKER)
-    return bool(rec) and rec.get("settings_hash") == spec.settings_hash() \
-        and rec.get("base_origin") == base_marker and (variant / "config.json").is_file()
+    if not rec or rec.get("settings_hash") != spec.settings_hash() or not (variant / "config.json").is_file():
+        return False
+    if "base_origin" not in rec and Path(rec.get("source_dir") or rec.get("source", "")).resolve() == base.resolve():
+        rec["base_origin"] = base_marker
+        (variant / SETTINGS_FILE).write_text(json.dumps(rec, indent=2) + "\n")
+    return rec.get("base_origin") == base_marker
 
 
 def prepare(store: Path, source: Optional[str] = None, name: Optional[str] = None,
