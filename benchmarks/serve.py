@@ -171,7 +171,8 @@ def main(argv=None) -> int:
     proc = start_server(args, port, env)
     base = f"http://127.0.0.1:{port}"
     result: Dict[str, object] = {"model": args.model, "device": args.device, "tokens": args.tokens,
-                                 "torch_threads": torch.get_num_threads()}
+                                 "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+                                 "loadavg_before": os.getloadavg()[0]}
     try:
         wait_ready(base, proc)
         asyncio.run(sse_decode_tps(base, args.model, 8))  # warm
@@ -191,6 +192,9 @@ def main(argv=None) -> int:
             print(f"{n} streams: aggregate {row['aggregate_tps']:.1f} tok/s, TTFT p50 {row['ttft_p50_s'] * 1000:.0f} ms "
                   f"p95 {row['ttft_p95_s'] * 1000:.0f} ms, per-stream {row['per_stream_decode_tps']:.1f} tok/s")
         result["concurrency"] = rows
+        result["loadavg_after"] = os.getloadavg()[0]
+        print(f"load average (1 min) before {result['loadavg_before']:.1f}, after {result['loadavg_after']:.1f} "
+              f"on {os.cpu_count()} CPUs")
     finally:
         proc.terminate()
         try:

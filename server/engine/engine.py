@@ -68,6 +68,7 @@ class Engine:
         self._thread: Optional[threading.Thread] = None
 
         # Engine-thread state.
+        self._outbox: List[tuple] = []   # (handle, event) delivered together at the end of each loop turn
         self._running: List[SequenceState] = []
         self._waiting: Deque[SequenceState] = deque()
 
@@ -177,6 +178,7 @@ class Engine:
                 if stopping:
                     for seq in list(self._running) + list(self._waiting):
                         self._finish(seq, FINISH_ABORT, error="engine stopped", error_code="engine_stopped")
+                    self._flush()
                     return
                 if aborts:
                     for seq in [s for s in list(self._running) + list(self._waiting) if s.request.request_id in aborts]:
@@ -186,13 +188,20 @@ class Engine:
                     self._finish(seq, FINISH_TIMEOUT, error="request timed out", error_code="request_timeout")
                 if self._running or self._waiting:
                     self._step()
+                self._flush()
         except Exception:  # a bug in the loop itself: fail everything loudly rather than hang clients
             logger.exception("engine %s loop crashed", self.name)
             for seq in list(self._running) + list(self._waiting):
                 self._finish(seq, FINISH_ERROR, error="engine failure", error_code="internal_error")
+            self._flush()
             with self._cv:
                 self._accepting = False
             raise
+
+    def _flush(self) -> None:
+        if self._outbox:
+            items, self._outbox = self._outbox, []
+            RequestHandle.push_many(items)
 
     def _maybe_fault(self, seq: SequenceState, stage: str) -> None:
         if self.test_hooks and seq.request.fault == stage:
@@ -319,7 +328,7 @@ class Engine:
                 finish = FINISH_LENGTH
             ev = TokenEvent(token_id=tok, logprob=lp, top=top, finish_reason=finish)
             if finish is None:
-                seq.handle.push(ev)
+                self._outbox.append((seq.handle, ev))
             else:
                 self._finish(seq, finish, event=ev)
 
@@ -340,7 +349,7 @@ class Engine:
                 logger.exception("runner.release(%d) failed", seq.slot)
         if event is None:
             event = TokenEvent(token_id=-1, finish_reason=reason, error=error, error_code=error_code)
-        seq.handle.push(event)
+        self._outbox.append((seq.handle, event))
         with self._cv:
             self._num_active -= 1
         if self.on_request is not None:

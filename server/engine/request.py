@@ -14,7 +14,7 @@ import itertools
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 if TYPE_CHECKING:  # SamplingParams lives in models/ (no torch needed to describe a request)
     from models.sampling import SamplingParams
@@ -96,6 +96,18 @@ class RequestHandle:
         except RuntimeError:  # loop closed: nobody is listening any more
             pass
 
+    @staticmethod
+    def push_many(items: "List[Tuple[RequestHandle, TokenEvent]]") -> None:
+        """Hand many events over with one wake-up per event loop (one per engine step, not one per token)."""
+        by_loop: Dict[asyncio.AbstractEventLoop, list] = {}
+        for h, ev in items:
+            by_loop.setdefault(h._loop, []).append((h._queue, ev))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, batch)
+            except RuntimeError:  # loop closed: nobody is listening any more
+                pass
+
     # Event loop side.
     def abort(self) -> None:
         if not self.finished:
@@ -121,6 +133,11 @@ class RequestHandle:
         if ev.finish_reason is not None:
             self.finished = True
         return ev
+
+
+def _deliver(batch) -> None:
+    for q, ev in batch:
+        q.put_nowait(ev)
 
 
 _seq_counter = itertools.count()
