@@ -52,9 +52,11 @@ def is_openai_error(resp: httpx.Response) -> bool:
 
 
 async def stream_chat(client: httpx.AsyncClient, url: str, body: dict, *, headers: Optional[dict] = None,
-                      stop_after_tokens: Optional[int] = None, timeout_s: float = 120.0) -> dict:
+                      stop_after_tokens: Optional[int] = None, timeout_s: float = 120.0,
+                      first_token: Optional[asyncio.Event] = None) -> dict:
     """Stream one chat completion. Returns status, content chunks seen, whether [DONE] came, finish_reason,
-    an in-stream error if any, and the first/last chunk times. `stop_after_tokens` closes the connection early."""
+    an in-stream error if any, and the first/last chunk times. `stop_after_tokens` closes the connection early;
+    `first_token` is set when the first content chunk arrives."""
     out = {"status": None, "chunks": 0, "done": False, "finish_reason": None, "error": None,
            "t_first": None, "t_end": None, "headers": {}}
     t0 = time.perf_counter()
@@ -86,6 +88,8 @@ async def stream_chat(client: httpx.AsyncClient, url: str, body: dict, *, header
                     if (ch.get("delta") or {}).get("content"):
                         out["chunks"] += 1
                         out["t_first"] = out["t_first"] or time.perf_counter() - t0
+                        if first_token is not None:
+                            first_token.set()
                     if ch.get("finish_reason"):
                         out["finish_reason"] = ch["finish_reason"]
                 if stop_after_tokens is not None and out["chunks"] >= stop_after_tokens:
@@ -260,7 +264,7 @@ async def scenario_bad_loads(url: str, good_model: str, bad: Dict[str, str], *, 
             entry = {"status": r.status_code, "shaped": is_openai_error(r),
                      "message": (r.json().get("error") or {}).get("message") if is_openai_error(r) else r.text[:200]}
             if admin_key:
-                a = await client.post(f"{url}/admin/models/load", json={"model": name},
+                a = await client.post(f"{url}/admin/models/{name}/load",
                                       headers={"authorization": f"Bearer {admin_key}"})
                 entry["admin_status"] = a.status_code
                 entry["admin_shaped"] = is_openai_error(a)
@@ -301,15 +305,10 @@ async def scenario_sigterm(srv: ServerProcess, model: str, *, streams: int = 4, 
     within the grace period, a new request during the drain gets 503, and the process exits by itself."""
     url = srv.url
     async with httpx.AsyncClient(trust_env=False, limits=httpx.Limits(max_connections=streams + 8)) as client:
-        tasks = [asyncio.ensure_future(stream_chat(client, url, chat_body(model, max_tokens), timeout_s=grace_s + 60))
-                 for _ in range(streams)]
-        t_wait = time.perf_counter()
-        while time.perf_counter() - t_wait < 120:
-            g = await asyncio.to_thread(engine_gauges, url)
-            if g["running"] >= min(streams, 1):
-                break
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(0.3)  # let every stream get going
+        firsts = [asyncio.Event() for _ in range(streams)]
+        tasks = [asyncio.ensure_future(stream_chat(client, url, chat_body(model, max_tokens), timeout_s=grace_s + 120,
+                                                   first_token=ev)) for ev in firsts]
+        await asyncio.wait_for(asyncio.gather(*(ev.wait() for ev in firsts)), 120)
         t_sig = time.perf_counter()
         srv.signal(signal.SIGTERM)
         await asyncio.sleep(0.3)
