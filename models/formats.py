@@ -287,14 +287,23 @@ def _to_int32(words64: torch.Tensor) -> torch.Tensor:
     return torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
 
 
+def _unpack_rows(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Unpack a stream packed along dim 0: int32 (w, n) -> uint8 (count, n) (GPTQ qweight)."""
+    if 32 % bits:
+        return _unpack_stream(words.t(), bits, count).t()
+    shifts = torch.arange(0, 32, bits, device=words.device, dtype=torch.int32).view(1, -1, 1)
+    codes = (words.unsqueeze(1) >> shifts).to(torch.uint8) & ((1 << bits) - 1)  # (w, per, n)
+    return codes.reshape(-1, words.shape[1])[:count]
+
+
 def _unpack_stream(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """Inverse of _pack_stream: int32 (..., w) -> uint8 codes (..., count)."""
     mask = (1 << bits) - 1
     if 32 % bits == 0:  # fields never cross words: one vectorized shift
         per = 32 // bits
         shifts = torch.arange(0, 32, bits, device=words.device, dtype=torch.int32)
-        codes = (words.unsqueeze(-1) >> shifts) & mask  # (..., w, per)
-        return codes.reshape(*words.shape[:-1], words.shape[-1] * per)[..., :count].to(torch.uint8)
+        codes = (words.unsqueeze(-1) >> shifts).to(torch.uint8) & mask  # (..., w, per)
+        return codes.reshape(*words.shape[:-1], words.shape[-1] * per)[..., :count]
     blocks = math.ceil(count / 32)
     w = torch.zeros((*words.shape[:-1], blocks * bits), dtype=torch.int64, device=words.device)
     w[..., : words.shape[-1]] = words.to(torch.int64) & 0xFFFFFFFF
@@ -341,7 +350,7 @@ def unpack_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tenso
     out_features = scales.shape[1]
     if in_features is None:
         in_features = g_idx.shape[0] if g_idx is not None else qweight.shape[0] * 32 // bits
-    q = _unpack_stream(qweight.t(), bits, in_features)  # (out, in)
+    q = _unpack_rows(qweight, bits, in_features).t().contiguous()  # (in, out) -> (out, in)
     if checkpoint_format == "gptq":
         zeros = _gptq_v1_to_v2_qzeros(qzeros, bits, out_features)
     elif checkpoint_format == "gptq_v2":
