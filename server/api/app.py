@@ -11,8 +11,6 @@ waits for in-flight requests to finish (up to grace_s). `jetserve serve` calls i
 from __future__ import annotations
 
 import asyncio
-import importlib
-import importlib.util
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -21,8 +19,10 @@ from typing import Any, Optional
 
 from fastapi import FastAPI
 
+from server.api.admin import router as admin_router
 from server.api.auth import AuthMiddleware, BodyLimitMiddleware
 from server.api.errors import install_error_handlers
+from server.api.metrics_route import router as metrics_router
 from server.api.routes import router as openai_router
 from server.config import Settings
 
@@ -111,9 +111,8 @@ def create_app(settings: Settings, *, manager: Any = None, metrics: Any = None) 
     app.state.metrics = metrics
     install_error_handlers(app)
     app.include_router(openai_router)
-    for mod_name in OPTIONAL_ROUTERS:
-        if importlib.util.find_spec(mod_name) is not None:
-            app.include_router(importlib.import_module(mod_name).router)
+    app.include_router(admin_router)
+    app.include_router(metrics_router)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(AuthMiddleware, api_keys=settings.api_keys, metrics_require_key=settings.metrics_require_key)
     return app

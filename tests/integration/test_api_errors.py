@@ -208,6 +208,7 @@ def test_auth_required_with_keys(server):
     with httpx.Client(base_url=server.base_url, timeout=30) as c:
         assert c.get("/health").status_code == 200
         assert c.get("/ready").status_code == 200
+        assert c.get("/metrics").status_code == 200  # metrics_require_key is off
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEYS[0]}"},
                         {"Authorization": "Bearer"}):
             err = assert_error_shape(c.get("/v1/models", headers=headers), 401, code="invalid_api_key")
