@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "UnsupportedFormatError", "QuantConfig", "QuantizedWeight", "read_quant_config", "parse_quant_config",
-    "linear_tensor_names", "unpack_gptq", "pack_gptq", "unpack_awq", "pack_awq", "unpack_compressed", "dequantize",
+    "linear_tensor_names", "safetensors_header", "unpack_gptq", "pack_gptq", "unpack_awq", "pack_awq", "unpack_compressed", "dequantize",
     "act_order_perm", "to_int4pack_cpu", "to_int4pack_cuda", "int4pack_scales_and_zeros",
     "SUPPORTED_BITS", "INT4PACK_GROUP_SIZES",
 ]
@@ -124,8 +124,44 @@ def read_quant_config(model_dir: Union[str, Path]) -> QuantConfig:
                 source = name
                 break
     if q is None:
+        _reject_undeclared_quantization(model_dir)
         return NO_QUANT
     return parse_quant_config(q, source=f"{model_dir}/{source}")
+
+
+# Tensor-name suffixes of quantized formats, for checkpoints that don't declare a quantization config.
+_UNDECLARED_SIGNATURES = (
+    ((".q_invperm", ".q_weight", ".q_scale_max"), "EXL2 tensors (q_weight/q_invperm)"),
+    ((".weight.absmax", ".weight.quant_state.bitsandbytes__nf4", ".weight.quant_state.bitsandbytes__fp4", ".SCB"),
+     "bitsandbytes tensors (absmax/quant_state/SCB)"),
+    ((".qweight", ".qzeros"), "GPTQ/AWQ-style tensors (qweight/qzeros)"),
+    ((".weight_packed",), "compressed-tensors tensors (weight_packed)"),
+    ((".weight_scale_inv",), "fp8 block-scaled tensors (weight_scale_inv)"),
+)
+
+
+def safetensors_header(path: Path) -> Dict[str, Any]:
+    """The JSON header of one .safetensors file (names, dtypes, shapes); reads no tensor data."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(n))
+
+
+def _reject_undeclared_quantization(model_dir: Path) -> None:
+    """A checkpoint without a quantization config must not hold quantized tensors: name them if it does."""
+    for path in sorted(model_dir.glob("*.safetensors")):
+        header = safetensors_header(path)
+        for suffixes, what in _UNDECLARED_SIGNATURES:
+            hit = next((k for k in header if k.endswith(suffixes)), None)
+            if hit is not None:
+                raise UnsupportedFormatError(
+                    f"{model_dir} declares no quantization_config but {path.name} holds {what}, e.g. {hit!r}; "
+                    f"jetserve reads the format only from the checkpoint's config")
+        fp8 = next((k for k, v in header.items() if isinstance(v, dict) and str(v.get("dtype", "")).startswith("F8")),
+                   None)
+        if fp8 is not None:
+            raise UnsupportedFormatError(f"{model_dir}: {path.name} holds fp8 tensors (e.g. {fp8!r}) and no "
+                                         f"quantization_config; fp8 checkpoints are not supported")
 
 
 def _bool(v: Any, default: bool) -> bool:

@@ -320,3 +320,31 @@ def test_compressed_tensors_matches_library(bits, symmetric, strategy, gen):
     qw = unpack_compressed(packed["weight_packed"], packed["weight_scale"], packed.get("weight_zero_point"), None,
                            bits, group_size=gs if strategy == "group" else -1, in_features=in_f)
     torch.testing.assert_close(dequantize(qw), theirs.float(), rtol=1e-6, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------------------------- undeclared formats
+def _write_safetensors(path, tensors):
+    from safetensors.torch import save_file
+    save_file(tensors, str(path))
+
+
+@pytest.mark.parametrize("names,needle", [
+    (["model.layers.0.mlp.up_proj.q_weight", "model.layers.0.mlp.up_proj.q_invperm"], "EXL2"),
+    (["model.layers.0.mlp.up_proj.weight", "model.layers.0.mlp.up_proj.weight.absmax"], "bitsandbytes"),
+    (["model.layers.0.mlp.up_proj.qweight", "model.layers.0.mlp.up_proj.qzeros"], "GPTQ/AWQ"),
+])
+def test_undeclared_quantized_tensors_fail_loudly(tmp_path, names, needle):
+    write_model(tmp_path)
+    _write_safetensors(tmp_path / "model.safetensors", {n: torch.zeros(4, dtype=torch.int32) for n in names})
+    with pytest.raises(UnsupportedFormatError, match=needle):
+        read_quant_config(tmp_path)
+
+
+def test_undeclared_fp8_fails_and_dense_passes(tmp_path):
+    write_model(tmp_path)
+    _write_safetensors(tmp_path / "model.safetensors", {"lm_head.weight": torch.zeros(4, 4, dtype=torch.bfloat16)})
+    assert read_quant_config(tmp_path).method == "none"
+    _write_safetensors(tmp_path / "model.safetensors",
+                       {"lm_head.weight": torch.zeros(4, 4).to(torch.float8_e4m3fn)})
+    with pytest.raises(UnsupportedFormatError, match="fp8"):
+        read_quant_config(tmp_path)
