@@ -132,13 +132,14 @@ class Runner:
         kv_lens = kv_lens or self._kv_buckets
         self._graph_pool = self._graph_pool or torch.cuda.graph_pool_handle()
         dev = self.device
+        # one side stream for every capture: torch keeps a cuBLAS workspace (32 MiB on sm90) per stream
+        stream = torch.cuda.Stream(dev)
         with torch.inference_mode():
             for L in sorted(kv_lens, reverse=True):
                 for B in sorted(batch_sizes, reverse=True):
                     st = torch.zeros(B, dtype=torch.long, device=dev)
                     sp = torch.zeros(B, dtype=torch.long, device=dev)
                     ss = torch.full((B,), self.cache.scratch_slot, dtype=torch.long, device=dev)
-                    stream = torch.cuda.Stream(dev)
                     stream.wait_stream(torch.cuda.current_stream(dev))
                     with torch.cuda.stream(stream):
                         for _ in range(2):
