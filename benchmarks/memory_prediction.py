@@ -72,7 +72,8 @@ def main(argv=None) -> int:
     for name in models:
         cmd = [sys.executable, __file__, "--one", name, "--store", str(args.store), "--max-batch",
                str(args.max_batch), "--max-context", str(args.max_context), "--device", args.device]
-        p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        pythonpath = os.pathsep.join(x for x in (str(REPO), os.environ.get("PYTHONPATH")) if x)
+        p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": pythonpath})
         if p.returncode != 0:
             print(f"{name}: load failed\n{p.stderr[-2000:]}", file=sys.stderr)
             return 2

@@ -30,6 +30,7 @@ loop) so the deltas are attributable.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -40,8 +41,8 @@ from typing import Any, AsyncIterator, Callable, Dict, List, Optional
 
 from server.config import Settings, parse_memory_budget
 from server.store import (
-    Footprint, ModelLoadError, ModelNotFoundError, ModelShape, ModelSpec, ModelStore, predict_footprint,
-    read_model_shape,
+    Footprint, ModelLoadError, ModelNotFoundError, ModelShape, ModelSpec, ModelStore, cuda_runtime_bytes,
+    predict_footprint, read_model_shape,
 )
 from server.telemetry.memory import MemorySource, memory_source_for, process_model_bytes
 
@@ -144,6 +145,28 @@ def _malloc_trim() -> None:
         pass
 
 
+def cublas_workspace_bytes(device: str) -> int:
+    """torch's default cuBLAS workspace per stream: CUBLAS_WORKSPACE_CONFIG ":SIZE_KiB:COUNT..." when set, else
+    ":4096:8" (32 MiB) on sm90+ and ":4096:2:16:8" (8 MiB + 128 KiB) below."""
+    import os
+
+    import torch
+
+    cfg = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    if not cfg:
+        major, _ = torch.cuda.get_device_capability(torch.device(device))
+        cfg = ":4096:8" if major >= 9 else ":4096:2:16:8"
+    nums = [int(x) for x in cfg.split(":") if x]
+    return sum(size * 1024 * count for size, count in zip(nums[0::2], nums[1::2]))
+
+
+def _cuda_extra(shape: ModelShape, *, device: str, max_slots: int, max_seq: int) -> int:
+    from models.runner import batch_buckets, kv_buckets_cuda
+
+    return cuda_runtime_bytes(shape, batch_buckets=batch_buckets(max_slots), kv_buckets=kv_buckets_cuda(max_seq),
+                              cublas_workspace=cublas_workspace_bytes(device))
+
+
 def _default_runner_loader(model_dir: Path, *, dtype: str, **kw):
     """models.loader.load_runner with the dtype name turned into a torch.dtype."""
     import torch
@@ -222,10 +245,16 @@ class ModelManager:
 
     def predict(self, name: str) -> Footprint:
         """Predicted footprint of a model with its effective settings (headers only)."""
-        spec = self.store.resolve(name)
+        return self._predict(self.store.resolve(name))
+
+    def _predict(self, spec: ModelSpec) -> Footprint:
         s = self._settings_for(spec)
+        extra = None
+        if self.device.startswith("cuda"):
+            extra = functools.partial(_cuda_extra, device=self.device, max_slots=s.max_batch_size,
+                                      max_seq=s.max_context)
         return predict_footprint(spec.path, max_slots=s.max_batch_size, max_seq=s.max_context, dtype=s.dtype,
-                                 prefill_chunk=s.prefill_chunk)
+                                 prefill_chunk=s.prefill_chunk, device_extra=extra)
 
     def _update_memory_metrics(self) -> None:
         if self.metrics is not None:
@@ -312,10 +341,8 @@ class ModelManager:
 
     def _reserve(self, spec: ModelSpec) -> List[LoadedModel]:
         """Under the lock: reserve the predicted footprint, choosing LRU idle victims. Returns them (removed)."""
-        s = self._settings_for(spec)
         try:
-            fp = predict_footprint(spec.path, max_slots=s.max_batch_size, max_seq=s.max_context, dtype=s.dtype,
-                                   prefill_chunk=s.prefill_chunk)
+            fp = self._predict(spec)
         except ModelLoadError:
             raise
         except Exception as e:  # any surprise while reading config/headers is a load error, not a crash
@@ -350,8 +377,7 @@ class ModelManager:
         """Worker thread: build runner + tokenizer + engine and measure what the load took."""
         s = self._settings_for(spec)
         shape = read_model_shape(spec.path)
-        fp = predict_footprint(spec.path, max_slots=s.max_batch_size, max_seq=s.max_context, dtype=s.dtype,
-                               prefill_chunk=s.prefill_chunk)
+        fp = self._predict(spec)
         if not self._runtime_imported and self._tokenizer_loader is _default_tokenizer_loader:
             _import_default_loaders(spec.path)
             self._runtime_imported = True

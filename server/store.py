@@ -20,8 +20,9 @@ aliases:
 Prediction (`predict_footprint`) reads only config.json and the safetensors headers (never tensor data):
 weights = sum of tensor byte ranges in the headers; KV cache = layers x (slots + 1 scratch) x max_seq x kv_heads x head_dim
 x 2 (K and V) x dtype size; workspace = decode logits (slots x vocab x 4, float32) + prefill scratch
-(prefill_chunk x (vocab x 4 + activations)) + a fixed runtime constant, calibrated on SmolLM2 (see
-`WORKSPACE_CONSTANT_BYTES` and benchmarks/memory_prediction.py).
+(prefill_chunk x activations) + a fixed runtime constant, calibrated on SmolLM2 (see
+`WORKSPACE_CONSTANT_BYTES` and benchmarks/memory_prediction.py); on CUDA also the cuBLAS workspaces and
+the captured decode graphs' outputs (`cuda_runtime_bytes`).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,9 @@ DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 # Fixed per-model runtime overhead not proportional to the shapes above (tokenizer, allocator slack,
 # small per-layer buffers). Calibrated by benchmarks/memory_prediction.py on SmolLM2-135M (CPU).
 WORKSPACE_CONSTANT_BYTES = 16 * 1024**2
+# CUDA: measured - predicted stayed at 30.0 +- 0.2 MB over (slots, max_seq) = (8, 2048), (4, 1024), (2, 512)
+# on an H100 (SmolLM2-135M shape, torch 2.11) once cuBLAS workspaces and graph outputs were counted.
+CUDA_CONSTANT_BYTES = 29 * 1024**2
 
 
 class ModelNotFoundError(LookupError):
@@ -177,23 +181,38 @@ def kv_cache_bytes(shape: ModelShape, *, max_slots: int, max_seq: int, dtype: st
     return shape.num_layers * slots * max_seq * shape.num_kv_heads * shape.head_dim * 2 * DTYPE_BYTES[dtype]
 
 
-def workspace_bytes(shape: ModelShape, *, max_slots: int, prefill_chunk: int, dtype: str) -> int:
-    """Scratch the runner keeps or peaks at: float32 logits for a decode batch and a prefill chunk's activations."""
+def workspace_bytes(shape: ModelShape, *, max_slots: int, prefill_chunk: int, dtype: str,
+                    device_extra_bytes: int = 0) -> int:
+    """Scratch the runner keeps or peaks at: float32 logits for a decode batch, a prefill chunk's activations,
+    the fixed constant, plus `device_extra_bytes` (CUDA: see `cuda_runtime_bytes`)."""
     d = DTYPE_BYTES[dtype]
     logits = max_slots * shape.vocab_size * 4
     # prefill chunk: hidden states, q/k/v, attention output and the MLP's gate/up/act (T x width x dtype)
     act = prefill_chunk * (4 * shape.hidden_size + 3 * shape.intermediate_size) * d
-    return logits + act + WORKSPACE_CONSTANT_BYTES
+    return logits + act + WORKSPACE_CONSTANT_BYTES + device_extra_bytes
+
+
+def cuda_runtime_bytes(shape: ModelShape, *, batch_buckets: List[int], kv_buckets: List[int],
+                       cublas_workspace: int, streams: int = 2) -> int:
+    """CUDA-only memory of a warmed-up runner: one cuBLAS workspace per stream that ran a matmul (the default
+    stream and the graph-capture stream) and the float32 logits output kept by every captured decode graph
+    (one graph per batch bucket x kv bucket)."""
+    outputs = sum(batch_buckets) * len(kv_buckets) * shape.vocab_size * 4
+    return streams * cublas_workspace + outputs + CUDA_CONSTANT_BYTES
 
 
 def predict_footprint(model_dir: Path, *, max_slots: int, max_seq: int, dtype: str,
-                      prefill_chunk: int = 256) -> Footprint:
-    """Footprint of `model_dir` loaded with these settings, from config.json and safetensors headers only."""
+                      prefill_chunk: int = 256, device_extra: Optional[Callable[[ModelShape], int]] = None
+                      ) -> Footprint:
+    """Footprint of `model_dir` loaded with these settings, from config.json and safetensors headers only.
+    `device_extra(shape)` adds device-specific runtime bytes (the manager passes the CUDA ones)."""
     shape = read_model_shape(model_dir)
+    extra = int(device_extra(shape)) if device_extra is not None else 0
     return Footprint(
         weights_bytes=weight_bytes(model_dir),
         kv_cache_bytes=kv_cache_bytes(shape, max_slots=max_slots, max_seq=max_seq, dtype=dtype),
-        workspace_bytes=workspace_bytes(shape, max_slots=max_slots, prefill_chunk=prefill_chunk, dtype=dtype),
+        workspace_bytes=workspace_bytes(shape, max_slots=max_slots, prefill_chunk=prefill_chunk, dtype=dtype,
+                                        device_extra_bytes=extra),
         max_slots=max_slots,
         max_seq=max_seq,
     )
