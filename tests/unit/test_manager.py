@@ -288,3 +288,16 @@ def test_per_model_settings_and_aliases(store, tmp_path):
     bad.write_text(json.dumps({"models": {"a": {"pinnned": True}}}))
     with pytest.raises(ValueError, match="pinnned"):
         ModelStore(store, bad)
+
+
+def test_cuda_runtime_terms(monkeypatch):
+    from server.manager import cublas_workspace_bytes
+    from server.store import CUDA_CONSTANT_BYTES, ModelShape, cuda_runtime_bytes
+
+    shape = ModelShape(num_layers=2, num_kv_heads=2, head_dim=16, hidden_size=64, intermediate_size=128,
+                       vocab_size=1000, max_position=512)
+    # 2 streams x 1 MiB + logits of graphs (1+2) x 2 kv buckets x vocab x 4 + the calibrated constant
+    assert cuda_runtime_bytes(shape, batch_buckets=[1, 2], kv_buckets=[256, 512], cublas_workspace=2**20) == \
+        2 * 2**20 + 3 * 2 * 1000 * 4 + CUDA_CONSTANT_BYTES
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:2:16:8")
+    assert cublas_workspace_bytes("cuda") == 4096 * 1024 * 2 + 16 * 1024 * 8

@@ -32,3 +32,17 @@ def test_prediction_within_5_percent_on_smollm2(model_store, smollm2_dir):
         assert r["measured_bytes"] > pred["weights_bytes"] + pred["kv_cache_bytes"] * 0.9
         assert abs(r["error"]) <= 0.05, r
     assert p.returncode == 0, p.stdout + p.stderr[-2000:]
+
+
+@pytest.mark.gpu
+def test_prediction_within_5_percent_on_cuda(model_store, smollm2_dir):
+    """Same check on a CUDA device: measured = torch.cuda.memory_allocated growth (graphs captured)."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "memory_prediction.py"), "--store", str(model_store),
+                        "--models", "smollm2-135m-instruct", "--device", "cuda", "--max-batch", "8",
+                        "--max-context", "2048", "--json"], capture_output=True, text=True, timeout=480)
+    rows = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    assert rows and rows[0]["device"] == "cuda", p.stderr[-3000:]
+    assert abs(rows[0]["error"]) <= 0.05, rows[0]
