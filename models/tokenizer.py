@@ -106,7 +106,7 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         prompt = list(prompt_ids or ())
-        self._ids: List[int] = prompt[-INITIAL_PREFIX_TOKENS:]
+        self._ids: List[int] = prompt[max(0, len(prompt) - INITIAL_PREFIX_TOKENS):]
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
         stops = sorted({s for s in stop if s}, key=lambda s: (len(s), s))

@@ -29,6 +29,29 @@ def corpus() -> str:
     return (base / "multilingual.utf8").read_text(encoding="utf-8") + (base / "wiki.utf8").read_text(encoding="utf-8")[:200_000]
 
 
+@pytest.fixture(scope="module")
+def sp_tok(tmp_path_factory, corpus) -> Tokenizer:
+    """A sentencepiece-style tokenizer (Llama 2 / Mistral layout: "▁" word marker, byte-fallback <0xNN> tokens,
+    decoder that strips the leading space), trained in ~1 s on real text and saved as an HF folder."""
+    import json
+
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = RawTokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    raw.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    raw.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    raw.train_from_iterator([corpus[-30_000:]], trainers.BpeTrainer(vocab_size=700, special_tokens=specials,
+                                                                     limit_alphabet=100, show_progress=False))
+    d = tmp_path_factory.mktemp("sp-tokenizer")
+    PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(d)
+    (d / "config.json").write_text(json.dumps({"eos_token_id": 2, "bos_token_id": 1}))
+    return Tokenizer.from_dir(d)
+
+
 def random_texts(corpus: str, n: int, seed: int):
     rnd = random.Random(seed)
     for _ in range(n):
@@ -68,6 +91,26 @@ def test_incremental_equals_full_decode(tok, corpus):
             assert all("\ufffd" not in p for p in pieces) or "\ufffd" in expected
         split_chars += sum(1 for i in ids if "\ufffd" in tok.decode([i]))
     assert split_chars > 50  # the texts really exercised tokens that split a character
+
+
+def test_incremental_equals_full_decode_sentencepiece(sp_tok, corpus):
+    """Byte-fallback pieces (<0xE4><0xB8><0xAD>) and the stripped leading "▁" of a decode window."""
+    seed = random.randrange(1 << 30)
+    print(f"text seed {seed}")
+    prompt = sp_tok.encode("Here is some text:")
+    byte_tokens = 0
+    for text in random_texts(corpus, 150, seed):
+        ids = sp_tok.encode(text, add_special_tokens=False)
+        # alone, the decoder strips the first "▁"; after a prompt it is a real space, as in a full decode
+        after_prompt = sp_tok.decode(prompt + ids)[len(sp_tok.decode(prompt)):]
+        for prompt_ids, expected in ((None, sp_tok.decode(ids)), (prompt, after_prompt)):
+            detok = IncrementalDetokenizer(sp_tok, prompt_ids=prompt_ids)
+            assert "".join(stream(detok, ids)) == expected
+        byte_tokens += sum(1 for t in sp_tok.hf.convert_ids_to_tokens(ids) if t.startswith("<0x"))
+    assert byte_tokens > 100
+    ids = sp_tok.encode("Hello world", add_special_tokens=False)
+    assert "".join(stream(IncrementalDetokenizer(sp_tok, prompt_ids=prompt), ids)) == " Hello world"
+    assert "".join(stream(IncrementalDetokenizer(sp_tok), ids)) == "Hello world"
 
 
 def test_incomplete_utf8_is_held_back(tok):
