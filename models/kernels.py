@@ -4,6 +4,8 @@ Kernels:
 - "cpu_int4pack": aten._weight_int4pack_mm_for_cpu (bf16 activations), weights repacked with
   _convert_weight_to_int4pack_for_cpu (out_features padded to a multiple of 64).
 - "cuda_tinygemm": aten._weight_int4pack_mm (sm80+), weights repacked with _convert_weight_to_int4pack.
+- "cuda_triton": our split-K W4A16 Triton kernel (models/triton_int4.py) for decode (<= 16 tokens),
+  dequantize + cuBLAS for prefill. Chosen per call site with `cuda_kernel=`; see docs/benchmarks.md.
 - "reference": dequantize to the activation dtype, then a dense matmul (2/3/8-bit, odd group sizes,
   devices without an int4 kernel).
 
@@ -24,6 +26,9 @@ logger = logging.getLogger(__name__)
 
 CPU_INT4PACK = "cpu_int4pack"
 CUDA_TINYGEMM = "cuda_tinygemm"
+CUDA_TRITON = "cuda_triton"
+CUDA_KERNELS = (CUDA_TINYGEMM, CUDA_TRITON)
+TRITON_MAX_TOKENS = 16  # the Triton kernel tiles M by 16: decode; prefill dequantizes + cuBLAS
 REFERENCE = "reference"
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
@@ -54,11 +59,23 @@ def _has_cuda_int4(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
-def device_kernel(device: torch.device) -> KernelPlan:
-    """The int4 kernel this device would use for a well-shaped 4-bit layer (logged once per device type)."""
+def device_kernel(device: torch.device, cuda_kernel: Optional[str] = None) -> KernelPlan:
+    """The int4 kernel this device would use for a well-shaped 4-bit layer (logged once per device type).
+
+    cuda_kernel picks between CUDA_TINYGEMM (default) and CUDA_TRITON; asking for Triton where it is not
+    installed is an error, never a silent fallback.
+    """
     device = torch.device(device)
+    if cuda_kernel not in (None,) + CUDA_KERNELS:
+        raise ValueError(f"unknown CUDA int4 kernel {cuda_kernel!r}: choose one of {CUDA_KERNELS}")
     if device.type == "cpu" and _has_cpu_int4():
         plan = KernelPlan(CPU_INT4PACK, None, "int4pack_mm_for_cpu measured faster than dense bf16 at 1..512 tokens")
+    elif device.type == "cuda" and cuda_kernel == CUDA_TRITON:
+        from . import triton_int4
+        if not triton_int4.available():
+            raise RuntimeError("cuda_kernel='cuda_triton' requested but triton is not installed")
+        plan = KernelPlan(CUDA_TRITON, TRITON_MAX_TOKENS + 1,
+                          "Triton split-K W4 kernel for decode, dequantize + cuBLAS for prefill")
     elif device.type == "cuda" and _has_cuda_int4(device):
         plan = KernelPlan(CUDA_TINYGEMM, None, "tinygemm on sm80+ (prefill crossover unmeasured)")
     else:
@@ -68,12 +85,12 @@ def device_kernel(device: torch.device) -> KernelPlan:
 
 
 def select_kernel(device: torch.device, bits: int, group_size: int, in_features: int,
-                  out_features: int) -> KernelPlan:
+                  out_features: int, cuda_kernel: Optional[str] = None) -> KernelPlan:
     """Kernel for one layer: the device's int4 kernel when the layer's shape allows, else reference.
 
     A layer that cannot use the int4 kernel is logged once per (device, reason) -- never silently.
     """
-    plan = device_kernel(device)
+    plan = device_kernel(device, cuda_kernel)
     if plan.name == REFERENCE:
         return plan
     why = None
@@ -85,6 +102,8 @@ def select_kernel(device: torch.device, bits: int, group_size: int, in_features:
         why = f"in_features={in_features} not a multiple of group_size={group_size}"
     elif plan.name == CUDA_TINYGEMM and (in_features % 32 or out_features % 8):
         why = f"shape ({out_features}, {in_features}) not tinygemm-aligned"
+    elif plan.name == CUDA_TRITON and (group_size % 16 or in_features % 8):
+        why = f"shape ({out_features}, {in_features}) / group_size={group_size} not Triton-kernel aligned"
     elif plan.name == CPU_INT4PACK and out_features % 16:
         why = f"out_features={out_features} not a multiple of 16"
     if why is None:
@@ -109,6 +128,10 @@ def int4_mm(name: str, x2d: torch.Tensor, packed: torch.Tensor, group_size: int,
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, packed, group_size, scales_and_zeros)
     if name == CUDA_TINYGEMM:
         return torch.ops.aten._weight_int4pack_mm(x2d, packed, group_size, scales_and_zeros)
+    if name == CUDA_TRITON:
+        from . import triton_int4
+        cfg = triton_int4.tuned_config(x2d, packed, scales_and_zeros, group_size)
+        return triton_int4.w4_matmul(x2d, packed, scales_and_zeros, group_size, config=cfg)
     raise ValueError(f"not an int4 kernel: {name}")
 
 
@@ -155,6 +178,9 @@ def dequant_t(name: str, packed: torch.Tensor, scales_and_zeros: torch.Tensor, g
         if not cpu_layout_ok():
             raise RuntimeError("unknown torch CPU int4pack layout: cannot dequantize it")
         return cpu_int4pack_dequant_t(packed, scales_and_zeros, group_size, in_features, dtype)
+    if name == CUDA_TRITON:
+        from . import triton_int4
+        return triton_int4.dequant_t(packed, scales_and_zeros, group_size, dtype)
     codes_t = cuda_tinygemm_codes(packed, in_features).t()  # (in, N)
     sz = scales_and_zeros.to(dtype).repeat_interleave(group_size, dim=0)  # (in, N, 2)
     return (codes_t.to(dtype) - 8) * sz[..., 0] + sz[..., 1]

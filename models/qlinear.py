@@ -86,9 +86,10 @@ class QuantLinear(torch.nn.Module):
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None, *, device,
-                       dtype: torch.dtype = torch.bfloat16, keep_reference: bool = False) -> "QuantLinear":
+                       dtype: torch.dtype = torch.bfloat16, keep_reference: bool = False,
+                       cuda_kernel: Optional[str] = None) -> "QuantLinear":
         device = torch.device(device)
-        plan = kernels.select_kernel(device, qw.bits, qw.group_size, qw.in_features, qw.out_features)
+        plan = kernels.select_kernel(device, qw.bits, qw.group_size, qw.in_features, qw.out_features, cuda_kernel)
         self = cls(qw.in_features, qw.out_features, qw.bits, qw.group_size, plan, dtype)
         self.register_buffer("bias", None if bias is None else bias.to(device=device, dtype=dtype))
         if plan.name == kernels.REFERENCE:
@@ -106,6 +107,9 @@ class QuantLinear(torch.nn.Module):
                 q = torch.cat([q, q.new_zeros(pad, q.shape[1])])
                 sz = torch.cat([sz, sz.new_zeros(sz.shape[0], pad, 2)], dim=1)
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.cpu().to(torch.int32).contiguous(), 1)
+        elif plan.name == kernels.CUDA_TRITON:
+            from . import triton_int4
+            packed = triton_int4.pack_qweight_t(q.to(device))  # (in/8, out) int32
         else:
             tiles = kernels.cuda_inner_k_tiles(qw.in_features)
             qd = q.to(device=device, dtype=torch.uint8)
@@ -158,7 +162,8 @@ class QuantLinear(torch.nn.Module):
             fused.register_buffer("scales", torch.cat([p.scales for p in parts], dim=1))
             fused.register_buffer("g_idx", first.g_idx)
             return fused
-        fused.register_buffer("packed", torch.cat([p.packed for p in parts]))  # both layouts block along out
+        out_dim = 1 if name == kernels.CUDA_TRITON else 0  # (in/8, out) vs layouts blocked along out
+        fused.register_buffer("packed", torch.cat([p.packed for p in parts], dim=out_dim))
         fused.register_buffer("scales_and_zeros", torch.cat([p.scales_and_zeros for p in parts], dim=1))
         fused.register_buffer("perm", first.perm)
         fused.out_padded = out
@@ -212,6 +217,9 @@ class QuantLinear(torch.nn.Module):
             if not kernels.cpu_layout_ok():
                 raise RuntimeError("unknown torch CPU int4pack layout: keep_reference=True is needed")
             codes = kernels.cpu_int4pack_codes(self.packed, self.in_features)
+        elif self.plan.name == kernels.CUDA_TRITON:
+            from . import triton_int4
+            codes = triton_int4.unpack_qweight_t(self.packed)
         else:
             codes = kernels.cuda_tinygemm_codes(self.packed, self.in_features)
         codes = codes[: self.out_features]  # (out, in)

@@ -9,6 +9,7 @@ Weights are random (values don't matter for speed); nothing is downloaded. Usage
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -48,16 +49,16 @@ def copy_bandwidth(device, nbytes: int = 1 << 30, iters: int = 20) -> float:
     return 2 * nbytes / sec / 1e9
 
 
-def random_qlinear(in_f: int, out_f: int, group: int, device, gen) -> QuantLinear:
+def random_qlinear(in_f: int, out_f: int, group: int, device, gen, kernel=None) -> QuantLinear:
     groups = in_f // group
     q = torch.randint(0, 16, (out_f, in_f), dtype=torch.uint8, device=device, generator=gen)
     zeros = torch.full((groups, out_f), 8, dtype=torch.uint8, device=device)
     scales = (torch.rand(groups, out_f, device=device, generator=gen) * 0.01 + 0.001).half()
     return QuantLinear.from_quantized(QuantizedWeight(q, zeros, scales, None, 4, group), device=device,
-                                      dtype=torch.bfloat16)
+                                      dtype=torch.bfloat16, cuda_kernel=kernel)
 
 
-def build_random_model(dims: Dims, device, group: int = 128) -> Transformer:
+def build_random_model(dims: Dims, device, group: int = 128, kernel=None) -> Transformer:
     with torch.device("meta"):
         model = Transformer(LLAMA, dims)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -71,11 +72,11 @@ def build_random_model(dims: Dims, device, group: int = 128) -> Transformer:
     for blk in model.blocks:
         blk.norm1.weight = torch.nn.Parameter(torch.ones(h, **bf), requires_grad=False)
         blk.norm2.weight = torch.nn.Parameter(torch.ones(h, **bf), requires_grad=False)
-        blk.qkv = fuse_linears([random_qlinear(h, dims.heads * d, group, device, gen),
-                                random_qlinear(h, kv * d, group, device, gen), random_qlinear(h, kv * d, group, device, gen)])
-        blk.o = random_qlinear(dims.heads * d, h, group, device, gen)
-        blk.up = fuse_linears([random_qlinear(h, inter, group, device, gen), random_qlinear(h, inter, group, device, gen)])
-        blk.down = random_qlinear(inter, h, group, device, gen)
+        ql = functools.partial(random_qlinear, group=group, device=device, gen=gen, kernel=kernel)
+        blk.qkv = fuse_linears([ql(h, dims.heads * d), ql(h, kv * d), ql(h, kv * d)])
+        blk.o = ql(dims.heads * d, h)
+        blk.up = fuse_linears([ql(h, inter), ql(h, inter)])
+        blk.down = ql(inter, h)
     model.final_norm.weight = torch.nn.Parameter(torch.ones(h, **bf), requires_grad=False)
     model.lm_head = DenseLinear(p(dims.vocab, h).data)
     return model
@@ -97,19 +98,32 @@ def time_decode(runner: Runner, B: int, pos: int, steps: int) -> float:
     return (time.perf_counter() - t) / steps
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="gpu_bench.json")
-    ap.add_argument("--max-seq", type=int, default=512)
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--pos", type=int, default=200, help="decode position (attention spans the 256 bucket)")
-    args = ap.parse_args()
-    dev = torch.device("cuda")
-    res = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "model": "llama-2-7b shape, W4 g128 random",
-           "max_seq": args.max_seq, "position": args.pos}
-    res["copy_GBps"] = copy_bandwidth(dev)
+def kernel_micro(dev, kernel: str, iters: int = 50) -> dict:
+    """GB/s of one 7B-shaped W4 g128 linear at M=1 (weights + scales bytes / time), per shape."""
+    gen = torch.Generator(device=dev).manual_seed(1)
+    out = {}
+    for n, k in ((12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)):
+        lin = random_qlinear(k, n, 128, dev, gen, kernel)
+        x = torch.randn(1, k, device=dev, generator=gen).to(torch.bfloat16)
+        for _ in range(3):
+            lin(x)
+        torch.cuda.synchronize(dev)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            lin(x)
+        end.record()
+        torch.cuda.synchronize(dev)
+        sec = start.elapsed_time(end) / 1e3 / iters
+        out[f"{n}x{k}"] = {"us": sec * 1e6, "GBps": lin.weight_bytes() / sec / 1e9}
+        del lin
+    return out
+
+
+def bench_kernel(args, dev, kernel: str) -> dict:
+    res = {}
     t0 = time.perf_counter()
-    model = build_random_model(LLAMA2_7B, dev)
+    model = build_random_model(LLAMA2_7B, dev, kernel=kernel)
     model.init_rope(args.max_seq, dev, torch.bfloat16)
     cache = KVCache(LLAMA2_7B.layers, 8, args.max_seq, LLAMA2_7B.kv_heads, LLAMA2_7B.head_dim, device=dev,
                     dtype=torch.bfloat16)
@@ -117,9 +131,11 @@ def main() -> int:
     res["build_s"] = time.perf_counter() - t0
     res["memory"] = runner.memory_report()
     res["kernel"] = model.blocks[0].qkv.plan.name
-    # eager batch 1 first (no graphs yet)
+    # eager batch 1 first (no graphs yet); this also tunes the Triton configs per shape before capture
     runner.use_cuda_graphs = False
     res["eager_b1_tok_s"] = 1.0 / time_decode(runner, 1, args.pos, 10)
+    for B in (2, 4, 8):
+        time_decode(runner, B, args.pos, 2)
     runner.use_cuda_graphs = True
     t0 = time.perf_counter()
     runner.warmup()
@@ -137,8 +153,39 @@ def main() -> int:
             bytes_read = lin_bytes + head_bytes + kv_read
             res["b1_bytes_read"] = bytes_read
             res["b1_GBps"] = bytes_read / sec / 1e9
+    del runner, cache, model
+    torch.cuda.empty_cache()
+    res["micro_m1"] = kernel_micro(dev, kernel)
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="gpu_bench.json")
+    ap.add_argument("--max-seq", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--pos", type=int, default=200, help="decode position (attention spans the 256 bucket)")
+    ap.add_argument("--kernels", default="cuda_tinygemm,cuda_triton", help="CUDA int4 kernels to compare")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    res = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "model": "llama-2-7b shape, W4 g128 random",
+           "max_seq": args.max_seq, "position": args.pos}
+    res["copy_GBps"] = copy_bandwidth(dev)
+    res["kernels"] = {}
+    for kernel in args.kernels.split(","):
+        try:
+            r = bench_kernel(args, dev, kernel)
             # copy_GBps counts read + write traffic, i.e. what the memory system sustains: the honest ceiling
-            res["b1_frac_of_copy_bw"] = res["b1_GBps"] / res["copy_GBps"]
+            r["b1_frac_of_copy_bw"] = r["b1_GBps"] / res["copy_GBps"]
+            res["kernels"][kernel] = r
+        except Exception as e:  # one kernel failing must not lose the other's figures
+            res["kernels"][kernel] = {"error": f"{type(e).__name__}: {e}"}
+        print(kernel, json.dumps(res["kernels"][kernel]), flush=True)
+    ok = {k: v for k, v in res["kernels"].items() if "tok_s" in v}
+    if ok:
+        best = max(ok, key=lambda k: ok[k]["tok_s"]["1"])
+        res.update(ok[best])
+        res["best_kernel"] = best
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
     return 0
