@@ -1,4 +1,4 @@
-"""Checkpoint quantization formats: read the config, unpack/pack GPTQ and AWQ, repack to torch int4.
+"""Checkpoint quantization formats: read the config, unpack/pack GPTQ, AWQ, compressed-tensors; torch int4 repack.
 
 Everything here is a pure function of tensors (no modules, no devices chosen for you). The reference
 semantics of every format is `dequantize(unpack_*(...))`: w[o, i] = scale[g(i), o] * (q[o, i] - zero[g(i), o]).
@@ -30,7 +30,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "UnsupportedFormatError", "QuantConfig", "QuantizedWeight", "read_quant_config", "parse_quant_config",
-    "linear_tensor_names", "safetensors_header", "unpack_gptq", "pack_gptq", "unpack_awq", "pack_awq", "unpack_compressed", "dequantize",
+    "linear_tensor_names", "safetensors_header", "unpack_gptq", "pack_gptq", "unpack_awq", "pack_awq",
+    "unpack_compressed", "dequantize",
     "act_order_perm", "to_int4pack_cpu", "to_int4pack_cuda", "int4pack_scales_and_zeros",
     "SUPPORTED_BITS", "INT4PACK_GROUP_SIZES",
 ]
