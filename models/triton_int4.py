@@ -61,7 +61,8 @@ if triton is not None:
     @triton.jit
     def _w4_splitk_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, M, N, K, stride_xm, stride_wk, stride_szg, stride_ym,
                           GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, DOT_BF16: tl.constexpr):
+                          BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, RESHAPE: tl.constexpr,
+                          DOT_BF16: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         pid_m = tl.program_id(2)
@@ -73,9 +74,15 @@ if triton is not None:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(pid_k * k_len, (pid_k + 1) * k_len, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            # each int32 word is loaded by its 8 k rows (same cache line); DRAM reads each byte once
-            w = tl.load(w_ptr + (offs_k // 8)[:, None] * stride_wk + offs_n[None, :], mask=n_mask[None, :], other=0)
-            q = (w >> ((offs_k % 8) * 4)[:, None]) & 0xF  # (BLOCK_K, BLOCK_N)
+            if RESHAPE:  # one load per int32 word, unpacked to (BLOCK_K/8, 8, BLOCK_N) then flattened along k
+                offs_p = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+                w = tl.load(w_ptr + offs_p[:, None] * stride_wk + offs_n[None, :], mask=n_mask[None, :], other=0)
+                q = (w[:, None, :] >> (tl.arange(0, 8) * 4)[None, :, None]) & 0xF
+                q = tl.reshape(q, (BLOCK_K, BLOCK_N))
+            else:  # each word loaded by its 8 k rows (same cache line); DRAM still reads each byte once
+                w = tl.load(w_ptr + (offs_k // 8)[:, None] * stride_wk + offs_n[None, :], mask=n_mask[None, :],
+                            other=0)
+                q = (w >> ((offs_k % 8) * 4)[:, None]) & 0xF  # (BLOCK_K, BLOCK_N)
             g = k0 // GROUP  # BLOCK_K divides GROUP: one group per tile
             s = tl.load(sz_ptr + g * stride_szg + offs_n * 2, mask=n_mask, other=0.0).to(tl.float32)
             z = tl.load(sz_ptr + g * stride_szg + offs_n * 2 + 1, mask=n_mask, other=0.0).to(tl.float32)
@@ -89,13 +96,16 @@ if triton is not None:
                       mask=m_mask[:, None] & n_mask[None, :])
 
 
-DEFAULT_CONFIG = (64, 128, 8)  # BLOCK_N, BLOCK_K (capped at the group size), SPLIT_K (reduced to divide K)
-CANDIDATE_CONFIGS = ((32, 128, 4), (64, 128, 4), (64, 128, 8), (128, 128, 4), (128, 128, 8), (64, 64, 16),
-                     (128, 64, 8), (32, 128, 16), (256, 128, 4), (128, 128, 16))
+# (BLOCK_N, BLOCK_K capped at the group size, SPLIT_K reduced to divide K, RESHAPE unpack, num_warps)
+DEFAULT_CONFIG = (64, 128, 8, False, 4)
+CANDIDATE_CONFIGS = tuple((bn, bk, sk, rs, nw)
+                          for bn, bk, sk, nw in ((32, 128, 8, 4), (64, 128, 4, 4), (64, 128, 8, 4), (128, 128, 4, 4),
+                                                 (128, 128, 8, 8), (256, 128, 2, 8))
+                          for rs in (False, True))
 
 
 def _fit(config, k: int, group_size: int):
-    block_n, block_k, split_k = config
+    block_n, block_k, split_k = config[:3]
     block_k = min(block_k, group_size)
     while group_size % block_k:
         block_k //= 2
@@ -105,7 +115,7 @@ def _fit(config, k: int, group_size: int):
 
 
 def w4_matmul(x: torch.Tensor, qweight_t: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
-              config=None, num_warps: int = 4) -> torch.Tensor:
+              config=None) -> torch.Tensor:
     """x (M, K) bf16 contiguous -> (M, N) bf16 through the Triton kernel.
 
     Fixed shapes for a given M, no host sync: safe to capture in a CUDA graph.
@@ -114,7 +124,9 @@ def w4_matmul(x: torch.Tensor, qweight_t: torch.Tensor, scales_and_zeros: torch.
         raise RuntimeError("triton is not installed")
     m, k = x.shape
     n = qweight_t.shape[1]
-    block_n, block_k, split_k = _fit(config or DEFAULT_CONFIG, k, group_size)
+    config = tuple(config or DEFAULT_CONFIG)
+    block_n, block_k, split_k = _fit(config, k, group_size)
+    reshape, num_warps = (config[3], config[4]) if len(config) == 5 else (False, 4)
     if k % block_k or group_size % block_k or block_k % 16:
         raise ValueError(f"K={k}, group_size={group_size} do not fit the Triton W4 kernel")
     block_m = 16
@@ -122,7 +134,7 @@ def w4_matmul(x: torch.Tensor, qweight_t: torch.Tensor, scales_and_zeros: torch.
     grid = (triton.cdiv(n, block_n), split_k, triton.cdiv(m, block_m))
     _w4_splitk_kernel[grid](x, qweight_t, scales_and_zeros, y, m, n, k, x.stride(0), qweight_t.stride(0),
                             scales_and_zeros.stride(0), y.stride(0), GROUP=group_size, BLOCK_M=block_m,
-                            BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, DOT_BF16=x.is_cuda,
+                            BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, RESHAPE=reshape, DOT_BF16=x.is_cuda,
                             num_warps=num_warps)
     return y.to(torch.bfloat16)
 

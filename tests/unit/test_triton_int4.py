@@ -53,11 +53,11 @@ def test_pack_roundtrip(t4):
 
 
 @pytest.mark.parametrize("m,n,k,g,config", [
-    (1, 96, 256, 128, (32, 128, 2)),
-    (1, 64, 512, 64, (64, 128, 8)),   # BLOCK_K capped at the group size, split-K 8
-    (4, 200, 128, 32, (64, 64, 4)),   # N not a multiple of BLOCK_N (masking), group 32
-    (8, 64, 192, 64, (128, 128, 16)),  # split-K reduced until it divides K
-    (17, 64, 256, 128, (32, 128, 2)),  # two M tiles
+    (1, 96, 256, 128, (32, 128, 2, False, 4)),
+    (1, 64, 512, 64, (64, 128, 8, True, 4)),   # BLOCK_K capped at the group size, split-K 8, reshape unpack
+    (4, 200, 128, 32, (64, 64, 4, True, 8)),   # N not a multiple of BLOCK_N (masking), group 32
+    (8, 64, 192, 64, (128, 128, 16, False, 8)),  # split-K reduced until it divides K
+    (17, 64, 256, 128, (32, 128, 2, True, 4)),  # two M tiles
 ])
 @late
 def test_w4_matmul_matches_reference(t4, m, n, k, g, config):
