@@ -225,7 +225,7 @@ class Engine:
         for seq, start, n in plan.prefill:
             try:
                 self._maybe_fault(seq, "prefill")
-                ids = torch.tensor(seq.request.prompt_ids[start:start + n], dtype=torch.long, device=self.device)
+                ids = torch.tensor(seq.request.prompt_ids[start:start + n], dtype=torch.long)
                 logits = self.runner.prefill(ids, seq.slot, start)
             except Exception as e:
                 logger.warning("request %s failed in prefill: %s", seq.request.request_id, e,
@@ -250,10 +250,10 @@ class Engine:
                 continue
             decode.append(seq)
         if decode:
-            tokens = torch.tensor([s.output_ids[-1] for s in decode], dtype=torch.long, device=self.device)
-            positions = torch.tensor([s.prompt_len + len(s.output_ids) - 1 for s in decode], dtype=torch.long,
-                                     device=self.device)
-            slots = torch.tensor([s.slot for s in decode], dtype=torch.long, device=self.device)
+            # host tensors: the runner copies them (non-blocking) and sizes attention from host positions
+            tokens = torch.tensor([s.output_ids[-1] for s in decode], dtype=torch.long)
+            positions = torch.tensor([s.prompt_len + len(s.output_ids) - 1 for s in decode], dtype=torch.long)
+            slots = torch.tensor([s.slot for s in decode], dtype=torch.long)
             try:
                 logits_parts.append(self.runner.decode(tokens, positions, slots))  # (B, vocab)
                 to_sample.extend(decode)
