@@ -379,7 +379,10 @@ class ModelManager:
         shape = read_model_shape(spec.path)
         fp = self._predict(spec)
         if not self._runtime_imported and self._tokenizer_loader is _default_tokenizer_loader:
-            _import_default_loaders(spec.path)
+            try:
+                _import_default_loaders(spec.path)
+            except Exception:  # a broken tokenizer is reported by the measured load below, as a ModelLoadError
+                logger.debug("pre-import with %s failed", spec.name, exc_info=True)
             self._runtime_imported = True
         with self._load_serial:
             t0 = time.perf_counter()
