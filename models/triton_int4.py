@@ -6,7 +6,8 @@ Layout (ours, chosen for coalesced loads along N):
   g = k // group_size (act-order is handled by the caller permuting x, as for tinygemm).
 
 Each program reduces one (BLOCK_M, BLOCK_N) output tile over a K/SPLIT_K slice and adds into an fp32
-output with atomics, so small-N layers still fill the GPU. `w4_matmul_reference` is the plain-PyTorch
+output with atomics, so small-N layers still fill the GPU; with SPLIT_K=1 it stores bf16 directly.
+The config per shape is measured once on the device (`tuned_config`). `w4_matmul_reference` is the plain-PyTorch
 definition the parity tests compare against (CPU tests run the kernel under TRITON_INTERPRET=1).
 """
 from __future__ import annotations
@@ -92,15 +93,19 @@ if triton is not None:
                 acc += tl.dot(xt.to(tl.bfloat16), wd.to(tl.bfloat16))
             else:  # the CPU interpreter has no bf16 arithmetic
                 acc += tl.dot(xt.to(tl.float32), wd)
-        tl.atomic_add(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc,
-                      mask=m_mask[:, None] & n_mask[None, :])
+        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+        if SPLIT_K == 1:  # sole owner of the tile: store in the output dtype, no zero-fill or cast kernels
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+        else:
+            tl.atomic_add(y_ptrs, acc, mask=m_mask[:, None] & n_mask[None, :])
 
 
 # (BLOCK_N, BLOCK_K capped at the group size, SPLIT_K reduced to divide K, RESHAPE unpack, num_warps)
 DEFAULT_CONFIG = (64, 128, 8, False, 4)
 CANDIDATE_CONFIGS = tuple((bn, bk, sk, rs, nw)
                           for bn, bk, sk, nw in ((32, 128, 8, 4), (64, 128, 4, 4), (64, 128, 8, 4), (128, 128, 4, 4),
-                                                 (128, 128, 8, 8), (256, 128, 2, 8))
+                                                 (128, 128, 8, 8), (256, 128, 2, 8), (16, 128, 1, 4),
+                                                 (32, 128, 1, 4))
                           for rs in (False, True))
 
 
@@ -130,13 +135,16 @@ def w4_matmul(x: torch.Tensor, qweight_t: torch.Tensor, scales_and_zeros: torch.
     if k % block_k or group_size % block_k or block_k % 16:
         raise ValueError(f"K={k}, group_size={group_size} do not fit the Triton W4 kernel")
     block_m = 16
-    y = torch.zeros(m, n, device=x.device, dtype=torch.float32)
+    if split_k == 1:
+        y = torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
+    else:
+        y = torch.zeros(m, n, device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(n, block_n), split_k, triton.cdiv(m, block_m))
     _w4_splitk_kernel[grid](x, qweight_t, scales_and_zeros, y, m, n, k, x.stride(0), qweight_t.stride(0),
                             scales_and_zeros.stride(0), y.stride(0), GROUP=group_size, BLOCK_M=block_m,
                             BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, RESHAPE=reshape, DOT_BF16=x.is_cuda,
                             num_warps=num_warps)
-    return y.to(torch.bfloat16)
+    return y if split_k == 1 else y.to(torch.bfloat16)
 
 
 _tuned: dict = {}

@@ -27,7 +27,7 @@ def test_interpreter_parity_in_subprocess():
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", __file__],
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    assert "7 passed" in r.stdout, r.stdout[-2000:]
+    assert "9 passed" in r.stdout, r.stdout[-2000:]
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +58,8 @@ def test_pack_roundtrip(t4):
     (4, 200, 128, 32, (64, 64, 4, True, 8)),   # N not a multiple of BLOCK_N (masking), group 32
     (8, 64, 192, 64, (128, 128, 16, False, 8)),  # split-K reduced until it divides K
     (17, 64, 256, 128, (32, 128, 2, True, 4)),  # two M tiles
+    (3, 80, 256, 64, (16, 128, 1, False, 4)),  # no split-K: direct bf16 store
+    (1, 64, 256, 128, (32, 128, 1, True, 4)),
 ])
 @late
 def test_w4_matmul_matches_reference(t4, m, n, k, g, config):
