@@ -5,12 +5,13 @@ down. Nothing else in jetserve reads `os.environ` for configuration.
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
-from typing import List, Literal, Optional
+from typing import Annotated, List, Literal, Optional
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEMO_MODEL = "smollm2-135m-instruct-gptq-g64"
 
@@ -62,7 +63,7 @@ class Settings(BaseSettings):
     prefill_chunk: int = Field(256, ge=16, description="Prompt tokens prefilled per engine step (chunked prefill).")
     request_timeout_s: float = Field(300.0, gt=0, description="Per-request wall-clock limit.")
     shutdown_grace_s: float = Field(30.0, ge=0, description="On SIGTERM, time in-flight streams get to finish.")
-    api_keys: List[str] = Field(default_factory=list, description="Bearer API keys; empty means no auth. Repeatable flag.")
+    api_keys: Annotated[List[str], NoDecode] = Field(default_factory=list, description="Bearer API keys; empty means no auth. Repeatable flag.")
     admin_key: Optional[str] = Field(None, description="Key for /admin endpoints (load/unload). Admin endpoints are disabled without it.")
     metrics_require_key: bool = Field(False, description="Whether /metrics needs an API key.")
     memory_budget: str = Field("0.8", description="Memory for models: bytes ('6GiB') or a fraction of total memory ('0.8').")
@@ -75,6 +76,9 @@ class Settings(BaseSettings):
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, v):
+        # the environment gives the raw string (NoDecode): "k1,k2", '["k1","k2"]' or "" (no auth)
+        if isinstance(v, str) and v.strip().startswith("["):
+            return json.loads(v)
         if isinstance(v, str):
             return [k for k in (p.strip() for p in v.split(",")) if k]
         return v

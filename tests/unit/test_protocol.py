@@ -112,3 +112,28 @@ def test_body_limit_middleware():
     assert c.post("/v1/models", content=b"x" * 1024).text == "ok 1024"
     r = c.post("/v1/models", content=b"x" * 1025)
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
+def test_serve_flags_cover_settings_and_override_env(monkeypatch):
+    import argparse
+
+    from server.commands.serve import add_arguments, settings_from_args
+    from server.config import Settings
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    helps = {a.dest: a.help for a in p._actions if a.dest != "help"}
+    assert set(helps) == set(Settings.model_fields)
+    assert all(h and Settings.model_fields[d].description in h for d, h in helps.items())
+
+    monkeypatch.setenv("JETSERVE_MAX_QUEUE", "7")
+    monkeypatch.setenv("JETSERVE_API_KEYS", "env-a, env-b")
+    s = settings_from_args(p.parse_args([]))
+    assert s.max_queue == 7 and s.api_keys == ["env-a", "env-b"] and s.port == 8000
+    s = settings_from_args(p.parse_args(["--api-key", "a", "--api-key", "b", "--max-queue", "3", "--port", "0",
+                                         "--enable-test-hooks", "--log-level", "debug"]))
+    assert (s.api_keys, s.max_queue, s.port, s.enable_test_hooks, s.log_level) == (["a", "b"], 3, 0, True, "debug")
+    monkeypatch.setenv("JETSERVE_API_KEYS", "")
+    assert settings_from_args(p.parse_args([])).api_keys == []
+    with pytest.raises(SystemExit):
+        p.parse_args(["--dtype", "int3"])
