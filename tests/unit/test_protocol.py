@@ -137,3 +137,12 @@ def test_serve_flags_cover_settings_and_override_env(monkeypatch):
     assert settings_from_args(p.parse_args([])).api_keys == []
     with pytest.raises(SystemExit):
         p.parse_args(["--dtype", "int3"])
+
+
+def test_server_api_never_imports_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, server.api.app, server.api.routes, server.commands.serve; "
+            "sys.exit(1 if 'torch' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
