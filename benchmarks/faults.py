@@ -100,6 +100,7 @@ async def stream_chat(client: httpx.AsyncClient, url: str, body: dict, *, header
     except asyncio.TimeoutError:
         out["status"] = out["status"] or "timeout"
         out["error"] = out["error"] or "client timeout"
+        out["timed_out"] = True
     except httpx.HTTPError as e:
         out["error"] = f"{type(e).__name__}: {e}"
     out["t_end"] = time.perf_counter() - t0
@@ -136,7 +137,7 @@ async def check_serving(client: httpx.AsyncClient, url: str, model: str, headers
 
 # --------------------------------------------------------------------------------------------- scenarios
 async def scenario_disconnects(url: str, model: str, rss, *, clients: int = 200, max_tokens: int = 64,
-                               warmup: int = 16, seed: int = 0) -> dict:
+                               warmup: int = 16, seed: int = 0, first_token_timeout_s: float = 900.0) -> dict:
     """`clients` streams at once; each vanishes mid-stream (after 1 or 3 tokens) or while queued (after a
     short random delay). Then: running/waiting/KV usage back to 0, RSS within 2 % of the post-warm-up
     baseline, and a fresh request still streams to [DONE]. `rss` is a callable returning the server RSS."""
@@ -158,7 +159,8 @@ async def scenario_disconnects(url: str, model: str, rss, *, clients: int = 200,
                                                   rng.uniform(0.05, 1.0))
                 except asyncio.TimeoutError:
                     return {"status": "client_cancelled", "chunks": 0}
-            return await stream_chat(client, url, chat_body(model, max_tokens), stop_after_tokens=1 if kind < 2 else 3)
+            return await stream_chat(client, url, chat_body(model, max_tokens), stop_after_tokens=1 if kind < 2 else 3,
+                                     timeout_s=first_token_timeout_s)
 
         t0 = time.perf_counter()
         res = await asyncio.gather(*(vanish(i) for i in range(clients)))
@@ -167,6 +169,7 @@ async def scenario_disconnects(url: str, model: str, rss, *, clients: int = 200,
         for r in res:
             statuses[str(r["status"])] = statuses.get(str(r["status"]), 0) + 1
         mid_stream = sum(1 for r in res if r.get("chunks", 0) >= 1 and not r.get("done"))
+        before_first = sum(1 for r in res if r.get("chunks", 0) == 0)
         idle = await wait_idle(url)
         await asyncio.sleep(2.0)
         rss_after = rss()
@@ -176,7 +179,8 @@ async def scenario_disconnects(url: str, model: str, rss, *, clients: int = 200,
     fivexx = sum(v for k, v in statuses.items() if k.isdigit() and int(k) >= 500)
     return {
         "clients": clients, "max_tokens": max_tokens, "warmup_ok": warm_ok, "statuses": statuses,
-        "disconnected_mid_stream": mid_stream, "storm_s": storm_s,
+        "disconnected_mid_stream": mid_stream, "disconnected_before_first_token": before_first,
+        "client_timeouts": sum(1 for r in res if r.get("timed_out")), "storm_s": storm_s,
         "idle_after_s": idle["idle_after_s"], "running_after": idle["running"], "waiting_after": idle["waiting"],
         "kv_usage_after": idle["kv_usage"], "rss_baseline_bytes": rss_base, "rss_after_bytes": rss_after,
         "rss_growth_pct": growth, "still_serving": serving, "kv_usage_after_check": idle2["kv_usage"],
@@ -329,16 +333,18 @@ async def scenario_sigterm(srv: ServerProcess, model: str, *, streams: int = 4, 
 
 
 def scenario_restart(serve_args: Sequence[str], model: str, *, runs: int = 3, log_dir: Optional[Path] = None) -> dict:
-    """Cold start `jetserve serve` `runs` times: seconds to /health 200 and to the first streamed token."""
-    ready, first = [], []
+    """Cold start `jetserve serve` `runs` times: seconds from process start to /health 200 (listening), to
+    /ready 200 (default model loaded and warmed) and to the end of a first 1-token completion."""
+    health, ready, first = [], [], []
     for i in range(runs):
         with ServerProcess(serve_args, cwd=REPO, log_path=(log_dir / f"restart-{i}.log") if log_dir else None) as srv:
-            ready.append(srv.wait_ready())
+            health.append(srv.wait_ready(path="/health"))
+            ready.append(srv.wait_ready(path="/ready"))
             t = time.perf_counter()
             with httpx.Client(trust_env=False, timeout=120) as c:
                 r = c.post(f"{srv.url}/v1/chat/completions", json=chat_body(model, 1, stream=False))
             first.append(ready[-1] + time.perf_counter() - t if r.status_code == 200 else float("nan"))
-    return {"runs": runs, "time_to_ready_s": ready, "time_to_first_token_s": first,
+    return {"runs": runs, "time_to_health_s": health, "time_to_ready_s": ready, "time_to_first_token_s": first,
             "median_ready_s": sorted(ready)[len(ready) // 2], "median_first_token_s": sorted(first)[len(first) // 2],
             "ok": all(f == f for f in first)}
 
@@ -373,7 +379,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     only = set(a.only or ["disconnects", "overflow", "bad_loads", "fault_hook", "sigterm", "restart"])
-    base = ["--model-store", str(a.model_store), "--model", a.model]
+    base = ["--model-store", str(a.model_store), "--model", a.model, "--device", "cpu", "--max-context", "512"]
     results: Dict[str, dict] = {}
 
     def served(extra: List[str], name: str):
@@ -399,11 +405,12 @@ def main(argv=None) -> int:
             store = Path(td)
             src = a.model_store / "smollm2-135m-instruct"
             _write_tiny(store / "tiny-good", src)
-            _write_tiny(store / "tiny-big", src, hidden_size=1024, intermediate_size=4096, num_hidden_layers=4,
+            _write_tiny(store / "tiny-big", src, hidden_size=1024, intermediate_size=1024, num_hidden_layers=1,
                         num_attention_heads=16, num_key_value_heads=4, head_dim=64)
             bad = make_bad_models(store, store / "tiny-good", big_src=store / "tiny-big")
             shutil.rmtree(store / "tiny-big")
-            with ServerProcess(["--model-store", str(store), "--model", "tiny-good", "--memory-budget", "150MB",
+            with ServerProcess(["--model-store", str(store), "--model", "tiny-good", "--memory-budget", "80MB",
+                                "--device", "cpu", "--max-context", "256",
                                 "--admin-key", "adm"], cwd=REPO, log_path=a.out / "serve-bad_loads.log") as srv:
                 srv.wait_ready()
                 results["bad_loads"] = asyncio.run(scenario_bad_loads(srv.url, "tiny-good", bad, admin_key="adm"))

@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     serve_args = ["--model-store", str(a.model_store), "--model", a.model,
                   "--max-batch-size", str(max(a.concurrency, 1)), *a.serve_arg]
     with ServerProcess(serve_args, log_path=a.out / "serve.log", cwd=REPO) as srv:
-        ready_s = srv.wait_ready()
+        ready_s = srv.wait_ready(path="/ready")
         cfg = LoadConfig(url=srv.url, model=a.model, max_tokens=a.max_tokens, duration_s=a.minutes * 60,
                          request_timeout_s=120.0)
         report = asyncio.run(_soak(cfg, srv, a.model, a.concurrency, a.minutes * 60, a.sample_s, a.warmup_requests))
