@@ -72,12 +72,12 @@ def test_invalid_utf8_body(http, server):
 def test_lone_surrogates(http, server, escape):
     raw = '{"model": "%s", "max_tokens": 2, "messages": [{"role": "user", "content": "%s"}]}' % (server.model, escape)
     r = http.post("/v1/chat/completions", content=raw.encode(), headers={"content-type": "application/json"})
-    if r.status_code != 200:
-        assert_openai_error(r, 400)
+    assert_openai_error(r, 400)
     r = http.post("/v1/completions", content=raw.replace('"messages": [{"role": "user", "content": ', '"prompt": ')
                   .replace("}]}", "}").encode(), headers={"content-type": "application/json"})
-    if r.status_code != 200:
-        assert_openai_error(r, 400)
+    assert_openai_error(r, 400)
+    pair = raw.replace(escape, "\\ud83d\\ude00")  # a valid surrogate pair (an emoji) is fine
+    assert http.post("/v1/chat/completions", content=pair.encode(), headers={"content-type": "application/json"}).status_code == 200
 
 
 @pytest.mark.parametrize("value", [0, -1, -(2**31), 2**63, 2**70, "ten", 1.5, None])
@@ -92,15 +92,11 @@ def test_bad_max_tokens(http, server, value):
 
 
 @pytest.mark.parametrize("value", [10**6, 10**9])
-def test_huge_max_tokens_is_bounded(http, server, value):
-    """A huge max_tokens is refused or capped by the context; it never runs unbounded."""
+def test_huge_max_tokens_is_refused(http, server, value):
+    """More than the context can hold: 400 naming the context, never an unbounded generation."""
     r = http.post("/v1/chat/completions", json=chat(server.model, max_tokens=value, ignore_eos=True))
-    if r.status_code == 200:
-        usage = r.json()["usage"]
-        assert usage["prompt_tokens"] + usage["completion_tokens"] <= server.settings.max_context
-        assert r.json()["choices"][0]["finish_reason"] == "length"
-    else:
-        assert_openai_error(r, 400)
+    err = assert_openai_error(r, 400)
+    assert str(server.settings.max_context) in err["message"], err
 
 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e999"])
@@ -160,8 +156,10 @@ def test_wrong_content_type(http, server, ctype):
     headers = {"content-type": ctype} if ctype else {}
     raw = json.dumps(chat(server.model)).encode()
     r = http.post("/v1/chat/completions", content=raw, headers=headers)
-    if r.status_code != 200:
-        assert_openai_error(r, 400, 415)
+    if ctype is None:  # no content type: the body is read as JSON
+        assert r.status_code == 200, r.text
+    else:
+        assert_openai_error(r, 415)
 
 
 @pytest.mark.parametrize("raw", [b"", b"{", b"null", b"[]", b'"string"', b"42", b'{"messages": "hi"}',
