@@ -69,6 +69,13 @@ class QuantLinear(torch.nn.Module):
         self.dtype = dtype
         self.split_sizes: List[int] = [out_features]  # output widths of the fused parts, in order
         self._reference: Optional[QuantizedWeight] = None
+        # aten int4 op called straight from forward (decode is Python-overhead bound); None: general path
+        if plan.name == kernels.CPU_INT4PACK:
+            self._aten_int4 = torch.ops.aten._weight_int4pack_mm_for_cpu.default
+        elif plan.name == kernels.CUDA_TINYGEMM:
+            self._aten_int4 = torch.ops.aten._weight_int4pack_mm.default
+        else:
+            self._aten_int4 = None
 
     # --- construction -------------------------------------------------------------------------------
     @classmethod
@@ -177,6 +184,31 @@ class QuantLinear(torch.nn.Module):
     # --- forward ------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) -> (..., out). int4 kernel unless the plan says dense from this many tokens on."""
+        op = self._aten_int4
+        x2d = x.reshape(-1, self.in_features)  # (M, in)
+        dense_from = self.plan.dense_min_tokens
+        if op is None or (dense_from is not None and x2d.shape[0] >= dense_from):
+            return self._forward_general(x)
+        bufs = self._buffers  # direct dict access: nn.Module.__getattr__ costs ~1 us per buffer
+        perm = bufs["perm"]
+        if perm is not None:
+            x2d = x2d.index_select(-1, perm)
+        if x2d.dtype != torch.bfloat16:
+            x2d = x2d.to(torch.bfloat16)
+        if not x2d.is_contiguous():
+            x2d = x2d.contiguous()
+        y = op(x2d, bufs["packed"], self.group_size, bufs["scales_and_zeros"])  # (M, out_padded)
+        if self.out_padded != self.out_features:
+            y = y[:, : self.out_features]
+        if y.dtype != self.dtype:
+            y = y.to(self.dtype)
+        bias = bufs["bias"]
+        if bias is not None:
+            y = y + bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _forward_general(self, x: torch.Tensor) -> torch.Tensor:
+        """Every kernel and the dense-prefill switch, through models.kernels."""
         shape = x.shape[:-1]
         x2d = x.reshape(-1, self.in_features)  # (M, in)
         m = x2d.shape[0]
