@@ -150,14 +150,14 @@ def apply_penalties(
     histories: Optional[torch.Tensor],
     prompt_lens: Optional[Union[torch.Tensor, Sequence[int]]] = None,
 ) -> torch.Tensor:
-    """Repetition, frequency and presence penalties; returns a new (B, V) float32 tensor.
+    """Repetition, frequency and presence penalties; returns (B, V) float32 (the input itself when no row has any).
 
     histories: (B, L) int64, each row prompt ids then generated ids, padded with -1. prompt_lens: (B,) count of
     leading prompt ids per row (None: 0, i.e. the whole history counts as generated).
     """
     import torch
 
-    x = logits.float().clone()
+    x = logits.float()
     if histories is None or histories.numel() == 0:
         return x
     if all(p.repetition_penalty == 1.0 and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0 for p in params):
@@ -236,8 +236,8 @@ def _top_k_top_p(x: torch.Tensor, ks: Sequence[int], ps: Sequence[float]) -> tor
     return torch.full_like(x, float("-inf")).scatter(1, order, sorted_x)
 
 
-def _exponential_noise(b: int, v: int, device: torch.device, generators: Sequence[Optional[torch.Generator]]):
-    """(B, V) Exp(1) noise; rows with a generator draw from it alone, other rows from the global RNG."""
+def _log_exponential_noise(b: int, v: int, device: torch.device, generators: Sequence[Optional[torch.Generator]]):
+    """(B, V) log E with E ~ Exp(1); rows with a generator draw from it alone, other rows from the global RNG."""
     import torch
 
     u = torch.empty(b, v, dtype=torch.float32, device=device)
@@ -250,8 +250,9 @@ def _exponential_noise(b: int, v: int, device: torch.device, generators: Sequenc
     for i, g in enumerate(generators):
         if g is not None:
             u[i] = torch.rand(v, generator=g, device=device)
-    # u in [0, 1) -> E in [0, 16.7]; E == 0 (u == 0) would make log E = -inf and NaN at masked tokens
-    return (-torch.log1p(-u)).clamp_min_(1e-30)
+    # u in [0, 1) -> E = -log(1 - u) in [0, 16.7] (1 - u is exact in float32); E == 0 would give log E = -inf and
+    # NaN at removed tokens, so clamp it to a tiny positive value
+    return u.neg_().add_(1.0).log_().neg_().clamp_min_(1e-30).log_()
 
 
 def sample(
@@ -280,29 +281,29 @@ def sample(
     elif len(generators) != b:
         raise ValueError(f"got {len(generators)} generators for {b} rows")
 
-    raw_logprobs = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
+    logits = logits.float()
     x = apply_penalties(logits, params, histories, prompt_lens)
-    greedy = [p.temperature == 0.0 for p in params]
-    if all(greedy):
+    sampled_rows = [i for i, p in enumerate(params) if p.temperature > 0.0]
+    if not sampled_rows:
         tokens = x.argmax(dim=-1)
     else:
-        warped = apply_warpers(x, params)
-        sampled_rows = [i for i, g in enumerate(greedy) if not g]
-        row_gens = [generators[i] for i in sampled_rows]
-        w = warped if len(sampled_rows) == b else warped[sampled_rows]  # (S, V)
-        noise = _exponential_noise(w.shape[0], v, w.device, row_gens)
-        # argmax(p / E) == argmax(log p - log E); softmax of w is p, and -inf stays -inf
-        race = torch.log_softmax(w, dim=-1) - torch.log(noise)
-        drawn = race.argmax(dim=-1)
-        if len(sampled_rows) == b:
+        all_sampled = len(sampled_rows) == b
+        w = apply_warpers(x if all_sampled else x[sampled_rows], [params[i] for i in sampled_rows])  # (S, V)
+        log_e = _log_exponential_noise(w.shape[0], v, w.device, [generators[i] for i in sampled_rows])
+        # exponential race: argmax(p / E) == argmax(w - log E) (softmax's normaliser is constant per row);
+        # removed tokens stay at -inf
+        drawn = (w - log_e).argmax(dim=-1)
+        if all_sampled:
             tokens = drawn
         else:
             tokens = x.argmax(dim=-1)
             tokens[torch.tensor(sampled_rows, device=tokens.device)] = drawn
 
-    out = SampleOutput(tokens=tokens, logprobs=raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1))
+    # raw-model log-probabilities: logit - logsumexp, without materialising a (B, V) log_softmax
+    lse = logits.logsumexp(dim=-1, keepdim=True)  # (B, 1)
+    out = SampleOutput(tokens=tokens, logprobs=(logits.gather(1, tokens.unsqueeze(1)) - lse).squeeze(1))
     k = max((p.logprobs or 0) for p in params)
     if k > 0:
-        top = raw_logprobs.topk(k, dim=-1)
-        out.top_ids, out.top_logprobs = top.indices, top.values
+        top = logits.topk(k, dim=-1)
+        out.top_ids, out.top_logprobs = top.indices, top.values - lse
     return out
