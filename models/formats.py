@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "UnsupportedFormatError", "QuantConfig", "QuantizedWeight", "read_quant_config", "parse_quant_config",
     "linear_tensor_names", "safetensors_header", "unpack_gptq", "pack_gptq", "unpack_awq", "pack_awq",
-    "unpack_compressed", "dequantize",
+    "unpack_compressed", "dequantize", "regroup",
     "act_order_perm", "to_int4pack_cpu", "to_int4pack_cuda", "int4pack_scales_and_zeros",
     "SUPPORTED_BITS", "INT4PACK_GROUP_SIZES",
 ]
@@ -502,6 +502,19 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch
     scales = qw.scales.float().t()[:, g]  # (out, in)
     zeros = qw.zeros.float().t()[:, g]
     return (scales * (qw.qweight.float() - zeros)).to(dtype)
+
+
+def regroup(qw: QuantizedWeight, group_size: int) -> QuantizedWeight:
+    """The same weight with sequential groups split into smaller ones (exact: scales/zeros repeated).
+
+    Lets per-channel (group_size = in_features) or 512/1024-wide groups run on kernels that take 32..256.
+    """
+    if qw.g_idx is not None or qw.group_size % group_size or qw.in_features % group_size:
+        raise ValueError(f"cannot regroup group_size={qw.group_size} (g_idx={qw.g_idx is not None}) to {group_size}")
+    rep = qw.group_size // group_size
+    return QuantizedWeight(qw.qweight, qw.zeros.repeat_interleave(rep, dim=0)[: qw.in_features // group_size],
+                           qw.scales.repeat_interleave(rep, dim=0)[: qw.in_features // group_size], None, qw.bits,
+                           group_size)
 
 
 def act_order_perm(qw: QuantizedWeight) -> Optional[torch.Tensor]:

@@ -13,7 +13,7 @@ import torch
 
 from . import kernels
 from .formats import (QuantConfig, QuantizedWeight, UnsupportedFormatError, act_order_perm, dequantize,
-                      int4pack_scales_and_zeros, unpack_awq, unpack_compressed, unpack_gptq)
+                      int4pack_scales_and_zeros, regroup, unpack_awq, unpack_compressed, unpack_gptq)
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,16 @@ def unpack_linear(tensors: Dict[str, torch.Tensor], prefix: str, qcfg: QuantConf
     groups = -(-in_features // qw.group_size)
     if tuple(qw.scales.shape) != (groups, out_features):
         raise UnsupportedFormatError(f"{prefix}: scales {tuple(qw.scales.shape)}, expected ({groups}, {out_features})")
+    return qw
+
+
+def _int4_friendly_groups(qw: QuantizedWeight) -> QuantizedWeight:
+    """4-bit sequential groups wider than the int4 kernels take (per-channel, 512, ...) split exactly."""
+    if qw.bits != 4 or qw.g_idx is not None or qw.group_size in kernels.INT4_GROUP_SIZES:
+        return qw
+    for g in sorted(kernels.INT4_GROUP_SIZES, reverse=True):
+        if qw.group_size % g == 0 and qw.in_features % g == 0:
+            return regroup(qw, g)
     return qw
 
 
@@ -96,6 +106,7 @@ class QuantLinear(torch.nn.Module):
                        dtype: torch.dtype = torch.bfloat16, keep_reference: bool = False,
                        cuda_kernel: Optional[str] = None) -> "QuantLinear":
         device = torch.device(device)
+        qw = _int4_friendly_groups(qw)
         plan = kernels.select_kernel(device, qw.bits, qw.group_size, qw.in_features, qw.out_features, cuda_kernel)
         self = cls(qw.in_features, qw.out_features, qw.bits, qw.group_size, plan, dtype)
         self.register_buffer("bias", None if bias is None else bias.to(device=device, dtype=dtype))

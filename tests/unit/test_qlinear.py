@@ -105,6 +105,18 @@ def test_compressed_tensors_layer(symmetric, gen):
     assert rel_err(layer(x), x.float() @ want_w["weight"].float().t()) < 1e-2
 
 
+@pytest.mark.parametrize("group,in_f,want_group", [(-1, 576, 64), (512, 1024, 256), (1024, 2048, 256)])
+def test_wide_groups_split_exactly_for_int4_kernel(group, in_f, want_group, gen):
+    """Per-channel and 512/1024-wide groups run on the int4 kernel with scales repeated (exact)."""
+    cfg = qcfg("gptq", group=group)
+    qw = random_qw(128, in_f, 4, in_f if group == -1 else group, gen=gen)
+    layer = QuantLinear.from_tensors(checkpoint(qw, cfg), "layer", cfg, in_f, 128, device="cpu")
+    assert layer.plan.name == kernels.CPU_INT4PACK and layer.group_size == want_group
+    assert rel_err(layer.reference_weight(), dequantize(qw)) < 5e-3
+    x = torch.randn(4, in_f, generator=gen).to(torch.bfloat16)
+    assert rel_err(layer(x), x.float() @ dequantize(qw).t()) < 1e-2
+
+
 def test_odd_out_features_padded_and_bias(gen):
     cfg = qcfg("gptq", group=32)
     qw = random_qw(96, 64, 4, 32, gen=gen)
