@@ -56,8 +56,11 @@ def unpack_linear(tensors: Dict[str, torch.Tensor], prefix: str, qcfg: QuantConf
 
 
 def _int4_friendly_groups(qw: QuantizedWeight) -> QuantizedWeight:
-    """4-bit sequential groups wider than the int4 kernels take (per-channel, 512, ...) split exactly."""
-    if qw.bits != 4 or qw.g_idx is not None or qw.group_size in kernels.INT4_GROUP_SIZES:
+    """4-bit sequential groups the int4 kernels can't take split exactly into ones they can: per-channel,
+    512/1024-wide, or a partial last group (in_features 576 with group_size 128 -> 9 groups of 64)."""
+    if qw.bits != 4 or qw.g_idx is not None:
+        return qw
+    if qw.group_size in kernels.INT4_GROUP_SIZES and qw.in_features % qw.group_size == 0:
         return qw
     for g in sorted(kernels.INT4_GROUP_SIZES, reverse=True):
         if qw.group_size % g == 0 and qw.in_features % g == 0:

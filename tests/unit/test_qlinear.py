@@ -105,11 +105,15 @@ def test_compressed_tensors_layer(symmetric, gen):
     assert rel_err(layer(x), x.float() @ want_w["weight"].float().t()) < 1e-2
 
 
-@pytest.mark.parametrize("group,in_f,want_group", [(-1, 576, 64), (512, 1024, 256), (1024, 2048, 256)])
+@pytest.mark.parametrize("group,in_f,want_group", [(-1, 576, 64), (512, 1024, 256), (1024, 2048, 256),
+                                                    (128, 576, 64)])
 def test_wide_groups_split_exactly_for_int4_kernel(group, in_f, want_group, gen):
     """Per-channel and 512/1024-wide groups run on the int4 kernel with scales repeated (exact)."""
     cfg = qcfg("gptq", group=group)
-    qw = random_qw(128, in_f, 4, in_f if group == -1 else group, gen=gen)
+    qw = random_qw(128, -(-in_f // group) * group if group > 0 else in_f, 4, in_f if group == -1 else group,
+                   gen=gen)
+    if qw.in_features != in_f:  # partial last group: drop the columns past in_f
+        qw = QuantizedWeight(qw.qweight[:, :in_f].contiguous(), qw.zeros, qw.scales, None, 4, group)
     layer = QuantLinear.from_tensors(checkpoint(qw, cfg), "layer", cfg, in_f, 128, device="cpu")
     assert layer.plan.name == kernels.CPU_INT4PACK and layer.group_size == want_group
     assert rel_err(layer.reference_weight(), dequantize(qw)) < 5e-3
