@@ -39,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-seq", type=int, default=None,
                         help="KV cache length (default: prompt + max tokens, capped by the model's context)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="Allow the model folder to run its own code (transformers fallback, tokenizer)")
     parser.add_argument("--store", type=Path, default=None,
                         help="Model store (default $JETSERVE_MODEL_STORE or ./model-store)")
 
@@ -84,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    tokenizer = Tokenizer.from_dir(model_dir)
+    tokenizer = Tokenizer.from_dir(model_dir, trust_remote_code=args.trust_remote_code)
     try:
         if args.chat:
             messages = ([{"role": "system", "content": args.system}] if args.system else [])
@@ -103,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
                       f"({max_seq} tokens)")
 
     t_load = time.perf_counter()
-    runner = load_runner(model_dir, device=args.device, dtype=getattr(torch, args.dtype), max_slots=1, max_seq=max_seq)
+    runner = load_runner(model_dir, device=args.device, dtype=getattr(torch, args.dtype), max_slots=1, max_seq=max_seq,
+                         trust_remote_code=args.trust_remote_code)
     runner.warmup()
     t_load = time.perf_counter() - t_load
     text, n_gen, reason, ttft, t_decode = _generate(runner, tokenizer, params, prompt_ids, args)

@@ -45,13 +45,22 @@ def test_stream_prints_the_same_text(capsys, tiny_llama_dir):
     assert streamed == plain and plain.strip()
 
 
+def test_prompt_from_stdin(capsys, monkeypatch, tiny_llama_dir):
+    import io
+
+    args = (tiny_llama_dir, "--max-tokens", 6, "--ignore-eos")
+    from_flag = generate(capsys, *args, "--prompt", PROMPT)[1]
+    monkeypatch.setattr("sys.stdin", io.StringIO(PROMPT))
+    assert generate(capsys, *args)[1] == from_flag
+
+
 def test_seeded_sampling_is_reproducible(capsys, tiny_llama_dir):
-    args = (tiny_llama_dir, "--prompt", PROMPT, "--max-tokens", 10, "--ignore-eos", "--temperature", 1.0,
+    args = (tiny_llama_dir, "--prompt", PROMPT, "--max-tokens", 6, "--ignore-eos", "--temperature", 1.0,
             "--top-p", 0.95, "--device", "cpu")
     a = generate(capsys, *args, "--seed", 5)[1]
     b = generate(capsys, *args, "--seed", 5)[1]
     c = generate(capsys, *args, "--seed", 6)[1]
-    greedy = generate(capsys, tiny_llama_dir, "--prompt", PROMPT, "--max-tokens", 10, "--ignore-eos")[1]
+    greedy = generate(capsys, tiny_llama_dir, "--prompt", PROMPT, "--max-tokens", 6, "--ignore-eos")[1]
     assert a == b
     assert a != c and a != greedy  # near-uniform random model: different seeds give different text
 
