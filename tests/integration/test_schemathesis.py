@@ -80,7 +80,7 @@ def test_schemathesis_no_5xx(server, tmp_path):
     examples = int(os.environ.get("JETSERVE_FUZZ_EXAMPLES", "40"))
     res = run_schemathesis(server.base_url, tmp_path, examples)
     print(json.dumps({k: v for k, v in res.items() if k not in ("stdout", "stderr")}, default=str))
-    assert res["cases"] >= 5 * examples, res["stdout"]
+    assert res["cases"] >= 2 * examples, res["stdout"]  # two POST operations take `examples` each, at least
     assert not any(code >= 500 for code in res["statuses"]), (res["statuses"], res["stdout"])
     assert res["returncode"] == 0, res["stdout"] + res["stderr"]
     assert not res["unshaped"], res["unshaped"][:5]
