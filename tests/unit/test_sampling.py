@@ -434,7 +434,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.mark.gpu
 @needs_cuda
-def test_cuda_sampling_matches_cpu_semantics(rng):
+def test_cuda_sampling_matches_cpu_semantics(rng, seeded_draws):
     """On CUDA: greedy equals argmax, masks equal the CPU result, seeded rows reproducible, distribution exact."""
     logits = rand_logits(rng, 4, v=5000)
     params = [SamplingParams(temperature=0.0), SamplingParams(top_k=40, top_p=0.9),
