@@ -10,6 +10,10 @@ Speaks only HTTP/SSE (httpx async); imports nothing from the engine or torch. Tw
 
 Every loop is bounded in time and count, every request has a timeout, and only loopback targets
 (127.0.0.0/8, ::1, localhost) are accepted: `check_loopback` raises `LoadtestError` otherwise.
+
+Also the harness shared by benchmarks/faults.py, benchmarks/soak.py and the fault tests: `ServerProcess`
+(`jetserve serve` as a child process on a free loopback port) and `scrape_metrics` (/metrics parsed by
+prometheus-client).
 """
 from __future__ import annotations
 
@@ -18,7 +22,12 @@ import ipaddress
 import json
 import logging
 import math
+import os
 import random
+import signal
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -123,6 +132,8 @@ class LoadConfig:
             raise LoadtestError("--max-tokens must be >= 1")
         if self.request_timeout_s <= 0:
             raise LoadtestError("--request-timeout must be > 0")
+        if self.max_inflight < 1:
+            raise LoadtestError("--max-inflight must be >= 1")
         return self
 
 
@@ -425,8 +436,6 @@ class ServerProcess:
 
     def __init__(self, serve_args: Sequence[str] = (), *, port: Optional[int] = None, env: Optional[Dict[str, str]] = None,
                  log_path: Optional[Path] = None, cwd: Optional[Path] = None, kill_after_s: float = 30.0):
-        import os
-        import sys
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
@@ -440,11 +449,8 @@ class ServerProcess:
         self._log = None
 
     def start(self) -> "ServerProcess":
-        import subprocess
-        import tempfile
         if self.log_path is None:
             fd, name = tempfile.mkstemp(prefix="jetserve-serve-", suffix=".log")
-            import os
             os.close(fd)
             self.log_path = Path(name)
         self._log = open(self.log_path, "wb")
@@ -477,18 +483,16 @@ class ServerProcess:
             self.proc.send_signal(sig)
 
     def wait(self, timeout_s: float) -> Optional[int]:
-        import subprocess
         try:
             return self.proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
             return None
 
     def stop(self) -> Optional[int]:
-        import signal as _signal
         if self.proc is None:
             return None
         if self.proc.poll() is None:
-            self.proc.send_signal(_signal.SIGTERM)
+            self.proc.send_signal(signal.SIGTERM)
             if self.wait(self.kill_after_s) is None:
                 self.proc.kill()
                 self.wait(10)

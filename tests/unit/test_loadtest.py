@@ -143,12 +143,13 @@ def test_closed_loop_measures_and_respects_concurrency(fake):
     assert lv["requests"] == lv["ok"] >= 3
     assert state.max_inflight == 3
     assert lv["output_tokens"] == 6 * lv["ok"]
-    # TTFT is the fake's first delay; ITL its token delay (asyncio sleep overshoots, never undershoots)
-    assert 0.05 <= lv["ttft_s"]["p50"] < 0.5
-    assert 0.02 <= lv["itl_s"]["p50"] < 0.2
+    # TTFT is the fake's first delay; ITL its token delay (asyncio sleep overshoots, never undershoots;
+    # upper bounds are loose because the CI machine's 2 cores are shared)
+    assert 0.05 <= lv["ttft_s"]["p50"] < 3.0
+    assert 0.02 <= lv["itl_s"]["p50"] < 1.0
     assert lv["ttft_s"]["p50"] <= lv["ttft_s"]["p95"] <= lv["ttft_s"]["p99"]
     assert lv["throughput_tok_s"] == pytest.approx(lv["output_tokens"] / lv["wall_s"])
-    assert 1.0 <= lv["wall_s"] < 2.0
+    assert 1.0 <= lv["wall_s"] < 6.0  # the duration, plus the requests in flight at the deadline
     assert state.bodies[0]["stream"] is True and state.bodies[0]["model"] == "fake-model"
 
 
@@ -158,7 +159,7 @@ def test_closed_loop_bounded_by_max_requests(fake):
     t0 = time.perf_counter()
     lv = asyncio.run(run_closed_loop(cfg, 4))
     assert lv["requests"] == 5 == state.count
-    assert time.perf_counter() - t0 < 5
+    assert time.perf_counter() - t0 < 15  # far below the 60 s duration
 
 
 def test_errors_counted_by_status_code(fake):
@@ -184,7 +185,7 @@ def test_request_timeout_bounds_a_hung_server(fake):
     cfg = LoadConfig(url=url, duration_s=60.0, max_requests=2, request_timeout_s=0.5)
     t0 = time.perf_counter()
     lv = asyncio.run(run_closed_loop(cfg, 2))
-    assert time.perf_counter() - t0 < 3
+    assert time.perf_counter() - t0 < 10
     assert lv["errors"] == {"timeout": 2}
 
 
