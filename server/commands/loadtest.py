@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 from pathlib import Path
 
@@ -52,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         duration_s=args.duration, max_requests=args.max_requests, request_timeout_s=args.request_timeout,
         api_key=args.api_key, max_inflight=args.max_inflight, seed=args.seed,
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
     concurrency = args.concurrency if args.concurrency is not None else ([] if args.rate else [1, 2, 4, 8])
     try:
         cfg.validate()
