@@ -4,7 +4,10 @@ One run measures, on the same machine and model:
 1. in-process engine decode tok/s at batch 1 (Engine + Runner in this process, no HTTP);
 2. end-to-end SSE decode tok/s at batch 1 against a real `jetserve serve` subprocess (httpx streaming client),
    interleaved with (1) so background load hits both alike; prints the ratio SSE / engine (target >= 0.95);
-3. aggregate tok/s and TTFT p50/p95 at 1, 2, 4, 8 concurrent streams.
+3. aggregate tok/s and TTFT p50/p95 at 1, 2, 4, 8 concurrent streams;
+4. a server-side probe that is robust to background load: the app in this process streams one request to a
+   `curl` client while the engine's steps are timed; the fraction of wall time spent inside engine steps shows
+   how much the HTTP/SSE side delays generation (1.0 = not at all).
 
 Decode tok/s = (completion_tokens - 1) / (time of last token - time of first token), so prefill/TTFT is
 excluded from both sides of the ratio. Requests use greedy decoding with ignore_eos so lengths are fixed.
@@ -105,6 +108,69 @@ async def concurrency(base: str, model: str, n: int, tokens: int) -> Dict[str, f
             "per_stream_decode_tps": statistics.median(r[1] for r in res), "wall_s": wall}
 
 
+def engine_busy_probe(args, tokens: int) -> Dict[str, float]:
+    """Server-side view, robust to background load: run the app in this process (uvicorn thread), stream one
+    request to a `curl` client, and report the fraction of the stream's wall time the engine thread spent
+    inside its steps. 1.0 means the HTTP/SSE side never delayed generation."""
+    import shutil
+    import threading
+
+    import httpx
+    import uvicorn
+
+    from server.api.app import create_app
+    from server.config import Settings
+
+    curl = shutil.which("curl")
+    if curl is None:
+        return {}
+    settings = Settings(model=args.model, model_store=args.model_store, device=args.device, max_batch_size=8,
+                        max_context=args.max_context, log_level="warning")
+    app = create_app(settings)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", log_config=None))
+    th = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
+    th.start()
+    try:
+        while True:
+            try:
+                if httpx.get(base + "/ready", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if app.state.jetserve.load_error:
+                raise RuntimeError(app.state.jetserve.load_error)
+            time.sleep(0.2)
+        engine = app.state.manager.get_loaded(args.model).engine
+        steps: List[Tuple[float, float]] = []
+        chained = engine.on_step
+
+        def record(st):
+            steps.append((time.perf_counter(), st.step_duration_s))
+            if chained is not None:
+                chained(st)
+
+        engine.on_step = record
+        out = {}
+        for stream in (True, False):
+            body = json.dumps({"model": args.model, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0,
+                               "stream": stream, "ignore_eos": True})
+            steps.clear()
+            subprocess.run([curl, "-sN", base + "/v1/completions", "-H", "content-type: application/json",
+                            "-d", body], check=True, capture_output=True)
+            span = steps[-1][0] - steps[0][0]
+            key = "sse" if stream else "json"
+            out[f"{key}_engine_busy"] = sum(d for _, d in steps[1:]) / span
+            out[f"{key}_tps"] = (len(steps) - 1) / span
+        return out
+    finally:
+        server.should_exit = True
+        th.join(30)
+        sock.close()
+
+
 def start_server(args, port: int, env: Dict[str, str]) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--model-store", str(args.model_store),
            "--model", args.model, "--device", args.device, "--max-batch-size", "8",
@@ -202,6 +268,12 @@ def main(argv=None) -> int:
             proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
+    probe = engine_busy_probe(args, args.tokens * 2)
+    if probe:
+        result["probe"] = probe
+        print(f"server-side probe (curl client): engine busy {probe['sse_engine_busy']:.1%} of the wall time while "
+              f"streaming SSE ({probe['sse_tps']:.1f} tok/s) vs {probe['json_engine_busy']:.1%} for the same request "
+              f"without streaming ({probe['json_tps']:.1f} tok/s)")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return 0
