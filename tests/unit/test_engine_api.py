@@ -128,3 +128,21 @@ def test_stop_token_text_and_usage_with_fake_model(tokenizer):
         assert body["choices"][0]["finish_reason"] == "stop"
         assert body["choices"][0]["text"] == expected[:expected.index(stop)]
         assert body["usage"]["completion_tokens"] == 3
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"prompt": [1], "temperature": NaN}', b'{"prompt": [1], "top_p": Infinity}', b'{"prompt": [1], "max_tokens": 1e400}',
+    b'{"prompt": [-1]}', b'{"prompt": [1], "max_tokens": 99999999999999999999}', b'{"prompt": [1], "seed": "x"}',
+    b'{"prompt": [[1], [2]]}', b'{"prompt": {"a": 1}}', b'{"prompt": [1], "stop": [null]}', b'null', b'"text"',
+    b'{"messages": "hi"}', b'\xff\xfe', b'{"prompt": "\\ud800"}',
+])
+def test_hostile_bodies_get_clean_4xx(tokenizer, raw):
+    c, mgr = client(tokenizer)
+    with c:
+        path = "/v1/chat/completions" if b"messages" in raw else "/v1/completions"
+        r = c.post(path, content=raw, headers={"content-type": "application/json"})
+        assert 400 <= r.status_code < 500, (r.status_code, r.text)
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"}
+        ok = c.post("/v1/completions", json={"prompt": [20], "max_tokens": 2, "temperature": 0})
+        assert ok.status_code == 200
