@@ -145,7 +145,7 @@ def _headers(cfg: LoadConfig) -> Dict[str, str]:
 
 
 async def resolve_model(client: httpx.AsyncClient, cfg: LoadConfig) -> str:
-    """`cfg.model`, or the first id listed by GET /v1/models."""
+    """`cfg.model`, else the first model GET /v1/models lists as loaded, else the first it lists."""
     if cfg.model:
         return cfg.model
     r = await client.get(f"{cfg.url}/v1/models", headers=_headers(cfg), timeout=cfg.request_timeout_s)
@@ -153,7 +153,8 @@ async def resolve_model(client: httpx.AsyncClient, cfg: LoadConfig) -> str:
     data = r.json().get("data") or []
     if not data:
         raise LoadtestError("the server lists no models; pass --model")
-    return str(data[0]["id"])
+    loaded = [m for m in data if m.get("state") == "loaded"]
+    return str((loaded or data)[0]["id"])
 
 
 async def one_request(client: httpx.AsyncClient, cfg: LoadConfig, model: str) -> RequestResult:

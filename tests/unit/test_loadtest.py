@@ -38,7 +38,8 @@ def make_fake_app(state: FakeState) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": "fake-model", "object": "model"}]}
+        return {"object": "list", "data": [{"id": "other-model", "object": "model", "state": "available"},
+                                           {"id": "fake-model", "object": "model", "state": "loaded"}]}
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
