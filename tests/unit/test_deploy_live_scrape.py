@@ -79,8 +79,14 @@ def stack(tiny_llama_dir, tmp_path_factory):
             r = httpx.post(f"http://127.0.0.1:{jport}/v1/completions", timeout=60,
                            json={"model": tiny_llama_dir.name, "prompt": f"Hello {i}", "max_tokens": 8})
             assert r.status_code == 200, r.text
-        time.sleep(4)  # a few 1 s scrapes after the traffic, so rate() has two points
-        yield f"http://127.0.0.1:{pport}"
+        base = f"http://127.0.0.1:{pport}"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # until two scrapes after the traffic make rate() non-zero
+            if _query(base, "sum(rate(jetserve:generation_tokens_total[30s])) > 0"):
+                break
+            time.sleep(0.5)
+        time.sleep(2)  # one more scrape so gauges set after the last request are in too
+        yield base
     finally:
         for proc in (prom, server):
             proc.terminate()
@@ -117,5 +123,5 @@ def test_dashboard_queries_return_data(stack):
             if not result and not any(p in expr for p in MAY_BE_EMPTY_ON_CPU):
                 empty.append(f"{panel['title']}: {t['expr']}")
     assert not empty, "panels without data:\n" + "\n".join(empty)
-    tps = float(_query(stack, 'sum(rate(jetserve:generation_tokens_total[30s]))')[0]["value"][1])
+    tps = float(_query(stack, 'sum(rate(jetserve:generation_tokens_total[5m]))')[0]["value"][1])
     assert tps > 0
