@@ -221,3 +221,40 @@ def test_prompt_as_token_ids(server, tokenizer):
     a = c.completions.create(model=server.model, prompt=ids, max_tokens=5, temperature=0)
     b = c.completions.create(model=server.model, prompt=PROMPT, max_tokens=5, temperature=0)
     assert a.choices[0].text == b.choices[0].text and a.usage.prompt_tokens == len(ids)
+
+
+def test_long_prompt_is_chunked_while_a_stream_keeps_decoding(server):
+    """A ~300-token prompt arrives while another stream decodes: every step prefills at most one chunk
+    (Settings.prefill_chunk) and the running stream still decodes in each of those steps."""
+    engine = server.engine()
+    wait_idle(engine)
+    steps = []
+    chained = engine.on_step
+
+    def record(st):
+        steps.append(st)
+        if chained is not None:
+            chained(st)
+
+    engine.on_step = record
+    try:
+        async def go():
+            c = server.async_openai()
+            stream = await c.completions.create(model=server.model, prompt=PROMPT, max_tokens=40, temperature=0,
+                                                stream=True, extra_body={"ignore_eos": True})
+            first = await stream.__anext__()
+            long = await c.completions.create(model=server.model, prompt="The quick brown fox. " * 60, max_tokens=2,
+                                              temperature=0)
+            rest = [ch async for ch in stream]
+            await c.close()
+            return first, long, rest
+
+        _, long, _ = asyncio.run(go())
+    finally:
+        engine.on_step = chained
+    chunk = server.settings.prefill_chunk
+    assert long.usage.prompt_tokens > 3 * chunk
+    prefill_steps = [s for s in steps if s.num_prefill_tokens > 0]
+    assert max(s.num_prefill_tokens for s in steps) <= chunk
+    assert len(prefill_steps) >= long.usage.prompt_tokens // chunk
+    assert sum(s.num_decode_tokens > 0 for s in prefill_steps) >= len(prefill_steps) - 1
