@@ -5,9 +5,9 @@ body schema, so the test adds the pydantic request models' JSON schema to those 
 (positive and negative cases). Checks: no 5xx (`not_a_server_error`), every request answered within
 `--max-response-time`, and every 4xx OpenAI-shaped (checked from the recorded cassette).
 
-CI runs `JETSERVE_FUZZ_EXAMPLES` (default 20) examples per operation and the phases in
-`JETSERVE_FUZZ_PHASES` (default examples,coverage,fuzzing); the published >= 1000-case figure
-(docs/reliability.md) comes from the same test with larger values.
+CI runs `JETSERVE_FUZZ_EXAMPLES` (default 200) examples per operation and the phases in
+`JETSERVE_FUZZ_PHASES` (default examples,fuzzing); the published >= 1000-case figure
+(docs/reliability.md) comes from the same test with a larger value.
 """
 from __future__ import annotations
 
@@ -79,8 +79,10 @@ def run_schemathesis(base_url: str, workdir: Path, examples: int, *, seed: int =
 
 
 def test_schemathesis_no_5xx(server, tmp_path):
-    examples = int(os.environ.get("JETSERVE_FUZZ_EXAMPLES", "20"))
-    phases = os.environ.get("JETSERVE_FUZZ_PHASES", "examples,coverage,fuzzing")
+    examples = int(os.environ.get("JETSERVE_FUZZ_EXAMPLES", "200"))
+    # The coverage phase is off by default: schemathesis/hypothesis intermittently dies inside it with
+    # "SystemError: AST constructor recursion depth mismatch" (a client-side error, not a server response).
+    phases = os.environ.get("JETSERVE_FUZZ_PHASES", "examples,fuzzing")
     res = run_schemathesis(server.base_url, tmp_path, examples, phases=phases)
     print(json.dumps({k: v for k, v in res.items() if k not in ("stdout", "stderr")}, default=str))
     assert res["cases"] >= examples // 2, res["stdout"]  # sanity floor: the run really generated cases
