@@ -113,9 +113,38 @@ def create_app(settings: Settings, *, manager: Any = None, metrics: Any = None) 
     app.include_router(openai_router)
     app.include_router(admin_router)
     app.include_router(metrics_router)
+    _install_openapi(app)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(AuthMiddleware, api_keys=settings.api_keys, metrics_require_key=settings.metrics_require_key)
     return app
+
+
+_BODY_MODELS = {"/v1/completions": "CompletionRequest", "/v1/chat/completions": "ChatCompletionRequest"}
+
+
+def _install_openapi(app: FastAPI) -> None:
+    """The generation routes parse their JSON by hand (for 415/400 control); publish their request schemas."""
+    from fastapi.openapi.utils import get_openapi
+
+    from server.api import protocol
+
+    def openapi():
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+            for path, name in _BODY_MODELS.items():
+                op = doc.get("paths", {}).get(path, {}).get("post")
+                if op is None:
+                    continue
+                js = getattr(protocol, name).model_json_schema(ref_template="#/components/schemas/{model}")
+                schemas.update(js.pop("$defs", {}))
+                schemas[name] = js
+                op["requestBody"] = {"required": True, "content": {"application/json": {
+                    "schema": {"$ref": f"#/components/schemas/{name}"}}}}
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 async def drain(app: FastAPI, grace_s: float) -> bool:

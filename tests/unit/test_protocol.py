@@ -146,3 +146,15 @@ def test_server_api_never_imports_torch():
     code = ("import sys, server.api.app, server.api.routes, server.commands.serve; "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
+def test_openapi_publishes_generation_request_schemas():
+    from server.api.app import create_app
+    from server.config import Settings
+
+    doc = create_app(Settings(), manager=object(), metrics=None).openapi()
+    for path, name in (("/v1/completions", "CompletionRequest"), ("/v1/chat/completions", "ChatCompletionRequest")):
+        ref = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        assert ref == f"#/components/schemas/{name}"
+        assert "properties" in doc["components"]["schemas"][name]
+    assert "ChatMessage" in doc["components"]["schemas"]
