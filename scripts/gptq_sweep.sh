@@ -49,7 +49,7 @@ for name in "${ORDER[@]}"; do
     $JS eval "$model" --skip-speed --ppl-tokens "$PPL" --max-length 2048 --stride 512 --out "$OUT" --name "$name" \
       > "$OUT/$name.eval.log" 2>&1
   fi
-  grep -h "perplexity" "$OUT/$name.eval.log" | tail -1
+  grep -h "^\[.*perplexity" "$OUT/$name.eval.log" | tail -1
 done
 
 .venv/bin/python - "$OUT" <<'EOF'

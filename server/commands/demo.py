@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -22,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from server.config import Settings
 
+    # SIGTERM -> SystemExit, so the temp output folder is removed on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     store = args.store if args.store is not None else Settings().model_store
     from models.quantize.api import QuantizeInputError
     from models.quantize.demo import DEMO_SPECS, prepare

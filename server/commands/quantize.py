@@ -5,6 +5,7 @@ Bad input is refused with one line on stderr and exit code 2 before any model is
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -45,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
     from models.quantize.api import QuantizeInputError, QuantSpec, quantize
     from server.config import Settings
 
+    # SIGTERM -> SystemExit, so the temp output folder is removed on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     spec = QuantSpec(method=args.method, bits=args.bits, group_size=args.group_size, sym=args.sym,
                      desc_act=args.desc_act, damp_percent=args.damp_percent, act_group_aware=args.act_group_aware,
                      static_groups=args.static_groups, mse=args.mse, zero_point=args.zero_point, calib=args.calib,
