@@ -1,7 +1,7 @@
 """Property-based fuzzing of the HTTP API with schemathesis (`st run`) against a real server.
 
-The schema is the server's own /openapi.json. Routes that parse their JSON body by hand publish no request
-body schema, so the test adds the pydantic request models' JSON schema to those operations before fuzzing
+The schema is the server's own /openapi.json. The generation routes parse their JSON body by hand; if the
+schema lacks their request body, the test adds the pydantic request models' JSON schema before fuzzing
 (positive and negative cases). Checks: no 5xx (`not_a_server_error`), every request answered within
 `--max-response-time`, and every 4xx OpenAI-shaped (checked from the recorded cassette).
 
