@@ -11,7 +11,9 @@ Kernels:
 
 Prefill policy: `KernelPlan.dense_min_tokens` is the token count from which dequantize-then-dense beats the
 int4 kernel. On this CPU the int4 kernel won at every size measured (1..512 tokens, see
-benchmarks/qlinear.py), so the CPU plan never switches to dense. CUDA is unmeasured: tinygemm everywhere.
+benchmarks/qlinear.py), so the CPU plan never switches to dense. On an H100 (torch 2.11) tinygemm was 13-20x
+slower than dequantize + cuBLAS at 512 tokens on Llama-2-7B shapes, so CUDA prefill dequantizes from
+CUDA_DENSE_MIN_TOKENS tokens on; the exact crossover between 8 and 512 tokens is unmeasured.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ CPU_INT4PACK = "cpu_int4pack"
 CUDA_TINYGEMM = "cuda_tinygemm"
 CUDA_TRITON = "cuda_triton"
 CUDA_KERNELS = (CUDA_TINYGEMM, CUDA_TRITON)
+CUDA_DENSE_MIN_TOKENS = 64  # tinygemm below, dequantize + cuBLAS from here (see module docstring)
 TRITON_MAX_TOKENS = 16  # the Triton kernel tiles M by 16: decode; prefill dequantizes + cuBLAS
 REFERENCE = "reference"
 
@@ -77,7 +80,11 @@ def device_kernel(device: torch.device, cuda_kernel: Optional[str] = None) -> Ke
         plan = KernelPlan(CUDA_TRITON, TRITON_MAX_TOKENS + 1,
                           "Triton split-K W4 kernel for decode, dequantize + cuBLAS for prefill")
     elif device.type == "cuda" and _has_cuda_int4(device):
-        plan = KernelPlan(CUDA_TINYGEMM, None, "tinygemm on sm80+ (prefill crossover unmeasured)")
+        if cuda_layout_ok(device.index if device.index is not None else torch.cuda.current_device()):
+            plan = KernelPlan(CUDA_TINYGEMM, CUDA_DENSE_MIN_TOKENS,
+                              f"tinygemm on sm80+ for < {CUDA_DENSE_MIN_TOKENS} tokens, dequantize + cuBLAS for prefill")
+        else:
+            plan = KernelPlan(CUDA_TINYGEMM, None, "tinygemm on sm80+ (layout probe failed: no dense prefill)")
     else:
         plan = KernelPlan(REFERENCE, 0, f"no torch int4 kernel on {device.type}: dequantize + dense matmul")
     _log_once(device.type, plan.name, plan.reason)
@@ -184,6 +191,19 @@ def dequant_t(name: str, packed: torch.Tensor, scales_and_zeros: torch.Tensor, g
     codes_t = cuda_tinygemm_codes(packed, in_features).t()  # (in, N)
     sz = scales_and_zeros.to(dtype).repeat_interleave(group_size, dim=0)  # (in, N, 2)
     return (codes_t.to(dtype) - 8) * sz[..., 0] + sz[..., 1]
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_layout_ok(device_index: int) -> bool:
+    """Probe once per GPU that cuda_tinygemm_codes inverts this torch build's tinygemm converter."""
+    dev = torch.device("cuda", device_index)
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randint(0, 16, (64, 256), generator=gen, dtype=torch.uint8).to(dev)
+    packed = torch.ops.aten._convert_weight_to_int4pack((w[:, ::2] << 4 | w[:, 1::2]).contiguous(), 8)
+    ok = torch.equal(cuda_tinygemm_codes(packed, 256), w)
+    if not ok:
+        logger.warning("torch CUDA tinygemm layout differs from the known one: dense prefill disabled")
+    return ok
 
 
 @functools.lru_cache(maxsize=None)
