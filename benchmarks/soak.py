@@ -1,7 +1,7 @@
 """Soak test: N minutes of steady closed-loop load; reports RSS growth and errors.
 
 By default it starts `jetserve serve` itself as a child process on a free loopback port (so it can read the
-server's RSS), warms it up, then keeps `--concurrency` streaming chat requests in flight for `--minutes`.
+server's RSS), warms it up (waves of `--concurrency` requests), then keeps `--concurrency` streaming chat requests in flight for `--minutes`.
 RSS is sampled every `--sample-s` seconds. Growth is measured from the RSS after warm-up (the baseline) to
 the RSS at the end, after the load has stopped and the server is idle. Targets: growth < 2 %, zero errors.
 
@@ -29,7 +29,10 @@ async def _soak(cfg: LoadConfig, srv: ServerProcess, model: str, concurrency: in
                 sample_s: float, warmup_requests: int) -> dict:
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(limits=limits, trust_env=False) as client:
-        warm = [await one_request(client, cfg, model) for _ in range(warmup_requests)]
+        # warm-up at the soak's concurrency, so batch-sized buffers exist before the baseline is taken
+        warm = []
+        for _ in range(max(1, warmup_requests // concurrency)):
+            warm += await asyncio.gather(*(one_request(client, cfg, model) for _ in range(concurrency)))
         if not all(r.ok for r in warm):
             raise RuntimeError(f"warm-up failed: {[(r.status, r.error) for r in warm if not r.ok][:3]}")
         await asyncio.sleep(1.0)
