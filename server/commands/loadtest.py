@@ -30,7 +30,7 @@ def _float_list(text: str) -> list[float]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default="http://127.0.0.1:8000", help="Server base URL (loopback only).")
-    p.add_argument("--model", default=None, help="Model id (default: first of GET /v1/models).")
+    p.add_argument("--model", default=None, help="Model id (default: the first model GET /v1/models lists as loaded).")
     p.add_argument("--concurrency", type=_int_list, default=None,
                    help="Closed-loop concurrency levels, e.g. 1,2,4,8 (default 1,2,4,8 when --rate is not given).")
     p.add_argument("--rate", type=_float_list, default=None, help="Open-loop Poisson arrival rate(s), requests/s.")
