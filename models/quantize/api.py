@@ -270,7 +270,8 @@ def quantize(src: str, out: str, spec: QuantSpec, overwrite: bool = False, store
         log.info("quantizing %s with %s on %s: %s", src_dir, spec.method, device, spec.to_dict())
         # Calibration forwards run in float32 on CPU: about 2x faster than bf16 on CPUs without bf16 matmul units,
         # and never less accurate. Unquantized tensors are cast back to the source dtype after saving.
-        load_kw = {"dtype": torch.float32} if device == "cpu" else {}
+        # GPTQModel's AWQ path only accepts fp16/bf16 layers, so AWQ keeps the checkpoint dtype.
+        load_kw = {"dtype": torch.float32} if (device == "cpu" and spec.method != "awq") else {}
         model = GPTQModel.load(str(src_dir), qcfg, **load_kw)
         backend = BACKEND.AWQ_TORCH if (spec.method == "awq" and device == "cpu") else BACKEND.AUTO
         calibration = None
