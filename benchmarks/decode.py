@@ -263,17 +263,22 @@ def run(args) -> int:
                                   if k not in ("func",)},
                          "threads": torch.get_num_threads(), "torch": torch.__version__,
                          "loadavg_1m_start": os.getloadavg()[0]}
-    r["bandwidth"] = measure_bandwidth()
-    r["ours_gptq"] = bench_ours(gptq, args)
+    def step(key: str, fn: Callable[[], Any]) -> None:
+        r[key] = fn()
+        brief = {k: v for k, v in (r[key] or {}).items() if isinstance(v, (int, float, str))}
+        print(f"[{key}] {json.dumps(brief)}", file=sys.stderr, flush=True)
+
+    step("bandwidth", measure_bandwidth)
+    step("ours_gptq", lambda: bench_ours(gptq, args))
     if awq is not None and (awq / "config.json").is_file():
-        r["ours_awq"] = bench_ours(awq, args)
+        step("ours_awq", lambda: bench_ours(awq, args))
     if not args.skip_hf:
-        r["hf_gptq"] = bench_hf_generate(gptq, args)
+        step("hf_gptq", lambda: bench_hf_generate(gptq, args))
         if "ours_awq" in r:
-            r["hf_awq"] = bench_hf_generate(awq, args)
+            step("hf_awq", lambda: bench_hf_generate(awq, args))
         if (dense / "config.json").is_file():
-            r["hf_bf16"] = bench_hf_generate(dense, args)
-    r["llama_cpp"] = bench_llama_cpp(args)
+            step("hf_bf16", lambda: bench_hf_generate(dense, args))
+    step("llama_cpp", lambda: bench_llama_cpp(args))
     r["loadavg_1m_end"] = os.getloadavg()[0]
     table = _fmt_table(r)
     print(table)
