@@ -187,10 +187,10 @@ def _import_default_loaders(model_dir: Path) -> None:
     models.tokenizer.Tokenizer.from_dir(model_dir)
 
 
-def _default_tokenizer_loader(model_dir: Path):
+def _default_tokenizer_loader(model_dir: Path, trust_remote_code: bool = False):
     from models.tokenizer import Tokenizer
 
-    return Tokenizer.from_dir(model_dir)
+    return Tokenizer.from_dir(model_dir, trust_remote_code=trust_remote_code)
 
 
 class ModelManager:
@@ -204,8 +204,12 @@ class ModelManager:
         self.store = store or ModelStore(settings.model_store, settings.models_config)
         self.device = resolve_device(settings.device)
         self._engine_factory = engine_factory
-        self._runner_loader = runner_loader or _default_runner_loader
-        self._tokenizer_loader = tokenizer_loader or _default_tokenizer_loader
+        # trust_remote_code reaches the runtime only from Settings (off unless the operator sets it)
+        trust = settings.trust_remote_code
+        self._runner_loader = runner_loader or functools.partial(_default_runner_loader, trust_remote_code=trust)
+        self._default_tokenizer = tokenizer_loader is None
+        self._tokenizer_loader = tokenizer_loader or functools.partial(_default_tokenizer_loader,
+                                                                       trust_remote_code=trust)
         self.memory_source = memory_source or memory_source_for(self.device)
         self.budget_bytes = parse_memory_budget(settings.memory_budget, self.memory_source.snapshot().total)
         self._loaded: Dict[str, LoadedModel] = {}
@@ -378,7 +382,7 @@ class ModelManager:
         s = self._settings_for(spec)
         shape = read_model_shape(spec.path)
         fp = self._predict(spec)
-        if not self._runtime_imported and self._tokenizer_loader is _default_tokenizer_loader:
+        if not self._runtime_imported and self._default_tokenizer:
             try:
                 _import_default_loaders(spec.path)
             except Exception:  # a broken tokenizer is reported by the measured load below, as a ModelLoadError

@@ -301,3 +301,11 @@ def test_cuda_runtime_terms(monkeypatch):
         2 * 2**20 + 3 * 2 * 1000 * 4 + CUDA_CONSTANT_BYTES
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:2:16:8")
     assert cublas_workspace_bytes("cuda") == 4096 * 1024 * 2 + 16 * 1024 * 8
+
+
+def test_trust_remote_code_reaches_default_loaders_only_from_settings(tmp_path):
+    """The default runner and tokenizer loaders get Settings.trust_remote_code (False unless set)."""
+    for flag in (False, True):
+        mgr = ModelManager(Settings(model_store=tmp_path, trust_remote_code=flag))
+        assert mgr._runner_loader.keywords == {"trust_remote_code": flag}
+        assert mgr._tokenizer_loader.keywords == {"trust_remote_code": flag}
