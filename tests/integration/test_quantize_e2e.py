@@ -1,5 +1,9 @@
 """End to end on the real SmolLM2-135M-Instruct: `jetserve quantize` with both methods (small calibration),
-load the result with transformers, perplexity finite and close to bf16."""
+load the result with transformers, perplexity finite and close to bf16.
+
+GPTQ is quantized here (about 2 min on 2 cores). GPTQModel's AWQ costs about 15 min on this CPU whatever the
+calibration size, so the AWQ leg checks the variant `make test` already wrote through the same `jetserve
+quantize` code path (`jetserve demo prepare`, 8 x 256 c4 tokens) instead of quantizing a second time."""
 from __future__ import annotations
 
 import json
@@ -41,7 +45,7 @@ def bf16_ppl(smollm2_dir, wiki_ids):
     return _ppl(smollm2_dir, wiki_ids)
 
 
-@pytest.mark.parametrize("method,extra", [("gptq", []), ("awq", ["--zero-point"])])
+@pytest.mark.parametrize("method,extra", [("gptq", [])])
 def test_quantize_real_model_small_calibration(smollm2_dir, model_store, tmp_path, wiki_ids, bf16_ppl, method,
                                                extra, capsys):
     out = tmp_path / f"smollm2-{method}"
@@ -63,5 +67,9 @@ def test_demo_store_variants_close_to_bf16(model_store, wiki_ids, bf16_ppl, vari
     d = model_store / f"smollm2-135m-instruct-{variant}"
     if not (d / "config.json").is_file():
         pytest.skip(f"{d} missing: run `jetserve demo prepare`")
+    q = json.loads((d / "config.json").read_text())["quantization_config"]
+    assert q["quant_method"] == variant.split("-")[0] and q["bits"] == 4 and q["group_size"] == 64
+    card = (d / "README.md").read_text()
+    assert "calibration" in card.lower()
     ppl = _ppl(d, wiki_ids)
     assert math.isfinite(ppl) and bf16_ppl * 0.97 < ppl < bf16_ppl * 1.4, (variant, ppl, bf16_ppl)
