@@ -1,6 +1,7 @@
 """README: opens with exactly the two set-up commands, and they are real Makefile targets doing what it says."""
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -31,7 +32,10 @@ def _make_dry_run(target: str) -> str:
     make = shutil.which("make")
     if make is None:
         pytest.fail("make is not installed")
-    proc = subprocess.run([make, "-n", "-B", target], cwd=REPO, capture_output=True, text=True, timeout=60)
+    # under `make test` the parent make's MAKEFLAGS/MAKELEVEL would add "Entering/Leaving directory" lines
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
+    proc = subprocess.run([make, "--no-print-directory", "-n", "-B", target], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, env=env)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
