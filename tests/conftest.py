@@ -79,3 +79,9 @@ def write_tiny_llama(out_dir: Path, tokenizer_src: Path, seed: int = 0, **overri
 def tiny_llama_dir(tmp_path_factory, smollm2_dir: Path) -> Path:
     """A tiny random Llama HF folder (bf16, SmolLM2 tokenizer). Session-scoped; do not modify it."""
     return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama") / "tiny-llama", smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_writer():
+    """`write_tiny_llama` as a fixture: test modules cannot `import conftest` (two conftest.py files share the name)."""
+    return write_tiny_llama
