@@ -75,15 +75,20 @@ def stack(tiny_llama_dir, tmp_path_factory):
     try:
         _wait(f"http://127.0.0.1:{jport}/ready", 120, server)
         _wait(f"http://127.0.0.1:{pport}/-/ready", 30, prom)
+        base = f"http://127.0.0.1:{pport}"
+        # a scrape must happen before the traffic, or rate() sees one value and stays 0
+        deadline = time.monotonic() + 30
+        while not _query(base, 'up{job="jetserve"} == 1'):
+            assert time.monotonic() < deadline, "Prometheus never scraped jetserve"
+            time.sleep(0.5)
+        time.sleep(1.5)
         for i in range(4):
             r = httpx.post(f"http://127.0.0.1:{jport}/v1/completions", timeout=60,
                            json={"model": tiny_llama_dir.name, "prompt": f"Hello {i}", "max_tokens": 8})
             assert r.status_code == 200, r.text
-        base = f"http://127.0.0.1:{pport}"
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:  # until two scrapes after the traffic make rate() non-zero
-            if _query(base, "sum(rate(jetserve:generation_tokens_total[30s])) > 0"):
-                break
+        while not _query(base, "sum(rate(jetserve:generation_tokens_total[30s])) > 0"):  # scrapes after the traffic
+            assert time.monotonic() < deadline, "generation_tokens_total never rose in Prometheus"
             time.sleep(0.5)
         time.sleep(2)  # one more scrape so gauges set after the last request are in too
         yield base
