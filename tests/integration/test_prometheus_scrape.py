@@ -60,7 +60,7 @@ def test_prometheus_scrapes_jetserve(tmp_path, start_server, smollm2_dir):
                 assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()[-3000:]
                 try:
                     result = query(prom, 'jetserve:generation_tokens_total{job="jetserve",model="tiny-a"}')
-                except httpx.TransportError:
+                except (httpx.TransportError, httpx.HTTPStatusError):  # not listening yet, or 503 while starting
                     result = []
                 if result:
                     break
