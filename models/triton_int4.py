@@ -44,8 +44,7 @@ def unpack_qweight_t(qweight_t: torch.Tensor) -> torch.Tensor:
 def dequant_t(qweight_t: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
               dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """W^T (K, N) in `dtype`: the prefill path (dense matmul after dequantizing)."""
-    shifts = (torch.arange(8, device=qweight_t.device, dtype=torch.int32) * 4).view(1, 8, 1)
-    codes = ((qweight_t.unsqueeze(1) >> shifts) & 0xF).reshape(-1, qweight_t.shape[1])  # (K, N)
+    codes = unpack_qweight_t(qweight_t).t()  # (K, N)
     sz = scales_and_zeros.to(dtype).repeat_interleave(group_size, dim=0)  # (K, N, 2)
     return (codes.to(dtype) - 8) * sz[..., 0] + sz[..., 1]
 
