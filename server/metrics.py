@@ -170,6 +170,11 @@ class Metrics:
     def model_loaded(self, model: str, *, predicted_bytes: int, measured_bytes: int, load_seconds: float,
                      weight_bytes: int = 0) -> None:
         self.loads.labels(model).inc()
+        # series exist at 0 from the load on, so rate()/increase() see the first requests (a series born at its
+        # final value reads as flat)
+        for metric in (self.prompt_tokens, self.generation_tokens, self.ttft, self.itl, self.e2e, self.queue,
+                       self.decode_tps):
+            metric.labels(model)
         self.model_memory.labels(model, "predicted").set(predicted_bytes)
         self.model_memory.labels(model, "measured").set(measured_bytes)
         self.load_seconds.labels(model).set(load_seconds)

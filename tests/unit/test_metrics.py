@@ -32,6 +32,17 @@ def feed(m: Metrics) -> None:
     m.on_error("429", "smol")
 
 
+def test_request_series_exist_at_zero_from_the_load():
+    # a counter born at its final value reads as flat to rate(); the live Prometheus test depends on this
+    m = Metrics(telemetry=None)
+    g = m.registry.get_sample_value
+    assert g("jetserve:generation_tokens_total", {"model": "smol"}) is None
+    m.model_loaded("smol", predicted_bytes=1, measured_bytes=1, load_seconds=0.1)
+    assert g("jetserve:generation_tokens_total", {"model": "smol"}) == 0
+    assert g("jetserve:prompt_tokens_total", {"model": "smol"}) == 0
+    assert g("jetserve:time_to_first_token_seconds_count", {"model": "smol"}) == 0
+
+
 def test_values_from_stats():
     m = Metrics(telemetry=None)
     feed(m)
