@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from models.quantize.calibration import CalibrationError, cut_samples, resolve_text, tokenize_text
+from models.quantize.sink import sink_weighted_hessian
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class QuantSpec:
     static_groups: bool = False
     true_sequential: bool = True
     mse: float = 0.0
+    sink_weight: Optional[float] = None
     # AWQ
     zero_point: bool = True
     # calibration
@@ -76,19 +78,21 @@ class QuantSpec:
                 damp_percent=GPTQ_DEFAULTS["damp_percent"] if self.damp_percent is None else self.damp_percent,
                 act_group_aware=(GPTQ_DEFAULTS["act_group_aware"] if self.act_group_aware is None
                                  else self.act_group_aware),
+                sink_weight=GPTQ_DEFAULTS["sink_weight"] if self.sink_weight is None else self.sink_weight,
             )
         return self
 
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self.resolved())
         if self.method == "awq":
-            for k in ("sym", "desc_act", "damp_percent", "act_group_aware", "static_groups", "true_sequential", "mse"):
+            for k in ("sym", "desc_act", "damp_percent", "act_group_aware", "static_groups", "true_sequential", "mse",
+                      "sink_weight"):
                 d.pop(k)
         else:
             d.pop("zero_point")
         if self.method == "rtn":
             for k in ("desc_act", "damp_percent", "act_group_aware", "static_groups", "true_sequential", "mse",
-                      "calib", "nsamples", "seqlen", "seed"):
+                      "sink_weight", "calib", "nsamples", "seqlen", "seed"):
                 d.pop(k)
         return d
 
@@ -97,8 +101,11 @@ class QuantSpec:
 
 
 # jetserve's GPTQ defaults (see docs/benchmarks.md, "GPTQ sweep"): asymmetric grid, no act-order, damp 0.01,
-# GPTQModel's act_group_aware ordering off.
-GPTQ_DEFAULTS: Dict[str, Any] = {"sym": False, "desc_act": False, "damp_percent": 0.01, "act_group_aware": False}
+# GPTQModel's act_group_aware ordering off, each sample's first (attention-sink) token weighted SINK_WEIGHT times in
+# the Hessians of the q/k/v projections (models/quantize/sink.py).
+SINK_WEIGHT = 128.0
+GPTQ_DEFAULTS: Dict[str, Any] = {"sym": False, "desc_act": False, "damp_percent": 0.01, "act_group_aware": False,
+                                 "sink_weight": SINK_WEIGHT}
 
 
 @dataclass
@@ -187,6 +194,8 @@ def validate(src: str, out: str, spec: QuantSpec, overwrite: bool = False,
     r = spec.resolved()
     if r.method == "gptq" and not (0.0 < float(r.damp_percent) < 1.0):
         raise QuantizeInputError(f"--damp-percent must be in (0, 1), got {r.damp_percent}")
+    if r.method == "gptq" and not (float(r.sink_weight) >= 1.0 and math.isfinite(float(r.sink_weight))):
+        raise QuantizeInputError(f"--sink-weight must be a finite number >= 1 (1 = plain GPTQ), got {r.sink_weight}")
     outp = Path(out).expanduser()
     if outp.exists() and (not outp.is_dir() or any(outp.iterdir())) and not overwrite:
         raise QuantizeInputError(f"OUT {out} exists and is not empty; pass --overwrite to replace it")
@@ -277,7 +286,9 @@ def quantize(src: str, out: str, spec: QuantSpec, overwrite: bool = False, store
         calibration = None
         if samples is not None:
             calibration = [{"input_ids": s, "attention_mask": [1] * len(s)} for s in samples]
-        model.quantize(calibration, batch_size=1, backend=backend, calibration_sort=None)
+        sink = spec.resolved().sink_weight if spec.method == "gptq" else 1.0
+        with sink_weighted_hessian(float(sink)):
+            model.quantize(calibration, batch_size=1, backend=backend, calibration_sort=None)
         model.save(str(tmp))
         del model
         if load_kw:

@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    default=None, help="GPTQModel's group-aware activation ordering (default: off)")
     g.add_argument("--static-groups", action="store_true", help="Fix group scales before act-order (GPTQ)")
     g.add_argument("--mse", type=float, default=0.0, help="GPTQModel MSE grid search norm (0 = off)")
+    g.add_argument("--sink-weight", type=float, default=None,
+                   help="Weight of each calibration sample's first (attention-sink) token in the GPTQ Hessians of "
+                        "the q/k/v projections; 1 = plain GPTQ (default 128, see docs/benchmarks.md)")
     a = parser.add_argument_group("AWQ")
     a.add_argument("--zero-point", dest="zero_point", action=argparse.BooleanOptionalAction, default=True,
                    help="Asymmetric grid with zero points (default: on)")
@@ -50,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     spec = QuantSpec(method=args.method, bits=args.bits, group_size=args.group_size, sym=args.sym,
                      desc_act=args.desc_act, damp_percent=args.damp_percent, act_group_aware=args.act_group_aware,
-                     static_groups=args.static_groups, mse=args.mse, zero_point=args.zero_point, calib=args.calib,
+                     static_groups=args.static_groups, mse=args.mse, sink_weight=args.sink_weight,
+                     zero_point=args.zero_point, calib=args.calib,
                      nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
     store = args.store if args.store is not None else Settings().model_store
     try:
