@@ -3,6 +3,7 @@
 #   calibration: c4, $NS samples x $SL tokens, seed 0      (full protocol: 64 x 512)
 #   evaluation:  first $PPL tokens of wiki.utf8, max_length 2048, stride 512, transformers runtime, bf16
 # Every point is `jetserve quantize` + `jetserve eval`; results land in $OUT/<name>.json and $OUT/sweep.md.
+# Points without "sink" in their name are plain GPTQ (--sink-weight 1); jetserve's default is the sink128 point.
 # Usage: scripts/gptq_sweep.sh [point ...]   (default: all points). Needs `jetserve demo prepare` first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,19 +23,21 @@ declare -A POINTS=(
   [rtn-g64-sym]="--method rtn --group-size 64 --sym"
   [rtn-g64-asym]="--method rtn --group-size 64 --asym"
   [rtn-g32-asym]="--method rtn --group-size 32 --asym"
-  [gptq-g64-sym-actorder-damp0.01]="--method gptq --group-size 64 --sym --desc-act --damp-percent 0.01"
-  [gptq-g64-sym-gar-damp0.05]="--method gptq --group-size 64 --sym --no-desc-act --act-group-aware --damp-percent 0.05"
-  [gptq-g64-asym-damp0.01]="--method gptq --group-size 64 --asym --no-desc-act --no-act-group-aware --damp-percent 0.01"
-  [gptq-g64-asym-actorder-damp0.01]="--method gptq --group-size 64 --asym --desc-act --damp-percent 0.01"
-  [gptq-g64-asym-gar-damp0.01]="--method gptq --group-size 64 --asym --no-desc-act --act-group-aware --damp-percent 0.01"
-  [gptq-g64-asym-damp0.1]="--method gptq --group-size 64 --asym --no-desc-act --no-act-group-aware --damp-percent 0.1"
-  [gptq-g64-asym-mse2.4]="--method gptq --group-size 64 --asym --no-desc-act --no-act-group-aware --damp-percent 0.01 --mse 2.4"
-  [gptq-g32-asym-damp0.01]="--method gptq --group-size 32 --asym --no-desc-act --no-act-group-aware --damp-percent 0.01"
+  [gptq-g64-sym-actorder-damp0.01]="--method gptq --group-size 64 --sym --desc-act --damp-percent 0.01 --sink-weight 1"
+  [gptq-g64-sym-gar-damp0.05]="--method gptq --group-size 64 --sym --no-desc-act --act-group-aware --damp-percent 0.05 --sink-weight 1"
+  [gptq-g64-asym-damp0.01]="--method gptq --group-size 64 --asym --no-desc-act --no-act-group-aware --damp-percent 0.01 --sink-weight 1"
+  [gptq-g64-asym-actorder-damp0.01]="--method gptq --group-size 64 --asym --desc-act --damp-percent 0.01 --sink-weight 1"
+  [gptq-g64-asym-gar-damp0.01]="--method gptq --group-size 64 --asym --no-desc-act --act-group-aware --damp-percent 0.01 --sink-weight 1"
+  [gptq-g64-asym-damp0.1]="--method gptq --group-size 64 --asym --no-desc-act --no-act-group-aware --damp-percent 0.1 --sink-weight 1"
+  [gptq-g64-asym-mse2.4]="--method gptq --group-size 64 --asym --no-desc-act --no-act-group-aware --damp-percent 0.01 --mse 2.4 --sink-weight 1"
+  [gptq-g32-asym-damp0.01]="--method gptq --group-size 32 --asym --no-desc-act --no-act-group-aware --damp-percent 0.01 --sink-weight 1"
+  [gptq-g64-asym-sink128]="--method gptq --group-size 64 --asym --no-desc-act --no-act-group-aware --damp-percent 0.01 --sink-weight 128"
+  [gptq-g64-asym-sink512]="--method gptq --group-size 64 --asym --no-desc-act --no-act-group-aware --damp-percent 0.01 --sink-weight 512"
   [awq-g64-zp]="--method awq --group-size 64 --zero-point"
 )
 ORDER=(bf16 rtn-g64-sym rtn-g64-asym rtn-g32-asym gptq-g64-asym-damp0.01 gptq-g64-sym-actorder-damp0.01
        gptq-g64-sym-gar-damp0.05 gptq-g64-asym-gar-damp0.01 gptq-g64-asym-actorder-damp0.01 gptq-g64-asym-mse2.4
-       gptq-g64-asym-damp0.1 gptq-g32-asym-damp0.01 awq-g64-zp)
+       gptq-g64-asym-damp0.1 gptq-g32-asym-damp0.01 gptq-g64-asym-sink128 gptq-g64-asym-sink512 awq-g64-zp)
 [ $# -gt 0 ] && ORDER=("$@")
 
 for name in "${ORDER[@]}"; do

@@ -4,6 +4,8 @@
 # Protocol (the issue's): calibration c4 NS x SL tokens (64 x 512), seed 0; evaluation: first PPL (32768)
 # tokens of wiki.utf8, max_length 2048, stride 512; decode: 256 new tokens, batch 1, median of RUNS runs after a
 # warm-up; TTFT on a 512-token prompt. Every model is evaluated in ONE `jetserve eval` process.
+# Runtime: jetserve's own (default; perplexity within 0.5% of transformers, tests/integration/test_runtime_parity.py)
+# or RUNTIME=transformers (transformers + GPTQModel kernels).
 # Reduced runs for a busy machine: NS=16 PPL=8192 RUNS=3 scripts/reproduce_benchmarks.sh
 # Also runs the GPTQ sweep when SWEEP=1 (scripts/gptq_sweep.sh, reduced protocol).
 set -euo pipefail
@@ -14,7 +16,7 @@ NS=${NS:-64}
 SL=${SL:-512}
 PPL=${PPL:-32768}
 RUNS=${RUNS:-5}
-RUNTIME=${RUNTIME:-transformers}
+RUNTIME=${RUNTIME:-jetserve}
 OUT=${OUT:-$STORE/results/bench-c4-${NS}x${SL}-ppl${PPL}-${RUNTIME}}
 BASE=$STORE/smollm2-135m-instruct
 B=$STORE/bench-c4-${NS}x${SL}
@@ -28,7 +30,7 @@ quant() {  # name, args...
     $JS quantize "$BASE" "$B/$name" "$@" --overwrite
   fi
 }
-# jetserve defaults for GPTQ (asym, no act-order, damp 0.01) and AWQ (zero point); g64 like the demo.
+# jetserve defaults for GPTQ (asym, no act-order, damp 0.01, sink weight 128) and AWQ (zero point); g64 like the demo.
 quant gptq-g64 --method gptq --group-size 64 --calib c4 --nsamples "$NS" --seqlen "$SL" --seed 0
 quant awq-g64 --method awq --group-size 64 --calib c4 --nsamples "$NS" --seqlen "$SL" --seed 0
 quant rtn-g64 --method rtn --group-size 64 --asym
