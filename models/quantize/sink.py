@@ -5,15 +5,17 @@ In a decoder LM the first token of a sequence is an attention sink: most heads o
 their attention on it, and its value vector is near zero so that attending to it is a no-op. An error on the
 sink's key or value is therefore added to the attention output of every later token, but plain GPTQ weighs the
 sink like any one of the `seqlen` tokens of a calibration sample and trades its accuracy away for the others.
-On SmolLM2-135M the sink's v_proj output error under GPTQ g64 was 14x that of round-to-nearest (layer 20:
-5.05 vs 0.36, with a reference norm of 2.83) while the other positions' error was 2.6x lower (docs/benchmarks.md).
+On SmolLM2-135M, layer 20's v_proj under GPTQ g64 had a squared output error of 5.05 on the sink (round-to-nearest:
+0.36; the sink's squared value norm is only 2.83) while the other positions' error was 2.6x lower than
+round-to-nearest's (docs/benchmarks.md).
 
 What: while GPTQModel accumulates the Hessian of an attention input projection (q/k/v, the layers whose error on
 the sink reaches every later token through attention), the first position of every calibration sample counts
 `weight` times (its row is scaled by sqrt(weight)); H = 2/n * (weight * x_0 x_0^T + sum_{t>0} x_t x_t^T).
 Everything else (sample count, damping, the quantizer, the other layers) is unchanged. weight 1 is plain GPTQ.
-Weighting every linear was worse on SmolLM2: the sink's massive activations then dominate the MLP Hessians and
-GPTQModel's damping (a fraction of the mean Hessian diagonal), see docs/benchmarks.md.
+Weighting every linear was measured worse on SmolLM2 (docs/benchmarks.md); a likely but untested reason is that the
+sink's massive MLP activations then dominate those Hessians and GPTQModel's damping (a fraction of their mean
+diagonal).
 
 The hook wraps `gptqmodel.quantization.gptq.GPTQ.add_batch`, whose per-sample call receives the inputs as
 (1, tokens, in_features) (batch_size=1, every token kept). The wrapper checks that contract and fails loudly if
