@@ -274,6 +274,31 @@ def resolve_device(device: Union[str, torch.device]) -> torch.device:
     return torch.device(device)
 
 
+def release_freed_heap() -> bool:
+    """Return the C heap's free pages to the OS (glibc `malloc_trim(0)`); False where libc has no malloc_trim.
+
+    Loading frees tens of MiB of unpack/repack temporaries that glibc keeps in its arenas: resident and counted by
+    the OS (on a Jetson, against the RAM the GPU shares) though no tensor uses them. On SmolLM2 GPTQ g64 the RSS
+    growth of a load fell from 357-389 MiB (varying run to run) to 326 MiB against 331 MiB predicted.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        trim = getattr(libc, "malloc_trim", None)
+    except OSError:
+        trim = None
+    if trim is None:
+        return False
+    import gc
+
+    gc.collect()
+    trim(0)
+    return True
+
+
 def load_runner(model_dir: Union[str, Path], *, device: Union[str, torch.device] = "cpu",
                 dtype: torch.dtype = torch.bfloat16, max_slots: int = 8, max_seq: int = 2048,
                 trust_remote_code: bool = False):
@@ -300,6 +325,7 @@ def load_runner(model_dir: Union[str, Path], *, device: Union[str, torch.device]
         logger.warning("mistral sliding_window=%s < max_seq=%d: capping max_seq", cfg["sliding_window"], max_seq)
         max_seq = int(cfg["sliding_window"])
     model = build_model(model_dir, spec, dims, info.qcfg, device=device, dtype=dtype)
+    release_freed_heap()  # the unpack/repack temporaries of every layer
     model.init_rope(max_seq, device, dtype)
     cache = KVCache(dims.layers, max_slots, max_seq, dims.kv_heads, dims.head_dim, device=device, dtype=dtype)
     logger.info("loaded %s (%s, %s %d-bit g%d) on %s: %d layers, KV cache %.1f MiB for %d slots x %d tokens",
