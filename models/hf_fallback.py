@@ -52,8 +52,10 @@ class HFFallbackRunner:
     def prefill(self, tokens: torch.Tensor, slot: int, start_pos: int = 0) -> torch.Tensor:
         return self._forward(tokens, slot, start_pos)[-1]
 
-    def prefill_logits(self, tokens: torch.Tensor, slot: int, start_pos: int = 0) -> torch.Tensor:
-        return self._forward(tokens, slot, start_pos)
+    def prefill_logits(self, tokens: torch.Tensor, slot: int, start_pos: int = 0,
+                       last: Optional[int] = None) -> torch.Tensor:
+        out = self._forward(tokens, slot, start_pos)
+        return out if last is None else out[-last:]
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         rows = [self._forward(tokens[i:i + 1], int(slots[i]), int(positions[i]))[-1] for i in range(tokens.shape[0])]

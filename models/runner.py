@@ -80,10 +80,13 @@ class Runner:
         return self.model.head(x[-1:])[0]
 
     @torch.inference_mode()
-    def prefill_logits(self, tokens: torch.Tensor, slot: int, start_pos: int = 0) -> torch.Tensor:
-        """Like `prefill`, but float32 logits (T, vocab) for every position (perplexity)."""
+    def prefill_logits(self, tokens: torch.Tensor, slot: int, start_pos: int = 0,
+                       last: Optional[int] = None) -> torch.Tensor:
+        """Like `prefill`, but float32 logits (T, vocab) for every position, or (last, vocab) for the last `last`
+        positions only (perplexity scores only a window's new tokens; the lm_head is then run on those alone)."""
         t = self._check_prefill(tokens, slot, start_pos)
-        return self.model.head(self.model.prefill(t, slot, start_pos, self.cache))
+        h = self.model.prefill(t, slot, start_pos, self.cache)  # (T, hidden)
+        return self.model.head(h if last is None else h[-last:])
 
     # --- decode -------------------------------------------------------------------------------------------
     def _kv_len(self, positions: torch.Tensor) -> Optional[int]:

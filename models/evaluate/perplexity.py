@@ -39,19 +39,21 @@ def windows(n_tokens: int, max_length: int, stride: int) -> Iterator[Tuple[int, 
 
 def perplexity(logits_fn: Callable[[torch.Tensor], torch.Tensor], ids: Sequence[int], max_length: int = 2048,
                stride: int = 512, progress: Callable[[int], None] | None = None) -> PerplexityResult:
-    """`logits_fn(ids (T,) LongTensor) -> (T, vocab)` logits for every position of one window (no cache)."""
+    """`logits_fn(ids (T,) LongTensor, last) -> (last, vocab)` logits of the window's last `last` positions
+    (no cache); only the positions that predict a scored token are asked for."""
     ids_t = torch.as_tensor(list(ids), dtype=torch.long)
     nll_sum = 0.0
     count = 0
     n_windows = 0
     for begin, end, first in windows(len(ids_t), max_length, stride):
-        logits = logits_fn(ids_t[begin:end]).float()  # (T, V)
-        # logits at position p predict token p+1: targets first..end-1 use logits first-1-begin .. end-2-begin
-        pred = logits[first - 1 - begin:end - 1 - begin]  # (n, V)
+        n = end - first
+        # logits at position p predict token p+1: targets first..end-1 use the logits of positions first-1..end-2,
+        # i.e. the last n+1 positions without the final one
+        pred = logits_fn(ids_t[begin:end], n + 1).float()[:-1]  # (n, V)
         tgt = ids_t[first:end].to(pred.device)  # (n,)
         nll = torch.nn.functional.cross_entropy(pred, tgt, reduction="sum")
         nll_sum += float(nll)
-        count += end - first
+        count += n
         n_windows += 1
         if progress is not None:
             progress(end - first)

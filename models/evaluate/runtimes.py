@@ -1,7 +1,8 @@
 """The two runtimes `jetserve eval` measures, behind one small interface.
 
 `EvalRuntime`:
-- `all_logits(ids (T,)) -> (T, vocab) float32` — fresh sequence, logits of every position (perplexity);
+- `all_logits(ids (T,), last=None) -> (T or last, vocab) float32` — fresh sequence, logits of every position or of
+  the last `last` ones (perplexity);
 - `prefill(ids (T,)) -> (vocab,) float32` — start a fresh sequence, logits of its last token;
 - `decode(token: LongTensor (1,), pos: int) -> (vocab,) float32` — one token at batch 1 after prefill;
 - `sync()` — wait for the device; `weights_bytes`; `close()`.
@@ -48,8 +49,9 @@ class TransformersRuntime:
         self._past = None
 
     @torch.inference_mode()
-    def all_logits(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model(ids.to(self.device)[None], use_cache=False).logits[0].float()
+    def all_logits(self, ids: torch.Tensor, last: Optional[int] = None) -> torch.Tensor:
+        keep = 0 if last is None else last  # transformers: logits_to_keep=0 keeps every position
+        return self.model(ids.to(self.device)[None], use_cache=False, logits_to_keep=keep).logits[0].float()
 
     @torch.inference_mode()
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
@@ -90,13 +92,14 @@ class JetserveRuntime:
         self.weights_bytes = int(self.runner.memory_report().get("weights_bytes", 0))
         self._slot = 0
 
-    def all_logits(self, ids: torch.Tensor) -> torch.Tensor:
+    def all_logits(self, ids: torch.Tensor, last: Optional[int] = None) -> torch.Tensor:
         fn = getattr(self.runner, "prefill_logits", None)
         if fn is None:
             raise RuntimeUnavailable("perplexity with --runtime jetserve needs Runner.prefill_logits(tokens, slot, "
                                      "start_pos) -> (T, vocab); this runner does not provide it yet")
         self.runner.release(self._slot)
-        out = fn(ids.to(self.device), self._slot, 0).float()
+        out = (fn(ids.to(self.device), self._slot, 0) if last is None
+               else fn(ids.to(self.device), self._slot, 0, last=last)).float()
         self.runner.release(self._slot)
         return out
 

@@ -31,7 +31,7 @@ def test_bad_window_arguments():
 
 def _bigram_logits_fn(table: torch.Tensor):
     """A 'model' whose logits at position p depend only on token p (no context), so every window agrees."""
-    return lambda ids: table[ids]
+    return lambda ids, last: table[ids[-last:]]
 
 
 def test_perplexity_equals_direct_nll_for_context_free_model():
@@ -48,14 +48,18 @@ def test_perplexity_equals_direct_nll_for_context_free_model():
 
 def test_context_limited_by_window(monkeypatch):
     """Each call sees at most max_length tokens; later windows carry max_length - stride tokens of context."""
-    seen = []
+    seen, asked = [], []
 
-    def fn(ids):
+    def fn(ids, last):
         seen.append(len(ids))
-        return torch.zeros(len(ids), 10)
+        asked.append(last)
+        return torch.zeros(last, 10)
 
     res = perplexity(fn, list(range(10)) * 10, max_length=32, stride=8)
     assert max(seen) == 32 and res.ppl == pytest.approx(10.0)
+    # only the positions predicting scored tokens (+ the final one, dropped) are asked for: 31 scored, then 8 each
+    # (the last window may hold fewer)
+    assert asked[0] == 32 and set(asked[1:-1]) == {9} and asked[-1] <= 9
 
 
 def test_real_tiny_model_matches_full_context_when_window_covers_text(tiny_llama_dir):
@@ -65,6 +69,19 @@ def test_real_tiny_model_matches_full_context_when_window_covers_text(tiny_llama
     ids = torch.randint(0, 49152, (200,), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         hf_loss = m(ids[None], labels=ids[None]).loss.item()  # HF mean NLL over 199 shifted targets
-        res = perplexity(lambda x: m(x[None]).logits[0], ids.tolist(), max_length=256, stride=128)
+        res = perplexity(lambda x, last: m(x[None]).logits[0, -last:], ids.tolist(), max_length=256, stride=128)
     assert res.windows == 1
     assert res.ppl == pytest.approx(math.exp(hf_loss), rel=1e-4)
+
+
+def test_runtimes_last_logits_equal_the_tail_of_all_logits(tiny_llama_dir):
+    """Both runtimes' all_logits(ids, last) are the last rows of the full logits (the lm_head on fewer rows)."""
+    from models.evaluate.runtimes import load_runtime
+
+    ids = torch.randint(0, 49152, (40,), generator=torch.Generator().manual_seed(2))
+    for kind in ("transformers", "jetserve"):
+        rt = load_runtime(kind, tiny_llama_dir, torch.device("cpu"), torch.float32, max_seq=64)
+        full, tail = rt.all_logits(ids), rt.all_logits(ids, 9)
+        assert full.shape[0] == 40 and tail.shape[0] == 9
+        torch.testing.assert_close(tail, full[-9:], rtol=1e-4, atol=1e-4)
+        rt.close()
