@@ -56,7 +56,7 @@ def perplexity(logits_fn: Callable[[torch.Tensor], torch.Tensor], ids: Sequence[
         count += n
         n_windows += 1
         if progress is not None:
-            progress(end - first)
+            progress(n)
     if count == 0:
         raise ValueError("text too short for perplexity: need at least 2 tokens")
     return PerplexityResult(math.exp(nll_sum / count), nll_sum, count, n_windows)

@@ -96,10 +96,9 @@ class JetserveRuntime:
         fn = getattr(self.runner, "prefill_logits", None)
         if fn is None:
             raise RuntimeUnavailable("perplexity with --runtime jetserve needs Runner.prefill_logits(tokens, slot, "
-                                     "start_pos) -> (T, vocab); this runner does not provide it yet")
+                                     "start_pos, last) -> (T or last, vocab); this runner does not provide it yet")
         self.runner.release(self._slot)
-        out = (fn(ids.to(self.device), self._slot, 0) if last is None
-               else fn(ids.to(self.device), self._slot, 0, last=last)).float()
+        out = fn(ids.to(self.device), self._slot, 0, last=last).float()
         self.runner.release(self._slot)
         return out
 

@@ -37,7 +37,8 @@ def _ppl(model_dir, ids) -> float:
 
     m = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16, device_map="cpu")
     with torch.inference_mode():
-        return perplexity(lambda x, last: m(x[None], use_cache=False, logits_to_keep=last).logits[0], ids, max_length=1024, stride=512).ppl
+        return perplexity(lambda x, last: m(x[None], use_cache=False, logits_to_keep=last).logits[0], ids,
+                          max_length=1024, stride=512).ppl
 
 
 @pytest.fixture(scope="module")
