@@ -85,9 +85,7 @@ def bench_shapes(device: torch.device, shapes: dict, tokens: Tuple[int, ...], gr
                  gen: torch.Generator) -> None:
     print(f"\n## int4 kernel vs dense bf16 on {device.type} (ms per call; ratio = dense / int4, >1: int4 faster)")
     cols = "| layer | tokens | int4 ms | dense ms | dense/int4 |"
-    has_deq = device.type == "cuda" or kernels.cpu_layout_ok()
-    if has_deq:
-        cols += " dequant+dense ms | (dequant+dense)/int4 |"
+    cols += " dequant+dense ms | (dequant+dense)/int4 |"
     print(cols)
     print("|" + "---|" * (cols.count("|") - 1))
     for name, (in_f, out_f) in shapes.items():
@@ -98,10 +96,9 @@ def bench_shapes(device: torch.device, shapes: dict, tokens: Tuple[int, ...], gr
             t_int4 = timer(device, lambda: layer(x), reps)
             t_dense = timer(device, lambda: torch.nn.functional.linear(x, w), reps)
             row = f"| {name} | {m} | {t_int4 * 1e3:.3f} | {t_dense * 1e3:.3f} | {t_dense / t_int4:.2f} |"
-            if has_deq:
-                t_deq = timer(device, lambda: x @ kernels.dequant_t(
-                    layer.plan.name, layer.packed, layer.scales_and_zeros, group, in_f), reps)
-                row += f" {t_deq * 1e3:.3f} | {t_deq / t_int4:.2f} |"
+            t_deq = timer(device, lambda: x @ kernels.dequant_t(
+                layer.plan.name, layer.packed, layer.scales_and_zeros, group, in_f), reps)
+            row += f" {t_deq * 1e3:.3f} | {t_deq / t_int4:.2f} |"
             print(row, flush=True)
         del layer, w
 

@@ -32,7 +32,7 @@ __all__ = [
     "UnsupportedFormatError", "QuantConfig", "QuantizedWeight", "read_quant_config", "parse_quant_config",
     "linear_tensor_names", "safetensors_header", "unpack_gptq", "pack_gptq", "unpack_awq", "pack_awq",
     "unpack_compressed", "dequantize", "regroup",
-    "act_order_perm", "to_int4pack_cpu", "to_int4pack_cuda", "int4pack_scales_and_zeros",
+    "act_order_perm", "int4_codes_grouped", "int4pack_scales_and_zeros",
     "SUPPORTED_BITS", "INT4PACK_GROUP_SIZES",
 ]
 
@@ -541,29 +541,13 @@ def int4pack_scales_and_zeros(qw: QuantizedWeight, dtype: torch.dtype = torch.bf
     return torch.stack([s, z], dim=-1).to(dtype).contiguous()
 
 
-def _int4_codes_grouped(qw: QuantizedWeight) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def int4_codes_grouped(qw: QuantizedWeight) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """4-bit codes (out, in) with groups contiguous along in, and the input permutation (None if sequential).
+
+    What models.kernels.pack_int4 takes; the permuted layer computes y = x[..., perm] @ W[:, perm].T.
+    """
     if qw.bits != 4:
         raise UnsupportedFormatError(f"int4 repack needs 4-bit weights, got {qw.bits}-bit")
     perm = act_order_perm(qw)
     q = qw.qweight if perm is None else qw.qweight[:, perm]
     return q.contiguous(), perm
-
-
-def to_int4pack_cpu(qw: QuantizedWeight) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """Repack for aten._weight_int4pack_mm_for_cpu: (packed weight, scales_and_zeros bf16, input perm or None)."""
-    q, perm = _int4_codes_grouped(qw)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.cpu().to(torch.int32), 1)
-    return packed, int4pack_scales_and_zeros(qw).cpu(), perm
-
-
-def to_int4pack_cuda(qw: QuantizedWeight, device: Union[str, torch.device] = "cuda", inner_k_tiles: int = 8
-                     ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """Repack for aten._weight_int4pack_mm (tinygemm, sm80+): (packed, scales_and_zeros bf16, perm or None).
-
-    `_convert_weight_to_int4pack` takes (out, in/2) uint8 with two codes per byte, high nibble first.
-    """
-    q, perm = _int4_codes_grouped(qw)
-    q = q.to(device=device, dtype=torch.uint8)
-    packed_u8 = (q[:, ::2] << 4 | q[:, 1::2]).contiguous()  # (out, in/2)
-    packed = torch.ops.aten._convert_weight_to_int4pack(packed_u8, inner_k_tiles)
-    return packed, int4pack_scales_and_zeros(qw).to(device), None if perm is None else perm.to(device)

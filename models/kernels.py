@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -35,7 +36,7 @@ TRITON_MAX_TOKENS = 16  # the Triton kernel tiles M by 16: decode; prefill dequa
 REFERENCE = "reference"
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
-CPU_N_BLOCK = 64  # _convert_weight_to_int4pack_for_cpu blocks 64 output rows (32 per nibble half)
+CPU_N_BLOCK = 64  # CPU int4pack rows are padded to this: its layout blocks 64 rows (AVX-512) or fewer
 
 
 @dataclass(frozen=True)
@@ -142,27 +143,6 @@ def int4_mm(name: str, x2d: torch.Tensor, packed: torch.Tensor, group_size: int,
     raise ValueError(f"not an int4 kernel: {name}")
 
 
-def cpu_int4pack_codes(packed: torch.Tensor, in_features: int) -> torch.Tensor:
-    """Unpack _convert_weight_to_int4pack_for_cpu output (N, in/2) uint8 -> codes (N, in) uint8.
-
-    Layout (torch 2.5+ CPU): 64-row blocks; byte [b, k, j] holds row b*64+j (low nibble) and
-    row b*64+32+j (high nibble) of column k. Verified against the converter by `cpu_layout_ok()`.
-    """
-    blocks = packed.reshape(-1, in_features, 32)  # (N/64, in, 32)
-    codes = torch.stack([blocks & 0xF, blocks >> 4], dim=2)  # (N/64, in, 2, 32)
-    return codes.permute(0, 2, 3, 1).reshape(-1, in_features)  # (N, in)
-
-
-def cpu_int4pack_dequant_t(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
-                           in_features: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """Dequantize the CPU int4pack layout straight to W^T (in, N_padded) in `dtype` (prefill helper)."""
-    blocks = packed.reshape(-1, in_features, 32)  # (N/64, in, 32)
-    codes = torch.stack([blocks & 0xF, blocks >> 4], dim=2)  # (N/64, in, 2, 32)
-    codes = codes.permute(1, 0, 2, 3).reshape(in_features, -1)  # (in, N)
-    sz = scales_and_zeros.to(dtype).repeat_interleave(group_size, dim=0)  # (in, N, 2)
-    return (codes.to(dtype) - 8) * sz[..., 0] + sz[..., 1]
-
-
 def cuda_tinygemm_codes(packed: torch.Tensor, in_features: int) -> torch.Tensor:
     """Unpack _convert_weight_to_int4pack (CUDA) output -> codes (N, in) uint8, in plain PyTorch.
 
@@ -178,17 +158,95 @@ def cuda_tinygemm_codes(packed: torch.Tensor, in_features: int) -> torch.Tensor:
     return codes.reshape(nt * 8, in_features).to(torch.uint8)
 
 
+def pack_int4(name: str, codes: torch.Tensor, device: Union[str, torch.device]) -> torch.Tensor:
+    """codes (N, K) integers in 0..15 -> the named kernel's packed weight on `device`.
+
+    For CPU_INT4PACK, N must already be a multiple of CPU_N_BLOCK (QuantLinear pads with zero rows).
+    """
+    if name == CPU_INT4PACK:
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.cpu().to(torch.int32).contiguous(), 1)
+    if name == CUDA_TRITON:
+        from . import triton_int4
+        return triton_int4.pack_qweight_t(codes.to(device))  # (K/8, N) int32
+    if name == CUDA_TINYGEMM:
+        q = codes.to(device=device, dtype=torch.uint8)
+        tiles = cuda_inner_k_tiles(q.shape[1])
+        return torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).contiguous(), tiles)
+    raise ValueError(f"not an int4 kernel: {name}")
+
+
+def packed_rows(name: str, packed: torch.Tensor) -> int:
+    """Output rows N (padding included) that a packed weight of the named kernel holds."""
+    if name == CPU_INT4PACK:
+        return packed.shape[0]  # (N, K/2) uint8
+    if name == CUDA_TINYGEMM:
+        return packed.shape[0] * 8  # (N/8, K/(tiles*16), 32, tiles/2) int32
+    if name == CUDA_TRITON:
+        return packed.shape[1]  # (K/8, N) int32
+    raise ValueError(f"not an int4 kernel: {name}")
+
+
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Every 4-bit field of a packed tensor in memory order, low nibble of each byte first -> (numel_bytes*2,)."""
+    b = packed.contiguous().reshape(-1).view(torch.uint8)
+    return torch.stack([b & 0xF, b >> 4], dim=-1).reshape(-1)
+
+
+def nibble_order(pack: Callable[[torch.Tensor], torch.Tensor], n: int, k: int,
+                 device: Union[str, torch.device] = "cpu") -> torch.Tensor:
+    """Learn a packing's layout from the packer itself: int32 (N*K,) with codes.flatten() == nibbles[order].
+
+    Packs ceil(log16(N*K)) probe matrices whose codes are the base-16 digits of each position's flat index,
+    so every output nibble names the (n, k) it came from. Raises if the packer is not a permutation of its
+    input's nibbles (then no layout can be read back).
+    """
+    count = n * k
+    positions = torch.arange(count, dtype=torch.int64, device=device)
+    source = torch.zeros(count, dtype=torch.int64, device=device)
+    digits = max(1, math.ceil(math.log2(max(count, 2)) / 4))
+    for d in range(digits):
+        nib = _nibbles(pack(((positions >> (4 * d)) & 0xF).reshape(n, k)))  # nibble j holds digit d of its source
+        if nib.numel() != count:
+            raise RuntimeError(f"int4 packer returned {nib.numel()} nibbles for a ({n}, {k}) weight")
+        source |= nib.to(device=device, dtype=torch.int64) << (4 * d)
+    if not torch.equal(torch.sort(source).values, positions):
+        raise RuntimeError(f"int4 packer is not a nibble permutation at shape ({n}, {k}): cannot unpack its layout")
+    order = torch.empty_like(source)
+    order[source] = positions  # order[p]: the nibble that holds position p
+    return order.to(torch.int32)
+
+
+@functools.lru_cache(maxsize=16)
+def _kernel_nibble_order(name: str, n: int, k: int, device: str) -> torch.Tensor:
+    order = nibble_order(lambda codes: pack_int4(name, codes, device), n, k, device)
+    logger.debug("probed the %s layout at (%d, %d) on %s", name, n, k, device)
+    return order
+
+
+def int4pack_codes(name: str, packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """The codes (N, in) uint8 that a packed weight holds (N includes padding rows), on packed's device.
+
+    Reads the layout the running build and ISA actually produce (probed once per shape), except where a
+    hand-written unpacker is verified against the converter (CUDA tinygemm, when cuda_layout_ok) or the layout
+    is our own (Triton).
+    """
+    if name == CUDA_TRITON:
+        from . import triton_int4
+        return triton_int4.unpack_qweight_t(packed)
+    if name == CUDA_TINYGEMM and cuda_layout_ok(packed.device.index or 0):
+        return cuda_tinygemm_codes(packed, in_features)
+    n = packed_rows(name, packed)
+    order = _kernel_nibble_order(name, n, in_features, str(packed.device))
+    return _nibbles(packed).index_select(0, order).reshape(n, in_features)
+
+
 def dequant_t(name: str, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
               in_features: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """W^T (in, N) in `dtype` from either int4 layout: the dense-prefill weight, built per call, never cached."""
-    if name == CPU_INT4PACK:
-        if not cpu_layout_ok():
-            raise RuntimeError("unknown torch CPU int4pack layout: cannot dequantize it")
-        return cpu_int4pack_dequant_t(packed, scales_and_zeros, group_size, in_features, dtype)
+    """W^T (in, N) in `dtype` from any int4 layout: the dense-prefill weight, built per call, never cached."""
     if name == CUDA_TRITON:
         from . import triton_int4
         return triton_int4.dequant_t(packed, scales_and_zeros, group_size, dtype)
-    codes_t = cuda_tinygemm_codes(packed, in_features).t()  # (in, N)
+    codes_t = int4pack_codes(name, packed, in_features).t()  # (in, N)
     sz = scales_and_zeros.to(dtype).repeat_interleave(group_size, dim=0)  # (in, N, 2)
     return (codes_t.to(dtype) - 8) * sz[..., 0] + sz[..., 1]
 
@@ -199,23 +257,7 @@ def cuda_layout_ok(device_index: int) -> bool:
     dev = torch.device("cuda", device_index)
     gen = torch.Generator().manual_seed(0)
     w = torch.randint(0, 16, (64, 256), generator=gen, dtype=torch.uint8).to(dev)
-    packed = torch.ops.aten._convert_weight_to_int4pack((w[:, ::2] << 4 | w[:, 1::2]).contiguous(), 8)
-    ok = torch.equal(cuda_tinygemm_codes(packed, 256), w)
+    ok = torch.equal(cuda_tinygemm_codes(pack_int4(CUDA_TINYGEMM, w, dev), 256), w)
     if not ok:
-        logger.warning("torch CUDA tinygemm layout differs from the known one: dense prefill disabled")
-    return ok
-
-
-@functools.lru_cache(maxsize=None)
-def cpu_layout_ok() -> bool:
-    """Probe once that cpu_int4pack_codes inverts this torch build's CPU converter."""
-    if not _has_cpu_int4():
-        return False
-    gen = torch.Generator().manual_seed(0)
-    w = torch.randint(0, 16, (128, 64), generator=gen, dtype=torch.int32)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(w, 1)
-    ok = packed.dtype == torch.uint8 and packed.numel() * 2 == w.numel() and torch.equal(
-        cpu_int4pack_codes(packed, 64).to(torch.int32), w)
-    if not ok:
-        logger.warning("torch CPU int4pack layout differs from the known one: dense prefill disabled")
+        logger.warning("torch CUDA tinygemm layout differs from the hand-written one: dense prefill off, reference unpacks by probe")
     return ok

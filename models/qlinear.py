@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from . import kernels
-from .formats import (QuantConfig, QuantizedWeight, UnsupportedFormatError, act_order_perm, dequantize,
+from .formats import (QuantConfig, QuantizedWeight, UnsupportedFormatError, dequantize, int4_codes_grouped,
                       int4pack_scales_and_zeros, regroup, unpack_awq, unpack_compressed, unpack_gptq)
 
 logger = logging.getLogger(__name__)
@@ -119,22 +119,14 @@ class QuantLinear(torch.nn.Module):
             self.register_buffer("scales", qw.scales.to(device=device, dtype=torch.float32))
             self.register_buffer("g_idx", None if qw.g_idx is None else qw.g_idx.to(device))
             return self
-        perm = act_order_perm(qw)
-        q = qw.qweight if perm is None else qw.qweight[:, perm]  # groups contiguous along in
+        q, perm = int4_codes_grouped(qw)  # (out, in) codes, groups contiguous along in
         sz = int4pack_scales_and_zeros(qw)  # (groups, out, 2)
         if plan.name == kernels.CPU_INT4PACK:
             pad = -qw.out_features % kernels.CPU_N_BLOCK
             if pad:  # zero rows; sliced off the output
                 q = torch.cat([q, q.new_zeros(pad, q.shape[1])])
                 sz = torch.cat([sz, sz.new_zeros(sz.shape[0], pad, 2)], dim=1)
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.cpu().to(torch.int32).contiguous(), 1)
-        elif plan.name == kernels.CUDA_TRITON:
-            from . import triton_int4
-            packed = triton_int4.pack_qweight_t(q.to(device))  # (in/8, out) int32
-        else:
-            tiles = kernels.cuda_inner_k_tiles(qw.in_features)
-            qd = q.to(device=device, dtype=torch.uint8)
-            packed = torch.ops.aten._convert_weight_to_int4pack((qd[:, ::2] << 4 | qd[:, 1::2]).contiguous(), tiles)
+        packed = kernels.pack_int4(plan.name, q, device)
         self.register_buffer("packed", packed.to(device))
         self.register_buffer("scales_and_zeros", sz.to(device).contiguous())
         # int32 halves the bytes; index_select takes it
@@ -259,15 +251,7 @@ class QuantLinear(torch.nn.Module):
             return self._dequant_reference()
         if self._reference is not None:
             return dequantize(self._reference)
-        if self.plan.name == kernels.CPU_INT4PACK:
-            if not kernels.cpu_layout_ok():
-                raise RuntimeError("unknown torch CPU int4pack layout: keep_reference=True is needed")
-            codes = kernels.cpu_int4pack_codes(self.packed, self.in_features)
-        elif self.plan.name == kernels.CUDA_TRITON:
-            from . import triton_int4
-            codes = triton_int4.unpack_qweight_t(self.packed)
-        else:
-            codes = kernels.cuda_tinygemm_codes(self.packed, self.in_features)
+        codes = kernels.int4pack_codes(self.plan.name, self.packed, self.in_features)
         codes = codes[: self.out_features]  # (out, in)
         sz = self.scales_and_zeros[:, : self.out_features].float()  # (groups, out, 2)
         g = torch.arange(self.in_features, device=codes.device) // self.group_size

@@ -47,7 +47,7 @@ def test_every_linear_matches_reference(variant, model_store: Path):
             assert layer.plan.name == kernels.CPU_INT4PACK, prefix
             # Exact: the int4 layout holds the same codes, and scale/zero are the checkpoint's rounded to bf16.
             perm = act_order_perm(qw)
-            codes = kernels.cpu_int4pack_codes(layer.packed, in_f)[:out_f]
+            codes = kernels.int4pack_codes(layer.plan.name, layer.packed, in_f)[:out_f]
             assert torch.equal(codes, qw.qweight if perm is None else qw.qweight[:, perm]), prefix
             assert torch.equal(layer.scales_and_zeros[:, :out_f], int4pack_scales_and_zeros(qw)), prefix
             ref_w = dequantize(qw)  # checkpoint semantics (fp16/bf16 scales, float32)

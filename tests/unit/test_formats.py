@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from models.formats import (QuantizedWeight, UnsupportedFormatError, act_order_perm, dequantize,
-                            linear_tensor_names, pack_awq, pack_gptq, read_quant_config, to_int4pack_cpu,
-                            unpack_awq, unpack_gptq)
+                            int4_codes_grouped, int4pack_scales_and_zeros, linear_tensor_names, pack_awq, pack_gptq,
+                            read_quant_config, unpack_awq, unpack_gptq)
 from models import kernels
 
 
@@ -144,8 +144,10 @@ def test_dequantize_formula(gen):
 def test_int4pack_cpu_repack_exact(act_order, gen):
     """The CPU int4 layout holds exactly our codes, in group-contiguous (permuted) input order."""
     qw = random_qw(192, 576, 4, 64, act_order=act_order, gen=gen)
-    packed, sz, perm = to_int4pack_cpu(qw)
-    codes = kernels.cpu_int4pack_codes(packed, 576)
+    q, perm = int4_codes_grouped(qw)
+    sz = int4pack_scales_and_zeros(qw)
+    packed = kernels.pack_int4(kernels.CPU_INT4PACK, q, "cpu")
+    codes = kernels.int4pack_codes(kernels.CPU_INT4PACK, packed, 576)
     expect = qw.qweight if perm is None else qw.qweight[:, perm]
     assert torch.equal(codes, expect)
     assert (perm is None) != act_order

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
 
 from models import kernels
-from models.formats import dequantize, to_int4pack_cpu, to_int4pack_cuda
+from models.formats import QuantizedWeight, dequantize, int4_codes_grouped, int4pack_scales_and_zeros
 
 from test_formats import random_qw
 
@@ -23,15 +24,62 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.float() - ref.float()).norm() / ref.float().norm())
 
 
-def test_cpu_layout_probe():
-    assert kernels.cpu_layout_ok()
+def to_int4pack(qw: QuantizedWeight, name: str = kernels.CPU_INT4PACK, device="cpu"):
+    """(packed, scales_and_zeros, perm) the way QuantLinear builds them (CPU rows padded to CPU_N_BLOCK)."""
+    q, perm = int4_codes_grouped(qw)
+    sz = int4pack_scales_and_zeros(qw)
+    if name == kernels.CPU_INT4PACK:
+        pad = -q.shape[0] % kernels.CPU_N_BLOCK
+        q = torch.cat([q, q.new_zeros(pad, q.shape[1])])
+        sz = torch.cat([sz, sz.new_zeros(sz.shape[0], pad, 2)], dim=1)
+    return kernels.pack_int4(name, q, device), sz.to(device), None if perm is None else perm.to(device)
+
+
+def _packer_from_permutation(perm: torch.Tensor):
+    """A made-up layout: output nibble j holds input position perm[j], two nibbles a byte, low first."""
+    def pack(codes: torch.Tensor) -> torch.Tensor:
+        nib = codes.reshape(-1)[perm].to(torch.uint8)
+        return (nib[0::2] | nib[1::2] << 4).reshape(codes.shape[0], -1)
+    return pack
+
+
+@pytest.mark.parametrize("n,k", [(1, 2), (16, 32), (64, 96), (96, 578)])
+def test_nibble_order_inverts_any_permutation_layout(n, k, gen):
+    """The probe reads back layouts it was never told about, at any shape, so no ISA's layout is assumed."""
+    pack = _packer_from_permutation(torch.randperm(n * k, generator=gen))
+    order = kernels.nibble_order(pack, n, k)
+    codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    assert torch.equal(kernels._nibbles(pack(codes)).index_select(0, order).reshape(n, k), codes)
+
+
+def test_nibble_order_rejects_a_packer_that_loses_positions():
+    def lossy(codes: torch.Tensor) -> torch.Tensor:
+        nib = codes.reshape(-1).clone().to(torch.uint8)
+        nib[1] = nib[0]  # position 1 is never stored
+        return nib[0::2] | nib[1::2] << 4
+    with pytest.raises(RuntimeError, match="not a nibble permutation"):
+        kernels.nibble_order(lossy, 8, 32)
+    with pytest.raises(RuntimeError, match="nibbles"):
+        kernels.nibble_order(lambda c: c.reshape(-1)[:8].to(torch.uint8), 8, 32)
 
 
 @pytest.mark.parametrize("n,k", [(64, 32), (192, 576), (576, 1536), (128, 96)])
 def test_cpu_int4pack_codes_roundtrip(n, k, gen):
-    w = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int32)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(w, 1)
-    assert torch.equal(kernels.cpu_int4pack_codes(packed, k).int(), w)
+    """Whatever layout this ISA's converter uses, the codes read back are exactly the ones packed."""
+    w = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    packed = kernels.pack_int4(kernels.CPU_INT4PACK, w, "cpu")
+    assert torch.equal(kernels.int4pack_codes(kernels.CPU_INT4PACK, packed, k), w)
+    assert kernels.packed_rows(kernels.CPU_INT4PACK, packed) == n
+
+
+def test_cpu_int4pack_readback_agrees_with_the_kernel(gen):
+    """Cross-check the probe with the matmul itself: int4_mm(I) is the dequantized W^T on this ISA."""
+    qw = random_qw(128, 256, 4, 64, gen=gen)
+    packed, sz, _ = to_int4pack(qw)
+    eye = torch.eye(256, dtype=torch.bfloat16)
+    from_kernel = kernels.int4_mm(kernels.CPU_INT4PACK, eye, packed, 64, sz)  # (in, N) = W^T
+    from_codes = kernels.dequant_t(kernels.CPU_INT4PACK, packed, sz, 64, 256, dtype=torch.float32)
+    assert torch.equal(from_kernel, from_codes.to(torch.bfloat16))  # the kernel dequantizes in float32
 
 
 def test_device_kernel_cpu_logged_once(caplog):
@@ -70,7 +118,7 @@ def test_select_kernel_int4_for_smollm_shapes():
 @pytest.mark.parametrize("act_order", [False, True])
 def test_cpu_int4_mm_matches_reference(m, in_f, out_f, group, act_order, gen):
     qw = random_qw(out_f, in_f, 4, group, act_order=act_order, gen=gen)
-    packed, sz, perm = to_int4pack_cpu(qw)
+    packed, sz, perm = to_int4pack(qw)
     x = torch.randn(m, in_f, generator=gen).to(torch.bfloat16)
     xp = x if perm is None else x[:, perm]
     out = kernels.int4_mm(kernels.CPU_INT4PACK, xp.contiguous(), packed, group, sz)
@@ -82,8 +130,8 @@ def test_cpu_int4_mm_matches_reference(m, in_f, out_f, group, act_order, gen):
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_cpu_int4pack_dense_dequant_matches_reference(group, gen):
     qw = random_qw(192, 1536, 4, group, gen=gen)
-    packed, sz, _ = to_int4pack_cpu(qw)
-    wt = kernels.cpu_int4pack_dequant_t(packed, sz, group, 1536, dtype=torch.float32)  # (in, out)
+    packed, sz, _ = to_int4pack(qw)
+    wt = kernels.dequant_t(kernels.CPU_INT4PACK, packed, sz, group, 1536, dtype=torch.float32)  # (in, out)
     # Only bf16 rounding of scale and (8 - z) * scale separates it from the fp16-scale reference.
     assert rel_err(wt.t(), dequantize(qw)) < 5e-3
 
@@ -129,7 +177,7 @@ def test_cuda_tinygemm_matches_reference(m, in_f, out_f, group, act_order, gen):
     dev = torch.device("cuda")
     assert kernels.device_kernel(dev).name == kernels.CUDA_TINYGEMM
     qw = random_qw(out_f, in_f, 4, group, act_order=act_order, gen=gen)
-    packed, sz, perm = to_int4pack_cuda(qw, dev, kernels.cuda_inner_k_tiles(in_f))
+    packed, sz, perm = to_int4pack(qw, kernels.CUDA_TINYGEMM, dev)
     x = torch.randn(m, in_f, generator=gen).to(torch.bfloat16)
     xp = (x if perm is None else x[:, perm.cpu()]).to(dev).contiguous()
     out = kernels.int4_mm(kernels.CUDA_TINYGEMM, xp, packed, group, sz)
@@ -153,6 +201,27 @@ def test_cuda_tinygemm_layout_matches_converter(n, k, tiles, gen):
 @needs_cuda
 def test_cuda_dense_dequant_matches_reference(gen):
     qw = random_qw(256, 1024, 4, 128, gen=gen)
-    packed, sz, _ = to_int4pack_cuda(qw, "cuda", 8)
+    packed, sz, _ = to_int4pack(qw, kernels.CUDA_TINYGEMM, "cuda")
     wt = kernels.dequant_t(kernels.CUDA_TINYGEMM, packed, sz, 128, 1024, dtype=torch.float32)
     assert rel_err(wt.t().cpu(), dequantize(qw)) < 5e-3
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("n,k", [(16, 64), (192, 576), (64, 4096)])
+def test_cuda_probed_layout_matches_hand_written(n, k, gen):
+    """The probe and the hand-written tinygemm unpacker read the same codes from the real converter."""
+    q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    packed = kernels.pack_int4(kernels.CUDA_TINYGEMM, q, "cuda")
+    order = kernels.nibble_order(lambda c: kernels.pack_int4(kernels.CUDA_TINYGEMM, c, "cuda"), n, k, "cuda")
+    probed = kernels._nibbles(packed).index_select(0, order).reshape(n, k)
+    assert torch.equal(probed.cpu(), q)
+    assert torch.equal(kernels.cuda_tinygemm_codes(packed, k).cpu(), q)
+
+
+def test_forced_cpu_capability_took_effect():
+    """scripts/isa-matrix.sh reruns these tests under ATEN_CPU_CAPABILITY; make sure torch obeyed it."""
+    forced = os.environ.get("ATEN_CPU_CAPABILITY")
+    if not forced:
+        pytest.skip("ATEN_CPU_CAPABILITY not set: running on the native capability")
+    assert torch.backends.cpu.get_cpu_capability().lower() == forced.lower()
