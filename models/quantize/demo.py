@@ -6,7 +6,8 @@ Steps (each skipped when its output is up to date, so a second run takes seconds
 2. copy the calibration/eval texts (c4, wiki, tiny, ...) into `<store>/data/`;
 3. convert the SmolLM2-135M-Instruct GGUF (Q4_1) into a bf16 Hugging Face folder `<store>/smollm2-135m-instruct`
    — or, on the ordinary path, take a local HF folder / hub id (`source=`) as the bf16 base;
-4. write the GPTQ and AWQ 4-bit g64 variants with `models.quantize.api.quantize` (settings below).
+4. write the GPTQ and AWQ 4-bit g64 variants with `models.quantize.api.quantize` (settings below), and, when named,
+   the LAYER_SUBSETS variants: the same settings on a copy of the base cut to its first layers.
 
 Caching: the bf16 folder records its origin in `jetserve-demo.json`; each variant's `jetserve-quantize.json` holds
 the settings hash and is rebuilt only when `DEMO_SPECS` (or the base) changes.
@@ -25,7 +26,7 @@ import time
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from models.quantize.api import SETTINGS_FILE, QuantSpec, quantize
 from models.quantize.calibration import BUILTIN_TEXTS, wheel_data_dir
@@ -45,6 +46,10 @@ DEMO_SPECS: Dict[str, QuantSpec] = {
     "awq-g64": QuantSpec(method="awq", bits=4, group_size=64, zero_point=True, calib="c4", nsamples=8, seqlen=256,
                          seed=0),
 }
+# Variants of the real model cut to its first layers, each quantized with a DEMO_SPECS entry: the real-weight AWQ
+# check that `make test` can afford (GPTQModel's AWQ costs 15-30 min for all 30 layers on a 2-core CPU).
+LAYER_SUBSETS: Dict[str, Tuple[str, int]] = {"awq-g64-l2": ("awq-g64", 2)}
+ALL_VARIANTS = tuple(DEMO_SPECS) + tuple(LAYER_SUBSETS)
 
 
 @dataclass
@@ -200,6 +205,42 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         tmp.rename(out)
 
 
+def truncate_layers(base: Path, out: Path, layers: int) -> None:
+    """Write `out`: the bf16 HF folder `base` cut to its first `layers` decoder layers (real weights, same
+    tokenizer), atomically. Its marker names the base's origin and the layer count."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = _read_json(base / "config.json") or {}
+    total = int(cfg.get("num_hidden_layers", 0))
+    if not 0 < layers < total:
+        raise ValueError(f"cannot keep {layers} of {total} layers of {base}")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        tensors = {}
+        for f in sorted(base.glob("*.safetensors")):
+            tensors.update(load_file(str(f)))
+        kept = {k: v for k, v in tensors.items()
+                if not (k.startswith("model.layers.") and int(k.split(".")[2]) >= layers)}
+        save_file(kept, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        cfg["num_hidden_layers"] = layers
+        if isinstance(cfg.get("layer_types"), list):
+            cfg["layer_types"] = cfg["layer_types"][:layers]
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        for f in base.iterdir():
+            if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", MARKER) \
+                    and not f.name.endswith(".index.json"):
+                shutil.copy2(f, tmp / f.name)
+        (tmp / MARKER).write_text(json.dumps(_origin_layers(base, layers), indent=2) + "\n")
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _origin_layers(base: Path, layers: int) -> dict:
+    return {"kind": "layers", "of": _read_json(base / MARKER), "layers": layers}
+
+
 # ---------------------------------------------------------------- variants
 
 def variant_is_current(variant: Path, spec: QuantSpec, base: Path) -> bool:
@@ -217,18 +258,27 @@ def variant_is_current(variant: Path, spec: QuantSpec, base: Path) -> bool:
 
 def prepare(store: Path, source: Optional[str] = None, name: Optional[str] = None,
             specs: Optional[Dict[str, QuantSpec]] = None, variants: Optional[List[str]] = None,
-            echo: Callable[[str], None] = print) -> PrepareResult:
-    """Make the store ready; idempotent. `source` (local folder or hub id) replaces the GGUF demo base."""
+            echo: Callable[[str], None] = print,
+            subsets: Optional[Dict[str, Tuple[str, int]]] = None) -> PrepareResult:
+    """Make the store ready; idempotent. `source` (local folder or hub id) replaces the GGUF demo base.
+
+    `variants` names what to write (default: every `specs` entry); a name in `subsets` (default LAYER_SUBSETS)
+    quantizes the base cut to its first layers with the named `specs` entry.
+    """
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
     store = Path(store).expanduser().resolve()
     store.mkdir(parents=True, exist_ok=True)
     specs = dict(DEMO_SPECS if specs is None else specs)
-    if variants is not None:
-        specs = {k: v for k, v in specs.items() if k in variants}
+    subsets = dict(LAYER_SUBSETS if subsets is None else subsets)
+    names = list(specs if variants is None else variants)
+    unknown = [v for v in names if v not in specs and v not in subsets]
+    if unknown:
+        raise ValueError(f"unknown demo variant(s) {unknown}: choose from {sorted(set(specs) | set(subsets))}")
+    jobs = [(v, specs[v], 0) if v in specs else (v, specs[subsets[v][0]], subsets[v][1]) for v in names]
     built: List[str] = []
-    steps = tqdm(total=3 + len(specs), desc="demo prepare", unit="step", file=sys.stderr)
+    steps = tqdm(total=3 + len(jobs), desc="demo prepare", unit="step", file=sys.stderr)
 
     steps.set_postfix_str("packages + data")
     pkgs = ensure_packages(store, echo) if source is None else {}
@@ -269,19 +319,27 @@ def prepare(store: Path, source: Optional[str] = None, name: Optional[str] = Non
     steps.update(1)
 
     out: Dict[str, Path] = {}
-    base_marker = _read_json(base / MARKER)
-    for suffix, spec in specs.items():
+    for suffix, spec, layers in jobs:
         steps.set_postfix_str(suffix)
+        src = base
+        if layers:
+            src = store / f"{base.name}-l{layers}"
+            if _read_json(src / MARKER) == _origin_layers(base, layers) and _is_valid_bf16(src):
+                echo(f"  {src.name}: up to date")
+            else:
+                echo(f"  cutting {base.name} to its first {layers} layers -> {src.name}")
+                truncate_layers(base, src, layers)
+                built.append(src.name)
         vdir = store / f"{base.name}-{suffix}"
         out[suffix] = vdir
-        if variant_is_current(vdir, spec, base):
+        if variant_is_current(vdir, spec, src):
             echo(f"  {vdir.name}: up to date")
         else:
             echo(f"  quantizing {vdir.name} ({spec.method}, {spec.nsamples}x{spec.seqlen} {spec.calib})")
             t = time.perf_counter()
-            quantize(str(base), str(vdir), spec, overwrite=True, store=store)
+            quantize(str(src), str(vdir), spec, overwrite=True, store=store)
             rec = _read_json(vdir / SETTINGS_FILE) or {}
-            rec["base_origin"] = base_marker
+            rec["base_origin"] = _read_json(src / MARKER)
             (vdir / SETTINGS_FILE).write_text(json.dumps(rec, indent=2) + "\n")
             echo(f"  {vdir.name}: done in {time.perf_counter() - t:.0f} s")
             built.append(vdir.name)

@@ -17,7 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="Ordinary path: a local HF folder or a hub id to use as the bf16 base instead of the GGUF")
     p.add_argument("--name", default=None, help="Folder name of the base model in the store")
     p.add_argument("--variants", nargs="*", default=None, metavar="VARIANT",
-                   help="Which quantized variants to write (default: gptq-g64 awq-g64; none: no variants)")
+                   help="Which quantized variants to write (default: gptq-g64 awq-g64; also awq-g64-l2, the AWQ "
+                        "settings on the model's first 2 layers, which make test checks; none: no variants)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -27,13 +28,13 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     store = args.store if args.store is not None else Settings().model_store
     from models.quantize.api import QuantizeInputError
-    from models.quantize.demo import DEMO_SPECS, prepare
+    from models.quantize.demo import ALL_VARIANTS, prepare
 
     if args.variants is not None:
-        unknown = [v for v in args.variants if v not in DEMO_SPECS]
+        unknown = [v for v in args.variants if v not in ALL_VARIANTS]
         if unknown:
             print(f"jetserve demo prepare: unknown variant(s) {', '.join(unknown)}; "
-                  f"choose from {', '.join(DEMO_SPECS)}", file=sys.stderr)
+                  f"choose from {', '.join(ALL_VARIANTS)}", file=sys.stderr)
             return 2
     print(f"jetserve demo prepare: store {Path(store).resolve()}", file=sys.stderr)
     try:

@@ -36,14 +36,14 @@ def _ppl(logits: torch.Tensor, ids: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("name", ["smollm2-135m-instruct", "smollm2-135m-instruct-gptq-g64",
-                                  "smollm2-135m-instruct-awq-g64"])
+                                  "smollm2-135m-instruct-awq-g64", "smollm2-135m-instruct-awq-g64-l2"])
 def test_smollm2_runtime_matches_transformers(model_store, name):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from models.loader import load_runner
 
     path = _model_dir(model_store, name)
-    quant = name != "smollm2-135m-instruct"
+    quant = "-g64" in name
     tok = AutoTokenizer.from_pretrained(str(path))
     ids = torch.tensor(tok(_wiki_text())["input_ids"][:N_TOKENS])
     # quantized checkpoints: transformers + GPTQModel in float32 is the exact reference of the checkpoint (its bf16

@@ -5,6 +5,7 @@ import json
 import time
 
 import pytest
+import torch
 
 from models.quantize.api import QuantSpec
 from models.quantize.demo import MARKER, _is_valid_bf16, prepare
@@ -36,6 +37,34 @@ def test_prepare_from_local_folder_is_cached(tiny_llama_dir, tmp_path):
     assert json.loads((store / "tiny-rtn-g32" / "config.json").read_text())["quantization_config"]["sym"] is True
 
 
+def test_layer_subset_variant_is_the_base_cut_and_cached(tiny_llama_dir, tmp_path):
+    """A LAYER_SUBSETS-style variant quantizes the base's first layers (real weights) and is cached like any other."""
+    from safetensors.torch import load_file
+
+    from models.loader import load_runner
+
+    store = tmp_path / "store"
+    subsets = {"rtn-g32-l1": ("rtn-g32", 1)}
+    r1 = prepare(store, source=str(tiny_llama_dir), name="tiny", specs=FAST_SPECS, variants=["rtn-g32-l1"],
+                 subsets=subsets, echo=lambda s: None)
+    assert r1.built == ["tiny", "tiny-l1", "tiny-rtn-g32-l1"]
+    cut = store / "tiny-l1"
+    assert json.loads((cut / "config.json").read_text())["num_hidden_layers"] == 1
+    full, kept = load_file(str(tiny_llama_dir / "model.safetensors")), load_file(str(cut / "model.safetensors"))
+    assert set(kept) == {k for k in full if not k.startswith("model.layers.1.")}
+    assert all(kept[k].equal(full[k]) for k in kept)
+    vcfg = json.loads((store / "tiny-rtn-g32-l1" / "config.json").read_text())
+    assert vcfg["num_hidden_layers"] == 1 and vcfg["quantization_config"]["group_size"] == 32
+    runner = load_runner(store / "tiny-rtn-g32-l1", max_slots=1, max_seq=32)
+    assert runner.prefill_logits(torch.tensor([1, 2, 3]), 0, 0).isfinite().all()
+    r2 = prepare(store, source=str(tiny_llama_dir), name="tiny", specs=FAST_SPECS, variants=["rtn-g32-l1"],
+                 subsets=subsets, echo=lambda s: None)
+    assert r2.built == []
+    with pytest.raises(ValueError, match="unknown demo variant"):
+        prepare(store, source=str(tiny_llama_dir), name="tiny", specs=FAST_SPECS, variants=["nope"],
+                subsets=subsets, echo=lambda s: None)
+
+
 def test_demo_command_rejects_unknown_variant(tmp_path, capsys):
     assert main(["demo", "prepare", "--store", str(tmp_path), "--variants", "fp8"]) == 2
     assert "unknown variant(s) fp8" in capsys.readouterr().err
@@ -52,11 +81,11 @@ def test_demo_store_bf16_folder_is_plain_bf16(smollm2_dir):
 @pytest.mark.slow
 def test_demo_prepare_second_run_is_fast(model_store):
     """On a prepared store, `jetserve demo prepare` finds everything up to date in well under 30 s."""
-    from models.quantize.demo import BASE_NAME, DEMO_SPECS
+    from models.quantize.demo import ALL_VARIANTS, BASE_NAME
 
-    for suffix in DEMO_SPECS:
-        if not (model_store / f"{BASE_NAME}-{suffix}" / "config.json").is_file():
-            pytest.skip("demo store not prepared")
+    present = [v for v in ALL_VARIANTS if (model_store / f"{BASE_NAME}-{v}" / "config.json").is_file()]
+    if not present:
+        pytest.skip("demo store not prepared")
     t0 = time.perf_counter()
-    r = prepare(model_store, echo=lambda s: None)
+    r = prepare(model_store, variants=present, echo=lambda s: None)
     assert r.built == [] and time.perf_counter() - t0 < 30
