@@ -132,8 +132,8 @@ def bench_ours(model_dir: Path, args) -> Dict[str, Any]:
         "model": model_dir.name, "load_s": load_s, "ttft_s": ttft, "decode_b1_tok_s": b1, "decode_b8_tok_s": b8,
         "b8_over_b1": b8 / b1, "bytes_per_token_b1": bytes_per_step, "achieved_GBps_b1": bytes_per_step * b1 / 1e9,
         "memory_report": rep, "rss_growth_bytes": rss1 - rss0,
-        "predicted": {"weights": fp.weights, "kv_cache": fp.kv_cache, "workspace": fp.workspace},
-        "loaded_over_packed_plus_kv": (rss1 - rss0) / (fp.weights + fp.kv_cache),
+        "predicted": {"weights": fp.weights_bytes, "kv_cache": fp.kv_cache_bytes, "workspace": fp.workspace_bytes},
+        "loaded_over_packed_plus_kv": (rss1 - rss0) / (fp.weights_bytes + fp.kv_cache_bytes),
     }
     del runner
     gc.collect()

@@ -5,7 +5,7 @@
 
 Each model loads in a fresh subprocess (so one load's allocator state cannot hide another's), through
 `ModelManager.load` with the real runtime (`models.loader.load_runner`), tokenizer and warmup, exactly as
-`jetserve serve` loads it. Prediction: config.json + safetensors headers only (`server.store.predict_footprint`).
+`jetserve serve` loads it. Prediction: config.json + safetensors headers only (`models.loader.predict_footprint`).
 Measurement (server/manager.py): on CPU the growth of anonymous RSS + resident pages of the model's own
 files (read from /proc/self/status and /proc/self/smaps, after malloc_trim), around load + tokenizer +
 warmup; on CUDA the growth of torch.cuda.memory_allocated. Error = (measured - predicted) / predicted.

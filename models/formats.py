@@ -30,8 +30,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "UnsupportedFormatError", "QuantConfig", "QuantizedWeight", "read_quant_config", "parse_quant_config",
-    "linear_tensor_names", "safetensors_header", "unpack_gptq", "pack_gptq", "unpack_awq", "pack_awq",
-    "unpack_compressed", "dequantize", "regroup",
+    "linear_tensor_names", "CorruptCheckpointError", "safetensors_header", "unpack_gptq", "pack_gptq",
+    "unpack_awq", "pack_awq", "unpack_compressed", "dequantize", "regroup",
     "act_order_perm", "int4_codes_grouped", "int4pack_scales_and_zeros",
     "SUPPORTED_BITS", "INT4PACK_GROUP_SIZES",
 ]
@@ -141,11 +141,55 @@ _UNDECLARED_SIGNATURES = (
 )
 
 
-def safetensors_header(path: Path) -> Dict[str, Any]:
-    """The JSON header of one .safetensors file (names, dtypes, shapes); reads no tensor data."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        return json.loads(f.read(n))
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file is truncated or malformed; the message names the file (never its full path)."""
+
+
+# The safetensors format caps the JSON header at 100 MB.
+_MAX_SAFETENSORS_HEADER = 100 * 1024**2
+
+
+def safetensors_header(path: Union[str, Path]) -> Dict[str, Dict[str, Any]]:
+    """{tensor name: {"dtype", "shape", "data_offsets"}} from the JSON header of one .safetensors file.
+
+    Reads no tensor data. `__metadata__` is left out. Raises CorruptCheckpointError when the header is unreadable
+    or an entry lacks dtype/shape/data_offsets or points outside the file (truncated download).
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise CorruptCheckpointError(f"{path.name}: truncated safetensors file (no header length)")
+            n = int.from_bytes(raw, "little")
+            if n <= 0 or n > min(size - 8, _MAX_SAFETENSORS_HEADER):
+                raise CorruptCheckpointError(f"{path.name}: corrupt safetensors header length {n} "
+                                             f"(file is {size} bytes)")
+            header = json.loads(f.read(n))
+    except CorruptCheckpointError:
+        raise
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise CorruptCheckpointError(f"{path.name}: unreadable safetensors header: {e}") from e
+    if not isinstance(header, dict):
+        raise CorruptCheckpointError(f"{path.name}: safetensors header is not a JSON object")
+    data_len = size - 8 - n
+    tensors: Dict[str, Dict[str, Any]] = {}
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = t["data_offsets"]
+            ok = isinstance(t["dtype"], str) and isinstance(t["shape"], list)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CorruptCheckpointError(f"{path.name}: tensor {name!r} lacks dtype, shape or data_offsets") from e
+        if not ok:
+            raise CorruptCheckpointError(f"{path.name}: tensor {name!r} has a malformed dtype or shape")
+        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= data_len):
+            raise CorruptCheckpointError(f"{path.name}: tensor {name!r} data {begin}..{end} lies outside the file "
+                                         f"({data_len} data bytes): file truncated or corrupt")
+        tensors[name] = t
+    return tensors
 
 
 def _reject_undeclared_quantization(model_dir: Path) -> None:
@@ -158,8 +202,7 @@ def _reject_undeclared_quantization(model_dir: Path) -> None:
                 raise UnsupportedFormatError(
                     f"{model_dir} declares no quantization_config but {path.name} holds {what}, e.g. {hit!r}; "
                     f"jetserve reads the format only from the checkpoint's config")
-        fp8 = next((k for k, v in header.items() if isinstance(v, dict) and str(v.get("dtype", "")).startswith("F8")),
-                   None)
+        fp8 = next((k for k, v in header.items() if v["dtype"].startswith("F8")), None)
         if fp8 is not None:
             raise UnsupportedFormatError(f"{model_dir}: {path.name} holds fp8 tensors (e.g. {fp8!r}) and no "
                                          f"quantization_config; fp8 checkpoints are not supported")

@@ -1,4 +1,4 @@
-"""Checkpoint inspection, footprint prediction and `load_runner`.
+"""Checkpoint inspection, footprint prediction, device resolution, heap trimming and `load_runner`.
 
 load_runner: config.json -> arch table -> build the transformer on the meta device -> open the safetensors
 shards with mmap (safe_open) -> create each linear (dense, or QuantLinear from the format named in the
@@ -7,21 +7,24 @@ An architecture without a table runs through the transformers fallback runner at
 """
 from __future__ import annotations
 
+import functools
+import gc
 import json
 import logging
 import math
-import struct
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from .arch import ArchSpec, Dims, UnsupportedArchError, find_arch
-from .formats import QuantConfig, read_quant_config
+from .formats import QuantConfig, read_quant_config, safetensors_header
 from .kv_cache import KVCache
 from .model import DenseLinear, Transformer, fuse_linears
+from .tokenizer import config_eos_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -37,22 +40,15 @@ class CheckpointInfo:
     arch: str                       # our table name ("llama", "qwen2", "opt", ...) or the HF model_type if none
     fused: bool                     # True when the fused runtime supports it (else: transformers fallback)
     qcfg: QuantConfig
-    weight_bytes: int               # exact: sum over header tensors of dtype size * numel
+    weight_bytes: int               # exact: sum of the header tensors' byte ranges (as stored)
     num_layers: int
     num_kv_heads: int
     head_dim: int
     max_position: int
     vocab: int
     hidden: int
+    intermediate: int
     tensors: Dict[str, Tuple[str, Tuple[int, ...]]] = field(repr=False, default_factory=dict)  # name -> (dtype, shape)
-
-
-@dataclass(frozen=True)
-class Footprint:
-    weights: int
-    kv_cache: int
-    workspace: int
-    total: int
 
 
 def _safetensors_files(model_dir: Path) -> List[Path]:
@@ -60,14 +56,6 @@ def _safetensors_files(model_dir: Path) -> List[Path]:
     if not files:
         raise FileNotFoundError(f"no *.safetensors in {model_dir} (only safetensors checkpoints are supported)")
     return files
-
-
-def read_safetensors_header(path: Path) -> Dict[str, Tuple[str, Tuple[int, ...]]]:
-    """{tensor name: (dtype, shape)} from the JSON header of one .safetensors file."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    return {k: (v["dtype"], tuple(v["shape"])) for k, v in header.items() if k != "__metadata__"}
 
 
 def _load_config(model_dir: Path) -> Dict[str, Any]:
@@ -79,14 +67,21 @@ def _load_config(model_dir: Path) -> Dict[str, Any]:
 
 
 def inspect_checkpoint(model_dir: Union[str, Path]) -> CheckpointInfo:
-    """Architecture, quantization format and exact weight bytes of a checkpoint, without reading tensors."""
+    """Architecture, quantization format and exact weight bytes of a checkpoint, without reading tensors.
+
+    Raises FileNotFoundError (no config.json or no *.safetensors), models.formats.CorruptCheckpointError (bad
+    header) and models.formats.UnsupportedFormatError (a quantization format jetserve cannot run).
+    """
     model_dir = Path(model_dir)
     cfg = _load_config(model_dir)
     qcfg = read_quant_config(model_dir)
     tensors: Dict[str, Tuple[str, Tuple[int, ...]]] = {}
+    weight_bytes = 0
     for f in _safetensors_files(model_dir):
-        tensors.update(read_safetensors_header(f))
-    weight_bytes = sum(_ST_DTYPE_BYTES.get(dt, 4) * math.prod(shape) for dt, shape in tensors.values())
+        for name, t in safetensors_header(f).items():
+            tensors[name] = (t["dtype"], tuple(t["shape"]))
+            begin, end = t["data_offsets"]
+            weight_bytes += end - begin
     spec = find_arch(cfg)
     dims: Optional[Dims] = None
     if spec is not None:
@@ -96,20 +91,51 @@ def inspect_checkpoint(model_dir: Union[str, Path]) -> CheckpointInfo:
             logger.info("fused runtime cannot run %s: %s", model_dir, e)
             spec = None
     if dims is None:
-        heads = int(cfg.get("num_attention_heads", 1))
-        hidden = int(cfg.get("hidden_size", cfg.get("d_model", 0)))
-        dims_kv = int(cfg.get("num_key_value_heads") or heads)
-        head_dim = int(cfg.get("head_dim") or (hidden // heads if heads else 0))
-        n_layers = int(cfg.get("num_hidden_layers", cfg.get("n_layer", 0)))
-        max_pos = int(cfg.get("max_position_embeddings", cfg.get("n_positions", 2048)))
-        vocab = int(cfg.get("vocab_size", 0))
+        text = cfg["text_config"] if isinstance(cfg.get("text_config"), dict) else cfg  # multimodal: the LM part
+        heads = int(text.get("num_attention_heads", 1))
+        hidden = int(text.get("hidden_size", text.get("d_model", 0)))
+        dims_kv = int(text.get("num_key_value_heads") or heads)
+        head_dim = int(text.get("head_dim") or (hidden // heads if heads else 0))
+        n_layers = int(text.get("num_hidden_layers", text.get("n_layer", 0)))
+        max_pos = int(text.get("max_position_embeddings", text.get("n_positions", 2048)))
+        vocab = int(text.get("vocab_size", 0))
+        inter = int(text.get("intermediate_size") or text.get("ffn_dim") or 4 * hidden)
     else:
         hidden, dims_kv, head_dim, n_layers = dims.hidden, dims.kv_heads, dims.head_dim, dims.layers
-        max_pos, vocab = dims.max_position, dims.vocab
+        max_pos, vocab, inter = dims.max_position, dims.vocab, dims.intermediate
     return CheckpointInfo(
         model_dir=model_dir, config=cfg, arch=spec.name if spec else str(cfg.get("model_type")),
         fused=spec is not None, qcfg=qcfg, weight_bytes=weight_bytes, num_layers=n_layers, num_kv_heads=dims_kv,
-        head_dim=head_dim, max_position=max_pos, vocab=vocab, hidden=hidden, tensors=tensors)
+        head_dim=head_dim, max_position=max_pos, vocab=vocab, hidden=hidden, intermediate=inter, tensors=tensors)
+
+
+# ---------------------------------------------------------------- footprint prediction
+
+# Fixed per-model runtime overhead not proportional to the shapes (tokenizer, allocator slack, small per-layer
+# buffers). Calibrated by benchmarks/memory_prediction.py on SmolLM2-135M (CPU).
+WORKSPACE_CONSTANT_BYTES = 16 * 1024**2
+# CUDA: measured - predicted stayed at 30.0 +- 0.2 MB over (slots, max_seq) = (8, 2048), (4, 1024), (2, 512)
+# on an H100 (SmolLM2-135M shape, torch 2.11) once cuBLAS workspaces and graph outputs were counted.
+CUDA_CONSTANT_BYTES = 29 * 1024**2
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Predicted bytes of one loaded model; the server's memory budget counts `total_bytes`."""
+
+    weights_bytes: int
+    kv_cache_bytes: int
+    workspace_bytes: int
+    max_slots: int
+    max_seq: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_cache_bytes + self.workspace_bytes
+
+    def as_dict(self) -> Dict[str, int]:
+        return {"weights_bytes": self.weights_bytes, "kv_cache_bytes": self.kv_cache_bytes,
+                "workspace_bytes": self.workspace_bytes, "total_bytes": self.total_bytes}
 
 
 def _loaded_weight_bytes(info: CheckpointInfo, dtype: torch.dtype) -> int:
@@ -124,9 +150,10 @@ def _loaded_weight_bytes(info: CheckpointInfo, dtype: torch.dtype) -> int:
         if quant and name.endswith(".scales"):
             total += 2 * n * elem if info.qcfg.bits == 4 else n * elem + n  # (groups, out, 2) / scales + zero codes
         elif quant and name.endswith(".qweight"):
-            total += n * 4 if info.qcfg.bits == 4 else n * 32 // info.qcfg.bits  # int4pack: same bytes; else uint8 codes
+            total += n * 4 if info.qcfg.bits == 4 else n * 32 // info.qcfg.bits  # int4pack: same bytes; else codes
         elif quant and name.endswith(".g_idx"):
-            total += n * 8  # input permutation (long) when act-order
+            # act-order: an int32 input permutation; a sequential g_idx is dropped at load
+            total += n * 4 if info.qcfg.desc_act else 0
         elif dt in ("F32", "F16", "BF16", "F64"):
             total += n * elem
         else:
@@ -134,23 +161,54 @@ def _loaded_weight_bytes(info: CheckpointInfo, dtype: torch.dtype) -> int:
     return total
 
 
-def predict_footprint(info: CheckpointInfo, *, max_slots: int, max_seq: int, dtype: torch.dtype = torch.bfloat16,
-                      device: Union[str, torch.device] = "cpu") -> Footprint:
-    """Memory a loaded runner will take: weights (as loaded), the static KV cache, and a workspace estimate.
-
-    Workspace: rope tables, float32 logits for a full decode batch, and one 512-token prefill chunk's
-    activations (qkv, MLP intermediate, last-token logits).
-    """
+def workspace_bytes(info: CheckpointInfo, *, max_slots: int, prefill_chunk: int, dtype: torch.dtype) -> int:
+    """Scratch the runner keeps or peaks at: float32 logits for a decode batch, a prefill chunk's activations
+    (hidden states, q/k/v, attention output and the MLP's gate/up/act) and `WORKSPACE_CONSTANT_BYTES`."""
     elem = torch.empty((), dtype=dtype).element_size()
+    logits = max_slots * info.vocab * 4
+    act = prefill_chunk * (4 * info.hidden + 3 * info.intermediate) * elem
+    return logits + act + WORKSPACE_CONSTANT_BYTES
+
+
+def cublas_workspace_bytes(device: Union[str, torch.device]) -> int:
+    """torch's default cuBLAS workspace per stream: CUBLAS_WORKSPACE_CONFIG ":SIZE_KiB:COUNT..." when set, else
+    ":4096:8" (32 MiB) on sm90+ and ":4096:2:16:8" (8 MiB + 128 KiB) below."""
+    cfg = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    if not cfg:
+        major, _ = torch.cuda.get_device_capability(torch.device(device))
+        cfg = ":4096:8" if major >= 9 else ":4096:2:16:8"
+    nums = [int(x) for x in cfg.split(":") if x]
+    return sum(size * 1024 * count for size, count in zip(nums[0::2], nums[1::2]))
+
+
+def cuda_runtime_bytes(vocab: int, *, batch_buckets: Sequence[int], kv_buckets: Sequence[int],
+                       cublas_workspace: int, streams: int = 2) -> int:
+    """CUDA-only memory of a warmed-up runner: one cuBLAS workspace per stream that ran a matmul (the default
+    stream and the graph-capture stream), the float32 logits output kept by every captured decode graph (one
+    graph per batch bucket x kv bucket) and `CUDA_CONSTANT_BYTES`."""
+    outputs = sum(batch_buckets) * len(kv_buckets) * vocab * 4
+    return streams * cublas_workspace + outputs + CUDA_CONSTANT_BYTES
+
+
+def predict_footprint(info: CheckpointInfo, *, max_slots: int, max_seq: int, dtype: torch.dtype = torch.bfloat16,
+                      prefill_chunk: int = 256, device: Union[str, torch.device] = "cpu") -> Footprint:
+    """Memory `load_runner(info.model_dir, ...)` plus warmup will take, from config.json and headers only.
+
+    weights: as loaded (float tensors in `dtype`; 4-bit GPTQ/AWQ as int4pack + bf16 scale/zero pairs), checked
+    against the runner's own tensors by the unit tests. KV cache: `KVCache.predict_bytes` (the scratch slot
+    included). Workspace: `workspace_bytes`, plus `cuda_runtime_bytes` on a CUDA device; checked against the
+    measured growth of the process (CPU) or of torch.cuda.memory_allocated by benchmarks/memory_prediction.py.
+    """
     weights = _loaded_weight_bytes(info, dtype)
     kv = KVCache.predict_bytes(info.num_layers, max_slots, max_seq, info.num_kv_heads, info.head_dim, dtype)
-    inter = int(info.config.get("intermediate_size", info.config.get("ffn_dim", 4 * info.hidden)))
-    chunk = min(512, max_seq)
-    workspace = (2 * max_seq * max(info.head_dim, 1) * elem                 # rope cos/sin
-                 + 2 * max_slots * info.vocab * 4                           # decode logits (+ graph output)
-                 + chunk * (3 * info.hidden + 2 * inter) * elem * 2         # prefill activations
-                 + chunk * max_seq * 4 * 2)                                 # attention scores of one chunk
-    return Footprint(weights, kv, workspace, weights + kv + workspace)
+    workspace = workspace_bytes(info, max_slots=max_slots, prefill_chunk=prefill_chunk, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        from .runner import batch_buckets, kv_buckets_cuda
+
+        workspace += cuda_runtime_bytes(info.vocab, batch_buckets=batch_buckets(max_slots),
+                                        kv_buckets=kv_buckets_cuda(max_seq),
+                                        cublas_workspace=cublas_workspace_bytes(device))
+    return Footprint(weights, kv, workspace, max_slots, max_seq)
 
 
 class TensorSource(Mapping):
@@ -257,44 +315,40 @@ def build_model(model_dir: Path, spec: ArchSpec, dims: Dims, qcfg: QuantConfig, 
     return model
 
 
-def _eos_ids(model_dir: Path, cfg: Dict[str, Any]) -> Tuple[int, ...]:
-    ids: List[int] = []
-    gen = model_dir / "generation_config.json"
-    for source in ([json.loads(gen.read_text())] if gen.is_file() else []) + [cfg]:
-        e = source.get("eos_token_id")
-        if e is None:
-            continue
-        ids += [int(x) for x in (e if isinstance(e, list) else [e])]
-    return tuple(dict.fromkeys(ids))
-
-
 def resolve_device(device: Union[str, torch.device]) -> torch.device:
+    """"auto" -> cuda when torch sees a GPU, else cpu; any other name -> torch.device(name)."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
 
-def release_freed_heap() -> bool:
-    """Return the C heap's free pages to the OS (glibc `malloc_trim(0)`); False where libc has no malloc_trim.
-
-    Loading frees tens of MiB of unpack/repack temporaries that glibc keeps in its arenas: resident and counted by
-    the OS (on a Jetson, against the RAM the GPU shares) though no tensor uses them. On SmolLM2 GPTQ g64 the RSS
-    growth of a load fell from 357-389 MiB (varying run to run) to 326 MiB against 331 MiB predicted.
-    """
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Optional[Callable[[int], int]]:
+    """glibc's malloc_trim, or None where libc has none (musl, macOS)."""
     import ctypes
     import ctypes.util
 
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name) if name else None
-        trim = getattr(libc, "malloc_trim", None)
     except OSError:
-        trim = None
+        return None
+    return getattr(libc, "malloc_trim", None)
+
+
+def release_freed_heap() -> bool:
+    """Collect garbage, then return the C heap's free pages to the OS (glibc `malloc_trim(0)`).
+
+    Returns False where libc has no malloc_trim (the garbage is still collected). The one heap-trimming helper:
+    the loader, the server's load measurement and `jetserve eval` call it. Loading frees tens of MiB of
+    unpack/repack temporaries that glibc keeps in its arenas: resident and counted by the OS (on a Jetson, against
+    the RAM the GPU shares) though no tensor uses them. On SmolLM2 GPTQ g64 the RSS growth of a load fell from
+    357-389 MiB (varying run to run) to 326 MiB against 331 MiB predicted.
+    """
+    gc.collect()
+    trim = _malloc_trim()
     if trim is None:
         return False
-    import gc
-
-    gc.collect()
     trim(0)
     return True
 
@@ -311,7 +365,7 @@ def load_runner(model_dir: Union[str, Path], *, device: Union[str, torch.device]
     device = resolve_device(device)
     info = inspect_checkpoint(model_dir)
     cfg = info.config
-    eos = _eos_ids(model_dir, cfg)
+    eos = config_eos_token_ids(model_dir)
     spec = find_arch(cfg) if info.fused else None
     if spec is None:
         from .hf_fallback import HFFallbackRunner

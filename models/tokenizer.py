@@ -30,6 +30,21 @@ def _as_ids(value) -> List[int]:
     return [int(v) for v in value]
 
 
+def config_eos_token_ids(model_dir: Union[str, Path]) -> Tuple[int, ...]:
+    """`eos_token_id` of generation_config.json, then of config.json (an int or a list each), without repeats.
+
+    The runner's eos ids (what the engine stops on); `Tokenizer.eos_token_ids` starts from these.
+    """
+    model_dir = Path(model_dir)
+    ids: List[int] = []
+    for name in ("generation_config.json", "config.json"):
+        path = model_dir / name
+        if path.is_file():
+            with open(path, encoding="utf-8") as f:
+                ids += _as_ids(json.load(f).get("eos_token_id"))
+    return tuple(dict.fromkeys(ids))
+
+
 class Tokenizer:
     """A Hugging Face tokenizer with the few operations jetserve needs.
 
@@ -57,13 +72,7 @@ class Tokenizer:
 
         model_dir = Path(model_dir)
         hf = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=trust_remote_code)
-        eos: List[int] = []
-        for name in ("generation_config.json", "config.json"):
-            path = model_dir / name
-            if path.is_file():
-                with open(path, encoding="utf-8") as f:
-                    eos += _as_ids(json.load(f).get("eos_token_id"))
-        return cls(hf, eos)
+        return cls(hf, config_eos_token_ids(model_dir))
 
     @property
     def has_chat_template(self) -> bool:

@@ -19,7 +19,7 @@ await manager.close()                        # closes every engine, frees runner
 `models.loader.load_runner`; `tokenizer_loader(model_dir)` defaults to `models.tokenizer.Tokenizer.from_dir`.
 
 Memory accounting: before a load the footprint is predicted from config.json + safetensors headers
-(`server.store.predict_footprint`). A model counts for max(predicted, measured) bytes. A load that would
+(`models.loader.predict_footprint`). A model counts for max(predicted, measured) bytes. A load that would
 exceed the budget evicts least-recently-used idle models (never pinned ones, never ones with requests in
 flight or being acquired); if even evicting all of them is not enough, `InsufficientMemoryError` says by how
 much. After a load the manager measures what it really took: process RSS delta around load + warmup on CPU
@@ -37,20 +37,20 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Dict, List, Optional, Tuple
 
 from server.config import Settings, parse_memory_budget
-from server.store import (
-    Footprint, ModelLoadError, ModelNotFoundError, ModelShape, ModelSpec, ModelStore, cuda_runtime_bytes,
-    predict_footprint, read_model_shape,
-)
+from server.store import ModelLoadError, ModelNotFoundError, ModelSpec, ModelStore
 from server.telemetry.memory import MemorySource, memory_source_for, process_model_bytes
+
+if TYPE_CHECKING:  # models.loader imports torch: imported where used, so importing this module stays light
+    from models.loader import CheckpointInfo, Footprint
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "ModelManager", "LoadedModel", "ModelEntry", "ModelNotFoundError", "ModelLoadError",
-    "InsufficientMemoryError", "ModelBusyError", "resolve_device",
+    "InsufficientMemoryError", "ModelBusyError",
 ]
 
 GiB = 1024**3
@@ -85,7 +85,7 @@ class LoadedModel:
     runner: Any
     tokenizer: Any
     engine: Any
-    info: ModelShape
+    info: CheckpointInfo
     predicted: Footprint
     measured_bytes: int
     load_seconds: float
@@ -114,15 +114,6 @@ class ModelEntry:
     loaded_at: Optional[float] = None
 
 
-def resolve_device(device: str) -> str:
-    """'auto' -> 'cuda' when torch sees a GPU, else 'cpu'."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _process_bytes(device: str, model_dir: Path) -> int:
     """What a load is measured with: on CUDA memory_allocated; on CPU anonymous RSS + resident pages of the
     model's mmap'd files (server.telemetry.memory.process_model_bytes), after returning free heap to the OS."""
@@ -131,45 +122,16 @@ def _process_bytes(device: str, model_dir: Path) -> int:
 
         torch.cuda.synchronize()
         return int(torch.cuda.memory_allocated())
-    _malloc_trim()
+    from models.loader import release_freed_heap
+
+    release_freed_heap()
     return process_model_bytes(model_dir)
-
-
-def _malloc_trim() -> None:
-    """Give glibc's free heap pages back to the OS (loaders free many temporaries); no-op off glibc."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def cublas_workspace_bytes(device: str) -> int:
-    """torch's default cuBLAS workspace per stream: CUBLAS_WORKSPACE_CONFIG ":SIZE_KiB:COUNT..." when set, else
-    ":4096:8" (32 MiB) on sm90+ and ":4096:2:16:8" (8 MiB + 128 KiB) below."""
-    import os
-
-    import torch
-
-    cfg = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
-    if not cfg:
-        major, _ = torch.cuda.get_device_capability(torch.device(device))
-        cfg = ":4096:8" if major >= 9 else ":4096:2:16:8"
-    nums = [int(x) for x in cfg.split(":") if x]
-    return sum(size * 1024 * count for size, count in zip(nums[0::2], nums[1::2]))
-
-
-def _cuda_extra(shape: ModelShape, *, device: str, max_slots: int, max_seq: int) -> int:
-    from models.runner import batch_buckets, kv_buckets_cuda
-
-    return cuda_runtime_bytes(shape, batch_buckets=batch_buckets(max_slots), kv_buckets=kv_buckets_cuda(max_seq),
-                              cublas_workspace=cublas_workspace_bytes(device))
 
 
 def _default_runner_loader(model_dir: Path, *, dtype: str, **kw):
     """models.loader.load_runner with the dtype name turned into a torch.dtype."""
     import torch
+
     from models.loader import load_runner
 
     return load_runner(model_dir, dtype=getattr(torch, dtype), **kw)
@@ -202,7 +164,9 @@ class ModelManager:
         self.settings = settings
         self.metrics = metrics
         self.store = store or ModelStore(settings.model_store, settings.models_config)
-        self.device = resolve_device(settings.device)
+        from models.loader import resolve_device
+
+        self.device = str(resolve_device(settings.device))
         self._engine_factory = engine_factory
         # trust_remote_code reaches the runtime only from Settings (off unless the operator sets it)
         trust = settings.trust_remote_code
@@ -249,16 +213,22 @@ class ModelManager:
 
     def predict(self, name: str) -> Footprint:
         """Predicted footprint of a model with its effective settings (headers only)."""
-        return self._predict(self.store.resolve(name))
+        return self._inspect(self.store.resolve(name))[1]
 
-    def _predict(self, spec: ModelSpec) -> Footprint:
+    def _inspect(self, spec: ModelSpec) -> Tuple[CheckpointInfo, Footprint]:
+        """Checkpoint info and predicted footprint (headers only); ModelLoadError when they cannot be read."""
+        import torch
+
+        from models.loader import inspect_checkpoint, predict_footprint
+
         s = self._settings_for(spec)
-        extra = None
-        if self.device.startswith("cuda"):
-            extra = functools.partial(_cuda_extra, device=self.device, max_slots=s.max_batch_size,
-                                      max_seq=s.max_context)
-        return predict_footprint(spec.path, max_slots=s.max_batch_size, max_seq=s.max_context, dtype=s.dtype,
-                                 prefill_chunk=s.prefill_chunk, device_extra=extra)
+        try:
+            info = inspect_checkpoint(spec.path)
+            fp = predict_footprint(info, max_slots=s.max_batch_size, max_seq=s.max_context,
+                                   dtype=getattr(torch, s.dtype), prefill_chunk=s.prefill_chunk, device=self.device)
+        except Exception as e:  # any surprise while reading config/headers is a load error, not a crash
+            raise ModelLoadError(f"{spec.name}: cannot predict its memory footprint: {e}") from e
+        return info, fp
 
     def _update_memory_metrics(self) -> None:
         if self.metrics is not None:
@@ -345,12 +315,7 @@ class ModelManager:
 
     def _reserve(self, spec: ModelSpec) -> List[LoadedModel]:
         """Under the lock: reserve the predicted footprint, choosing LRU idle victims. Returns them (removed)."""
-        try:
-            fp = self._predict(spec)
-        except ModelLoadError:
-            raise
-        except Exception as e:  # any surprise while reading config/headers is a load error, not a crash
-            raise ModelLoadError(f"{spec.name}: cannot predict its memory footprint: {e}") from e
+        _, fp = self._inspect(spec)  # ModelLoadError
         needed = fp.total_bytes
         in_use = self.used_bytes()
         idle = sorted((m for m in self._loaded.values() if m.in_flight == 0 and not m.spec.pinned),
@@ -380,8 +345,7 @@ class ModelManager:
     def _load_blocking(self, spec: ModelSpec) -> LoadedModel:
         """Worker thread: build runner + tokenizer + engine and measure what the load took."""
         s = self._settings_for(spec)
-        shape = read_model_shape(spec.path)
-        fp = self._predict(spec)
+        info, fp = self._inspect(spec)
         if not self._runtime_imported and self._default_tokenizer:
             try:
                 _import_default_loaders(spec.path)
@@ -410,7 +374,7 @@ class ModelManager:
             on_request = getattr(self.metrics, "on_request_finished", None)
             engine = self._engine_factory(runner, s, name=spec.name, on_step=on_step, on_request=on_request)
         lm = LoadedModel(name=spec.name, path=spec.path, spec=spec, runner=runner, tokenizer=tokenizer,
-                         engine=engine, info=shape, predicted=fp, measured_bytes=measured, load_seconds=load_s,
+                         engine=engine, info=info, predicted=fp, measured_bytes=measured, load_seconds=load_s,
                          settings=s)
         err = (measured - fp.total_bytes) / fp.total_bytes if fp.total_bytes else 0.0
         logger.info("loaded %s in %.2fs: predicted %.1f MiB, measured %.1f MiB (%+.1f%%)", spec.name, load_s,

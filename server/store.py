@@ -1,4 +1,4 @@
-"""Model store: names confined to one directory, an optional models config, and footprint prediction.
+"""Model store: names confined to one directory and an optional models config.
 
 A model is an HF folder (config.json + *.safetensors + tokenizer files) directly or nested inside
 `Settings.model_store`. Names are relative paths inside the store; `..`, absolute paths and symlinks that
@@ -17,33 +17,18 @@ aliases:
   gpt-4o-mini: smollm2-135m-instruct-gptq-g64
 ```
 
-Prediction (`predict_footprint`) reads only config.json and the safetensors headers (never tensor data):
-weights = sum of tensor byte ranges in the headers; KV cache = layers x (slots + 1 scratch) x max_seq x kv_heads x head_dim
-x 2 (K and V) x dtype size; workspace = decode logits (slots x vocab x 4, float32) + prefill scratch
-(prefill_chunk x activations) + a fixed runtime constant, calibrated on SmolLM2 (see
-`WORKSPACE_CONSTANT_BYTES` and benchmarks/memory_prediction.py); on CUDA also the cuBLAS workspaces and
-the captured decode graphs' outputs (`cuda_runtime_bytes`).
+A model's memory footprint is predicted by `models.loader.predict_footprint` (server/manager.py calls it).
 """
 from __future__ import annotations
 
 import json
 import logging
 import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 logger = logging.getLogger(__name__)
-
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-
-# Fixed per-model runtime overhead not proportional to the shapes above (tokenizer, allocator slack,
-# small per-layer buffers). Calibrated by benchmarks/memory_prediction.py on SmolLM2-135M (CPU).
-WORKSPACE_CONSTANT_BYTES = 16 * 1024**2
-# CUDA: measured - predicted stayed at 30.0 +- 0.2 MB over (slots, max_seq) = (8, 2048), (4, 1024), (2, 512)
-# on an H100 (SmolLM2-135M shape, torch 2.11) once cuBLAS workspaces and graph outputs were counted.
-CUDA_CONSTANT_BYTES = 29 * 1024**2
 
 
 class ModelNotFoundError(LookupError):
@@ -65,157 +50,6 @@ class ModelSpec:
     max_batch: Optional[int] = None
     pinned: bool = False
     keep_alive_s: Optional[float] = None
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What the KV cache and workspace sizes depend on (from config.json)."""
-
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    hidden_size: int
-    intermediate_size: int
-    vocab_size: int
-    max_position: int
-    quant_method: str = "none"
-
-
-@dataclass(frozen=True)
-class Footprint:
-    """Predicted bytes of one loaded model."""
-
-    weights_bytes: int
-    kv_cache_bytes: int
-    workspace_bytes: int
-    max_slots: int
-    max_seq: int
-
-    @property
-    def total_bytes(self) -> int:
-        return self.weights_bytes + self.kv_cache_bytes + self.workspace_bytes
-
-    def as_dict(self) -> Dict[str, int]:
-        return {"weights_bytes": self.weights_bytes, "kv_cache_bytes": self.kv_cache_bytes,
-                "workspace_bytes": self.workspace_bytes, "total_bytes": self.total_bytes}
-
-
-# ---------------------------------------------------------------- safetensors headers
-
-def safetensors_header(path: Path) -> Dict[str, Any]:
-    """Parse the JSON header of one .safetensors file without reading tensor data."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) != 8:
-                raise ModelLoadError(f"{path.name}: truncated safetensors file (no header length)")
-            (n,) = struct.unpack("<Q", raw)
-            if n <= 0 or n > min(size - 8, 100 * 1024**2):
-                raise ModelLoadError(f"{path.name}: corrupt safetensors header length {n} (file is {size} bytes)")
-            header = json.loads(f.read(n))
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{path.name}: unreadable safetensors header: {e}") from e
-    if not isinstance(header, dict):
-        raise ModelLoadError(f"{path.name}: safetensors header is not a JSON object")
-    data_len = size - 8 - n
-    for name, t in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            begin, end = t["data_offsets"]
-        except (KeyError, TypeError, ValueError) as e:
-            raise ModelLoadError(f"{path.name}: tensor {name!r} has no valid data_offsets") from e
-        if not (0 <= begin <= end <= data_len):
-            raise ModelLoadError(f"{path.name}: tensor {name!r} data {begin}..{end} lies outside the file "
-                                 f"({data_len} data bytes): file truncated or corrupt")
-    return header
-
-
-def weight_bytes(model_dir: Path) -> int:
-    """Sum of tensor byte sizes over every *.safetensors file of the folder (headers only)."""
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise ModelLoadError(f"{model_dir.name}: no *.safetensors files (only safetensors checkpoints are served)")
-    total = 0
-    for f in files:
-        for name, t in safetensors_header(f).items():
-            if name != "__metadata__":
-                begin, end = t["data_offsets"]
-                total += end - begin
-    return total
-
-
-# ---------------------------------------------------------------- config.json
-
-def read_model_shape(model_dir: Path) -> ModelShape:
-    """Shapes from config.json (nested `text_config` supported). Raises ModelLoadError when unusable."""
-    cfg_path = model_dir / "config.json"
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"{model_dir.name}: cannot read config.json: {e}") from e
-    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
-    try:
-        layers = int(text["num_hidden_layers"])
-        heads = int(text["num_attention_heads"])
-        hidden = int(text["hidden_size"])
-        vocab = int(text["vocab_size"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise ModelLoadError(f"{model_dir.name}: config.json lacks {e} needed to size the KV cache") from e
-    kv_heads = int(text.get("num_key_value_heads") or heads)
-    head_dim = int(text.get("head_dim") or hidden // heads)
-    inter = int(text.get("intermediate_size") or text.get("ffn_dim") or 4 * hidden)
-    max_pos = int(text.get("max_position_embeddings") or 2048)
-    q = cfg.get("quantization_config") or {}
-    method = str(q.get("quant_method") or "none").lower() if isinstance(q, dict) else "none"
-    return ModelShape(layers, kv_heads, head_dim, hidden, inter, vocab, max_pos, method)
-
-
-def kv_cache_bytes(shape: ModelShape, *, max_slots: int, max_seq: int, dtype: str) -> int:
-    """layers x (slots + 1) x max_seq x kv_heads x head_dim x 2 (K and V) x dtype size.
-
-    The runner's cache has one scratch slot beyond `max_slots` for padded decode rows (models/kv_cache.py).
-    """
-    slots = max_slots + 1
-    return shape.num_layers * slots * max_seq * shape.num_kv_heads * shape.head_dim * 2 * DTYPE_BYTES[dtype]
-
-
-def workspace_bytes(shape: ModelShape, *, max_slots: int, prefill_chunk: int, dtype: str,
-                    device_extra_bytes: int = 0) -> int:
-    """Scratch the runner keeps or peaks at: float32 logits for a decode batch, a prefill chunk's activations,
-    the fixed constant, plus `device_extra_bytes` (CUDA: see `cuda_runtime_bytes`)."""
-    d = DTYPE_BYTES[dtype]
-    logits = max_slots * shape.vocab_size * 4
-    # prefill chunk: hidden states, q/k/v, attention output and the MLP's gate/up/act (T x width x dtype)
-    act = prefill_chunk * (4 * shape.hidden_size + 3 * shape.intermediate_size) * d
-    return logits + act + WORKSPACE_CONSTANT_BYTES + device_extra_bytes
-
-
-def cuda_runtime_bytes(shape: ModelShape, *, batch_buckets: List[int], kv_buckets: List[int],
-                       cublas_workspace: int, streams: int = 2) -> int:
-    """CUDA-only memory of a warmed-up runner: one cuBLAS workspace per stream that ran a matmul (the default
-    stream and the graph-capture stream) and the float32 logits output kept by every captured decode graph
-    (one graph per batch bucket x kv bucket)."""
-    outputs = sum(batch_buckets) * len(kv_buckets) * shape.vocab_size * 4
-    return streams * cublas_workspace + outputs + CUDA_CONSTANT_BYTES
-
-
-def predict_footprint(model_dir: Path, *, max_slots: int, max_seq: int, dtype: str,
-                      prefill_chunk: int = 256, device_extra: Optional[Callable[[ModelShape], int]] = None
-                      ) -> Footprint:
-    """Footprint of `model_dir` loaded with these settings, from config.json and safetensors headers only.
-    `device_extra(shape)` adds device-specific runtime bytes (the manager passes the CUDA ones)."""
-    shape = read_model_shape(model_dir)
-    extra = int(device_extra(shape)) if device_extra is not None else 0
-    return Footprint(
-        weights_bytes=weight_bytes(model_dir),
-        kv_cache_bytes=kv_cache_bytes(shape, max_slots=max_slots, max_seq=max_seq, dtype=dtype),
-        workspace_bytes=workspace_bytes(shape, max_slots=max_slots, prefill_chunk=prefill_chunk, dtype=dtype,
-                                        device_extra_bytes=extra),
-        max_slots=max_slots,
-        max_seq=max_seq,
-    )
 
 
 # ---------------------------------------------------------------- models config

@@ -19,6 +19,7 @@ import torch
 from models.evaluate.measure import PeakMemory, disk_bytes, measure_speed, release_memory, rss_bytes
 from models.evaluate.perplexity import perplexity
 from models.evaluate.runtimes import load_runtime
+from models.loader import resolve_device
 from models.quantize.calibration import resolve_text
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -41,12 +42,6 @@ class EvalConfig:
     threads: Optional[int] = None
     skip_ppl: bool = False
     skip_speed: bool = False
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def quant_summary(model_dir: Path) -> Dict[str, Any]:

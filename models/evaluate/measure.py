@@ -7,8 +7,6 @@
 """
 from __future__ import annotations
 
-import ctypes
-import gc
 import statistics
 import threading
 import time
@@ -17,6 +15,8 @@ from pathlib import Path
 from typing import Dict, List
 
 import torch
+
+from models.loader import release_freed_heap
 
 
 @dataclass(frozen=True)
@@ -77,12 +77,9 @@ def _page_size() -> int:
 
 
 def release_memory() -> None:
-    """gc + return freed heap pages to the OS, so the next model's RSS starts low."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
+    """gc + return freed heap pages to the OS (models.loader.release_freed_heap), so the next model's RSS starts
+    low."""
+    release_freed_heap()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 

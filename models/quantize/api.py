@@ -266,8 +266,9 @@ def quantize(src: str, out: str, spec: QuantSpec, overwrite: bool = False, store
     src_dir, samples, calib_info = validate(src, out, spec, overwrite, store)
     import torch
 
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    from models.loader import resolve_device
+
+    device = str(resolve_device(device or "auto"))
     outp = Path(out).expanduser().resolve()
     outp.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{outp.name}.tmp-", dir=outp.parent))

@@ -15,10 +15,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from models.loader import inspect_checkpoint, predict_footprint
 from server.config import Settings
 from server.manager import InsufficientMemoryError, ModelBusyError, ModelLoadError, ModelManager, ModelNotFoundError
 from server.metrics import Metrics
-from server.store import ModelStore, predict_footprint
+from server.store import ModelStore
 from server.telemetry.memory import MemorySnapshot, MemorySource
 
 MiB = 1024**2
@@ -94,8 +95,8 @@ def store(tmp_path):
 
 
 def footprint(store, name, s):
-    return predict_footprint(store / name, max_slots=s.max_batch_size, max_seq=s.max_context, dtype=s.dtype,
-                             prefill_chunk=s.prefill_chunk).total_bytes
+    return predict_footprint(inspect_checkpoint(store / name), max_slots=s.max_batch_size, max_seq=s.max_context,
+                             dtype=getattr(torch, s.dtype), prefill_chunk=s.prefill_chunk).total_bytes
 
 
 def mk(store, budget, loader=None, **kw):
@@ -108,8 +109,10 @@ def mk(store, budget, loader=None, **kw):
 
 def test_prediction_reads_headers(store):
     s = settings(store, 10**9)
-    fp = predict_footprint(store / "b", max_slots=2, max_seq=64, dtype="bfloat16", prefill_chunk=s.prefill_chunk)
-    assert fp.weights_bytes == 2000 * 4
+    fp = predict_footprint(inspect_checkpoint(store / "b"), max_slots=2, max_seq=64, dtype=torch.bfloat16,
+                           prefill_chunk=s.prefill_chunk)
+    assert fp.weights_bytes == 2000 * 2  # a float32 tensor in the header, loaded as bfloat16
+    assert fp.as_dict() == mk(store, 10**9)[0].predict("b").as_dict()  # what the manager budgets
     assert fp.kv_cache_bytes == 2 * (2 + 1) * 64 * 2 * 16 * 2 * 2  # layers*(slots+scratch)*seq*kv_heads*head_dim*2*bf16
     assert fp.total_bytes == fp.weights_bytes + fp.kv_cache_bytes + fp.workspace_bytes
 
@@ -291,13 +294,10 @@ def test_per_model_settings_and_aliases(store, tmp_path):
 
 
 def test_cuda_runtime_terms(monkeypatch):
-    from server.manager import cublas_workspace_bytes
-    from server.store import CUDA_CONSTANT_BYTES, ModelShape, cuda_runtime_bytes
+    from models.loader import CUDA_CONSTANT_BYTES, cublas_workspace_bytes, cuda_runtime_bytes
 
-    shape = ModelShape(num_layers=2, num_kv_heads=2, head_dim=16, hidden_size=64, intermediate_size=128,
-                       vocab_size=1000, max_position=512)
     # 2 streams x 1 MiB + logits of graphs (1+2) x 2 kv buckets x vocab x 4 + the calibrated constant
-    assert cuda_runtime_bytes(shape, batch_buckets=[1, 2], kv_buckets=[256, 512], cublas_workspace=2**20) == \
+    assert cuda_runtime_bytes(1000, batch_buckets=[1, 2], kv_buckets=[256, 512], cublas_workspace=2**20) == \
         2 * 2**20 + 3 * 2 * 1000 * 4 + CUDA_CONSTANT_BYTES
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:2:16:8")
     assert cublas_workspace_bytes("cuda") == 4096 * 1024 * 2 + 16 * 1024 * 8

@@ -138,7 +138,7 @@ def test_inspect_and_footprint(tiny_dirs):
     fp = predict_footprint(info, max_slots=4, max_seq=128, dtype=torch.float32)
     runner = load_runner(tiny_dirs["qwen2"], dtype=torch.float32, max_slots=4, max_seq=128)
     rep = runner.memory_report()
-    assert fp.kv_cache == rep["kv_cache_bytes"]
-    assert fp.weights == rep["weights_bytes"]
-    assert fp.total == fp.weights + fp.kv_cache + fp.workspace
+    assert fp.kv_cache_bytes == rep["kv_cache_bytes"]
+    assert fp.weights_bytes == rep["weights_bytes"]
+    assert fp.total_bytes == fp.weights_bytes + fp.kv_cache_bytes + fp.workspace_bytes
     assert inspect_checkpoint(tiny_dirs["gpt2"]).fused is False
