@@ -1,14 +1,19 @@
 """Prometheus metrics with vLLM-style `jetserve:` names, on a per-app CollectorRegistry.
 
-Fed only from the engine's `StepStats` / `RequestStats` (`on_step`, `on_request_finished`, called on the
-engine thread), from the ModelManager (`model_loaded`, `model_unloaded`, memory gauges) and from the
-error layer (`on_error(code)` for requests refused before the engine saw them, e.g. 429). Route handlers
-never touch metrics. prometheus-client metrics are thread-safe.
+Fed from the engine's `StepStats` / `RequestStats` (`on_step`, `on_request_finished`, called on the engine
+thread; the engine reports occupancy after every step and after any finish that changed it, so the running,
+waiting and KV gauges follow state), from the ModelManager (`model_loaded`, `model_unloaded`, memory gauges)
+and from the generation routes (`server/api/routes.py` calls `on_error(code)` for requests refused before the
+engine saw them, e.g. 429). GET /metrics (`server/api/metrics_route.py`) calls `exposition()`.
+prometheus-client metrics are thread-safe.
 
 Names contain ':' (legal, recording-rule style, as vLLM's `vllm:`); `promtool check metrics` accepts them.
+The exposition leaves out prometheus-client's `<name>_created` series (as vLLM does): per registry, without
+the process-wide `prometheus_client.disable_created_metrics()` or its import-time environment variable.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import sys
 import threading
@@ -52,6 +57,23 @@ class _GpuMemoryCollector(Collector):
         yield reserved
 
 
+class _WithoutCreated(Collector):
+    """Read-only view of a registry without the `<name>_created` samples of counters, histograms and summaries."""
+
+    _TYPES = ("counter", "histogram", "summary")
+
+    def __init__(self, registry: CollectorRegistry):
+        self._registry = registry
+
+    def collect(self):
+        for fam in self._registry.collect():
+            if fam.type in self._TYPES:
+                created = fam.name + "_created"
+                fam = copy.copy(fam)  # collectors may hand out cached families: never edit them in place
+                fam.samples = [s for s in fam.samples if s.name != created]
+            yield fam
+
+
 class Metrics:
     """All jetserve metrics on one registry. Create one per app."""
 
@@ -61,6 +83,7 @@ class Metrics:
         """`telemetry="auto"` adds the Jetson collector when `jetson_root` is a Jetson (jtop, else sysfs);
         None adds none; a Collector is registered as is."""
         self.registry = registry if registry is not None else CollectorRegistry()
+        self._exposed = _WithoutCreated(self.registry)
         r = self.registry
         m = ["model"]
         self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Time from submit to the first generated token.",
@@ -117,7 +140,8 @@ class Metrics:
     # ---------------------------------------------------------------- engine feed
 
     def on_step(self, s: StepStats) -> None:
-        """One engine step: queue/slot gauges, KV usage, weight bytes streamed."""
+        """One engine step, or an occupancy change without one (`batch_size == 0`): queue/slot gauges, KV
+        usage, and (real steps only) weight bytes streamed."""
         self.running.labels(s.model).set(s.running)
         self.waiting.labels(s.model).set(s.waiting)
         if s.kv_tokens_total > 0:
@@ -175,6 +199,8 @@ class Metrics:
         for metric in (self.prompt_tokens, self.generation_tokens, self.ttft, self.itl, self.e2e, self.queue,
                        self.decode_tps):
             metric.labels(model)
+        for gauge in (self.running, self.waiting, self.kv_usage):  # a freshly loaded model is idle
+            gauge.labels(model).set(0)
         self.model_memory.labels(model, "predicted").set(predicted_bytes)
         self.model_memory.labels(model, "measured").set(measured_bytes)
         self.load_seconds.labels(model).set(load_seconds)
@@ -217,6 +243,6 @@ class Metrics:
         return self.last_weight_bandwidth
 
     def exposition(self) -> bytes:
-        """Text exposition of the registry (what GET /metrics returns)."""
+        """Text exposition of the registry without `_created` series (what GET /metrics returns)."""
         self.take_weight_bandwidth()
-        return generate_latest(self.registry)
+        return generate_latest(self._exposed)

@@ -1,8 +1,9 @@
 """OpenAI-compatible routes: parse -> tokenize -> submit to the engine -> detokenize -> format.
 
 No tensors here: token ids come back from the engine thread through each request's `RequestHandle`, and
-`IncrementalDetokenizer` turns them into text (and finds stop strings) at this edge. A stop string aborts
-the request in the engine so its KV slot is freed at the next step.
+`IncrementalDetokenizer` turns them into text (and finds stop strings) at this edge. A stop string ends
+the request in the engine with finish reason "stop" (what its stats record, as the client sees it), so its
+KV slot is freed at the next step.
 
 max_tokens policy: omitted means "the rest of the context"; a prompt that leaves no room, or
 prompt + max_tokens beyond the context, is refused with 400 `context_length_exceeded` giving the numbers
@@ -268,17 +269,18 @@ async def _generate(request: Request, body: Any, chat: bool):
 
     st.inflight += 1
     closed = False
+    dec = _Decoder(lm.tokenizer, body.stop_list, prompt_ids, num_lp)
 
     async def cleanup() -> None:
         nonlocal closed
         if closed:
             return
         closed = True
-        handle.abort()  # no-op when already finished
+        # no-op when the engine already finished it; a stop string is recorded as "stop", anything else as abort
+        handle.abort(FINISH_STOP if dec.finish_reason == FINISH_STOP else FINISH_ABORT)
         st.inflight -= 1
         await stack.aclose()
 
-    dec = _Decoder(lm.tokenizer, body.stop_list, prompt_ids, num_lp)
     created = int(time.time())
     model_name = lm.name
     if body.stream:

@@ -8,6 +8,10 @@ Step loop: take new requests and aborts -> expire timeouts -> `Scheduler.plan` -
 requests -> `StepStats`. A failure inside one request's prefill (or its test-hook fault) finishes only that
 request with an error; a failing batched decode or sample finishes the sequences of that batch with an
 error and the engine keeps serving.
+
+Occupancy (running, waiting, KV use) is reported through `on_step` after every step and after every loop
+turn whose finishes (abort, stop, timeout, engine stop or crash) changed it without a step following, so the
+gauges fed from it follow state: they read 0 as soon as the last request is gone, with no further traffic.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Deque, Dict, List, Optional, Set
+from typing import Any, Callable, Deque, Dict, List, Optional
 
 import torch
 
@@ -40,7 +44,7 @@ class Engine:
 
     `settings` supplies max_queue, prefill_chunk and request_timeout_s. Batch size is the runner's
     `max_slots`; context is the runner's `max_seq`. `on_step(StepStats)` / `on_request(RequestStats)` run on
-    the engine thread.
+    the engine thread; `on_step` also gets a `batch_size == 0` record when finishes alone changed occupancy.
     """
 
     def __init__(self, runner: Any, settings: Any, *, name: str = "",
@@ -61,7 +65,7 @@ class Engine:
 
         self._cv = threading.Condition()
         self._inbox: Deque[SequenceState] = deque()
-        self._aborts: Set[str] = set()
+        self._aborts: Dict[str, str] = {}   # request_id -> finish reason to record (abort or stop)
         self._num_active = 0          # submitted and not yet finished (guarded by _cv)
         self._accepting = True
         self._stopping = False
@@ -140,10 +144,16 @@ class Engine:
             self._cv.notify()
         return handle
 
-    def abort(self, request_id: str) -> None:
-        """Stop a request; its slot is freed at the next step boundary. Unknown ids are ignored."""
+    def abort(self, request_id: str, reason: str = FINISH_ABORT) -> None:
+        """Stop a request; its slot is freed at the next step boundary. Unknown or finished ids are ignored.
+
+        `reason` is the finish reason its `RequestStats` records: "abort" (client gone), or "stop" when the
+        edge ended it on a stop string. The first call for an id wins.
+        """
+        if reason not in (FINISH_ABORT, FINISH_STOP):
+            raise ValueError(f"abort reason must be {FINISH_ABORT!r} or {FINISH_STOP!r}, got {reason!r}")
         with self._cv:
-            self._aborts.add(request_id)
+            self._aborts.setdefault(request_id, reason)
             self._cv.notify()
 
     def stats(self) -> Dict[str, Any]:
@@ -173,26 +183,30 @@ class Engine:
                         self._cv.wait()
                     self._waiting.extend(self._inbox)
                     self._inbox.clear()
-                    aborts, self._aborts = self._aborts, set()
+                    aborts, self._aborts = self._aborts, {}
                     stopping = self._stopping
+                if aborts:  # before a stop, so a stop string that raced the shutdown is still recorded as "stop"
+                    for seq in [s for s in list(self._running) + list(self._waiting) if s.request.request_id in aborts]:
+                        self._finish(seq, aborts[seq.request.request_id])
                 if stopping:
                     for seq in list(self._running) + list(self._waiting):
                         self._finish(seq, FINISH_ABORT, error="engine stopped", error_code="engine_stopped")
+                    self._report_if_changed()
                     self._flush()
                     return
-                if aborts:
-                    for seq in [s for s in list(self._running) + list(self._waiting) if s.request.request_id in aborts]:
-                        self._finish(seq, FINISH_ABORT)
                 now = time.perf_counter()
                 for seq in [s for s in list(self._running) + list(self._waiting) if now > s.deadline]:
                     self._finish(seq, FINISH_TIMEOUT, error="request timed out", error_code="request_timeout")
                 if self._running or self._waiting:
                     self._step()
+                else:
+                    self._report_if_changed()  # finishes emptied the engine: no step follows to report it
                 self._flush()
         except Exception:  # a bug in the loop itself: fail everything loudly rather than hang clients
             logger.exception("engine %s loop crashed", self.name)
             for seq in list(self._running) + list(self._waiting):
                 self._finish(seq, FINISH_ERROR, error="engine failure", error_code="internal_error")
+            self._report_if_changed()
             self._flush()
             with self._cv:
                 self._accepting = False
@@ -275,16 +289,25 @@ class Engine:
         self.steps += 1
         self.max_batch_seen = max(self.max_batch_seen, batch)
         self.recent_batch_sizes.append(batch)
+        self._report(batch, prefill_tokens, len(decode), time.perf_counter() - t0)
+
+    def _report(self, batch: int, prefill_tokens: int, decode_tokens: int, duration_s: float) -> None:
+        """Record the occupancy now (`last_running` / `last_waiting`) and hand a `StepStats` to `on_step`."""
         self.last_running = len(self._running)
         self.last_waiting = len(self._waiting)
         if self.on_step is not None:
             kv_tokens = sum(s.seq_len for s in self._running)
             self._safe_callback(self.on_step, StepStats(
                 model=self.name, batch_size=batch, num_prefill_tokens=prefill_tokens,
-                num_decode_tokens=len(decode), step_duration_s=time.perf_counter() - t0,
+                num_decode_tokens=decode_tokens, step_duration_s=duration_s,
                 running=len(self._running), waiting=len(self._waiting), kv_slots_used=len(self._running),
                 kv_slots_total=self.max_slots, kv_tokens_used=kv_tokens,
                 kv_tokens_total=self.max_slots * self.max_seq))
+
+    def _report_if_changed(self) -> None:
+        """After a loop turn without a step: report if finishes changed the occupancy (batch_size 0)."""
+        if (len(self._running), len(self._waiting)) != (self.last_running, self.last_waiting):
+            self._report(0, 0, 0, 0.0)
 
     def _sample_and_emit(self, seqs: List[SequenceState], logits: torch.Tensor) -> None:
         params = [s.request.params for s in seqs]

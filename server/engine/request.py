@@ -62,7 +62,8 @@ class TokenEvent:
 
     A token event has `token_id >= 0`. The last event of every stream has `finish_reason` set; it may also
     carry a token (the one that finished it: EOS or the max_tokens-th) or none (`token_id == -1`: abort,
-    timeout, error). `error` / `error_code` are set when finish_reason is "error" or "timeout".
+    timeout, error, or a stop the edge asked for with `RequestHandle.abort(FINISH_STOP)`). `error` /
+    `error_code` are set when finish_reason is "error" or "timeout".
     """
 
     token_id: int
@@ -76,11 +77,12 @@ class TokenEvent:
 class RequestHandle:
     """Async iterator of `TokenEvent`s for one request; created on the event loop by `Engine.submit`.
 
-    Iteration ends after the event whose `finish_reason` is set. `abort()` asks the engine to stop the
+    Iteration ends after the event whose `finish_reason` is set. `abort(reason)` asks the engine to stop the
     request and free its slot at the next step boundary (safe to call more than once or after finishing).
     """
 
-    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, abort_fn: Callable[[str], None]):
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop,
+                 abort_fn: Callable[[str, str], None]):
         self.request = request
         self.request_id = request.request_id
         self._loop = loop
@@ -109,9 +111,10 @@ class RequestHandle:
                 pass
 
     # Event loop side.
-    def abort(self) -> None:
+    def abort(self, reason: str = FINISH_ABORT) -> None:
+        """End the request early; `reason` ("abort", or "stop" for a stop string) is what its stats record."""
         if not self.finished:
-            self._abort_fn(self.request_id)
+            self._abort_fn(self.request_id, reason)
 
     def ready_events(self) -> List[TokenEvent]:
         """Events already delivered and not yet consumed (lets the edge coalesce a backlog into one chunk)."""

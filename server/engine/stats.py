@@ -1,8 +1,9 @@
 """Plain records the engine emits; `server.metrics.Metrics` is fed only from these.
 
-The engine thread builds one `StepStats` per engine step and one `RequestStats` per finished request
-(any outcome) and hands them to the `on_step` / `on_request` callbacks given to `Engine`. Callbacks run on
-the engine thread and must be cheap and thread-safe (prometheus-client metrics are).
+The engine thread builds one `StepStats` per engine step (plus one with `batch_size == 0` when finishes alone
+changed the occupancy, so gauges follow state without waiting for a step) and one `RequestStats` per
+finished request (any outcome) and hands them to the `on_step` / `on_request` callbacks given to `Engine`.
+Callbacks run on the engine thread and must be cheap and thread-safe (prometheus-client metrics are).
 All times are seconds (floats from `time.perf_counter()` / `time.monotonic()` differences).
 """
 from __future__ import annotations
@@ -13,10 +14,11 @@ from typing import Optional, Tuple
 
 @dataclass(frozen=True)
 class StepStats:
-    """One engine step (one scheduler plan executed)."""
+    """One engine step (one scheduler plan executed), or, with `batch_size == 0` and no tokens, a loop turn
+    that ran no step but whose finishes (abort, stop, timeout, engine stop) changed running/waiting/KV use."""
 
     model: str                 # served model name ("" if the engine was built without one)
-    batch_size: int            # sequences that got a token computed this step (prefill chunks + decodes)
+    batch_size: int            # sequences that got a token computed this step (prefill chunks + decodes); 0: no step
     num_prefill_tokens: int    # prompt tokens prefilled this step (sum over chunks)
     num_decode_tokens: int     # decode tokens computed this step (= decoding sequences)
     step_duration_s: float     # wall time of the step (plan + runner calls + sampling + hand-off)

@@ -199,6 +199,54 @@ def test_abort_frees_slot_within_a_step():
     assert reqs[0].finish_reason == "abort"
 
 
+def test_aborts_that_empty_the_engine_are_reported():
+    """No step follows the last abort, yet on_step gets the new occupancy (running = waiting = KV = 0, batch 0),
+    so the gauges fed from it follow state instead of the last step."""
+    runner = FakeRunner(max_slots=1, decode_delay=0.005)
+    eng, steps, reqs = make(runner)
+
+    async def go():
+        a = eng.submit(GenerationRequest([1], GREEDY, max_tokens=100))
+        b = eng.submit(GenerationRequest([2], GREEDY, max_tokens=100))  # waits for the only slot
+        await a.__anext__()
+        a.abort()
+        b.abort()
+        return await collect(a), await collect(b)
+
+    evs_a, evs_b = run(go())  # the report precedes the final events, so no wait is needed
+    assert evs_a[-1].finish_reason == evs_b[-1].finish_reason == "abort"
+    assert any(s.running > 0 for s in steps)
+    last = steps[-1]
+    assert (last.running, last.waiting, last.kv_slots_used, last.kv_tokens_used) == (0, 0, 0, 0)
+    assert (last.batch_size, last.num_prefill_tokens, last.num_decode_tokens) == (0, 0, 0)
+    assert (eng.stats()["running"], eng.stats()["waiting"]) == (0, 0)
+    assert eng.steps == sum(1 for s in steps if s.batch_size > 0)  # the report is not counted as a step
+    n = len(steps)
+    eng.stop()
+    assert len(steps) == n  # stopping an idle engine changes nothing, so it reports nothing
+    assert sorted(r.finish_reason for r in reqs) == ["abort", "abort"]
+
+
+def test_abort_with_stop_reason_is_recorded_as_stop():
+    """The edge ends a request on a stop string with abort("stop"): its stats say "stop", as the client saw."""
+    eng, _, reqs = make(FakeRunner(decode_delay=0.005))
+
+    async def go():
+        h = eng.submit(GenerationRequest([1], GREEDY, max_tokens=100))
+        await h.__anext__()
+        h.abort("stop")
+        h.abort()  # the route's cleanup may abort again: the first reason wins
+        return await collect(h)
+
+    evs = run(go())
+    with pytest.raises(ValueError, match="abort reason"):
+        eng.abort("cmpl-x", "length")
+    eng.stop()
+    assert evs[-1].finish_reason == "stop" and evs[-1].token_id == -1 and evs[-1].error is None
+    assert len(evs) < 100
+    assert [r.finish_reason for r in reqs] == ["stop"] and eng.num_active == 0
+
+
 def test_prefill_fault_fails_one_request_only():
     eng, _, reqs = make(enable_test_hooks=True)
 

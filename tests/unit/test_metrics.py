@@ -6,6 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.engine.stats import RequestStats, StepStats
@@ -41,6 +42,22 @@ def test_request_series_exist_at_zero_from_the_load():
     assert g("jetserve:generation_tokens_total", {"model": "smol"}) == 0
     assert g("jetserve:prompt_tokens_total", {"model": "smol"}) == 0
     assert g("jetserve:time_to_first_token_seconds_count", {"model": "smol"}) == 0
+    for gauge in ("jetserve:num_requests_running", "jetserve:num_requests_waiting", "jetserve:kv_cache_usage_ratio"):
+        assert g(gauge, {"model": "smol"}) == 0, gauge
+
+
+def test_occupancy_report_without_a_step_zeroes_gauges_and_streams_no_weights():
+    # the engine reports batch_size 0 when aborts emptied it: gauges follow, bandwidth ignores the non-step
+    m = Metrics(telemetry=None)
+    feed(m)
+    g = m.registry.get_sample_value
+    m.on_step(StepStats(model="smol", batch_size=0, num_prefill_tokens=0, num_decode_tokens=0, step_duration_s=0.0,
+                        running=0, waiting=0, kv_slots_used=0, kv_slots_total=8, kv_tokens_used=0,
+                        kv_tokens_total=2048))
+    assert g("jetserve:num_requests_running", {"model": "smol"}) == 0
+    assert g("jetserve:num_requests_waiting", {"model": "smol"}) == 0
+    assert g("jetserve:kv_cache_usage_ratio", {"model": "smol"}) == 0
+    assert m.take_weight_bandwidth() == pytest.approx(2e9)  # feed's two steps alone
 
 
 def test_values_from_stats():
@@ -90,6 +107,7 @@ def test_exposition_parses_with_prefix_and_types():
     fams = {f.name: f for f in text_string_to_metric_families(m.exposition().decode())}
     assert all(name.startswith("jetserve:") for name in fams)
     types = {n: f.type for n, f in fams.items()}
+    assert not [n for n in fams if n.endswith("_created")], "prometheus-client's _created series must be off"
     for h in ("time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds",
               "request_queue_time_seconds", "decode_tokens_per_second"):
         assert types["jetserve:" + h] == "histogram"
@@ -129,3 +147,22 @@ def test_promtool_catches_a_broken_exposition():
     bad = b"# HELP x_requests c\n# TYPE x_requests counter\nx_requests 1\n# HELP x_requests c\n"
     r = promtool(bad)
     assert r.returncode != 0 and r.stderr.strip()
+
+
+def test_exposition_drops_created_series_only():
+    """`_created` samples are in the registry (prometheus-client adds them) but not in GET /metrics; every other
+    sample of the registry is exposed, and other registries are untouched (no process-wide switch)."""
+    m = Metrics(telemetry=None)
+    feed(m)
+    text = m.exposition().decode()
+    assert m.registry.get_sample_value("jetserve:prompt_tokens_created", {"model": "smol"}) is not None
+    assert "_created" not in text
+    exposed = {(s.name, tuple(sorted(s.labels.items())))
+               for f in text_string_to_metric_families(text) for s in f.samples}
+    registry = {(s.name, tuple(sorted(s.labels.items())))
+                for f in m.registry.collect() for s in f.samples if not s.name.endswith("_created")}
+    assert exposed == registry
+    assert "jetserve:prompt_tokens_total" in {name for name, _ in exposed}
+    other = CollectorRegistry()
+    Counter("other_events", "An unrelated counter.", registry=other).inc()
+    assert b"other_events_created" in generate_latest(other)
