@@ -5,7 +5,7 @@
     python scripts/gen_config_docs.py --check   # exit 1 if the file is out of date
 
 The table is built from the pydantic fields (name, type, default, description, bounds), so the docs
-cannot drift from the code: tests/unit/test_deploy_config_docs.py runs the check.
+cannot drift from the code: tests/deploy/test_deploy_config_docs.py runs the check.
 """
 from __future__ import annotations
 

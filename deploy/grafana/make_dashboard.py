@@ -4,7 +4,7 @@
     python deploy/grafana/make_dashboard.py           # rewrite the JSON
     python deploy/grafana/make_dashboard.py --check   # exit 1 if the JSON differs
 
-Edit panels here, not in the JSON. tests/unit/test_deploy_dashboard_metrics.py checks that every metric
+Edit panels here, not in the JSON. tests/deploy/test_deploy_dashboard_metrics.py checks that every metric
 the dashboard queries exists in jetserve's real /metrics exposition.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 """Write deploy/k8s/prometheusrule.yaml (a prometheus-operator PrometheusRule) from deploy/rules/jetserve-alerts.yml.
 
     python deploy/k8s/sync_rules.py           # rewrite prometheusrule.yaml
-    python deploy/k8s/sync_rules.py --check   # exit 1 if it differs (tests/unit/test_deploy_manifests.py)
+    python deploy/k8s/sync_rules.py --check   # exit 1 if it differs (tests/deploy/test_deploy_manifests.py)
 """
 from __future__ import annotations
 

@@ -50,7 +50,8 @@ def test_make_serve_installs_prepares_and_serves():
 def test_make_test_runs_the_suite():
     plan = _make_dry_run("test")
     assert "scripts/system-deps.sh" in plan and "jetserve demo prepare" in plan
-    assert "-m pytest" in plan.strip().splitlines()[-1]
+    lines = plan.strip().splitlines()
+    assert "-m pytest" in lines[-2] and "scripts/isa-matrix.sh" in lines[-1]
 
 
 def test_serve_default_address_matches_readme():

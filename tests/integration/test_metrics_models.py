@@ -2,11 +2,14 @@
 
 Covers: /metrics values from real requests (tokens, TTFT, success, memory gauges), on-demand loads picked by
 the request's `model`, LRU eviction that skips the pinned model, a refusal with numbers (503), the admin
-endpoints (key required; 404 when no admin key is configured) and /v1/models states.
+endpoints (key required; 404 when no admin key is configured), /v1/models states, and occupancy gauges that
+return to 0 after a storm of client disconnects with no further traffic.
 """
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from pathlib import Path
 
 import httpx
@@ -14,7 +17,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.store import predict_footprint
+from models.loader import inspect_checkpoint, predict_footprint
 
 
 def _root_conftest():
@@ -46,8 +49,8 @@ def tiny_store(tmp_path_factory, smollm2_dir: Path):
 
 
 def footprint(store: Path, name: str) -> int:
-    return predict_footprint(store / name, max_slots=SETTINGS["max_batch_size"], max_seq=SETTINGS["max_context"],
-                             dtype="bfloat16", prefill_chunk=SETTINGS["prefill_chunk"]).total_bytes
+    return predict_footprint(inspect_checkpoint(store / name), max_slots=SETTINGS["max_batch_size"],
+                             max_seq=SETTINGS["max_context"], prefill_chunk=SETTINGS["prefill_chunk"]).total_bytes
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +161,44 @@ def test_admin_routes_absent_without_admin_key(start_server, tiny_store):
         for method, path in (("GET", "/admin/models"), ("POST", "/admin/models/tiny-a/load")):
             r = httpx.request(method, s.base_url + path, headers={"Authorization": "Bearer anything"}, timeout=30)
             assert r.status_code == 404
+
+
+OCCUPANCY = ("jetserve:num_requests_running", "jetserve:num_requests_waiting", "jetserve:kv_cache_usage_ratio")
+
+
+def test_gauges_return_to_zero_after_a_disconnect_storm(start_server, tiny_llama_dir):
+    """20 streams (max_tokens 400, batch 4: most wait for a slot) each closed after its first data chunk. With no
+    request after the storm, /metrics must show running, waiting and KV usage at 0 within 2 s. They used to
+    keep the last step's values until the next request: nothing steps once the last abort empties the engine."""
+    n = 20
+    model = tiny_llama_dir.name
+    with start_server(model_store=tiny_llama_dir.parent, model=model, max_context=512, max_batch_size=4,
+                      max_queue=n, prefill_chunk=64) as s:
+        chat(s, model)
+        before = val(scrape(s), "jetserve:request_success_total", model=model, finish_reason="abort") or 0
+        body = {"model": model, "prompt": "Once upon a time", "max_tokens": 400, "temperature": 0, "stream": True,
+                "ignore_eos": True}
+
+        async def one(client: httpx.AsyncClient) -> None:
+            async with client.stream("POST", "/v1/completions", json=body) as r:
+                assert r.status_code == 200
+                async for line in r.aiter_lines():
+                    if line.startswith("data: "):
+                        return  # leaving the block closes the connection mid-stream
+
+        async def storm() -> None:
+            async with httpx.AsyncClient(base_url=s.base_url, timeout=60,
+                                         limits=httpx.Limits(max_connections=n)) as client:
+                await asyncio.gather(*(one(client) for _ in range(n)))
+
+        asyncio.run(storm())
+        t0 = time.monotonic()
+        while True:
+            samples = scrape(s)
+            gauges = {g: val(samples, g, model=model) for g in OCCUPANCY}
+            if all(v == 0 for v in gauges.values()):
+                break
+            assert time.monotonic() - t0 < 2.0, f"2 s after the storm, with no traffic, the gauges read {gauges}"
+            time.sleep(0.05)
+        # every stream was cut by its client (none ran to 400 tokens), so the engine emptied through aborts
+        assert val(samples, "jetserve:request_success_total", model=model, finish_reason="abort") - before == n

@@ -1,9 +1,11 @@
 """The HTTP edge over a real Engine with the fake runner (fast): timeouts, chunked prefill through HTTP,
-readiness and draining. The tokenizer is SmolLM2's (the fake runner's ids are < 64, plain tokens)."""
+readiness and draining. The tokenizer is the tiny one (tests/conftest.py): SmolLM2's id layout, so the fake
+runner's ids (< 64) are single ASCII characters (35 -> "3")."""
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 from contextlib import asynccontextmanager
 from types import SimpleNamespace
 
@@ -20,14 +22,15 @@ from test_engine import FakeRunner  # same folder (rootdir-relative test modules
 class FakeManager:
     """Just enough of ModelManager for the routes: one model, loaded by start()."""
 
-    def __init__(self, settings, runner, tokenizer, gate: asyncio.Event | None = None):
+    def __init__(self, settings, runner, tokenizer, gate: asyncio.Event | None = None, on_request=None):
         self.settings, self.runner, self.tokenizer, self.gate = settings, runner, tokenizer, gate
+        self.on_request = on_request
         self.lm = None
 
     async def start(self, preload=True):
         if self.gate is not None:
             await self.gate.wait()
-        engine = Engine(self.runner, self.settings, name="fake").start()
+        engine = Engine(self.runner, self.settings, name="fake", on_request=self.on_request).start()
         self.lm = SimpleNamespace(name="fake", runner=self.runner, tokenizer=self.tokenizer, engine=engine)
 
     def get_loaded(self, name):
@@ -51,10 +54,10 @@ class FakeManager:
 
 
 @pytest.fixture(scope="module")
-def tokenizer(smollm2_dir):
+def tokenizer(tiny_tokenizer_dir):
     from models.tokenizer import Tokenizer
 
-    return Tokenizer.from_dir(smollm2_dir)
+    return Tokenizer.from_dir(tiny_tokenizer_dir)
 
 
 def client(tokenizer, runner=None, **kw):
@@ -128,6 +131,28 @@ def test_stop_token_text_and_usage_with_fake_model(tokenizer):
         assert body["choices"][0]["finish_reason"] == "stop"
         assert body["choices"][0]["text"] == expected[:expected.index(stop)]
         assert body["usage"]["completion_tokens"] == 3
+
+
+def test_stop_string_is_recorded_as_stop_in_request_stats(tokenizer):
+    """The client gets finish_reason "stop" for a stop string, and so does the engine's RequestStats (which
+    feeds jetserve:request_success_total): the edge ends the request with reason "stop", not as an abort."""
+    reqs = []
+    settings = Settings(model="fake", prefill_chunk=16, max_queue=4)
+    # slow decode and a long budget: the engine is still generating when the stop string shows up
+    mgr = FakeManager(settings, FakeRunner(decode_delay=0.005), tokenizer, on_request=reqs.append)
+    ids = [30, 31, 32, 33, 34]
+    stop = tokenizer.decode([37])  # the fake model continues 35, 36, 37, ...
+    with TestClient(create_app(settings, manager=mgr, metrics=None)) as c:
+        r = c.post("/v1/completions", json={"prompt": ids, "max_tokens": 100, "temperature": 0, "stop": stop})
+        assert r.json()["choices"][0]["finish_reason"] == "stop"
+        r = c.post("/v1/completions", json={"prompt": ids, "max_tokens": 100, "temperature": 0, "stop": stop,
+                                            "stream": True})
+        chunks = [json.loads(d) for d in sse_data(r.text) if d != "[DONE]"]
+        assert [ch["choices"][0]["finish_reason"] for ch in chunks][-1] == "stop"
+        deadline = time.monotonic() + 5
+        while len(reqs) < 2 and time.monotonic() < deadline:  # stats come from the engine thread
+            time.sleep(0.01)
+    assert [(x.finish_reason, x.generation_tokens < 100) for x in reqs] == [("stop", True)] * 2
 
 
 @pytest.mark.parametrize("raw", [

@@ -66,7 +66,7 @@ def test_real_tiny_model_matches_full_context_when_window_covers_text(tiny_llama
     from transformers import AutoModelForCausalLM
 
     m = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32)
-    ids = torch.randint(0, 49152, (200,), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, m.config.vocab_size, (200,), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         hf_loss = m(ids[None], labels=ids[None]).loss.item()  # HF mean NLL over 199 shifted targets
         res = perplexity(lambda x, last: m(x[None]).logits[0, -last:], ids.tolist(), max_length=256, stride=128)
@@ -76,9 +76,12 @@ def test_real_tiny_model_matches_full_context_when_window_covers_text(tiny_llama
 
 def test_runtimes_last_logits_equal_the_tail_of_all_logits(tiny_llama_dir):
     """Both runtimes' all_logits(ids, last) are the last rows of the full logits (the lm_head on fewer rows)."""
+    from transformers import AutoConfig
+
     from models.evaluate.runtimes import load_runtime
 
-    ids = torch.randint(0, 49152, (40,), generator=torch.Generator().manual_seed(2))
+    vocab = AutoConfig.from_pretrained(str(tiny_llama_dir)).vocab_size
+    ids = torch.randint(0, vocab, (40,), generator=torch.Generator().manual_seed(2))
     for kind in ("transformers", "jetserve"):
         rt = load_runtime(kind, tiny_llama_dir, torch.device("cpu"), torch.float32, max_seq=64)
         full, tail = rt.all_logits(ids), rt.all_logits(ids, 9)

@@ -350,3 +350,23 @@ def test_undeclared_fp8_fails_and_dense_passes(tmp_path):
                        {"lm_head.weight": torch.zeros(4, 4).to(torch.float8_e4m3fn)})
     with pytest.raises(UnsupportedFormatError, match="fp8"):
         read_quant_config(tmp_path)
+
+
+def test_safetensors_header_reads_entries_and_rejects_corrupt_files(tmp_path):
+    from safetensors.torch import save_file
+
+    from models.formats import CorruptCheckpointError, safetensors_header
+
+    path = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(4, 3)}, str(path), metadata={"format": "pt"})
+    assert safetensors_header(path) == {"w": {"dtype": "F32", "shape": [4, 3], "data_offsets": [0, 48]}}
+    data = path.read_bytes()
+    cases = ((data[:5], "no header length"), (data[:-1], "outside the file"),
+             ((16).to_bytes(8, "little") + b"{not json", "header length"),
+             ((9).to_bytes(8, "little") + b"{not json", "unreadable"),
+             ((8).to_bytes(8, "little") + b'{"w": 1}', "lacks dtype"))
+    for raw, needle in cases:
+        path.write_bytes(raw)
+        with pytest.raises(CorruptCheckpointError, match=needle) as e:
+            safetensors_header(path)
+        assert str(tmp_path) not in str(e.value)  # names the file, never the full path

@@ -187,8 +187,9 @@ def test_quantized_footprint_prediction_matches_loaded(quant_dirs):
     runner = load_runner(path, dtype=torch.bfloat16, max_slots=2, max_seq=64)
     rep = runner.memory_report()
     fp = predict_footprint(info, max_slots=2, max_seq=64, dtype=torch.bfloat16)
-    assert fp.kv_cache == rep["kv_cache_bytes"]
-    assert abs(fp.weights - rep["weights_bytes"]) <= 0.1 * rep["weights_bytes"], (fp.weights, rep["weights_bytes"])
+    assert fp.kv_cache_bytes == rep["kv_cache_bytes"]
+    assert abs(fp.weights_bytes - rep["weights_bytes"]) <= 0.1 * rep["weights_bytes"], \
+        (fp.weights_bytes, rep["weights_bytes"])
 
 
 def test_unsupported_quant_format_fails_loudly(quant_dirs, tmp_path):

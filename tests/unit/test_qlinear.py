@@ -221,7 +221,7 @@ VARIANTS = {  # name -> (method, QuantizeConfig kwargs)
 
 
 @pytest.fixture(scope="module")
-def gptqmodel_checkpoints(smollm2_dir: Path, tmp_path_factory) -> Dict[str, Path]:
+def gptqmodel_checkpoints(tiny_tokenizer_dir: Path, tmp_path_factory) -> Dict[str, Path]:
     """A tiny random Llama quantized by GPTQModel itself, once per variant (CPU, ~7 s each).
 
     hidden 128 / kv out 64: GPTQModel's AWQ clip search needs out_features divisible by its batch (64).
@@ -233,12 +233,12 @@ def gptqmodel_checkpoints(smollm2_dir: Path, tmp_path_factory) -> Dict[str, Path
 
     root = tmp_path_factory.mktemp("gptqmodel-tiny")
     base = root / "base"
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                                  max_position_embeddings=256, tie_word_embeddings=True)
                      ).to(torch.bfloat16).save_pretrained(base)
-    tok = AutoTokenizer.from_pretrained(smollm2_dir)
     tok.save_pretrained(base)
     texts = [f"Calibration sentence {i}: the quick brown fox jumps over the lazy dog near river {i * 7}."
              for i in range(16)]

@@ -13,9 +13,9 @@ FAST = dict(calib="tiny", nsamples=4, seqlen=64, seed=0)
 
 
 @pytest.fixture(scope="module")
-def tiny_awq_src(tmp_path_factory, smollm2_dir, tiny_llama_writer):
+def tiny_awq_src(tmp_path_factory, tiny_tokenizer_dir, tiny_llama_writer):
     """GPTQModel's AWQ needs out_features % 64 == 0, so use hidden 128 / head_dim 32 (kv out = 64)."""
-    return tiny_llama_writer(tmp_path_factory.mktemp("tiny128") / "tiny128", smollm2_dir, hidden_size=128,
+    return tiny_llama_writer(tmp_path_factory.mktemp("tiny128") / "tiny128", tiny_tokenizer_dir, hidden_size=128,
                              head_dim=32, intermediate_size=256)
 
 

@@ -129,8 +129,8 @@ def _logits(d: Path, ids: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def src128(tmp_path_factory, smollm2_dir, tiny_llama_writer):
-    return tiny_llama_writer(tmp_path_factory.mktemp("src128") / "m", smollm2_dir, hidden_size=128, head_dim=32,
+def src128(tmp_path_factory, tiny_tokenizer_dir, tiny_llama_writer):
+    return tiny_llama_writer(tmp_path_factory.mktemp("src128") / "m", tiny_tokenizer_dir, hidden_size=128, head_dim=32,
                              intermediate_size=256, seed=3)
 
 

@@ -1,7 +1,7 @@
-"""models.tokenizer with the real SmolLM2 tokenizer (byte-level BPE): incremental text, UTF-8, stop strings, chat."""
+"""models.tokenizer with the tiny byte-level BPE tokenizer (tests/conftest.py): incremental text, UTF-8, stop
+strings, chat. SmolLM2's own eos ids, merges and template: tests/integration/test_tokenizer_smollm2.py."""
 from __future__ import annotations
 
-import importlib.util
 import random
 import shutil
 import time
@@ -15,18 +15,15 @@ EXTRA_CHARS = "éèàçñüöß€£¥©®™°±µ¿¡—–…“”‘’ �
 
 
 @pytest.fixture(scope="module")
-def tok(smollm2_dir) -> Tokenizer:
-    return Tokenizer.from_dir(smollm2_dir)
+def tok(tiny_llama_dir) -> Tokenizer:
+    return Tokenizer.from_dir(tiny_llama_dir)
 
 
 @pytest.fixture(scope="module")
-def corpus() -> str:
-    """Real multilingual and English text shipped with exllamav2 (located, never imported)."""
-    spec = importlib.util.find_spec("exllamav2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("exllamav2 calibration text not installed")
-    base = Path(list(spec.submodule_search_locations)[0]) / "conversion" / "standard_cal_data"
-    return (base / "multilingual.utf8").read_text(encoding="utf-8") + (base / "wiki.utf8").read_text(encoding="utf-8")[:200_000]
+def corpus(builtin_texts_dir: Path) -> str:
+    """Mixed-script text: the unit tier's generated `multilingual` and `wiki` built-in texts."""
+    wiki = (builtin_texts_dir / "wiki.utf8").read_text(encoding="utf-8")[:200_000]
+    return (builtin_texts_dir / "multilingual.utf8").read_text(encoding="utf-8") + wiki
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +69,7 @@ def stream(detok: IncrementalDetokenizer, ids) -> list:
 
 def test_eos_and_vocab(tok):
     assert tok.eos_token_ids == (2, 0)  # <|im_end|> (generation_config, tokenizer), <|endoftext|>
-    assert tok.vocab_size == 49152
+    assert tok.vocab_size == 1024  # conftest's TINY_VOCAB
     assert tok.hf.convert_ids_to_tokens(list(tok.eos_token_ids)) == ["<|im_end|>", "<|endoftext|>"]
 
 
@@ -115,13 +112,13 @@ def test_incremental_equals_full_decode_sentencepiece(sp_tok, corpus):
 
 def test_incomplete_utf8_is_held_back(tok):
     ids = tok.encode("😀", add_special_tokens=False)
-    assert len(ids) == 3 and all(tok.decode([i]) == "\ufffd" for i in ids)
+    assert len(ids) == 4 and all(tok.decode([i]) == "\ufffd" for i in ids)  # one token per byte
     detok = IncrementalDetokenizer(tok)
-    assert [detok.add(i) for i in ids] == ["", "", "😀"]
+    assert [detok.add(i) for i in ids] == ["", "", "", "😀"]
     # flushing an unfinished character emits what the full decode gives
     detok = IncrementalDetokenizer(tok)
-    assert detok.add(ids[0]) == "" and detok.add(ids[1]) == ""
-    assert detok.finish() == tok.decode(ids[:2])
+    assert [detok.add(i) for i in ids[:3]] == ["", "", ""]
+    assert detok.finish() == tok.decode(ids[:3]) != ""
 
 
 def test_special_tokens_skipped(tok):
@@ -195,7 +192,7 @@ def test_stop_never_matches_when_absent(tok, corpus):
 def test_thousand_stop_strings(tok, corpus):
     rnd = random.Random(3)
     words = sorted({w for w in corpus[:50_000].split() if len(w) > 3})
-    text = corpus[-3000:]  # English wiki text
+    text = corpus[-3000:]  # the tail of the wiki text
     ids = tok.encode(text, add_special_tokens=False)
     absent = [w + "\u2603" + str(i) for i, w in enumerate(rnd.sample(words, 999))]  # never in the text
     target = " ".join(text.split()[300:302])
@@ -205,7 +202,7 @@ def test_thousand_stop_strings(tok, corpus):
     out = "".join(stream(detok, ids))
     elapsed = time.perf_counter() - t0
     assert detok.stopped and out == text[:text.index(target)]
-    # ~700 tokens against 1000 stop strings: the matcher must not be quadratic in the stop list
+    # ~1800 tokens against 1000 stop strings: the matcher must not be quadratic in the stop list
     assert elapsed < 2.0, f"{elapsed:.2f}s"
     detok = IncrementalDetokenizer(tok, stop=absent)
     t0 = time.perf_counter()
@@ -217,7 +214,7 @@ def test_chat_template(tok):
     messages = [{"role": "user", "content": "What is 2+2?"}]
     ids = tok.apply_chat_template(messages)
     assert tok.decode(ids, skip_special_tokens=False) == (
-        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+        "<|im_start|>system\nYou are a tiny test model.<|im_end|>\n"
         "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n")
     assert ids[0] == 1 and ids.count(1) == 3 and ids.count(2) == 2  # special tokens are single ids, not text
     ids2 = tok.apply_chat_template([{"role": "system", "content": "Be brief."}] + messages, add_generation_prompt=False)
@@ -225,11 +222,11 @@ def test_chat_template(tok):
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n")
 
 
-def test_no_chat_template_raises(smollm2_dir, tmp_path):
+def test_no_chat_template_raises(tiny_llama_dir, tmp_path):
     d = tmp_path / "no-template"
     d.mkdir()
-    for name in ("tokenizer.json", "tokenizer_config.json", "config.json"):
-        shutil.copy2(smollm2_dir / name, d / name)
+    for name in ("tokenizer.json", "tokenizer_config.json", "config.json"):  # no chat_template.jinja
+        shutil.copy2(tiny_llama_dir / name, d / name)
     t = Tokenizer.from_dir(d)
     assert not t.has_chat_template
     with pytest.raises(ValueError, match="no chat template"):
