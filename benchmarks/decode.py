@@ -1,7 +1,8 @@
 """Decode / prefill benchmark: the jetserve runtime vs transformers, measured side by side in one run.
 
     python benchmarks/decode.py [--store model-store] [--new-tokens 128] [--runs 3] [--json out.json]
-    jetserve bench ...            (same flags)
+
+A source-checkout script (`make bench` runs it); the installed package measures speed with `jetserve eval`.
 
 Rows (medians of --runs; greedy; --threads CPU threads):
 - decode tok/s at batch 1, ours vs transformers + GPTQModel `generate`, for the GPTQ and AWQ g64 models

@@ -10,8 +10,11 @@ functions; this script runs the full sizes, each against its own `jetserve serve
 Scenarios: disconnects (clients vanish mid-stream: slots, KV and running requests back to 0, RSS back to
 baseline, still serving), overflow (only 200/429, each 429 with Retry-After, never 5xx), bad_loads (truncated
 / corrupt safetensors, unsupported quantization, over-budget model: clear errors, the loaded model keeps
-serving), fault_hook (one request fails inside the engine, the others finish), sigterm (in-flight streams
-finish within the grace period, new requests get 503), restart (time to ready).
+serving), injected_fault (the runner fails one request: at prefill it alone errors and the others finish; at
+decode the batch holding it errors, every stream still ends, and the server keeps serving), sigterm (in-flight
+streams finish within the grace period, new requests get 503), restart (time to ready).
+
+injected_fault serves through `benchmarks.fault_runner` (a test double of the runner), never production code.
 """
 from __future__ import annotations
 
@@ -28,9 +31,13 @@ from typing import Dict, List, Optional, Sequence
 
 import httpx
 
-from server.loadtest import ServerProcess, scrape_metrics
-
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script: benchmarks.* is importable from the repository root
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.fault_runner import marker  # noqa: E402
+from benchmarks.loadtest import ServerProcess, scrape_metrics  # noqa: E402
+
 DEFAULT_MODEL = "smollm2-135m-instruct-gptq-g64"
 PROMPT = "Count from one to one hundred, separated by commas."
 
@@ -282,23 +289,29 @@ async def scenario_bad_loads(url: str, good_model: str, bad: Dict[str, str], *, 
     return {"cases": out, "ok": ok}
 
 
-async def scenario_fault_hook(url: str, model: str, *, others: int = 4, max_tokens: int = 16,
-                              stage: str = "prefill") -> dict:
-    """One request carries `x-jetserve-fault: <stage>` (needs `--enable-test-hooks`); it must fail with an
-    error while `others` concurrent requests finish normally."""
+async def scenario_injected_fault(url: str, model: str, *, others: int = 4, max_tokens: int = 16,
+                                  stage: str = "prefill") -> dict:
+    """One request carries the `benchmarks.fault_runner` marker for `stage` (the server must run through
+    `python -m benchmarks.fault_runner serve`); it must fail with an error. At prefill the `others` concurrent
+    requests finish normally; at decode the ones that shared its batch may fail with it, but every stream
+    must end with [DONE]. Either way the server keeps serving and the KV cache ends empty."""
     async with httpx.AsyncClient(trust_env=False) as client:
         tasks = [stream_chat(client, url, chat_body(model, max_tokens)) for _ in range(others)]
-        tasks.insert(others // 2, stream_chat(client, url, chat_body(model, max_tokens),
-                                              headers={"x-jetserve-fault": stage}))
+        tasks.insert(others // 2, stream_chat(client, url, chat_body(model, max_tokens,
+                                                                     prompt=f"{PROMPT} {marker(stage)}")))
         res = await asyncio.gather(*tasks)
         bad = res[others // 2]
         good = [r for i, r in enumerate(res) if i != others // 2]
         serving = await check_serving(client, url, model)
         idle = await wait_idle(url)
     faulted_errored = bad["error"] is not None or (bad["status"] != 200)
-    others_ok = all(r["status"] == 200 and r["done"] and r["error"] is None and r["chunks"] >= 1 for r in good)
+    if stage == "prefill":
+        others_ok = all(r["status"] == 200 and r["done"] and r["error"] is None and r["chunks"] >= 1 for r in good)
+    else:
+        others_ok = all(r["status"] == 200 and r["done"] for r in good)
     return {"stage": stage, "faulted": {"status": bad["status"], "error": bad["error"], "done": bad["done"]},
             "others_finished": sum(1 for r in good if r["done"] and r["error"] is None), "others": others,
+            "others_ended": sum(1 for r in good if r["status"] == 200 and r["done"]),
             "still_serving": serving, "kv_usage_after": idle["kv_usage"],
             "ok": faulted_errored and others_ok and serving and idle["kv_usage"] == 0}
 
@@ -371,19 +384,19 @@ def main(argv=None) -> int:
     p.add_argument("--model-store", type=Path, default=REPO / "model-store")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--only", action="append", default=None,
-                   choices=["disconnects", "overflow", "bad_loads", "fault_hook", "sigterm", "restart"])
+                   choices=["disconnects", "overflow", "bad_loads", "injected_fault", "sigterm", "restart"])
     p.add_argument("--clients", type=int, default=200)
     p.add_argument("--overflow-requests", type=int, default=200)
     p.add_argument("--restart-runs", type=int, default=3)
     p.add_argument("--out", type=Path, default=REPO / "bench-out" / "faults")
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
-    only = set(a.only or ["disconnects", "overflow", "bad_loads", "fault_hook", "sigterm", "restart"])
+    only = set(a.only or ["disconnects", "overflow", "bad_loads", "injected_fault", "sigterm", "restart"])
     base = ["--model-store", str(a.model_store), "--model", a.model, "--device", "cpu", "--max-context", "512"]
     results: Dict[str, dict] = {}
 
-    def served(extra: List[str], name: str):
-        return ServerProcess([*base, *extra], cwd=REPO, log_path=a.out / f"serve-{name}.log")
+    def served(extra: List[str], name: str, module: str = "server.cli"):
+        return ServerProcess([*base, *extra], cwd=REPO, log_path=a.out / f"serve-{name}.log", module=module)
 
     if "disconnects" in only:
         with served(["--max-batch-size", "8", "--max-queue", str(a.clients + 16)], "disconnects") as srv:
@@ -393,12 +406,13 @@ def main(argv=None) -> int:
         with served(["--max-batch-size", "2", "--max-queue", "4"], "overflow") as srv:
             srv.wait_ready()
             results["overflow"] = asyncio.run(scenario_overflow(srv.url, a.model, requests=a.overflow_requests))
-    if "fault_hook" in only:
-        with served(["--enable-test-hooks", "--max-batch-size", "8"], "fault_hook") as srv:
+    if "injected_fault" in only:
+        with served(["--max-batch-size", "8"], "injected_fault", module="benchmarks.fault_runner") as srv:
             srv.wait_ready()
-            results["fault_hook"] = {stage: asyncio.run(scenario_fault_hook(srv.url, a.model, others=6, stage=stage))
-                                     for stage in ("prefill", "decode")}
-            results["fault_hook"]["ok"] = all(v["ok"] for v in results["fault_hook"].values())
+            results["injected_fault"] = {
+                stage: asyncio.run(scenario_injected_fault(srv.url, a.model, others=6, stage=stage))
+                for stage in ("prefill", "decode")}
+            results["injected_fault"]["ok"] = all(v["ok"] for v in results["injected_fault"].values())
     if "bad_loads" in only:
         import tempfile
         with tempfile.TemporaryDirectory(prefix="jetserve-badstore-") as td:

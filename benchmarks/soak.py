@@ -20,9 +20,11 @@ from pathlib import Path
 
 import httpx
 
-from server.loadtest import LoadConfig, ServerProcess, level_report, one_request
-
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script: benchmarks.* is importable from the repository root
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.loadtest import LoadConfig, ServerProcess, level_report, one_request  # noqa: E402
 
 
 async def _soak(cfg: LoadConfig, srv: ServerProcess, model: str, concurrency: int, seconds: float,

@@ -5,6 +5,8 @@ step is vectorised across the batch with per-row parameter tensors (the only Pyt
 rows, to draw each row's noise from its own generator).
 
 Order of operations (HF `generate` order for the warpers, vLLM order for the penalties):
+0. an optional allowed-token mask (grammar-constrained rows, packed 32 tokens per int32 word) sets the logits
+   of every disallowed token to -inf;
 1. penalties on the raw logits: repetition (HF `RepetitionPenaltyLogitsProcessor`: a logit of a token seen
    in prompt+generated is divided by the penalty when positive, multiplied when negative), then frequency
    and presence (OpenAI: `logit -= frequency * count + presence * (count > 0)`, counting generated tokens only);
@@ -26,12 +28,45 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Dict, Optional, Sequence, Union
 
 if TYPE_CHECKING:
     import torch
 
-MAX_LOGPROBS = 20  # OpenAI chat allows top_logprobs 0..20 (completions 0..5)
+
+@dataclass(frozen=True)
+class Range:
+    """An interval `[lo, hi]` (`(lo, ...` when `lo_open`; `hi=None`: unbounded above) and what its values mean."""
+
+    lo: float
+    hi: Optional[float] = None
+    lo_open: bool = False
+    note: str = ""
+
+    def __contains__(self, v: float) -> bool:
+        above = v > self.lo if self.lo_open else v >= self.lo
+        return above and (self.hi is None or v <= self.hi)
+
+    def __str__(self) -> str:
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}]"
+
+
+# The one table of sampling limits: `SamplingParams.validate` checks it and server/api/protocol.py derives its
+# request bounds from it. OpenAI's ranges where OpenAI has one; logprobs is OpenAI chat's top_logprobs limit,
+# used for completions' logprobs too (as vLLM does).
+LIMITS: Dict[str, Range] = {
+    "temperature": Range(0.0, 2.0, note="0 means greedy"),
+    "top_p": Range(0.0, 1.0, lo_open=True),
+    "top_k": Range(-1, note="0 or -1 disables it"),
+    "min_p": Range(0.0, 1.0, note="0 disables it"),
+    "repetition_penalty": Range(0.0, 10.0, lo_open=True, note="1 disables it"),
+    "presence_penalty": Range(-2.0, 2.0),
+    "frequency_penalty": Range(-2.0, 2.0),
+    "logprobs": Range(0, 20, note="top tokens returned besides the chosen one"),
+}
+MAX_LOGPROBS = int(LIMITS["logprobs"].hi)
 
 
 @dataclass(frozen=True)
@@ -49,7 +84,7 @@ class SamplingParams:
     logprobs: Optional[int] = None  # None: no logprobs; k >= 0: chosen token's logprob plus the top k
 
     def validate(self) -> "SamplingParams":
-        """Raise ValueError with a clear message when a value is NaN, infinite or out of range; return self."""
+        """Raise ValueError with a clear message when a value is NaN, infinite or outside `LIMITS`; return self."""
 
         def finite(name: str, v) -> float:
             if isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -58,35 +93,21 @@ class SamplingParams:
                 raise ValueError(f"{name} must be finite, got {v!r}")
             return float(v)
 
-        t = finite("temperature", self.temperature)
-        if t < 0:
-            raise ValueError(f"temperature must be >= 0 (0 means greedy), got {t}")
-        if t > 100:
-            raise ValueError(f"temperature must be <= 100, got {t}")
-        p = finite("top_p", self.top_p)
-        if not 0.0 < p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {p}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
-            raise ValueError(f"top_k must be an integer, got {self.top_k!r}")
-        if self.top_k < -1:
-            raise ValueError(f"top_k must be >= 0 (0 or -1 disables it), got {self.top_k}")
-        m = finite("min_p", self.min_p)
-        if not 0.0 <= m <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1], got {m}")
-        r = finite("repetition_penalty", self.repetition_penalty)
-        if r <= 0:
-            raise ValueError(f"repetition_penalty must be > 0 (1 disables it), got {r}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            v = finite(name, getattr(self, name))
-            if not -2.0 <= v <= 2.0:
-                raise ValueError(f"{name} must be in [-2, 2], got {v}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
-        if self.logprobs is not None:
-            if isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int):
-                raise ValueError(f"logprobs must be an integer, got {self.logprobs!r}")
-            if not 0 <= self.logprobs <= MAX_LOGPROBS:
-                raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        def integer(name: str, v) -> int:
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"{name} must be an integer, got {v!r}")
+            return v
+
+        for name, limit in LIMITS.items():
+            v = getattr(self, name)
+            if name == "logprobs" and v is None:
+                continue
+            v = integer(name, v) if name in ("top_k", "logprobs") else finite(name, v)
+            if v not in limit:
+                note = f" ({limit.note})" if limit.note else ""
+                raise ValueError(f"{name} must be {limit}{note}, got {v}")
+        if self.seed is not None:
+            integer("seed", self.seed)
         return self
 
     @property
@@ -255,18 +276,34 @@ def _log_exponential_noise(b: int, v: int, device: torch.device, generators: Seq
     return u.neg_().add_(1.0).log_().neg_().clamp_min_(1e-30).log_()
 
 
+def unpack_token_bitmask(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """(B, ceil(V/32)) int32 packed mask -> (B, V) bool; bit j of word w allows token 32 * w + j (the layout
+    llguidance and xgrammar fill). Tokens past 32 * words are disallowed."""
+    import torch
+
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    bits = ((bitmask.to(torch.int32).unsqueeze(-1) >> shifts) & 1).bool().flatten(1)  # (B, 32 * W)
+    if bits.shape[1] < vocab:
+        bits = torch.cat([bits, bits.new_zeros(bits.shape[0], vocab - bits.shape[1])], dim=1)
+    return bits[:, :vocab]
+
+
 def sample(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
     histories: Optional[torch.Tensor] = None,
     generators: Optional[Sequence[Optional[torch.Generator]]] = None,
     prompt_lens: Optional[Union[torch.Tensor, Sequence[int]]] = None,
+    allowed: Optional[torch.Tensor] = None,
 ) -> SampleOutput:
     """Choose one token per row.
 
     logits: (B, V) float; params: B validated SamplingParams; histories: (B, L) int64 prompt+generated ids padded
     with -1 (needed only for penalties); generators: B entries from `make_generator` (None entries and a None list
-    use the global RNG); prompt_lens: (B,) leading prompt ids in each history (None: 0). Generators must be on the
+    use the global RNG); prompt_lens: (B,) leading prompt ids in each history (None: 0); allowed: (B, ceil(V/32))
+    int32 packed token mask (`unpack_token_bitmask`; an unconstrained row is all ones, i.e. -1; every row must
+    allow at least one token), on any device: it is copied to the logits' device without waiting. Only allowed
+    tokens can be chosen; the returned logprobs stay those of the unmasked model. Generators must be on the
     logits' device. No host synchronisation: the result stays on the device.
     """
     import torch
@@ -283,6 +320,11 @@ def sample(
 
     logits = logits.float()
     x = apply_penalties(logits, params, histories, prompt_lens)
+    if allowed is not None:
+        if tuple(allowed.shape) != (b, (v + 31) // 32):
+            raise ValueError(f"allowed must be ({b}, {(v + 31) // 32}) packed int32, got {tuple(allowed.shape)}")
+        keep = unpack_token_bitmask(allowed.to(logits.device, non_blocking=True), v)
+        x = x.masked_fill(~keep, float("-inf"))  # a new tensor: `logits` keeps the raw values for the logprobs
     sampled_rows = [i for i, p in enumerate(params) if p.temperature > 0.0]
     if not sampled_rows:
         tokens = x.argmax(dim=-1)

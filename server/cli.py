@@ -16,8 +16,6 @@ COMMANDS = {
     "quantize": "Quantize an fp16/bf16 Hugging Face model with GPTQ or AWQ (GPTQModel)",
     "eval": "Compare models on perplexity, decode tokens/s, TTFT and memory",
     "generate": "Generate text with the jetserve runtime",
-    "bench": "Decode/prefill benchmark: jetserve runtime vs transformers (ratios side by side)",
-    "loadtest": "Load test a running server (closed-loop sweeps, open-loop Poisson)",
 }
 
 

@@ -71,7 +71,6 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest accepted request body.")
     trust_remote_code: bool = Field(False, description="Allow model repos to run their own code (off unless set).")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
-    enable_test_hooks: bool = Field(False, description="Enable fault-injection hooks (tests only).")
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -1,17 +1,113 @@
 """OpenAI-compatible request schemas (pydantic) and response builders (plain dicts, cheap to serialize).
 
-Request models ignore unknown fields (clients send many), but refuse fields whose meaning we would
-otherwise silently change (n > 1, best_of > 1, echo, suffix, logit_bias, tools).
+`FIELDS` is the one table of the request fields we know: each either works (within the numeric limits of
+`models.sampling.LIMITS`, from which the models' bounds are derived) or is refused with a 400 naming it
+unless it has its neutral value (n > 1, best_of > 1, echo, suffix, logit_bias, tools, ...). Unknown fields
+(clients send many) are ignored; docs/api.md lists the table (`fields_markdown`).
 """
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, List, Literal, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from models.sampling import LIMITS
 
 MAX_STOP_SEQUENCES = 16
-MAX_TOP_LOGPROBS = 5
+
+
+@dataclass(frozen=True)
+class FieldRule:
+    """One request field: where it is accepted and what works. A rule with `allowed` is refused (400 naming the
+    field, message `refusal`) for any value `allowed(value)` rejects; defaults are never checked."""
+
+    name: str
+    endpoints: str  # "both", "chat" or "completions"
+    accepts: str
+    allowed: Optional[Callable[[Any], bool]] = None
+    refusal: str = ""
+
+
+def _lim(name: str) -> str:
+    r = LIMITS[name]
+    return f"number {r}" + (f" ({r.note})" if r.note else "")
+
+
+def _off(v: Any) -> bool:
+    return not v
+
+
+FIELDS: List[FieldRule] = [
+    FieldRule("model", "both", "string; the server's default model when omitted"),
+    FieldRule("max_tokens", "both", "integer >= 1; default the rest of the context; prompt + max_tokens beyond "
+                                    "the context is a 400 `context_length_exceeded`"),
+    FieldRule("temperature", "both", _lim("temperature")),
+    FieldRule("top_p", "both", _lim("top_p")),
+    FieldRule("top_k", "both", "integer " + str(LIMITS["top_k"]) + f" ({LIMITS['top_k'].note})"),
+    FieldRule("min_p", "both", _lim("min_p")),
+    FieldRule("presence_penalty", "both", _lim("presence_penalty")),
+    FieldRule("frequency_penalty", "both", _lim("frequency_penalty")),
+    FieldRule("repetition_penalty", "both", _lim("repetition_penalty")),
+    FieldRule("stop", "both", f"a string or up to {MAX_STOP_SEQUENCES} non-empty strings; not returned"),
+    FieldRule("seed", "both", "integer; same seed, prompt and settings give the same output, whatever else is "
+                              "in the batch"),
+    FieldRule("stream", "both", "boolean; server-sent events"),
+    FieldRule("stream_options", "both", "`include_usage`"),
+    FieldRule("ignore_eos", "both", "boolean (benchmarks)"),
+    FieldRule("user", "both", "string; informational, no effect"),
+    FieldRule("n", "both", "1", lambda v: v == 1, "n > 1 is not supported; send separate requests"),
+    FieldRule("logit_bias", "both", "empty", _off, "logit_bias is not supported"),
+    FieldRule("response_format", "both", '`{"type": "text"}`, `{"type": "json_object"}` or `{"type": "json_schema", '
+                                        '"json_schema": {"name", "schema", "strict"}}`; JSON is enforced by a token '
+                                        "mask (see Structured output); a schema that cannot be enforced is a 400"),
+    FieldRule("prompt", "completions", "a string, a list of token ids, or a list holding one of these "
+                                       "(one prompt per request)"),
+    FieldRule("logprobs", "completions", "integer " + str(LIMITS["logprobs"]) + " (top tokens per position)"),
+    FieldRule("echo", "completions", "false", _off, "echo is not supported"),
+    FieldRule("best_of", "completions", "1", lambda v: v in (None, 1), "best_of > 1 is not supported"),
+    FieldRule("suffix", "completions", "empty", _off, "suffix is not supported"),
+    FieldRule("messages", "chat", "roles system, developer (as system), user, assistant, tool; content a string "
+                                  "or text parts; rendered with the model's chat template; a message with "
+                                  "`tool_calls` is a 400"),
+    FieldRule("max_completion_tokens", "chat", "as `max_tokens` (wins over it)"),
+    FieldRule("logprobs", "chat", "boolean"),
+    FieldRule("top_logprobs", "chat", "integer " + str(LIMITS["logprobs"]) + "; needs `logprobs: true`"),
+    FieldRule("parallel_tool_calls", "chat", "boolean; no effect (no tools)"),
+    FieldRule("metadata", "chat", "informational, no effect"),
+    FieldRule("store", "chat", "boolean; no effect (nothing is stored)"),
+    FieldRule("service_tier", "chat", "informational, no effect"),
+    FieldRule("tools", "chat", "empty", _off, "tools are not supported"),
+    FieldRule("tool_choice", "chat", '"none"', lambda v: v in (None, "none"), "tool_choice is not supported"),
+    FieldRule("functions", "chat", "empty", _off, "functions are not supported"),
+    FieldRule("function_call", "chat", '"none"', lambda v: v in (None, "none"), "function_call is not supported"),
+    FieldRule("modalities", "chat", '`["text"]`', lambda v: v in (None, ["text"]),
+              'modalities other than ["text"] are not supported'),
+    FieldRule("audio", "chat", "null", lambda v: v is None, "audio output is not supported"),
+    FieldRule("prediction", "chat", "null", lambda v: v is None, "predicted outputs are not supported"),
+    FieldRule("reasoning_effort", "chat", "null", lambda v: v is None, "reasoning_effort is not supported"),
+    FieldRule("web_search_options", "chat", "null", lambda v: v is None, "web search is not supported"),
+]
+_REFUSED: Dict[str, FieldRule] = {r.name: r for r in FIELDS if r.allowed is not None}
+
+
+def fields_markdown() -> str:
+    """The `FIELDS` table as markdown (docs/api.md holds exactly this)."""
+    rows = ["| field | endpoints | accepted |", "| --- | --- | --- |"]
+    for r in FIELDS:
+        what = r.accepts if r.allowed is None else f"only {r.accepts}; anything else is a 400"
+        rows.append(f"| `{r.name}` | {r.endpoints} | {what} |")
+    return "\n".join(rows) + "\n"
+
+
+def _limited(name: str, default: Any, description: Optional[str] = None) -> Any:
+    """A pydantic Field bounded by `LIMITS[name]`."""
+    r = LIMITS[name]
+    bounds: Dict[str, float] = {"gt" if r.lo_open else "ge": r.lo}
+    if r.hi is not None:
+        bounds["le"] = r.hi
+    return Field(default, description=description or r.note or None, **bounds)
 
 
 class StreamOptions(BaseModel):
@@ -19,26 +115,47 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str = Field(..., min_length=1, max_length=64)
+    description: Optional[str] = None
+    schema_: Optional[Dict[str, Any]] = Field(None, alias="schema")
+    strict: Optional[bool] = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('type "json_schema" needs a json_schema object')
+        return self
+
+
 class _SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: Optional[str] = Field(None, description="Model name; the server's default model when omitted.")
     max_tokens: Optional[int] = Field(None, ge=1, description="Default: the rest of the context.")
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=-1, description="0 or -1 disables top-k.")
-    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    temperature: float = _limited("temperature", 1.0)
+    top_p: float = _limited("top_p", 1.0)
+    top_k: int = _limited("top_k", 0)
+    min_p: float = _limited("min_p", 0.0)
     stop: Optional[Union[str, List[str]]] = None
     seed: Optional[int] = None
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    presence_penalty: float = _limited("presence_penalty", 0.0)
+    frequency_penalty: float = _limited("frequency_penalty", 0.0)
+    repetition_penalty: float = _limited("repetition_penalty", 1.0)
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
     ignore_eos: bool = False
     logit_bias: Optional[Dict[str, float]] = None
+    response_format: Optional[ResponseFormat] = None
 
     @field_validator("stop")
     @classmethod
@@ -52,13 +169,13 @@ class _SamplingFields(BaseModel):
             raise ValueError("stop sequences must be non-empty strings")
         return stops
 
-    @model_validator(mode="after")
-    def _check_unsupported(self):
-        if self.n != 1:
-            raise ValueError("n > 1 is not supported; send separate requests")
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported")
-        return self
+    @field_validator(*_REFUSED, mode="after", check_fields=False)
+    @classmethod
+    def _refuse(cls, v: Any, info: ValidationInfo) -> Any:
+        rule = _REFUSED[info.field_name]
+        if v is not None and not rule.allowed(v):
+            raise ValueError(rule.refusal)
+        return v
 
     @property
     def stop_list(self) -> List[str]:
@@ -71,7 +188,7 @@ class _SamplingFields(BaseModel):
 
 class CompletionRequest(_SamplingFields):
     prompt: Union[str, List[str], List[int], List[List[int]]]
-    logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    logprobs: Optional[int] = _limited("logprobs", None)
     echo: bool = False
     best_of: Optional[int] = None
     suffix: Optional[str] = None
@@ -92,16 +209,6 @@ class CompletionRequest(_SamplingFields):
             raise ValueError("prompt must not be empty")
         return v
 
-    @model_validator(mode="after")
-    def _check_completion_unsupported(self):
-        if self.echo:
-            raise ValueError("echo is not supported")
-        if self.best_of not in (None, 1):
-            raise ValueError("best_of > 1 is not supported")
-        if self.suffix:
-            raise ValueError("suffix is not supported")
-        return self
-
 
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -114,6 +221,14 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Optional[Union[str, List[ContentPart]]] = None
     name: Optional[str] = None
+    tool_calls: Optional[List[Any]] = None
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _no_tool_calls(cls, v):
+        if v:
+            raise ValueError("tool calls are not supported")
+        return v
 
     def text(self) -> str:
         if self.content is None:
@@ -127,13 +242,23 @@ class ChatCompletionRequest(_SamplingFields):
     messages: List[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: Optional[int] = _limited("logprobs", None)
+    parallel_tool_calls: Optional[bool] = None
+    metadata: Optional[Any] = None
+    store: Optional[bool] = None
+    service_tier: Optional[Any] = None
     tools: Optional[List[Any]] = None
+    tool_choice: Optional[Any] = None
+    functions: Optional[List[Any]] = None
+    function_call: Optional[Any] = None
+    modalities: Optional[List[str]] = None
+    audio: Optional[Any] = None
+    prediction: Optional[Any] = None
+    reasoning_effort: Optional[Any] = None
+    web_search_options: Optional[Any] = None
 
     @model_validator(mode="after")
     def _check_chat(self):
-        if self.tools:
-            raise ValueError("tools are not supported")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs=true")
         return self

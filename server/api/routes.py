@@ -29,6 +29,7 @@ from models.sampling import SamplingParams
 from models.tokenizer import IncrementalDetokenizer
 from server.api import protocol as P
 from server.api.errors import APIError, error_body, from_validation_error
+from server.api.structured import constraint_for
 from server.engine.request import (
     FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, FINISH_TIMEOUT, EngineStoppedError, GenerationRequest,
     QueueFullError, TokenEvent, new_request_id,
@@ -37,10 +38,6 @@ from server.engine.request import (
 logger = logging.getLogger(__name__)
 router = APIRouter()
 M = TypeVar("M", bound=BaseModel)
-
-FAULT_HEADER = "x-jetserve-fault"
-FAULT_MARKER = "<<jetserve-fault:"      # test hook in prompt text: "<<jetserve-fault:prefill>>"
-FAULT_STAGES = ("prefill", "decode")
 
 
 def _state(request: Request):
@@ -109,17 +106,6 @@ async def chat_completions(request: Request):
     return await _generate(request, body, chat=True)
 
 
-def _fault(request: Request, body: Any, text: Optional[str]) -> Optional[str]:
-    if not _state(request).settings.enable_test_hooks:
-        return None
-    fault = request.headers.get(FAULT_HEADER)
-    if fault is None and text and FAULT_MARKER in text:
-        fault = text.split(FAULT_MARKER, 1)[1].split(">>", 1)[0]
-    if fault is not None and fault not in FAULT_STAGES:
-        raise APIError(400, f"{FAULT_HEADER} must be one of {FAULT_STAGES}", param=FAULT_HEADER)
-    return fault
-
-
 def _map_model_error(e: Exception, name: str) -> APIError:
     from server.store import ModelLoadError, ModelNotFoundError  # no torch
     if isinstance(e, ModelNotFoundError):
@@ -131,7 +117,7 @@ def _map_model_error(e: Exception, name: str) -> APIError:
     raise e
 
 
-async def _tokenize(lm: Any, body: Any, chat: bool) -> Tuple[List[int], Optional[str]]:
+async def _tokenize(lm: Any, body: Any, chat: bool) -> List[int]:
     tok = lm.tokenizer
     if chat:
         msgs = body.template_messages()
@@ -139,15 +125,15 @@ async def _tokenize(lm: Any, body: Any, chat: bool) -> Tuple[List[int], Optional
             ids = await asyncio.to_thread(tok.apply_chat_template, msgs)
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
-        return ids, "\n".join(m["content"] for m in msgs)
+        return ids
     prompt = body.prompt
     if isinstance(prompt, str):
-        return await asyncio.to_thread(tok.encode, prompt), prompt
+        return await asyncio.to_thread(tok.encode, prompt)
     vocab = int(getattr(lm.runner, "vocab_size", 0) or tok.vocab_size)
     bad = [t for t in prompt if not 0 <= t < vocab]
     if bad:
         raise APIError(400, f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})", param="prompt")
-    return list(prompt), None
+    return list(prompt)
 
 
 def _budget(n_prompt: int, ctx: int, max_tokens: Optional[int], chat: bool) -> int:
@@ -235,7 +221,7 @@ async def _generate(request: Request, body: Any, chat: bool):
             lm = await stack.enter_async_context(st.manager.acquire(name))
         except Exception as e:
             raise _map_model_error(e, name) from None
-        prompt_ids, text = await _tokenize(lm, body, chat)
+        prompt_ids = await _tokenize(lm, body, chat)
         engine = lm.engine
         max_tokens = _budget(len(prompt_ids), engine.max_seq, body.max_new_tokens if chat else body.max_tokens, chat)
         num_lp = body.num_logprobs if chat else body.logprobs
@@ -246,9 +232,10 @@ async def _generate(request: Request, body: Any, chat: bool):
                                     seed=body.seed, logprobs=num_lp).validate()
         except ValueError as e:
             raise APIError(400, str(e)) from None
+        constraint = await constraint_for(lm, body.response_format)  # structured output; None for text
         req = GenerationRequest(prompt_ids=prompt_ids, params=params, max_tokens=max_tokens,
                                 request_id=new_request_id("chatcmpl" if chat else "cmpl"), ignore_eos=body.ignore_eos,
-                                fault=_fault(request, body, text))
+                                constraint=constraint)
         try:
             handle = engine.submit(req)
         except QueueFullError as e:

@@ -1,15 +1,18 @@
 """`jetserve generate MODEL --prompt ... --max-tokens N [--stream] [--chat]`: one generation on the jetserve runtime.
 
-Loads MODEL (a folder, or a name in the model store) with `models.loader.load_runner`, prefills the prompt,
-then decodes one token at a time with `models.sampling.sample` and turns the ids into text with
-`models.tokenizer.IncrementalDetokenizer`. The text goes to stdout (as it comes with --stream); timings go to
-stderr.
+Loads MODEL (a folder, or a name in the model store) with `models.loader.load_runner`, starts the serving
+engine (`server.engine.Engine`, one slot) over it, submits one request and streams its tokens; the ids become
+text here, at the edge, with `models.tokenizer.IncrementalDetokenizer`. The text goes to stdout (as it comes
+with --stream); timings go to stderr. Exit status: 0, 2 for bad arguments, 1 if the engine fails the request.
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
+import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -52,15 +55,16 @@ def _resolve(model: str, store: Path) -> Optional[Path]:
     return None
 
 
-def _error(msg: str) -> int:
+def _error(msg: str, rc: int = 2) -> int:
     print(f"jetserve generate: error: {msg}", file=sys.stderr)
-    return 2
+    return rc
 
 
 def run(args: argparse.Namespace) -> int:
     from server.config import Settings
 
-    store = Path(args.store if args.store is not None else Settings().model_store)
+    settings = Settings()  # the engine's prefill chunk, as `jetserve serve` would use it
+    store = Path(args.store if args.store is not None else settings.model_store)
     model_dir = _resolve(args.model, store)
     if model_dir is None:
         return _error(f"model {args.model!r} is neither a folder with config.json nor a name in {store}")
@@ -83,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
 
     from models.loader import inspect_checkpoint, load_runner
     from models.tokenizer import Tokenizer
+    from server.engine.engine import Engine
+    from server.engine.request import GenerationRequest, new_request_id
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -109,38 +115,50 @@ def run(args: argparse.Namespace) -> int:
                          trust_remote_code=args.trust_remote_code)
     runner.warmup()
     t_load = time.perf_counter() - t_load
-    text, n_gen, reason, ttft, t_decode = _generate(runner, tokenizer, params, prompt_ids, args)
+    request = GenerationRequest(prompt_ids=prompt_ids, params=params, max_tokens=args.max_tokens,
+                                request_id=new_request_id("gen"), stop_token_ids=tuple(tokenizer.eos_token_ids),
+                                ignore_eos=args.ignore_eos, timeout_s=math.inf)
+    engine = Engine(runner, settings, name=model_dir.name).start()
+    try:
+        result = asyncio.run(_generate(engine, tokenizer, request, args))
+    finally:
+        engine.stop()
+    if result.error is not None:
+        sys.stdout.write("\n" if args.stream else result.text + "\n")
+        return _error(f"generation failed: {result.error}", rc=1)
 
     if args.stream:
         sys.stdout.write("\n")
     else:
-        sys.stdout.write(text + "\n")
+        sys.stdout.write(result.text + "\n")
     sys.stdout.flush()
+    n_gen, t_decode = result.tokens, result.decode_s
     decode_rate = (n_gen - 1) / t_decode if n_gen > 1 and t_decode > 0 else float("nan")
     print(f"[{model_dir.name} on {runner.device}, load {t_load:.2f}s] prompt {len(prompt_ids)} tokens, "
-          f"time to first token {ttft * 1000:.0f} ms; generated {n_gen} tokens ({reason}), "
+          f"time to first token {result.ttft_s * 1000:.0f} ms; generated {n_gen} tokens ({result.reason}), "
           f"decode {decode_rate:.1f} tok/s", file=sys.stderr)
     return 0
 
 
-def _generate(runner, tokenizer, params, prompt_ids, args):
-    """The generation loop; returns (text, tokens generated, finish reason, TTFT s, decode s after the first)."""
-    import torch
+@dataclass
+class _Result:
+    text: str
+    tokens: int                   # tokens sampled, the one that ended generation (EOS) included
+    reason: str                   # "eos" | "stop" (a stop string) | "length"
+    ttft_s: float
+    decode_s: float               # from the first token to the end
+    error: Optional[str] = None   # the engine's error, if the request failed
 
-    from models.sampling import make_generator, sample
+
+async def _generate(engine, tokenizer, request, args) -> _Result:
+    """Submit `request` to `engine`, stream its tokens and detokenize them here, at the edge.
+
+    A stop string aborts the request (recorded as "stop"); `--stream` text goes to stdout as it comes.
+    """
     from models.tokenizer import IncrementalDetokenizer
+    from server.engine.request import FINISH_ABORT, FINISH_ERROR, FINISH_STOP, FINISH_TIMEOUT
 
-    dev = runner.device
-    P, N = len(prompt_ids), args.max_tokens
-    penalties = (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
-                 or params.frequency_penalty != 0.0)
-    history = torch.full((1, P + N), -1, dtype=torch.long, device=dev)  # prompt then generated ids, -1 padded
-    history[0, :P] = torch.tensor(prompt_ids, dtype=torch.long)
-    gen = [make_generator(params.seed, dev)]
-    detok = IncrementalDetokenizer(tokenizer, stop=args.stop, prompt_ids=prompt_ids)
-    eos = set() if args.ignore_eos else set(tokenizer.eos_token_ids) | set(runner.eos_token_ids)
-    slot = torch.zeros(1, dtype=torch.long)
-    pos = torch.zeros(1, dtype=torch.long)
+    detok = IncrementalDetokenizer(tokenizer, stop=args.stop, prompt_ids=request.prompt_ids)
 
     def emit(piece: str) -> None:
         if args.stream and piece:
@@ -148,27 +166,26 @@ def _generate(runner, tokenizer, params, prompt_ids, args):
             sys.stdout.flush()
 
     t0 = time.perf_counter()
-    logits = runner.prefill(torch.tensor(prompt_ids, dtype=torch.long), 0, 0)[None]  # (1, V)
-    reason, n, ttft, t1 = "length", 0, 0.0, t0
-    for n in range(1, N + 1):
-        tok = sample(logits, [params], history if penalties else None, gen, prompt_lens=[P]).tokens  # (1,)
-        tid = int(tok[0])
-        if n == 1:
-            t1 = time.perf_counter()
-            ttft = t1 - t0
-        if tid in eos:
+    t1 = t0
+    n, reason, error = 0, "length", None
+    handle = engine.submit(request)
+    async for ev in handle:
+        if ev.token_id >= 0:
+            n += 1
+            if n == 1:
+                t1 = time.perf_counter()
+        if ev.finish_reason in (FINISH_ERROR, FINISH_TIMEOUT, FINISH_ABORT):
+            error = ev.error or ev.finish_reason
+            break
+        if ev.finish_reason == FINISH_STOP:  # an EOS / stop token (never detokenized)
             reason = "eos"
             break
-        history[0, P + n - 1] = tid
-        emit(detok.add(tid))
+        emit(detok.add(ev.token_id))
         if detok.stopped:
             reason = "stop"
+            handle.abort(FINISH_STOP)
             break
-        if n == N:
+        if ev.finish_reason is not None:
             break
-        pos[0] = P + n - 1
-        logits = runner.decode(tok, pos, slot)
     emit(detok.finish())
-    t_decode = time.perf_counter() - t1
-    runner.release(0)
-    return detok.text, n, reason, ttft, t_decode
+    return _Result(detok.text, n, reason, t1 - t0, time.perf_counter() - t1, error)

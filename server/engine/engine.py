@@ -4,10 +4,11 @@ The event loop only calls `submit()` / `abort()` (cheap, thread-safe) and consum
 tensor work happens on the engine thread. Tokens go back through `loop.call_soon_threadsafe`.
 
 Step loop: take new requests and aborts -> expire timeouts -> `Scheduler.plan` -> prefill chunks (one
-`runner.prefill` per chunk) -> one batched `runner.decode` -> one batched `sample` -> hand tokens to the
-requests -> `StepStats`. A failure inside one request's prefill (or its test-hook fault) finishes only that
-request with an error; a failing batched decode or sample finishes the sequences of that batch with an
-error and the engine keeps serving.
+`runner.prefill` per chunk) -> one batched `runner.decode` -> one batched `sample` (rows with a
+structured-output `TokenConstraint` get its allowed-token mask; a request whose grammar is complete finishes
+with "stop") -> hand tokens to the requests -> `StepStats`. A failure inside one request's prefill finishes
+only that request with an error; a failing batched decode or sample finishes the sequences of that batch with
+an error and the engine keeps serving.
 
 Occupancy (running, waiting, KV use) is reported through `on_step` after every step and after every loop
 turn whose finishes (abort, stop, timeout, engine stop or crash) changed it without a step following, so the
@@ -35,10 +36,6 @@ from server.engine.stats import RequestStats, StepStats
 logger = logging.getLogger(__name__)
 
 
-class InjectedFault(RuntimeError):
-    """Raised by the test hook (`GenerationRequest.fault`) for exactly one request."""
-
-
 class Engine:
     """Continuous-batching engine over a `models.runner.Runner`.
 
@@ -56,7 +53,6 @@ class Engine:
         self.max_seq = int(runner.max_seq)
         self.max_queue = int(settings.max_queue)
         self.request_timeout_s = float(settings.request_timeout_s)
-        self.test_hooks = bool(getattr(settings, "enable_test_hooks", False))
         self.scheduler = Scheduler(int(settings.prefill_chunk))
         self.eos_ids = frozenset(int(t) for t in getattr(runner, "eos_token_ids", ()) or ())
         self.device = getattr(runner, "device", torch.device("cpu"))
@@ -217,10 +213,6 @@ class Engine:
             items, self._outbox = self._outbox, []
             RequestHandle.push_many(items)
 
-    def _maybe_fault(self, seq: SequenceState, stage: str) -> None:
-        if self.test_hooks and seq.request.fault == stage:
-            raise InjectedFault(f"injected {stage} fault for {seq.request.request_id}")
-
     def _step(self) -> None:
         t0 = time.perf_counter()
         used = {s.slot for s in self._running}
@@ -238,12 +230,10 @@ class Engine:
         prefill_seqs = 0
         for seq, start, n in plan.prefill:
             try:
-                self._maybe_fault(seq, "prefill")
                 ids = torch.tensor(seq.request.prompt_ids[start:start + n], dtype=torch.long)
                 logits = self.runner.prefill(ids, seq.slot, start)
             except Exception as e:
-                logger.warning("request %s failed in prefill: %s", seq.request.request_id, e,
-                               exc_info=not isinstance(e, InjectedFault))
+                logger.warning("request %s failed in prefill: %s", seq.request.request_id, e, exc_info=True)
                 self._finish(seq, FINISH_ERROR, error=f"prefill failed: {e}", error_code="internal_error")
                 continue
             seq.num_prefilled += n
@@ -253,16 +243,7 @@ class Engine:
                 to_sample.append(seq)
                 logits_parts.append(logits.reshape(1, -1))  # (1, vocab)
 
-        decode = []
-        for seq in plan.decode:
-            if seq.finished:
-                continue
-            try:
-                self._maybe_fault(seq, "decode")
-            except InjectedFault as e:
-                self._finish(seq, FINISH_ERROR, error=str(e), error_code="internal_error")
-                continue
-            decode.append(seq)
+        decode = [seq for seq in plan.decode if not seq.finished]
         if decode:
             # host tensors: the runner copies them (non-blocking) and sizes attention from host positions
             tokens = torch.tensor([s.output_ids[-1] for s in decode], dtype=torch.long)
@@ -322,7 +303,13 @@ class Engine:
                 histories[i, :len(h)] = torch.tensor(h, dtype=torch.long)
             histories = histories.to(self.device)
             prompt_lens = [s.prompt_len for s in seqs]
-        out = sample(logits.float(), params, histories, [s.generator for s in seqs], prompt_lens)
+        allowed = None
+        if any(s.request.constraint is not None for s in seqs):  # structured output: unconstrained rows allow all
+            allowed = torch.full((len(seqs), (logits.shape[-1] + 31) // 32), -1, dtype=torch.int32)
+            for i, s in enumerate(seqs):
+                if s.request.constraint is not None:
+                    s.request.constraint.fill_mask(allowed[i])
+        out = sample(logits.float(), params, histories, [s.generator for s in seqs], prompt_lens, allowed)
         tokens = out.tokens.tolist()  # the one host sync per step: tokens must reach the clients
         want_lp = any(p.logprobs is not None for p in params)
         if want_lp:
@@ -332,6 +319,11 @@ class Engine:
         now = time.perf_counter()
         for i, seq in enumerate(seqs):
             tok = int(tokens[i])
+            constraint = seq.request.constraint
+            if constraint is not None and not constraint.accept(tok):  # the mask allowed nothing: never emit it
+                self._finish(seq, FINISH_ERROR, error="structured output: no token satisfies the grammar",
+                             error_code="internal_error")
+                continue
             seq.output_ids.append(tok)
             self.tokens_generated += 1
             if seq.first_token_time is None:
@@ -346,6 +338,8 @@ class Engine:
                 top = tuple((int(a), float(b)) for a, b in zip(top_ids[i][:k], top_lps[i][:k]))
             finish = None
             if not seq.request.ignore_eos and (tok in self.eos_ids or tok in seq.request.stop_token_ids):
+                finish = FINISH_STOP
+            elif constraint is not None and constraint.is_terminated():  # the document is complete
                 finish = FINISH_STOP
             elif len(seq.output_ids) >= seq.request.max_tokens or seq.prompt_len + len(seq.output_ids) >= self.max_seq:
                 finish = FINISH_LENGTH

@@ -1,6 +1,7 @@
 """Request objects shared by the HTTP edge and the engine thread.
 
-- `GenerationRequest`: what the edge submits (token ids + sampling params; never text).
+- `GenerationRequest`: what the edge submits (token ids + sampling params + an optional opaque
+  `TokenConstraint`; never text).
 - `TokenEvent`: what the engine hands back, one per generated token (or a final error/abort event).
 - `RequestHandle`: the edge's async iterator over a request's events, fed from the engine thread with
   `loop.call_soon_threadsafe`.
@@ -14,7 +15,7 @@ import itertools
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 
 if TYPE_CHECKING:  # SamplingParams lives in models/ (no torch needed to describe a request)
     from models.sampling import SamplingParams
@@ -42,6 +43,23 @@ def new_request_id(prefix: str = "cmpl") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
+class TokenConstraint(Protocol):
+    """Per-request grammar state (structured output) that the engine drives without seeing text or grammar.
+
+    Called on the engine thread only, once per generated token, in this order: `fill_mask(row)` writes the
+    tokens allowed next into `row`, a contiguous CPU int32 tensor of ceil(V/32) words (bit j of word w allows
+    token 32 * w + j); `accept(token_id)` advances by the sampled token and returns False when the grammar
+    rejects it; `is_terminated()` is True once the grammar admits no further token (the request then finishes
+    with "stop").
+    """
+
+    def fill_mask(self, row: Any) -> None: ...
+
+    def accept(self, token_id: int) -> bool: ...
+
+    def is_terminated(self) -> bool: ...
+
+
 @dataclass
 class GenerationRequest:
     """A tokenized request. `max_tokens` is already bounded by the context (the edge checks)."""
@@ -53,7 +71,7 @@ class GenerationRequest:
     stop_token_ids: Tuple[int, ...] = ()        # extra ids that end generation with finish_reason "stop"
     ignore_eos: bool = False
     timeout_s: Optional[float] = None           # wall-clock limit from submit; None = Settings.request_timeout_s
-    fault: Optional[str] = None                 # test hook: "prefill" | "decode" makes the engine raise for this request
+    constraint: Optional[TokenConstraint] = None  # structured output: masks each token of this request
 
 
 @dataclass(frozen=True)
@@ -91,13 +109,6 @@ class RequestHandle:
         self.finished = False
 
     # Engine thread side.
-    def push(self, event: TokenEvent) -> None:
-        """Thread-safe hand-off from the engine thread."""
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
-        except RuntimeError:  # loop closed: nobody is listening any more
-            pass
-
     @staticmethod
     def push_many(items: "List[Tuple[RequestHandle, TokenEvent]]") -> None:
         """Hand many events over with one wake-up per event loop (one per engine step, not one per token)."""
@@ -150,8 +161,8 @@ class SequenceState:
     """Engine-private state of one request (mutated only on the engine thread)."""
 
     __slots__ = ("request", "handle", "order", "slot", "num_prefilled", "output_ids", "submit_time",
-                 "admit_time", "first_token_time", "last_token_time", "itl", "deadline", "aborted",
-                 "generator", "finished")
+                 "admit_time", "first_token_time", "last_token_time", "itl", "deadline", "generator",
+                 "finished")
 
     def __init__(self, request: GenerationRequest, handle: Any, timeout_s: float):
         self.request = request
@@ -166,7 +177,6 @@ class SequenceState:
         self.last_token_time: Optional[float] = None
         self.itl: List[float] = []
         self.deadline = self.submit_time + timeout_s
-        self.aborted = False
         self.generator: Any = None
         self.finished = False
 
@@ -177,10 +187,6 @@ class SequenceState:
     @property
     def prefill_done(self) -> bool:
         return self.num_prefilled >= self.prompt_len
-
-    @property
-    def remaining_prefill(self) -> int:
-        return self.prompt_len - self.num_prefilled
 
     @property
     def seq_len(self) -> int:

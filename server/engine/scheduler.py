@@ -27,10 +27,6 @@ class StepPlan:
     def num_prefill_tokens(self) -> int:
         return sum(n for _, _, n in self.prefill)
 
-    @property
-    def empty(self) -> bool:
-        return not (self.prefill or self.decode)
-
 
 class Scheduler:
     """FIFO admission + chunked prefill + decode-everyone. Stateless between steps."""

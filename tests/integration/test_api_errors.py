@@ -1,6 +1,7 @@
-"""Error shapes, overload (429), per-request failures (fault hook) and API-key auth on a real server.
+"""Error shapes, overload (429), per-request failures and API-key auth on a real server.
 
-One server: 2 KV slots, no waiting queue, context 64, 4 KiB body limit, test hooks on, two API keys.
+One server: 2 KV slots, no waiting queue, context 64, 4 KiB body limit, two API keys. Its runner is the test
+double `benchmarks.fault_runner.FaultyRunner`, which fails requests whose prompt carries a fault marker.
 """
 from __future__ import annotations
 
@@ -12,12 +13,22 @@ import httpx
 import openai
 import pytest
 
+from benchmarks.fault_runner import install as install_faulty_runner
+from benchmarks.fault_runner import marker
+
 pytestmark = pytest.mark.slow
 
 KEYS = ["sk-test-one", "sk-test-two"]
-SERVER_SETTINGS = dict(max_batch_size=2, max_queue=0, max_context=64, max_body_bytes=4096, enable_test_hooks=True,
-                       api_keys=KEYS)
+SERVER_SETTINGS = dict(max_batch_size=2, max_queue=0, max_context=64, max_body_bytes=4096, api_keys=KEYS)
 PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def faulty_runner():
+    """The module's server loads `FaultyRunner`s (autouse: set up before the module-scoped `server`)."""
+    undo = install_faulty_runner()
+    yield
+    undo()
 
 
 def assert_error_shape(r: httpx.Response, status: int, code=None, param=None) -> dict:
@@ -45,7 +56,7 @@ def post(server, path, body, **kw):
     ({"prompt": PROMPT, "temperature": 5}, "temperature"),
     ({"prompt": PROMPT, "max_tokens": 0}, "max_tokens"),
     ({"prompt": PROMPT, "top_p": 0}, "top_p"),
-    ({"prompt": PROMPT, "logprobs": 6}, "logprobs"),
+    ({"prompt": PROMPT, "logprobs": 21}, "logprobs"),
     ({"prompt": PROMPT, "stop": 3}, "stop"),
     ({}, "prompt"),
 ])
@@ -67,7 +78,7 @@ def test_chat_validation(server):
                             {"model": server.model, "messages": [{"role": "wizard", "content": "x"}]}), 400)
     err = assert_error_shape(post(server, "/v1/chat/completions",
                                   {"model": server.model, "messages": [{"role": "user", "content": "x"}],
-                                   "top_logprobs": 9, "logprobs": True}), 400)
+                                   "top_logprobs": 21, "logprobs": True}), 400)
     assert err["param"] == "top_logprobs"
 
 
@@ -168,11 +179,10 @@ def test_fault_in_one_request_is_500_and_others_continue(server):
     async def go():
         c = server.async_openai()
         good = asyncio.ensure_future(c.completions.create(model=server.model, prompt=PROMPT, max_tokens=20,
-                                                          temperature=0))
+                                                          temperature=0, extra_body={"ignore_eos": True}))
         await asyncio.sleep(0.3)
         with pytest.raises(openai.InternalServerError) as ei:
-            await c.completions.create(model=server.model, prompt=PROMPT, max_tokens=5,
-                                       extra_headers={"x-jetserve-fault": "prefill"})
+            await c.completions.create(model=server.model, prompt=PROMPT + marker("prefill"), max_tokens=5)
         r = await good
         await c.close()
         return ei.value, r
@@ -183,9 +193,8 @@ def test_fault_in_one_request_is_500_and_others_continue(server):
 
 
 def test_error_after_stream_started_is_sse_error_then_done(server):
-    body = {"model": server.model, "prompt": PROMPT, "max_tokens": 10, "stream": True}
-    with server.httpx() as c, c.stream("POST", "/v1/completions", json=body,
-                                       headers={"x-jetserve-fault": "decode"}) as r:
+    body = {"model": server.model, "prompt": marker("decode") + PROMPT, "max_tokens": 10, "stream": True}
+    with server.httpx() as c, c.stream("POST", "/v1/completions", json=body) as r:
         assert r.status_code == 200
         data = [ln[6:] for ln in r.iter_lines() if ln.startswith("data: ")]
     assert data[-1] == "[DONE]"
@@ -199,7 +208,7 @@ def test_error_after_stream_started_is_sse_error_then_done(server):
 
 def test_fault_marker_in_prompt(server):
     r = post(server, "/v1/chat/completions", {"model": server.model, "max_tokens": 3,
-                                              "messages": [{"role": "user", "content": "hi <<jetserve-fault:prefill>>"}]})
+                                              "messages": [{"role": "user", "content": "hi " + marker("prefill")}]})
     assert_error_shape(r, 500, code="internal_error")
 
 

@@ -201,6 +201,50 @@ def test_unknown_route_and_method(http):
     assert_openai_error(http.delete("/v1/models"), 405)
 
 
+UNSUPPORTED = [  # (endpoint, field, a value the server cannot honour): each must be a 400 naming the field
+    ("chat", "n", 2), ("completions", "n", 3), ("chat", "logit_bias", {"50256": -100}),
+    ("completions", "logit_bias", {"1": 5}), ("completions", "echo", True), ("completions", "best_of", 2),
+    ("completions", "suffix", "end"), ("chat", "tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("chat", "tool_choice", "required"), ("chat", "functions", [{"name": "f"}]), ("chat", "function_call", "auto"),
+    ("chat", "modalities", ["text", "audio"]), ("chat", "audio", {"voice": "alloy", "format": "wav"}),
+    ("chat", "prediction", {"type": "content", "content": "x"}), ("chat", "reasoning_effort", "high"),
+    ("chat", "web_search_options", {}),
+    ("chat", "response_format", {"type": "yaml"}), ("completions", "response_format", {"type": "json_schema"}),
+]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("endpoint,field,value", UNSUPPORTED, ids=lambda x: str(x)[:20])
+def test_unsupported_field_is_400_naming_it(http, server, endpoint, field, value, stream):
+    """Never a 200 that silently ignores the field (the client would trust an answer it did not get)."""
+    body = chat(server.model) if endpoint == "chat" else {"model": server.model, "prompt": "hi", "max_tokens": 4}
+    body.update({field: value, "stream": stream})
+    r = http.post(f"/v1/{'chat/' if endpoint == 'chat' else ''}completions", json=body)
+    err = assert_openai_error(r, 400)
+    assert err["param"].split(".")[0] == field and err["message"].startswith(err["param"] + ": "), err
+
+
+@pytest.mark.parametrize("schema,part", [
+    ({"type": "object", "if": {"required": ["a"]}, "then": {"required": ["b"]}}, '"if"'),
+    ({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}, "/$defs/missing"),
+    ({"type": "string", "format": "no-such-format"}, "no-such-format"),
+    ({"type": "strange"}, "strange"),
+    ({"type": "array", "items": {"type": "integer"}, "minItems": 10**12}, "minItems"),
+])
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_schema_that_cannot_be_enforced_is_400_naming_the_part(http, server, schema, part, endpoint):
+    body = chat(server.model) if endpoint == "chat" else {"model": server.model, "prompt": "hi", "max_tokens": 4}
+    body["response_format"] = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema, "strict": True}}
+    err = assert_openai_error(http.post(f"/v1/{'chat/' if endpoint == 'chat' else ''}completions", json=body), 400)
+    assert err["param"] == "response_format.json_schema.schema" and part in err["message"], err
+
+
+def test_neutral_values_are_accepted(http, server):
+    r = http.post("/v1/chat/completions", json=chat(server.model, n=1, tools=[], tool_choice="none",
+                                                      response_format={"type": "text"}, parallel_tool_calls=False))
+    assert r.status_code == 200, r.text
+
+
 def test_server_still_healthy_after_abuse(http, server):
     assert http.get("/health").status_code == 200
     r = http.post("/v1/chat/completions", json=chat(server.model))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from server.loadtest import ServerProcess
+from benchmarks.loadtest import ServerProcess
 
 pytestmark = pytest.mark.slow
 
@@ -33,9 +33,10 @@ def tiny_store(tmp_path_factory, tiny_llama_dir) -> Path:
     return store
 
 
-def _serve(store: Path, *extra: str, model: str = "tiny", log: str = "serve.log") -> ServerProcess:
+def _serve(store: Path, *extra: str, model: str = "tiny", log: str = "serve.log",
+           module: str = "server.cli") -> ServerProcess:
     return ServerProcess(["--model-store", str(store), "--model", model, *TINY_ARGS, *extra], cwd=REPO,
-                         log_path=store / log)
+                         log_path=store / log, module=module)
 
 
 def _check(res: dict, srv: ServerProcess) -> None:
@@ -64,12 +65,16 @@ def test_queue_overflow_is_429_with_retry_after(tiny_store):
 
 
 def test_failure_inside_one_request_spares_the_others(tiny_store):
-    with _serve(tiny_store, "--enable-test-hooks", "--max-batch-size", "8", log="hook.log") as srv:
+    # the runner is the test double benchmarks.fault_runner.FaultyRunner: it fails the marked request
+    with _serve(tiny_store, "--max-batch-size", "8", log="fault.log", module="benchmarks.fault_runner") as srv:
         srv.wait_ready(path="/ready")
-        for stage in ("prefill", "decode"):
-            res = asyncio.run(faults.scenario_fault_hook(srv.url, "tiny", others=5, max_tokens=32, stage=stage))
-            _check(res, srv)
-            assert res["others_finished"] == 5, res
+        res = asyncio.run(faults.scenario_injected_fault(srv.url, "tiny", others=5, max_tokens=32, stage="prefill"))
+        _check(res, srv)
+        assert res["faulted"]["error"] is not None and res["others_finished"] == 5, res
+        # a failing batched decode fails its batch; every stream still ends with [DONE] and the server serves on
+        res = asyncio.run(faults.scenario_injected_fault(srv.url, "tiny", others=5, max_tokens=32, stage="decode"))
+        _check(res, srv)
+        assert res["faulted"]["error"] is not None and res["others_ended"] == 5, res
 
 
 def test_bad_model_loads_are_clear_errors(tiny_store, tmp_path, smollm2_dir):

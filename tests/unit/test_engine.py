@@ -12,6 +12,7 @@ from typing import List
 import pytest
 import torch
 
+from benchmarks.fault_runner import FaultyRunner, marker
 from models.sampling import SamplingParams
 from server.config import Settings
 from server.engine.engine import Engine
@@ -247,26 +248,38 @@ def test_abort_with_stop_reason_is_recorded_as_stop():
     assert [r.finish_reason for r in reqs] == ["stop"] and eng.num_active == 0
 
 
+def _chars(text):
+    """Prompt ids for `FaultyRunner` with the detokenizer `_text` (one id per character)."""
+    return [ord(c) for c in text]
+
+
+def _text(ids):
+    return "".join(chr(i) for i in ids)
+
+
 def test_prefill_fault_fails_one_request_only():
-    eng, _, reqs = make(enable_test_hooks=True)
+    eng, _, reqs = make(FaultyRunner(FakeRunner(), _text))
 
     async def go():
-        bad = eng.submit(GenerationRequest([1, 2], GREEDY, max_tokens=3, fault="prefill"))
+        bad = eng.submit(GenerationRequest(_chars("a " + marker("prefill")), GREEDY, max_tokens=3))
         good = eng.submit(GenerationRequest([1, 2], GREEDY, max_tokens=3))
         return await asyncio.gather(collect(bad), collect(good))
 
     bad, good = run(go())
     eng.stop()
-    assert len(bad) == 1 and bad[0].finish_reason == "error" and "injected" in bad[0].error
+    assert len(bad) == 1 and bad[0].finish_reason == "error" and "injected prefill fault" in bad[0].error
     assert [e.token_id for e in good] == [3, 4, 5]
     assert sorted(r.finish_reason for r in reqs) == ["error", "length"]
 
 
-def test_fault_hook_ignored_without_test_hooks():
-    eng, _, _ = make(enable_test_hooks=False)
-    evs = run(collect_submit(eng, [1], 2, fault="prefill"))
+def test_decode_fault_errors_after_first_token_and_slot_is_reusable():
+    eng, _, _ = make(FaultyRunner(FakeRunner(max_slots=1), _text))
+    bad = run(collect_submit(eng, _chars(marker("decode") + "a"), 5))  # "a": first token is not EOS
+    after = run(collect_submit(eng, [1], 3))  # same slot, new prompt: no fault
     eng.stop()
-    assert evs[-1].finish_reason == "length"
+    assert bad[0].token_id >= 0 and bad[0].finish_reason is None
+    assert bad[-1].finish_reason == "error" and "injected decode fault" in bad[-1].error and len(bad) == 2
+    assert [e.token_id for e in after] == [2, 3, 4]
 
 
 def test_runner_decode_failure_errors_batch_and_engine_survives():
@@ -331,3 +344,63 @@ def test_seeded_sampling_is_reproducible_across_batches():
     eng.stop()
     assert [e.token_id for e in solo] == [e.token_id for e in batched]
     assert len({e.token_id for e in solo}) > 2  # really random: uniform over 64 ids
+
+
+class ScriptConstraint:
+    """A TokenConstraint that allows exactly `script[i]` as the i-th token; terminated after the last one.
+    `allow_nothing`: the mask allows no token (and every token is rejected)."""
+
+    def __init__(self, script, allow_nothing=False):
+        self.script, self.i, self.allow_nothing = list(script), 0, allow_nothing
+
+    def fill_mask(self, row):
+        row.zero_()
+        if not self.allow_nothing:
+            t = self.script[self.i]
+            row[t // 32] = (1 << (t % 32)) - (1 << 32 if t % 32 == 31 else 0)  # int32 two's complement
+
+    def accept(self, token_id):
+        ok = not self.allow_nothing and token_id == self.script[self.i]
+        self.i += 1
+        return ok
+
+    def is_terminated(self):
+        return self.i >= len(self.script)
+
+
+def test_constraint_masks_its_row_only_and_stops_when_terminated():
+    eng, _, reqs = make()
+    script = [10, 31, 40, 63 - 1]
+
+    async def go():
+        c = eng.submit(GenerationRequest([1, 2], GREEDY, max_tokens=50, constraint=ScriptConstraint(script)))
+        free = eng.submit(GenerationRequest([1, 2], GREEDY, max_tokens=6))
+        return await asyncio.gather(collect(c), collect(free))
+
+    constrained, free = run(go())
+    eng.stop()
+    assert [e.token_id for e in constrained] == script and constrained[-1].finish_reason == "stop"
+    assert [e.token_id for e in free] == [3, 4, 5, 6, 7, 8]  # the neighbour's row is unmasked
+    assert sorted(r.finish_reason for r in reqs) == ["length", "stop"]
+
+
+def test_constraint_cut_by_max_tokens_is_length():
+    eng, _, _ = make()
+    evs = run(collect_submit(eng, [1], 2, constraint=ScriptConstraint([5, 6, 7, 8])))
+    eng.stop()
+    assert [e.token_id for e in evs] == [5, 6] and evs[-1].finish_reason == "length"
+
+
+def test_constraint_that_allows_nothing_errors_that_request_only():
+    eng, _, _ = make()
+
+    async def go():
+        bad = eng.submit(GenerationRequest([1], GREEDY, max_tokens=5, constraint=ScriptConstraint([3], True)))
+        ok = eng.submit(GenerationRequest([1], GREEDY, max_tokens=3))
+        return await asyncio.gather(collect(bad), collect(ok))
+
+    bad, ok = run(go())
+    eng.stop()
+    assert [(e.token_id, e.finish_reason, e.error_code) for e in bad] == [(-1, "error", "internal_error")]
+    assert "grammar" in bad[0].error
+    assert [e.token_id for e in ok] == [2, 3, 4]

@@ -88,7 +88,7 @@ def test_chat_and_store_name(capsys, tiny_llama_dir):
 
 
 @pytest.mark.parametrize("extra, msg", [
-    (("--temperature", "-1"), "temperature must be >= 0"),
+    (("--temperature", "-1"), "temperature must be in [0, 2]"),
     (("--top-p", "0"), "top_p must be in"),
     (("--max-tokens", "0"), "--max-tokens must be >= 1"),
     (("--max-seq", "8", "--max-tokens", "20"), "exceeds the context"),

@@ -1,4 +1,4 @@
-"""Unit tests of `jetserve loadtest` against a fake OpenAI SSE server on real uvicorn (127.0.0.1)."""
+"""Unit tests of benchmarks/loadtest.py against a fake OpenAI SSE server on real uvicorn (127.0.0.1)."""
 from __future__ import annotations
 
 import asyncio
@@ -13,8 +13,8 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from server.cli import main as cli_main
-from server.loadtest import LoadConfig, LoadtestError, check_loopback, percentile, run_closed_loop, run_open_loop, run_sweep
+from benchmarks.loadtest import LoadConfig, LoadtestError, check_loopback, percentile, run_closed_loop, run_open_loop, run_sweep
+from benchmarks.loadtest import main as cli_main
 
 
 class FakeState:
@@ -118,7 +118,7 @@ def test_non_loopback_refused(url):
 
 def test_cli_refuses_non_loopback(capsys, tmp_path):
     t0 = time.perf_counter()
-    rc = cli_main(["loadtest", "--url", "http://10.255.255.1:8000", "--duration", "1", "--out", str(tmp_path)])
+    rc = cli_main(["--url", "http://10.255.255.1:8000", "--duration", "1", "--out", str(tmp_path)])
     assert rc == 2
     assert time.perf_counter() - t0 < 5
     err = capsys.readouterr().err
@@ -227,7 +227,7 @@ def test_sweep_validates():
 def test_cli_writes_json_and_png(fake, tmp_path, capsys):
     url, state = fake
     out = tmp_path / "out"
-    rc = cli_main(["loadtest", "--url", url, "--concurrency", "1,2", "--rate", "10", "--duration", "0.5",
+    rc = cli_main(["--url", url, "--concurrency", "1,2", "--rate", "10", "--duration", "0.5",
                    "--max-requests", "20", "--max-tokens", "4", "--out", str(out)])
     assert rc == 0
     report = json.loads((out / "loadtest.json").read_text())

@@ -8,6 +8,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
+from models.sampling import LIMITS, SamplingParams
 from server.api import protocol as P
 from server.api.auth import AuthMiddleware, BodyLimitMiddleware, check_bearer
 from server.api.errors import from_validation_error
@@ -26,10 +27,12 @@ def test_completion_request_defaults_and_stop_forms():
 
 
 @pytest.mark.parametrize("kw,param", [
-    (dict(n=2), None), (dict(temperature=-0.1), "temperature"), (dict(top_p=1.5), "top_p"),
-    (dict(logprobs=6), "logprobs"), (dict(stop=[""]), "stop"), (dict(stop=["s"] * 17), "stop"),
-    (dict(presence_penalty=3), "presence_penalty"), (dict(echo=True), None), (dict(best_of=2), None),
-    (dict(logit_bias={"1": 2.0}), None), (dict(prompt=["a", "b"]), "prompt"), (dict(prompt=""), "prompt"),
+    (dict(n=2), "n"), (dict(temperature=-0.1), "temperature"), (dict(temperature=2.5), "temperature"),
+    (dict(top_p=1.5), "top_p"), (dict(logprobs=21), "logprobs"), (dict(stop=[""]), "stop"),
+    (dict(stop=["s"] * 17), "stop"), (dict(presence_penalty=3), "presence_penalty"), (dict(echo=True), "echo"),
+    (dict(best_of=2), "best_of"), (dict(logit_bias={"1": 2.0}), "logit_bias"),
+    (dict(response_format={"type": "xml"}), "response_format.type"), (dict(prompt=["a", "b"]), "prompt"),
+    (dict(prompt=""), "prompt"),
     (dict(max_tokens=0), "max_tokens"),
 ])
 def test_completion_request_refusals(kw, param):
@@ -54,9 +57,89 @@ def test_chat_request():
     assert P.ChatCompletionRequest(messages=[{"role": "user", "content": "x"}]).num_logprobs is None
     for bad in (dict(messages=[]), dict(messages=[{"role": "user", "content": "x"}], top_logprobs=2),
                 dict(messages=[{"role": "user", "content": "x"}], tools=[{"type": "function"}]),
-                dict(messages=[{"role": "user", "content": "x"}], top_logprobs=6, logprobs=True)):
+                dict(messages=[{"role": "user", "content": "x"}], top_logprobs=21, logprobs=True)):
         with pytest.raises(ValidationError):
             P.ChatCompletionRequest(**bad)
+
+
+# one example per refused field: a value the server cannot honour
+REFUSED_EXAMPLES = {
+    "n": 2, "logit_bias": {"1": 2.0}, "echo": True, "best_of": 2, "suffix": "tail",
+    "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}], "tool_choice": "auto",
+    "functions": [{"name": "f"}], "function_call": "auto", "modalities": ["text", "audio"],
+    "audio": {"voice": "alloy", "format": "wav"}, "prediction": {"type": "content", "content": "x"},
+    "reasoning_effort": "low", "web_search_options": {},
+}
+
+
+def _request_model(endpoint):
+    return P.ChatCompletionRequest if endpoint == "chat" else P.CompletionRequest
+
+
+def _minimal(endpoint):
+    return {"messages": [{"role": "user", "content": "x"}]} if endpoint == "chat" else {"prompt": "x"}
+
+
+def test_fields_table_is_exactly_the_request_models():
+    """Every field a request model declares is in FIELDS (works or is refused), and nothing else is."""
+    for endpoint in ("chat", "completions"):
+        table = {r.name for r in P.FIELDS if r.endpoints in ("both", endpoint)}
+        assert set(_request_model(endpoint).model_fields) == table, endpoint
+    assert set(REFUSED_EXAMPLES) == {r.name for r in P.FIELDS if r.allowed is not None}
+
+
+@pytest.mark.parametrize("rule", [r for r in P.FIELDS if r.allowed is not None], ids=lambda r: r.name)
+def test_every_refused_field_is_a_400_naming_it(rule):
+    endpoints = ("chat", "completions") if rule.endpoints == "both" else (rule.endpoints,)
+    for endpoint in endpoints:
+        model = _request_model(endpoint)
+        with pytest.raises(ValidationError) as ei:
+            model(**_minimal(endpoint), **{rule.name: REFUSED_EXAMPLES[rule.name]})
+        body = from_validation_error(ei.value).body()["error"]
+        assert body["param"] == rule.name and body["message"] == f"{rule.name}: {rule.refusal}", body
+
+
+def test_neutral_values_of_refused_fields_are_accepted():
+    r = P.ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], n=1, tools=[], tool_choice="none",
+                                logit_bias={}, modalities=["text"], response_format={"type": "text"},
+                                parallel_tool_calls=True, store=False, metadata={"k": "v"})
+    assert r.response_format.type == "text"
+    assert P.CompletionRequest(prompt="x", echo=False, best_of=1, suffix="").best_of == 1
+    with pytest.raises(ValidationError) as ei:
+        P.ChatCompletionRequest(messages=[{"role": "assistant", "content": None,
+                                           "tool_calls": [{"id": "c", "type": "function"}]}])
+    assert from_validation_error(ei.value).param == "messages.0.tool_calls"
+
+
+def _edges(r):
+    hi = r.hi if r.hi is not None else r.lo + 1000
+    return [r.lo - 1, r.lo - 1e-3, r.lo, r.lo + 1e-3, (r.lo + hi) / 2, hi, hi + 1e-3, hi + 1]
+
+
+@pytest.mark.parametrize("name", sorted(LIMITS))
+def test_api_bounds_and_sampler_validation_agree(name):
+    """The request models and SamplingParams.validate accept exactly the same values (both read LIMITS)."""
+    r = LIMITS[name]
+    integer = name in ("top_k", "logprobs")
+    for v in _edges(r):
+        if integer and v != int(v):
+            continue
+        v = int(v) if integer else float(v)
+        try:
+            SamplingParams(**{name: v}).validate()
+            sampler_ok = True
+        except ValueError:
+            sampler_ok = False
+        api_fields = {"logprobs": [("completions", "logprobs"), ("chat", "top_logprobs")]}.get(
+            name, [("chat", name), ("completions", name)])
+        for endpoint, field in api_fields:
+            extra = {"logprobs": True} if field == "top_logprobs" else {}
+            try:
+                _request_model(endpoint)(**_minimal(endpoint), **extra, **{field: v})
+                api_ok = True
+            except ValidationError:
+                api_ok = False
+            assert api_ok == sampler_ok == (v in r), (name, endpoint, v, api_ok, sampler_ok)
 
 
 def test_response_builders():
@@ -131,8 +214,8 @@ def test_serve_flags_cover_settings_and_override_env(monkeypatch):
     s = settings_from_args(p.parse_args([]))
     assert s.max_queue == 7 and s.api_keys == ["env-a", "env-b"] and s.port == 8000
     s = settings_from_args(p.parse_args(["--api-key", "a", "--api-key", "b", "--max-queue", "3", "--port", "0",
-                                         "--enable-test-hooks", "--log-level", "debug"]))
-    assert (s.api_keys, s.max_queue, s.port, s.enable_test_hooks, s.log_level) == (["a", "b"], 3, 0, True, "debug")
+                                         "--metrics-require-key", "--log-level", "debug"]))
+    assert (s.api_keys, s.max_queue, s.port, s.metrics_require_key, s.log_level) == (["a", "b"], 3, 0, True, "debug")
     monkeypatch.setenv("JETSERVE_API_KEYS", "")
     assert settings_from_args(p.parse_args([])).api_keys == []
     with pytest.raises(SystemExit):

@@ -13,6 +13,7 @@ from models.sampling import (
     apply_warpers,
     make_generator,
     sample,
+    unpack_token_bitmask,
 )
 
 V = 200
@@ -359,20 +360,77 @@ def test_mixed_greedy_and_sampled_rows(rng):
     assert torch.equal(out.tokens, logits.argmax(-1))  # top_k=1 and tiny top_p are greedy too
 
 
+# ---- allowed-token mask (structured output) ----
+
+def pack(allowed_rows, v=V) -> torch.Tensor:
+    """Reference packer: a list of allowed-id sets -> (B, ceil(V/32)) int32, bit j of word w = token 32w+j."""
+    words = (v + 31) // 32
+    out = torch.zeros(len(allowed_rows), words, dtype=torch.int64)
+    for i, ids in enumerate(allowed_rows):
+        for t in ids:
+            out[i, t // 32] |= 1 << (t % 32)
+    return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)  # two's complement: bit 31 is the sign
+
+
+def test_unpack_token_bitmask_matches_reference(rng):
+    rows = [set(torch.randperm(V, generator=rng)[:k].tolist()) for k in (0, 1, 37, V)] + [{31, 63, V - 1}]
+    bits = unpack_token_bitmask(pack(rows), V)
+    assert bits.shape == (len(rows), V) and bits.dtype == torch.bool
+    for i, ids in enumerate(rows):
+        assert set(torch.nonzero(bits[i]).flatten().tolist()) == ids
+    assert not unpack_token_bitmask(torch.full((1, 1), -1, dtype=torch.int32), 40)[0, 32:].any()  # past the words
+
+
+def test_mask_restricts_every_row_and_leaves_logprobs_raw(rng):
+    logits = rand_logits(rng, 4)
+    best = logits.argmax(-1).tolist()
+    allowed = [set(range(V)) - {best[0]}, {5, 17, 190}, set(range(V)), {best[3], 0}]
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.5, seed=1),
+              SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, top_p=0.5, seed=2)]
+    for _ in range(20):
+        out = sample(logits, params, generators=[make_generator(p.seed) for p in params], allowed=pack(allowed))
+        toks = out.tokens.tolist()
+        assert all(t in a for t, a in zip(toks, allowed)), toks
+        masked = logits.clone()
+        masked[0, best[0]] = float("-inf")
+        assert toks[0] == int(masked[0].argmax()) and toks[2] == best[2]
+        assert torch.allclose(out.logprobs, logits.log_softmax(-1).gather(1, out.tokens[:, None]).squeeze(1))
+        params[1] = SamplingParams(temperature=1.5, seed=int(torch.randint(0, 1000, (1,), generator=rng)))
+
+
+def test_all_ones_mask_is_parity_with_no_mask(rng):
+    """An unconstrained row (all bits set) draws exactly what it draws without a mask, seed for seed."""
+    logits = rand_logits(rng, 3)
+    params = [SamplingParams(temperature=0.8, top_k=20, seed=7), SamplingParams(temperature=0.0),
+              SamplingParams(min_p=0.05, seed=9, logprobs=3)]
+    plain = sample(logits, params, generators=[make_generator(p.seed) for p in params])
+    ones = torch.full((3, (V + 31) // 32), -1, dtype=torch.int32)
+    masked = sample(logits, params, generators=[make_generator(p.seed) for p in params], allowed=ones)
+    for a, b in ((plain.tokens, masked.tokens), (plain.logprobs, masked.logprobs), (plain.top_ids, masked.top_ids)):
+        assert torch.equal(a, b)
+
+
+def test_mask_shape_error():
+    with pytest.raises(ValueError, match="allowed must be"):
+        sample(torch.zeros(2, V), [SamplingParams()] * 2, allowed=torch.zeros(2, 3, dtype=torch.int32))
+
+
 # ---- validation ----
 
 @pytest.mark.parametrize("kwargs, msg", [
     (dict(temperature=float("nan")), "temperature must be finite"),
     (dict(temperature=float("inf")), "temperature must be finite"),
-    (dict(temperature=-0.1), "temperature must be >= 0"),
+    (dict(temperature=-0.1), "temperature must be in"),
+    (dict(temperature=2.01), "temperature must be in"),
     (dict(top_p=0.0), "top_p must be in"),
     (dict(top_p=1.5), "top_p must be in"),
     (dict(top_p=float("nan")), "top_p must be finite"),
-    (dict(top_k=-2), "top_k must be >= 0"),
+    (dict(top_k=-2), "top_k must be >= -1"),
     (dict(top_k=2.5), "top_k must be an integer"),
     (dict(min_p=-0.1), "min_p must be in"),
     (dict(min_p=float("inf")), "min_p must be finite"),
-    (dict(repetition_penalty=0.0), "repetition_penalty must be > 0"),
+    (dict(repetition_penalty=0.0), "repetition_penalty must be in"),
+    (dict(repetition_penalty=10.5), "repetition_penalty must be in"),
     (dict(repetition_penalty=float("nan")), "repetition_penalty must be finite"),
     (dict(presence_penalty=2.5), "presence_penalty must be in"),
     (dict(frequency_penalty=-3.0), "frequency_penalty must be in"),
@@ -389,7 +447,8 @@ def test_validation_errors(kwargs, msg):
 
 def test_validation_accepts_edges():
     for p in (SamplingParams(), SamplingParams(temperature=0, top_p=1.0, top_k=-1, min_p=1.0, repetition_penalty=0.5,
-                                               presence_penalty=-2, frequency_penalty=2, seed=-5, logprobs=20)):
+                                               presence_penalty=-2, frequency_penalty=2, seed=-5, logprobs=20),
+              SamplingParams(temperature=2, repetition_penalty=10, logprobs=0)):
         assert p.validate() is p
 
 
@@ -459,3 +518,20 @@ def test_cuda_sampling_matches_cpu_semantics(rng, seeded_draws):
     n = 40000
     toks = sample(small.expand(n, -1), [SamplingParams()] * n).tokens.cpu()
     assert chi_square(toks, torch.softmax(small.cpu(), -1)) < CHI2_999[7]
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_token_mask_matches_cpu(rng):
+    """A host-side packed mask applied to CUDA logits restricts each row exactly as on CPU."""
+    v = 5000
+    logits = rand_logits(rng, 3, v=v)
+    rows = [set(torch.randperm(v, generator=rng)[:50].tolist()), {31, 4999}, set(range(v))]
+    allowed = pack(rows, v)
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, seed=5), SamplingParams(temperature=0.0)]
+    assert torch.equal(unpack_token_bitmask(allowed.cuda(), v).cpu(), unpack_token_bitmask(allowed, v))
+    for _ in range(5):
+        gens = [make_generator(p.seed, "cuda") for p in params]
+        toks = sample(logits.cuda(), params, generators=gens, allowed=allowed).tokens.cpu().tolist()
+        assert all(t in r for t, r in zip(toks, rows))
+        assert toks[0] == max(rows[0], key=lambda t: float(logits[0, t])) and toks[2] == int(logits[2].argmax())

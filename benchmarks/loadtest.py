@@ -1,4 +1,6 @@
-"""Load generator for a running jetserve (or any OpenAI-compatible) server.
+"""Load generator for a running jetserve (or any OpenAI-compatible) server; a benchmark, not server code.
+
+    .venv/bin/python -m benchmarks.loadtest --concurrency 1,4,8       # or: python benchmarks/loadtest.py ...
 
 Speaks only HTTP/SSE (httpx async); imports nothing from the engine or torch. Two modes:
 
@@ -12,11 +14,12 @@ Every loop is bounded in time and count, every request has a timeout, and only l
 (127.0.0.0/8, ::1, localhost) are accepted: `check_loopback` raises `LoadtestError` otherwise.
 
 Also the harness shared by benchmarks/faults.py, benchmarks/soak.py and the fault tests: `ServerProcess`
-(`jetserve serve` as a child process on a free loopback port) and `scrape_metrics` (/metrics parsed by
-prometheus-client).
+(`jetserve serve`, or another entry module, as a child process on a free loopback port) and `scrape_metrics`
+(/metrics parsed by prometheus-client).
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
 import ipaddress
 import json
@@ -64,7 +67,7 @@ def check_loopback(url: str) -> str:
             ok = False
     if not ok:
         raise LoadtestError(
-            f"refusing target {url!r}: jetserve loadtest only targets loopback hosts "
+            f"refusing target {url!r}: the load test only targets loopback hosts "
             "(127.0.0.0/8, ::1, localhost)")
     return url.rstrip("/")
 
@@ -431,15 +434,17 @@ def format_table(report: dict) -> str:
 class ServerProcess:
     """`jetserve serve` as a child process on 127.0.0.1 (for fault, restart and soak runs).
 
-    `serve_args` are extra `jetserve serve` flags. The child's output goes to `log_path`. Use as a context
+    `serve_args` are extra `jetserve serve` flags. `module` is the entry run as `python -m MODULE serve ...`:
+    `server.cli`, or a test entry such as `benchmarks.fault_runner` (then `cwd` must be the repository root). The child's output goes to `log_path`. Use as a context
     manager; on exit the child gets SIGTERM, then SIGKILL after `kill_after_s`. Only this child is signalled.
     """
 
     def __init__(self, serve_args: Sequence[str] = (), *, port: Optional[int] = None, env: Optional[Dict[str, str]] = None,
-                 log_path: Optional[Path] = None, cwd: Optional[Path] = None, kill_after_s: float = 30.0):
+                 log_path: Optional[Path] = None, cwd: Optional[Path] = None, kill_after_s: float = 30.0,
+                 module: str = "server.cli"):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+        self.cmd = [sys.executable, "-m", module, "serve", "--host", "127.0.0.1", "--port", str(self.port),
                     *serve_args]
         self.env = {**os.environ, **(env or {})}
         self.log_path = Path(log_path) if log_path else None
@@ -534,3 +539,74 @@ def scrape_metrics(url: str, api_key: Optional[str] = None, timeout_s: float = 1
             labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
             out[f"{s.name}{{{labels}}}" if labels else s.name] = float(s.value)
     return out
+
+
+# ----------------------------------------------------------------------------- command line
+def _int_list(text: str) -> List[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    if not vals or any(v < 1 or v > 4096 for v in vals):
+        raise argparse.ArgumentTypeError("concurrency values must be between 1 and 4096")
+    return vals
+
+
+def _float_list(text: str) -> List[float]:
+    try:
+        vals = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+    if not vals or any(not (v > 0) or v == float("inf") for v in vals):
+        raise argparse.ArgumentTypeError("rates must be positive finite numbers (requests/s)")
+    return vals
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="benchmarks/loadtest.py",
+                                description="Load test a running server (closed-loop sweeps, open-loop Poisson)")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="Server base URL (loopback only).")
+    p.add_argument("--model", default=None, help="Model id (default: the first model GET /v1/models lists as loaded).")
+    p.add_argument("--concurrency", type=_int_list, default=None,
+                   help="Closed-loop concurrency levels, e.g. 1,2,4,8 (default 1,2,4,8 when --rate is not given).")
+    p.add_argument("--rate", type=_float_list, default=None, help="Open-loop Poisson arrival rate(s), requests/s.")
+    p.add_argument("--duration", type=float, default=30.0, help="Seconds per level (upper bound).")
+    p.add_argument("--max-requests", type=int, default=1000, help="Requests per level (upper bound).")
+    p.add_argument("--max-tokens", type=int, default=32, help="max_tokens of each request.")
+    p.add_argument("--prompt", default=None, help="User message of each request.")
+    p.add_argument("--request-timeout", type=float, default=60.0, help="Per-request timeout in seconds.")
+    p.add_argument("--max-inflight", type=int, default=256, help="Open loop: most requests in flight at once.")
+    p.add_argument("--api-key", default=None, help="Bearer API key, if the server needs one.")
+    p.add_argument("--seed", type=int, default=0, help="Seed of the Poisson arrival process.")
+    p.add_argument("--out", type=Path, default=Path("loadtest-out"), help="Directory for loadtest.json and loadtest.png.")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run the sweep; 0 on success, 2 for a refused target or bad parameters, 1 when the server fails."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = LoadConfig(
+        url=args.url, model=args.model, max_tokens=args.max_tokens, prompt=args.prompt or DEFAULT_PROMPT,
+        duration_s=args.duration, max_requests=args.max_requests, request_timeout_s=args.request_timeout,
+        api_key=args.api_key, max_inflight=args.max_inflight, seed=args.seed,
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
+    concurrency = args.concurrency if args.concurrency is not None else ([] if args.rate else [1, 2, 4, 8])
+    try:
+        cfg.validate()
+        report = asyncio.run(run_sweep(cfg, concurrency, args.rate or []))
+    except LoadtestError as e:
+        print(f"loadtest: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # server unreachable or not OpenAI-shaped: one clear line, not a traceback
+        print(f"loadtest: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    paths = write_report(report, args.out)
+    print(format_table(report))
+    print(f"wrote {paths['json']} and {paths['png']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
