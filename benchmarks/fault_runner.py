@@ -12,6 +12,7 @@ only. From the repository root:
 
     .venv/bin/python -m benchmarks.fault_runner serve [jetserve serve flags]
 """
+
 from __future__ import annotations
 
 import sys
@@ -42,7 +43,7 @@ class FaultyRunner:
         self.inner = inner
         self._detokenize = detokenize
         self._prompts: Dict[int, List[int]] = {}
-        self._decode_faults: Set[int] = set()   # slots whose next decode raises
+        self._decode_faults: Set[int] = set()  # slots whose next decode raises
 
     def __getattr__(self, name: str) -> Any:
         if name == "inner":  # not set yet: no recursion

@@ -16,6 +16,7 @@ streams finish within the grace period, new requests get 503), restart (time to 
 
 injected_fault serves through `benchmarks.fault_runner` (a test double of the runner), never production code.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,14 @@ PROMPT = "Count from one to one hundred, separated by commas."
 
 
 def chat_body(model: str, max_tokens: int, stream: bool = True, **kw) -> dict:
-    body = {"model": model, "messages": [{"role": "user", "content": kw.pop("prompt", PROMPT)}],
-            "max_tokens": max_tokens, "temperature": 0.0, "stream": stream, "ignore_eos": True}
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": kw.pop("prompt", PROMPT)}],
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "stream": stream,
+        "ignore_eos": True,
+    }
     body.update(kw)
     return body
 
@@ -58,19 +65,35 @@ def is_openai_error(resp: httpx.Response) -> bool:
     return isinstance(err, dict) and isinstance(err.get("message"), str) and isinstance(err.get("type"), str)
 
 
-async def stream_chat(client: httpx.AsyncClient, url: str, body: dict, *, headers: Optional[dict] = None,
-                      stop_after_tokens: Optional[int] = None, timeout_s: float = 120.0,
-                      first_token: Optional[asyncio.Event] = None) -> dict:
+async def stream_chat(
+    client: httpx.AsyncClient,
+    url: str,
+    body: dict,
+    *,
+    headers: Optional[dict] = None,
+    stop_after_tokens: Optional[int] = None,
+    timeout_s: float = 120.0,
+    first_token: Optional[asyncio.Event] = None,
+) -> dict:
     """Stream one chat completion. Returns status, content chunks seen, whether [DONE] came, finish_reason,
     an in-stream error if any, and the first/last chunk times. `stop_after_tokens` closes the connection early;
     `first_token` is set when the first content chunk arrives."""
-    out = {"status": None, "chunks": 0, "done": False, "finish_reason": None, "error": None,
-           "t_first": None, "t_end": None, "headers": {}}
+    out = {
+        "status": None,
+        "chunks": 0,
+        "done": False,
+        "finish_reason": None,
+        "error": None,
+        "t_first": None,
+        "t_end": None,
+        "headers": {},
+    }
     t0 = time.perf_counter()
 
     async def go():
-        async with client.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers or {},
-                                 timeout=timeout_s) as r:
+        async with client.stream(
+            "POST", f"{url}/v1/chat/completions", json=body, headers=headers or {}, timeout=timeout_s
+        ) as r:
             out["status"] = r.status_code
             out["headers"] = dict(r.headers)
             if r.status_code != 200:
@@ -117,10 +140,15 @@ async def stream_chat(client: httpx.AsyncClient, url: str, body: dict, *, header
 def engine_gauges(url: str, api_key: Optional[str] = None) -> Dict[str, float]:
     """Running requests, waiting requests and KV usage summed over models, from /metrics."""
     m = scrape_metrics(url, api_key)
+
     def total(prefix: str) -> float:
         return sum(v for k, v in m.items() if k.split("{")[0] == prefix)
-    return {"running": total("jetserve_num_requests_running"), "waiting": total("jetserve_num_requests_waiting"),
-            "kv_usage": total("jetserve_kv_cache_usage_ratio")}
+
+    return {
+        "running": total("jetserve_num_requests_running"),
+        "waiting": total("jetserve_num_requests_waiting"),
+        "kv_usage": total("jetserve_kv_cache_usage_ratio"),
+    }
 
 
 async def wait_idle(url: str, timeout_s: float = 60.0, api_key: Optional[str] = None) -> Dict[str, float]:
@@ -143,8 +171,17 @@ async def check_serving(client: httpx.AsyncClient, url: str, model: str, headers
 
 
 # --------------------------------------------------------------------------------------------- scenarios
-async def scenario_disconnects(url: str, model: str, rss, *, clients: int = 200, max_tokens: int = 64,
-                               warmup: int = 16, seed: int = 0, first_token_timeout_s: float = 900.0) -> dict:
+async def scenario_disconnects(
+    url: str,
+    model: str,
+    rss,
+    *,
+    clients: int = 200,
+    max_tokens: int = 64,
+    warmup: int = 16,
+    seed: int = 0,
+    first_token_timeout_s: float = 900.0,
+) -> dict:
     """`clients` streams at once; each vanishes mid-stream (after 1 or 3 tokens) or while queued (after a
     short random delay). Then: running/waiting/KV usage back to 0, RSS within 2 % of the post-warm-up
     baseline, and a fresh request still streams to [DONE]. `rss` is a callable returning the server RSS."""
@@ -162,12 +199,18 @@ async def scenario_disconnects(url: str, model: str, rss, *, clients: int = 200,
             kind = i % 4
             if kind == 3:  # disconnect while (probably) still queued
                 try:
-                    return await asyncio.wait_for(stream_chat(client, url, chat_body(model, max_tokens)),
-                                                  rng.uniform(0.05, 1.0))
+                    return await asyncio.wait_for(
+                        stream_chat(client, url, chat_body(model, max_tokens)), rng.uniform(0.05, 1.0)
+                    )
                 except asyncio.TimeoutError:
                     return {"status": "client_cancelled", "chunks": 0}
-            return await stream_chat(client, url, chat_body(model, max_tokens), stop_after_tokens=1 if kind < 2 else 3,
-                                     timeout_s=first_token_timeout_s)
+            return await stream_chat(
+                client,
+                url,
+                chat_body(model, max_tokens),
+                stop_after_tokens=1 if kind < 2 else 3,
+                timeout_s=first_token_timeout_s,
+            )
 
         t0 = time.perf_counter()
         res = await asyncio.gather(*(vanish(i) for i in range(clients)))
@@ -185,14 +228,32 @@ async def scenario_disconnects(url: str, model: str, rss, *, clients: int = 200,
     growth = 100.0 * (rss_after - rss_base) / rss_base
     fivexx = sum(v for k, v in statuses.items() if k.isdigit() and int(k) >= 500)
     return {
-        "clients": clients, "max_tokens": max_tokens, "warmup_ok": warm_ok, "statuses": statuses,
-        "disconnected_mid_stream": mid_stream, "disconnected_before_first_token": before_first,
-        "client_timeouts": sum(1 for r in res if r.get("timed_out")), "storm_s": storm_s,
-        "idle_after_s": idle["idle_after_s"], "running_after": idle["running"], "waiting_after": idle["waiting"],
-        "kv_usage_after": idle["kv_usage"], "rss_baseline_bytes": rss_base, "rss_after_bytes": rss_after,
-        "rss_growth_pct": growth, "still_serving": serving, "kv_usage_after_check": idle2["kv_usage"],
-        "ok": (idle["running"] == 0 and idle["waiting"] == 0 and idle["kv_usage"] == 0 and abs(growth) < 2.0
-               and serving and fivexx == 0 and idle2["kv_usage"] == 0),
+        "clients": clients,
+        "max_tokens": max_tokens,
+        "warmup_ok": warm_ok,
+        "statuses": statuses,
+        "disconnected_mid_stream": mid_stream,
+        "disconnected_before_first_token": before_first,
+        "client_timeouts": sum(1 for r in res if r.get("timed_out")),
+        "storm_s": storm_s,
+        "idle_after_s": idle["idle_after_s"],
+        "running_after": idle["running"],
+        "waiting_after": idle["waiting"],
+        "kv_usage_after": idle["kv_usage"],
+        "rss_baseline_bytes": rss_base,
+        "rss_after_bytes": rss_after,
+        "rss_growth_pct": growth,
+        "still_serving": serving,
+        "kv_usage_after_check": idle2["kv_usage"],
+        "ok": (
+            idle["running"] == 0
+            and idle["waiting"] == 0
+            and idle["kv_usage"] == 0
+            and abs(growth) < 2.0
+            and serving
+            and fivexx == 0
+            and idle2["kv_usage"] == 0
+        ),
     }
 
 
@@ -200,11 +261,16 @@ async def scenario_overflow(url: str, model: str, *, requests: int = 100, max_to
     """`requests` at once (half streaming) against a small queue: every answer is 200 or 429, every 429 has
     a Retry-After of whole seconds and an OpenAI-shaped body, never a 5xx."""
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=requests + 8), trust_env=False) as client:
+
         async def plain():
-            r = await client.post(f"{url}/v1/chat/completions", json=chat_body(model, max_tokens, stream=False),
-                                  timeout=300)
-            return {"status": r.status_code, "retry_after": r.headers.get("retry-after"),
-                    "shaped": is_openai_error(r) if r.status_code != 200 else True}
+            r = await client.post(
+                f"{url}/v1/chat/completions", json=chat_body(model, max_tokens, stream=False), timeout=300
+            )
+            return {
+                "status": r.status_code,
+                "retry_after": r.headers.get("retry-after"),
+                "shaped": is_openai_error(r) if r.status_code != 200 else True,
+            }
 
         async def streamed():
             r = await stream_chat(client, url, chat_body(model, max_tokens), timeout_s=300)
@@ -217,12 +283,22 @@ async def scenario_overflow(url: str, model: str, *, requests: int = 100, max_to
     for r in res:
         statuses[str(r["status"])] = statuses.get(str(r["status"]), 0) + 1
     r429 = [r for r in res if r["status"] == 429]
-    retry_ok = all(r["retry_after"] is not None and r["retry_after"].isdigit() and int(r["retry_after"]) >= 1
-                   for r in r429)
-    return {"requests": requests, "statuses": statuses, "n429": len(r429), "all_429_have_retry_after": retry_ok,
-            "all_shaped": all(r["shaped"] for r in res), "still_serving": serving,
-            "ok": set(statuses) <= {"200", "429"} and len(r429) > 0 and retry_ok and serving
-            and all(r["shaped"] for r in res)}
+    retry_ok = all(
+        r["retry_after"] is not None and r["retry_after"].isdigit() and int(r["retry_after"]) >= 1 for r in r429
+    )
+    return {
+        "requests": requests,
+        "statuses": statuses,
+        "n429": len(r429),
+        "all_429_have_retry_after": retry_ok,
+        "all_shaped": all(r["shaped"] for r in res),
+        "still_serving": serving,
+        "ok": set(statuses) <= {"200", "429"}
+        and len(r429) > 0
+        and retry_ok
+        and serving
+        and all(r["shaped"] for r in res),
+    }
 
 
 def make_bad_models(store: Path, good_src: Path, *, big_src: Optional[Path] = None) -> Dict[str, str]:
@@ -262,7 +338,9 @@ def make_bad_models(store: Path, good_src: Path, *, big_src: Optional[Path] = No
     return names
 
 
-async def scenario_bad_loads(url: str, good_model: str, bad: Dict[str, str], *, admin_key: Optional[str] = None) -> dict:
+async def scenario_bad_loads(
+    url: str, good_model: str, bad: Dict[str, str], *, admin_key: Optional[str] = None
+) -> dict:
     """Ask for each broken model (request `model` field, and the admin load endpoint when `admin_key`):
     each answer is a 4xx/5xx with an OpenAI-shaped message, the server never crashes, and `good_model` keeps
     serving after each one."""
@@ -272,33 +350,45 @@ async def scenario_bad_loads(url: str, good_model: str, bad: Dict[str, str], *, 
         assert await check_serving(client, url, good_model), "good model must serve before the bad loads"
         for kind, name in bad.items():
             r = await client.post(f"{url}/v1/chat/completions", json=chat_body(name, 4, stream=False))
-            entry = {"status": r.status_code, "shaped": is_openai_error(r),
-                     "message": (r.json().get("error") or {}).get("message") if is_openai_error(r) else r.text[:200]}
+            entry = {
+                "status": r.status_code,
+                "shaped": is_openai_error(r),
+                "message": (r.json().get("error") or {}).get("message") if is_openai_error(r) else r.text[:200],
+            }
             if admin_key:
-                a = await client.post(f"{url}/admin/models/{name}/load",
-                                      headers={"authorization": f"Bearer {admin_key}"})
+                a = await client.post(
+                    f"{url}/admin/models/{name}/load", headers={"authorization": f"Bearer {admin_key}"}
+                )
                 entry["admin_status"] = a.status_code
                 entry["admin_shaped"] = is_openai_error(a)
-                entry["admin_message"] = (a.json().get("error") or {}).get("message") if is_openai_error(a) else a.text[:200]
+                entry["admin_message"] = (
+                    (a.json().get("error") or {}).get("message") if is_openai_error(a) else a.text[:200]
+                )
             entry["good_still_serving"] = await check_serving(client, url, good_model)
-            entry["ok"] = (400 <= r.status_code < 600 and r.status_code != 500 and entry["shaped"]
-                           and entry["good_still_serving"]
-                           and (not admin_key or (400 <= entry["admin_status"] < 600 and entry["admin_shaped"])))
+            entry["ok"] = (
+                400 <= r.status_code < 600
+                and r.status_code != 500
+                and entry["shaped"]
+                and entry["good_still_serving"]
+                and (not admin_key or (400 <= entry["admin_status"] < 600 and entry["admin_shaped"]))
+            )
             ok &= entry["ok"]
             out[kind] = entry
     return {"cases": out, "ok": ok}
 
 
-async def scenario_injected_fault(url: str, model: str, *, others: int = 4, max_tokens: int = 16,
-                                  stage: str = "prefill") -> dict:
+async def scenario_injected_fault(
+    url: str, model: str, *, others: int = 4, max_tokens: int = 16, stage: str = "prefill"
+) -> dict:
     """One request carries the `benchmarks.fault_runner` marker for `stage` (the server must run through
     `python -m benchmarks.fault_runner serve`); it must fail with an error. At prefill the `others` concurrent
     requests finish normally; at decode the ones that shared its batch may fail with it, but every stream
     must end with [DONE]. Either way the server keeps serving and the KV cache ends empty."""
     async with httpx.AsyncClient(trust_env=False) as client:
         tasks = [stream_chat(client, url, chat_body(model, max_tokens)) for _ in range(others)]
-        tasks.insert(others // 2, stream_chat(client, url, chat_body(model, max_tokens,
-                                                                     prompt=f"{PROMPT} {marker(stage)}")))
+        tasks.insert(
+            others // 2, stream_chat(client, url, chat_body(model, max_tokens, prompt=f"{PROMPT} {marker(stage)}"))
+        )
         res = await asyncio.gather(*tasks)
         bad = res[others // 2]
         good = [r for i, r in enumerate(res) if i != others // 2]
@@ -309,22 +399,32 @@ async def scenario_injected_fault(url: str, model: str, *, others: int = 4, max_
         others_ok = all(r["status"] == 200 and r["done"] and r["error"] is None and r["chunks"] >= 1 for r in good)
     else:
         others_ok = all(r["status"] == 200 and r["done"] for r in good)
-    return {"stage": stage, "faulted": {"status": bad["status"], "error": bad["error"], "done": bad["done"]},
-            "others_finished": sum(1 for r in good if r["done"] and r["error"] is None), "others": others,
-            "others_ended": sum(1 for r in good if r["status"] == 200 and r["done"]),
-            "still_serving": serving, "kv_usage_after": idle["kv_usage"],
-            "ok": faulted_errored and others_ok and serving and idle["kv_usage"] == 0}
+    return {
+        "stage": stage,
+        "faulted": {"status": bad["status"], "error": bad["error"], "done": bad["done"]},
+        "others_finished": sum(1 for r in good if r["done"] and r["error"] is None),
+        "others": others,
+        "others_ended": sum(1 for r in good if r["status"] == 200 and r["done"]),
+        "still_serving": serving,
+        "kv_usage_after": idle["kv_usage"],
+        "ok": faulted_errored and others_ok and serving and idle["kv_usage"] == 0,
+    }
 
 
-async def scenario_sigterm(srv: ServerProcess, model: str, *, streams: int = 4, max_tokens: int = 48,
-                           grace_s: float = 20.0) -> dict:
+async def scenario_sigterm(
+    srv: ServerProcess, model: str, *, streams: int = 4, max_tokens: int = 48, grace_s: float = 20.0
+) -> dict:
     """Start `streams` streams; after their first token send SIGTERM. In-flight streams must end with [DONE]
     within the grace period, a new request during the drain gets 503, and the process exits by itself."""
     url = srv.url
     async with httpx.AsyncClient(trust_env=False, limits=httpx.Limits(max_connections=streams + 8)) as client:
         firsts = [asyncio.Event() for _ in range(streams)]
-        tasks = [asyncio.ensure_future(stream_chat(client, url, chat_body(model, max_tokens), timeout_s=grace_s + 120,
-                                                   first_token=ev)) for ev in firsts]
+        tasks = [
+            asyncio.ensure_future(
+                stream_chat(client, url, chat_body(model, max_tokens), timeout_s=grace_s + 120, first_token=ev)
+            )
+            for ev in firsts
+        ]
         await asyncio.wait_for(asyncio.gather(*(ev.wait() for ev in firsts)), 120)
         t_sig = time.perf_counter()
         srv.signal(signal.SIGTERM)
@@ -340,9 +440,16 @@ async def scenario_sigterm(srv: ServerProcess, model: str, *, streams: int = 4, 
     rc = await asyncio.to_thread(srv.wait, grace_s + 30)
     exit_s = time.perf_counter() - t_sig
     finished = sum(1 for r in res if r["status"] == 200 and r["done"] and r["error"] is None)
-    return {"streams": streams, "finished_with_done": finished, "streams_done_after_sigterm_s": streams_done_s,
-            "new_request_during_drain": new, "exit_code": rc, "exit_after_sigterm_s": exit_s, "grace_s": grace_s,
-            "ok": finished == streams and new.get("status") == 503 and rc is not None and exit_s <= grace_s + 10}
+    return {
+        "streams": streams,
+        "finished_with_done": finished,
+        "streams_done_after_sigterm_s": streams_done_s,
+        "new_request_during_drain": new,
+        "exit_code": rc,
+        "exit_after_sigterm_s": exit_s,
+        "grace_s": grace_s,
+        "ok": finished == streams and new.get("status") == 503 and rc is not None and exit_s <= grace_s + 10,
+    }
 
 
 def scenario_restart(serve_args: Sequence[str], model: str, *, runs: int = 3, log_dir: Optional[Path] = None) -> dict:
@@ -357,23 +464,46 @@ def scenario_restart(serve_args: Sequence[str], model: str, *, runs: int = 3, lo
             with httpx.Client(trust_env=False, timeout=120) as c:
                 r = c.post(f"{srv.url}/v1/chat/completions", json=chat_body(model, 1, stream=False))
             first.append(ready[-1] + time.perf_counter() - t if r.status_code == 200 else float("nan"))
-    return {"runs": runs, "time_to_health_s": health, "time_to_ready_s": ready, "time_to_first_token_s": first,
-            "median_ready_s": sorted(ready)[len(ready) // 2], "median_first_token_s": sorted(first)[len(first) // 2],
-            "ok": all(f == f for f in first)}
+    return {
+        "runs": runs,
+        "time_to_health_s": health,
+        "time_to_ready_s": ready,
+        "time_to_first_token_s": first,
+        "median_ready_s": sorted(ready)[len(ready) // 2],
+        "median_first_token_s": sorted(first)[len(first) // 2],
+        "ok": all(f == f for f in first),
+    }
 
 
 # --------------------------------------------------------------------------------------------- script
 def _write_tiny(out: Path, tokenizer_src: Path, **cfg) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
-    base = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=16, vocab_size=49152, max_position_embeddings=512,
-                tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    base = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=49152,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
     base.update(cfg)
     LlamaForCausalLM(LlamaConfig(**base)).to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
-    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-              "generation_config.json"):
+    for f in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+        "generation_config.json",
+    ):
         if (tokenizer_src / f).is_file() and not (out / f).exists():
             shutil.copy2(tokenizer_src / f, out / f)
     return out
@@ -383,8 +513,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="jetserve fault scenarios (full sizes)")
     p.add_argument("--model-store", type=Path, default=REPO / "model-store")
     p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--only", action="append", default=None,
-                   choices=["disconnects", "overflow", "bad_loads", "injected_fault", "sigterm", "restart"])
+    p.add_argument(
+        "--only",
+        action="append",
+        default=None,
+        choices=["disconnects", "overflow", "bad_loads", "injected_fault", "sigterm", "restart"],
+    )
     p.add_argument("--clients", type=int, default=200)
     p.add_argument("--overflow-requests", type=int, default=200)
     p.add_argument("--restart-runs", type=int, default=3)
@@ -411,21 +545,46 @@ def main(argv=None) -> int:
             srv.wait_ready()
             results["injected_fault"] = {
                 stage: asyncio.run(scenario_injected_fault(srv.url, a.model, others=6, stage=stage))
-                for stage in ("prefill", "decode")}
+                for stage in ("prefill", "decode")
+            }
             results["injected_fault"]["ok"] = all(v["ok"] for v in results["injected_fault"].values())
     if "bad_loads" in only:
         import tempfile
+
         with tempfile.TemporaryDirectory(prefix="jetserve-badstore-") as td:
             store = Path(td)
             src = a.model_store / "smollm2-135m-instruct"
             _write_tiny(store / "tiny-good", src)
-            _write_tiny(store / "tiny-big", src, hidden_size=1024, intermediate_size=1024, num_hidden_layers=1,
-                        num_attention_heads=16, num_key_value_heads=4, head_dim=64)
+            _write_tiny(
+                store / "tiny-big",
+                src,
+                hidden_size=1024,
+                intermediate_size=1024,
+                num_hidden_layers=1,
+                num_attention_heads=16,
+                num_key_value_heads=4,
+                head_dim=64,
+            )
             bad = make_bad_models(store, store / "tiny-good", big_src=store / "tiny-big")
             shutil.rmtree(store / "tiny-big")
-            with ServerProcess(["--model-store", str(store), "--model", "tiny-good", "--memory-budget", "80MB",
-                                "--device", "cpu", "--max-context", "256",
-                                "--admin-key", "adm"], cwd=REPO, log_path=a.out / "serve-bad_loads.log") as srv:
+            with ServerProcess(
+                [
+                    "--model-store",
+                    str(store),
+                    "--model",
+                    "tiny-good",
+                    "--memory-budget",
+                    "80MB",
+                    "--device",
+                    "cpu",
+                    "--max-context",
+                    "256",
+                    "--admin-key",
+                    "adm",
+                ],
+                cwd=REPO,
+                log_path=a.out / "serve-bad_loads.log",
+            ) as srv:
                 srv.wait_ready()
                 results["bad_loads"] = asyncio.run(scenario_bad_loads(srv.url, "tiny-good", bad, admin_key="adm"))
     if "sigterm" in only:
@@ -434,7 +593,9 @@ def main(argv=None) -> int:
             results["sigterm"] = asyncio.run(scenario_sigterm(srv, a.model, streams=4, grace_s=20.0))
     if "restart" in only:
         results["restart"] = scenario_restart(base, a.model, runs=a.restart_runs, log_dir=a.out)
-    results["command"] = " ".join([".venv/bin/python", "benchmarks/faults.py", *(argv if argv is not None else sys.argv[1:])])
+    results["command"] = " ".join(
+        [".venv/bin/python", "benchmarks/faults.py", *(argv if argv is not None else sys.argv[1:])]
+    )
     (a.out / "faults.json").write_text(json.dumps(results, indent=2, default=str))
     for k, v in results.items():
         if isinstance(v, dict):

@@ -17,6 +17,7 @@ Also the harness shared by benchmarks/faults.py, benchmarks/soak.py and the faul
 (`jetserve serve`, or another entry module, as a child process on a free loopback port) and `scrape_metrics`
 (/metrics parsed by prometheus-client).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,8 +68,8 @@ def check_loopback(url: str) -> str:
             ok = False
     if not ok:
         raise LoadtestError(
-            f"refusing target {url!r}: the load test only targets loopback hosts "
-            "(127.0.0.0/8, ::1, localhost)")
+            f"refusing target {url!r}: the load test only targets loopback hosts (127.0.0.0/8, ::1, localhost)"
+        )
     return url.rstrip("/")
 
 
@@ -88,8 +89,11 @@ def percentile(values: Sequence[float], q: float) -> Optional[float]:
 def summarize(values: Sequence[float]) -> Dict[str, Optional[float]]:
     """p50/p95/p99/mean/max of `values` (seconds), None when empty."""
     return {
-        "p50": percentile(values, 50), "p95": percentile(values, 95), "p99": percentile(values, 99),
-        "mean": (sum(values) / len(values)) if values else None, "max": max(values) if values else None,
+        "p50": percentile(values, 50),
+        "p95": percentile(values, 95),
+        "p99": percentile(values, 99),
+        "mean": (sum(values) / len(values)) if values else None,
+        "max": max(values) if values else None,
     }
 
 
@@ -193,8 +197,9 @@ async def _stream_into(res: RequestResult, client: httpx.AsyncClient, cfg: LoadC
     chunks = 0
     usage_tokens = None
     finished = False
-    async with client.stream("POST", f"{cfg.url}/v1/chat/completions", json=body, headers=_headers(cfg),
-                             timeout=cfg.request_timeout_s) as resp:
+    async with client.stream(
+        "POST", f"{cfg.url}/v1/chat/completions", json=body, headers=_headers(cfg), timeout=cfg.request_timeout_s
+    ) as resp:
         res.status = str(resp.status_code)
         if resp.status_code != 200:
             res.error = (await resp.aread()).decode("utf-8", "replace")[:300]
@@ -241,8 +246,11 @@ def level_report(name: str, results: List[RequestResult], wall_s: float, **extra
     itls = [x for r in ok for x in r.itls]
     wall = max(wall_s, 1e-9)
     return {
-        "level": name, **extra,
-        "requests": len(results), "ok": len(ok), "errors": dict(sorted(errors.items())),
+        "level": name,
+        **extra,
+        "requests": len(results),
+        "ok": len(ok),
+        "errors": dict(sorted(errors.items())),
         "wall_s": wall_s,
         "throughput_rps": len(ok) / wall,
         "throughput_tok_s": out_tokens / wall,
@@ -253,8 +261,9 @@ def level_report(name: str, results: List[RequestResult], wall_s: float, **extra
     }
 
 
-async def run_closed_loop(cfg: LoadConfig, concurrency: int, client: Optional[httpx.AsyncClient] = None,
-                          model: Optional[str] = None) -> dict:
+async def run_closed_loop(
+    cfg: LoadConfig, concurrency: int, client: Optional[httpx.AsyncClient] = None, model: Optional[str] = None
+) -> dict:
     """`concurrency` workers back to back for `cfg.duration_s` or `cfg.max_requests` requests in total."""
     if concurrency < 1:
         raise LoadtestError("concurrency must be >= 1")
@@ -281,8 +290,9 @@ async def run_closed_loop(cfg: LoadConfig, concurrency: int, client: Optional[ht
             await client.aclose()
 
 
-async def run_open_loop(cfg: LoadConfig, rate: float, client: Optional[httpx.AsyncClient] = None,
-                        model: Optional[str] = None) -> dict:
+async def run_open_loop(
+    cfg: LoadConfig, rate: float, client: Optional[httpx.AsyncClient] = None, model: Optional[str] = None
+) -> dict:
     """Poisson arrivals at `rate` req/s for `cfg.duration_s` or `cfg.max_requests` arrivals, then drain
     in-flight requests for at most `cfg.drain_timeout_s` (stragglers are cancelled and counted `timeout`)."""
     if not (rate > 0 and math.isfinite(rate)):
@@ -333,9 +343,12 @@ def _collect(tasks: set, results: List[RequestResult]):
             return
         if t.exception() is not None:
             now = time.perf_counter()
-            results.append(RequestResult(status="client_error", ok=False, start=now, end=now, error=repr(t.exception())))
+            results.append(
+                RequestResult(status="client_error", ok=False, start=now, end=now, error=repr(t.exception()))
+            )
         else:
             results.append(t.result())
+
     return done
 
 
@@ -353,10 +366,14 @@ async def run_sweep(cfg: LoadConfig, concurrencies: Sequence[int] = (), rates: S
         model = await resolve_model(client, cfg)
         levels = []
         for c in concurrencies:
-            logger.info("closed loop: concurrency %d for up to %.0fs / %d requests", c, cfg.duration_s, cfg.max_requests)
+            logger.info(
+                "closed loop: concurrency %d for up to %.0fs / %d requests", c, cfg.duration_s, cfg.max_requests
+            )
             levels.append(await run_closed_loop(cfg, c, client, model))
         for r in rates:
-            logger.info("open loop: Poisson %.3g req/s for up to %.0fs / %d requests", r, cfg.duration_s, cfg.max_requests)
+            logger.info(
+                "open loop: Poisson %.3g req/s for up to %.0fs / %d requests", r, cfg.duration_s, cfg.max_requests
+            )
             levels.append(await run_open_loop(cfg, r, client, model))
     cfg_dict = asdict(cfg)
     cfg_dict.pop("api_key", None)
@@ -377,6 +394,7 @@ def write_report(report: dict, out_dir: Path) -> Dict[str, Path]:
 def plot_report(report: dict, path: Path) -> None:
     """Two panels per level: throughput (tok/s, req/s) and latency percentiles (TTFT, ITL)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -408,8 +426,10 @@ def plot_report(report: dict, path: Path) -> None:
     ax2.set_title("Latency")
     ax2.legend(fontsize=8)
     errs = sum(sum(lv["errors"].values()) for lv in levels)
-    fig.suptitle(f"jetserve loadtest: {report['config'].get('model')} max_tokens={report['config'].get('max_tokens')}"
-                 f" errors={errs}")
+    fig.suptitle(
+        f"jetserve loadtest: {report['config'].get('model')} max_tokens={report['config'].get('max_tokens')}"
+        f" errors={errs}"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -417,16 +437,21 @@ def plot_report(report: dict, path: Path) -> None:
 
 def format_table(report: dict) -> str:
     """Human-readable summary, one line per level."""
+
     def f(v, scale=1000.0):
         return "-" if v is None else f"{v * scale:.1f}"
-    lines = [f"{'level':>12} {'req':>5} {'ok':>5} {'req/s':>7} {'tok/s':>8} {'ttft p50/p95/p99 ms':>22} "
-             f"{'itl p50/p95/p99 ms':>22}  errors"]
+
+    lines = [
+        f"{'level':>12} {'req':>5} {'ok':>5} {'req/s':>7} {'tok/s':>8} {'ttft p50/p95/p99 ms':>22} "
+        f"{'itl p50/p95/p99 ms':>22}  errors"
+    ]
     for lv in report["levels"]:
         t, i = lv["ttft_s"], lv["itl_s"]
         lines.append(
             f"{lv['level']:>12} {lv['requests']:>5} {lv['ok']:>5} {lv['throughput_rps']:>7.2f} {lv['throughput_tok_s']:>8.1f} "
             f"{f(t['p50']) + '/' + f(t['p95']) + '/' + f(t['p99']):>22} {f(i['p50']) + '/' + f(i['p95']) + '/' + f(i['p99']):>22}  "
-            f"{lv['errors'] or '-'}")
+            f"{lv['errors'] or '-'}"
+        )
     return "\n".join(lines)
 
 
@@ -439,13 +464,20 @@ class ServerProcess:
     manager; on exit the child gets SIGTERM, then SIGKILL after `kill_after_s`. Only this child is signalled.
     """
 
-    def __init__(self, serve_args: Sequence[str] = (), *, port: Optional[int] = None, env: Optional[Dict[str, str]] = None,
-                 log_path: Optional[Path] = None, cwd: Optional[Path] = None, kill_after_s: float = 30.0,
-                 module: str = "server.cli"):
+    def __init__(
+        self,
+        serve_args: Sequence[str] = (),
+        *,
+        port: Optional[int] = None,
+        env: Optional[Dict[str, str]] = None,
+        log_path: Optional[Path] = None,
+        cwd: Optional[Path] = None,
+        kill_after_s: float = 30.0,
+        module: str = "server.cli",
+    ):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = [sys.executable, "-m", module, "serve", "--host", "127.0.0.1", "--port", str(self.port),
-                    *serve_args]
+        self.cmd = [sys.executable, "-m", module, "serve", "--host", "127.0.0.1", "--port", str(self.port), *serve_args]
         self.env = {**os.environ, **(env or {})}
         self.log_path = Path(log_path) if log_path else None
         self.cwd = cwd
@@ -482,6 +514,7 @@ class ServerProcess:
     def rss(self) -> int:
         """Resident set size of the server process in bytes."""
         import psutil
+
         return int(psutil.Process(self.proc.pid).memory_info().rss)
 
     def signal(self, sig: int) -> None:
@@ -522,6 +555,7 @@ class ServerProcess:
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now."""
     import socket
+
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -530,6 +564,7 @@ def free_port() -> int:
 def scrape_metrics(url: str, api_key: Optional[str] = None, timeout_s: float = 10.0) -> Dict[str, float]:
     """GET /metrics and parse it with prometheus-client: {"name{label=value,...}": value} (labels sorted)."""
     from prometheus_client.parser import text_string_to_metric_families
+
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
     r = httpx.get(url.rstrip("/") + "/metrics", headers=headers, timeout=timeout_s, trust_env=False)
     r.raise_for_status()
@@ -563,12 +598,17 @@ def _float_list(text: str) -> List[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="benchmarks/loadtest.py",
-                                description="Load test a running server (closed-loop sweeps, open-loop Poisson)")
+    p = argparse.ArgumentParser(
+        prog="benchmarks/loadtest.py", description="Load test a running server (closed-loop sweeps, open-loop Poisson)"
+    )
     p.add_argument("--url", default="http://127.0.0.1:8000", help="Server base URL (loopback only).")
     p.add_argument("--model", default=None, help="Model id (default: the first model GET /v1/models lists as loaded).")
-    p.add_argument("--concurrency", type=_int_list, default=None,
-                   help="Closed-loop concurrency levels, e.g. 1,2,4,8 (default 1,2,4,8 when --rate is not given).")
+    p.add_argument(
+        "--concurrency",
+        type=_int_list,
+        default=None,
+        help="Closed-loop concurrency levels, e.g. 1,2,4,8 (default 1,2,4,8 when --rate is not given).",
+    )
     p.add_argument("--rate", type=_float_list, default=None, help="Open-loop Poisson arrival rate(s), requests/s.")
     p.add_argument("--duration", type=float, default=30.0, help="Seconds per level (upper bound).")
     p.add_argument("--max-requests", type=int, default=1000, help="Requests per level (upper bound).")
@@ -578,7 +618,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-inflight", type=int, default=256, help="Open loop: most requests in flight at once.")
     p.add_argument("--api-key", default=None, help="Bearer API key, if the server needs one.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the Poisson arrival process.")
-    p.add_argument("--out", type=Path, default=Path("loadtest-out"), help="Directory for loadtest.json and loadtest.png.")
+    p.add_argument(
+        "--out", type=Path, default=Path("loadtest-out"), help="Directory for loadtest.json and loadtest.png."
+    )
     return p
 
 
@@ -587,9 +629,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = LoadConfig(
-        url=args.url, model=args.model, max_tokens=args.max_tokens, prompt=args.prompt or DEFAULT_PROMPT,
-        duration_s=args.duration, max_requests=args.max_requests, request_timeout_s=args.request_timeout,
-        api_key=args.api_key, max_inflight=args.max_inflight, seed=args.seed,
+        url=args.url,
+        model=args.model,
+        max_tokens=args.max_tokens,
+        prompt=args.prompt or DEFAULT_PROMPT,
+        duration_s=args.duration,
+        max_requests=args.max_requests,
+        request_timeout_s=args.request_timeout,
+        api_key=args.api_key,
+        max_inflight=args.max_inflight,
+        seed=args.seed,
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
     concurrency = args.concurrency if args.concurrency is not None else ([] if args.rate else [1, 2, 4, 8])

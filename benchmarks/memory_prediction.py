@@ -11,6 +11,7 @@ files (read from /proc/self/status and /proc/self/smaps, after malloc_trim), aro
 warmup; on CUDA the growth of torch.cuda.memory_allocated. Error = (measured - predicted) / predicted.
 Exit status 1 when any |error| exceeds --tolerance (default 5%).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,17 +32,30 @@ def measure_one(store: Path, name: str, max_batch: int, max_context: int, device
     from server.config import Settings
     from server.manager import ModelManager
 
-    settings = Settings(model_store=store, model=name, device=device, max_batch_size=max_batch,
-                        max_context=max_context, memory_budget="0.95")
+    settings = Settings(
+        model_store=store,
+        model=name,
+        device=device,
+        max_batch_size=max_batch,
+        max_context=max_context,
+        memory_budget="0.95",
+    )
 
     async def run() -> dict:
         mgr = ModelManager(settings)
         lm = await mgr.load(name)
         report = lm.runner.memory_report() if hasattr(lm.runner, "memory_report") else {}
-        out = {"model": name, "device": mgr.device, "max_batch": max_batch, "max_context": max_context,
-               "predicted": lm.predicted.as_dict(), "measured_bytes": lm.measured_bytes,
-               "runner_report": report, "load_seconds": round(lm.load_seconds, 2),
-               "error": (lm.measured_bytes - lm.predicted.total_bytes) / lm.predicted.total_bytes}
+        out = {
+            "model": name,
+            "device": mgr.device,
+            "max_batch": max_batch,
+            "max_context": max_context,
+            "predicted": lm.predicted.as_dict(),
+            "measured_bytes": lm.measured_bytes,
+            "runner_report": report,
+            "load_seconds": round(lm.load_seconds, 2),
+            "error": (lm.measured_bytes - lm.predicted.total_bytes) / lm.predicted.total_bytes,
+        }
         await mgr.close()
         return out
 
@@ -70,8 +84,20 @@ def main(argv=None) -> int:
         return 2
     results = []
     for name in models:
-        cmd = [sys.executable, __file__, "--one", name, "--store", str(args.store), "--max-batch",
-               str(args.max_batch), "--max-context", str(args.max_context), "--device", args.device]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--one",
+            name,
+            "--store",
+            str(args.store),
+            "--max-batch",
+            str(args.max_batch),
+            "--max-context",
+            str(args.max_context),
+            "--device",
+            args.device,
+        ]
         pythonpath = os.pathsep.join(x for x in (str(REPO), os.environ.get("PYTHONPATH")) if x)
         p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": pythonpath})
         if p.returncode != 0:
@@ -86,13 +112,17 @@ def main(argv=None) -> int:
     else:
         MiB = 2**20
         print(f"device={results[0]['device']} max_batch={args.max_batch} max_context={args.max_context}")
-        print(f"{'model':36s} {'weights':>9s} {'kv':>9s} {'workspace':>9s} {'predicted':>10s} {'measured':>10s}"
-              f" {'error':>7s}")
+        print(
+            f"{'model':36s} {'weights':>9s} {'kv':>9s} {'workspace':>9s} {'predicted':>10s} {'measured':>10s}"
+            f" {'error':>7s}"
+        )
         for r in results:
             p = r["predicted"]
-            print(f"{r['model']:36s} {p['weights_bytes'] / MiB:8.1f}M {p['kv_cache_bytes'] / MiB:8.1f}M "
-                  f"{p['workspace_bytes'] / MiB:8.1f}M {p['total_bytes'] / MiB:9.1f}M "
-                  f"{r['measured_bytes'] / MiB:9.1f}M {100 * r['error']:+6.2f}%")
+            print(
+                f"{r['model']:36s} {p['weights_bytes'] / MiB:8.1f}M {p['kv_cache_bytes'] / MiB:8.1f}M "
+                f"{p['workspace_bytes'] / MiB:8.1f}M {p['total_bytes'] / MiB:9.1f}M "
+                f"{r['measured_bytes'] / MiB:9.1f}M {100 * r['error']:+6.2f}%"
+            )
         print(f"worst |error| {100 * worst:.2f}% (tolerance {100 * args.tolerance:.0f}%)")
     return 0 if worst <= args.tolerance else 1
 

@@ -5,6 +5,7 @@ Prints ratios measured side by side in one run (random weights: values don't mat
     .venv/bin/python benchmarks/qlinear.py                 # CPU, SmolLM2-135M shapes
     .venv/bin/python benchmarks/qlinear.py --device cuda   # + Llama-2-7B shapes, GB/s vs device copy GB/s
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,10 +23,13 @@ from models import kernels  # noqa: E402
 from models.formats import QuantizedWeight  # noqa: E402
 from models.qlinear import QuantLinear  # noqa: E402
 
-SMOLLM2 = {"q/o 576x576": (576, 576), "k/v 576->192": (576, 192), "gate/up 576->1536": (576, 1536),
-           "down 1536->576": (1536, 576)}
-LLAMA2_7B = {"q/k/v/o 4096x4096": (4096, 4096), "gate/up 4096->11008": (4096, 11008),
-             "down 11008->4096": (11008, 4096)}
+SMOLLM2 = {
+    "q/o 576x576": (576, 576),
+    "k/v 576->192": (576, 192),
+    "gate/up 576->1536": (576, 1536),
+    "down 1536->576": (1536, 576),
+}
+LLAMA2_7B = {"q/k/v/o 4096x4096": (4096, 4096), "gate/up 4096->11008": (4096, 11008), "down 11008->4096": (11008, 4096)}
 
 
 GRAPH_CALLS = 20  # calls per captured CUDA graph: times the kernels, not Python launch overhead
@@ -67,12 +71,18 @@ def timer(device: torch.device, fn: Callable[[], object], reps: int) -> float:
     return statistics.median(samples) if device.type == "cuda" else min(samples)
 
 
-def random_layer(in_f: int, out_f: int, group: int, device: torch.device, gen: torch.Generator,
-                 g_idx: torch.Tensor = None) -> QuantLinear:
+def random_layer(
+    in_f: int, out_f: int, group: int, device: torch.device, gen: torch.Generator, g_idx: torch.Tensor = None
+) -> QuantLinear:
     groups = in_f // group
-    qw = QuantizedWeight(torch.randint(0, 16, (out_f, in_f), generator=gen, dtype=torch.uint8),
-                         torch.randint(0, 16, (groups, out_f), generator=gen, dtype=torch.uint8),
-                         (torch.rand(groups, out_f, generator=gen) * 0.01).half(), g_idx, 4, group)
+    qw = QuantizedWeight(
+        torch.randint(0, 16, (out_f, in_f), generator=gen, dtype=torch.uint8),
+        torch.randint(0, 16, (groups, out_f), generator=gen, dtype=torch.uint8),
+        (torch.rand(groups, out_f, generator=gen) * 0.01).half(),
+        g_idx,
+        4,
+        group,
+    )
     return QuantLinear.from_quantized(qw, device=device)
 
 
@@ -81,8 +91,9 @@ def dense_weight(layer: QuantLinear) -> torch.Tensor:
     return layer.reference_weight().to(torch.bfloat16)
 
 
-def bench_shapes(device: torch.device, shapes: dict, tokens: Tuple[int, ...], group: int, reps: int,
-                 gen: torch.Generator) -> None:
+def bench_shapes(
+    device: torch.device, shapes: dict, tokens: Tuple[int, ...], group: int, reps: int, gen: torch.Generator
+) -> None:
     print(f"\n## int4 kernel vs dense bf16 on {device.type} (ms per call; ratio = dense / int4, >1: int4 faster)")
     cols = "| layer | tokens | int4 ms | dense ms | dense/int4 |"
     cols += " dequant+dense ms | (dequant+dense)/int4 |"
@@ -96,15 +107,26 @@ def bench_shapes(device: torch.device, shapes: dict, tokens: Tuple[int, ...], gr
             t_int4 = timer(device, lambda: layer(x), reps)
             t_dense = timer(device, lambda: torch.nn.functional.linear(x, w), reps)
             row = f"| {name} | {m} | {t_int4 * 1e3:.3f} | {t_dense * 1e3:.3f} | {t_dense / t_int4:.2f} |"
-            t_deq = timer(device, lambda: x @ kernels.dequant_t(
-                layer.plan.name, layer.packed, layer.scales_and_zeros, group, in_f), reps)
+            t_deq = timer(
+                device,
+                lambda: x @ kernels.dequant_t(layer.plan.name, layer.packed, layer.scales_and_zeros, group, in_f),
+                reps,
+            )
             row += f" {t_deq * 1e3:.3f} | {t_deq / t_int4:.2f} |"
             print(row, flush=True)
-        del layer, w
+        layer = w = None  # free before the next shape
 
 
-def bench_fusion(device: torch.device, hidden: int, kv: int, inter: int, group: int, tokens: Tuple[int, ...],
-                 reps: int, gen: torch.Generator) -> None:
+def bench_fusion(
+    device: torch.device,
+    hidden: int,
+    kv: int,
+    inter: int,
+    group: int,
+    tokens: Tuple[int, ...],
+    reps: int,
+    gen: torch.Generator,
+) -> None:
     print(f"\n## fused vs unfused on {device.type} (ratio = unfused / fused, >1: fusion helps)")
     print("| projection | tokens | unfused ms | fused ms | unfused/fused |")
     print("|---|---|---|---|---|")
@@ -125,7 +147,7 @@ def bench_bandwidth(device: torch.device, shapes: dict, group: int, reps: int, g
     dst = torch.empty_like(src)
     t_copy = timer(device, lambda: dst.copy_(src), reps)
     copy_gbs = 2 * nbytes / t_copy / 1e9  # read + write
-    del src, dst
+    src = dst = None  # free the copy buffers
     print(f"\n## batch-1 bandwidth on {device.type}: measured copy {copy_gbs:.1f} GB/s (read+write)")
     print("| layer | bytes | int4 us | GB/s | % of copy |")
     print("|---|---|---|---|---|")
@@ -135,7 +157,7 @@ def bench_bandwidth(device: torch.device, shapes: dict, group: int, reps: int, g
         t = timer(device, lambda: layer(x), reps)
         b = layer.weight_bytes()
         print(f"| {name} | {b} | {t * 1e6:.1f} | {b / t / 1e9:.1f} | {100 * b / t / 1e9 / copy_gbs:.0f}% |", flush=True)
-        del layer
+        layer = None  # free before the next shape
 
 
 def main(argv=None) -> int:
@@ -151,9 +173,11 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(0)
     tokens = tuple(int(t) for t in args.tokens.split(","))
     plan = kernels.device_kernel(device)
-    print(f"# QuantLinear benchmark: device={device}, kernel={plan.name}, torch={torch.__version__}, "
-          f"threads={torch.get_num_threads()}"
-          + (f", gpu={torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""))
+    print(
+        f"# QuantLinear benchmark: device={device}, kernel={plan.name}, torch={torch.__version__}, "
+        f"threads={torch.get_num_threads()}"
+        + (f", gpu={torch.cuda.get_device_name(device)}" if device.type == "cuda" else "")
+    )
     bench_shapes(device, SMOLLM2, tokens, 64, args.reps, gen)
     bench_fusion(device, 576, 192, 1536, 64, (1, 8, 128), args.reps, gen)
     if device.type == "cuda":
@@ -161,8 +185,7 @@ def main(argv=None) -> int:
         bench_fusion(device, 4096, 4096, 11008, 128, (1, 8, 512), args.reps, gen)
         bench_bandwidth(device, LLAMA2_7B, 128, args.reps, gen)
     else:
-        bench_bandwidth(device, {"gate/up 576->1536": (576, 1536), "down 1536->576": (1536, 576)}, 64, args.reps,
-                        gen)
+        bench_bandwidth(device, {"gate/up 576->1536": (576, 1536), "down 1536->576": (1536, 576)}, 64, args.reps, gen)
     return 0
 
 

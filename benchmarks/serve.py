@@ -14,6 +14,7 @@ excluded from both sides of the ratio. Requests use greedy decoding with ignore_
 
     python benchmarks/serve.py [--model NAME] [--model-store DIR] [--device cpu] [--tokens 64] [--reps 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,8 +63,15 @@ def engine_decode_tps(engine, prompt_ids: List[int], tokens: int) -> float:
 # ----------------------------------------------------------------------------- HTTP side
 async def sse_request(client, model: str, tokens: int) -> Tuple[float, float, int, float]:
     """(ttft_s, decode_tps, completion_tokens, t_end) of one streamed completion."""
-    body = {"model": model, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "stream": True,
-            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "prompt": PROMPT,
+        "max_tokens": tokens,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+    }
     t0 = time.perf_counter()
     first = last = None
     usage = None
@@ -104,8 +112,14 @@ async def concurrency(base: str, model: str, n: int, tokens: int) -> Dict[str, f
         wall = max(r[3] for r in res) - t0
     ttfts = [r[0] for r in res]
     total = sum(r[2] for r in res)
-    return {"streams": n, "aggregate_tps": total / wall, "ttft_p50_s": pct(ttfts, 0.5), "ttft_p95_s": pct(ttfts, 0.95),
-            "per_stream_decode_tps": statistics.median(r[1] for r in res), "wall_s": wall}
+    return {
+        "streams": n,
+        "aggregate_tps": total / wall,
+        "ttft_p50_s": pct(ttfts, 0.5),
+        "ttft_p95_s": pct(ttfts, 0.95),
+        "per_stream_decode_tps": statistics.median(r[1] for r in res),
+        "wall_s": wall,
+    }
 
 
 def engine_busy_probe(args, tokens: int) -> Dict[str, float]:
@@ -124,8 +138,14 @@ def engine_busy_probe(args, tokens: int) -> Dict[str, float]:
     curl = shutil.which("curl")
     if curl is None:
         return {}
-    settings = Settings(model=args.model, model_store=args.model_store, device=args.device, max_batch_size=8,
-                        max_context=args.max_context, log_level="warning")
+    settings = Settings(
+        model=args.model,
+        model_store=args.model_store,
+        device=args.device,
+        max_batch_size=8,
+        max_context=args.max_context,
+        log_level="warning",
+    )
     app = create_app(settings)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -155,11 +175,22 @@ def engine_busy_probe(args, tokens: int) -> Dict[str, float]:
         engine.on_step = record
         out = {}
         for stream in (True, False):
-            body = json.dumps({"model": args.model, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0,
-                               "stream": stream, "ignore_eos": True})
+            body = json.dumps(
+                {
+                    "model": args.model,
+                    "prompt": PROMPT,
+                    "max_tokens": tokens,
+                    "temperature": 0,
+                    "stream": stream,
+                    "ignore_eos": True,
+                }
+            )
             steps.clear()
-            subprocess.run([curl, "-sN", base + "/v1/completions", "-H", "content-type: application/json",
-                            "-d", body], check=True, capture_output=True)
+            subprocess.run(
+                [curl, "-sN", base + "/v1/completions", "-H", "content-type: application/json", "-d", body],
+                check=True,
+                capture_output=True,
+            )
             span = steps[-1][0] - steps[0][0]
             key = "sse" if stream else "json"
             out[f"{key}_engine_busy"] = sum(d for _, d in steps[1:]) / span
@@ -172,9 +203,26 @@ def engine_busy_probe(args, tokens: int) -> Dict[str, float]:
 
 
 def start_server(args, port: int, env: Dict[str, str]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--model-store", str(args.model_store),
-           "--model", args.model, "--device", args.device, "--max-batch-size", "8",
-           "--max-context", str(args.max_context), "--log-level", "warning"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "server.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--model-store",
+        str(args.model_store),
+        "--model",
+        args.model,
+        "--device",
+        args.device,
+        "--max-batch-size",
+        "8",
+        "--max-context",
+        str(args.max_context),
+        "--log-level",
+        "warning",
+    ]
     return subprocess.Popen(cmd, cwd=REPO, env=env)
 
 
@@ -197,7 +245,9 @@ def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 600) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model name in the store (default: demo 4-bit, else bf16)")
-    p.add_argument("--model-store", type=Path, default=Path(os.environ.get("JETSERVE_MODEL_STORE", REPO / "model-store")))
+    p.add_argument(
+        "--model-store", type=Path, default=Path(os.environ.get("JETSERVE_MODEL_STORE", REPO / "model-store"))
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--tokens", type=int, default=64, help="tokens generated per request")
     p.add_argument("--reps", type=int, default=3)
@@ -221,8 +271,13 @@ def main(argv=None) -> int:
     from server.engine.engine import Engine
 
     model_dir = args.model_store / args.model
-    settings = Settings(model=args.model, model_store=args.model_store, device=args.device, max_batch_size=8,
-                        max_context=args.max_context)
+    settings = Settings(
+        model=args.model,
+        model_store=args.model_store,
+        device=args.device,
+        max_batch_size=8,
+        max_context=args.max_context,
+    )
     runner = load_runner(model_dir, device=args.device, dtype=torch.bfloat16, max_slots=8, max_seq=args.max_context)
     runner.warmup()
     tok = Tokenizer.from_dir(model_dir)
@@ -236,9 +291,14 @@ def main(argv=None) -> int:
     env = {k: v for k, v in os.environ.items() if not k.startswith("JETSERVE_")}
     proc = start_server(args, port, env)
     base = f"http://127.0.0.1:{port}"
-    result: Dict[str, object] = {"model": args.model, "device": args.device, "tokens": args.tokens,
-                                 "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-                                 "loadavg_before": os.getloadavg()[0]}
+    result: Dict[str, object] = {
+        "model": args.model,
+        "device": args.device,
+        "tokens": args.tokens,
+        "torch_threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "loadavg_before": os.getloadavg()[0],
+    }
     try:
         wait_ready(base, proc)
         asyncio.run(sse_decode_tps(base, args.model, 8))  # warm
@@ -250,18 +310,24 @@ def main(argv=None) -> int:
         e_med, s_med = statistics.median(eng), statistics.median(sse)
         ratio = statistics.median(s / e for s, e in zip(sse, eng))  # per adjacent pair: same background load
         result.update(engine_tps=e_med, sse_tps=s_med, ratio=ratio, engine_runs=eng, sse_runs=sse)
-        print(f"batch 1 decode: in-process engine {e_med:.1f} tok/s, end-to-end SSE {s_med:.1f} tok/s, "
-              f"ratio {ratio:.3f} (median of {len(eng)} interleaved pairs; target >= 0.95)")
+        print(
+            f"batch 1 decode: in-process engine {e_med:.1f} tok/s, end-to-end SSE {s_med:.1f} tok/s, "
+            f"ratio {ratio:.3f} (median of {len(eng)} interleaved pairs; target >= 0.95)"
+        )
         rows = []
         for n in [int(x) for x in args.streams.split(",")]:
             row = asyncio.run(concurrency(base, args.model, n, args.tokens))
             rows.append(row)
-            print(f"{n} streams: aggregate {row['aggregate_tps']:.1f} tok/s, TTFT p50 {row['ttft_p50_s'] * 1000:.0f} ms "
-                  f"p95 {row['ttft_p95_s'] * 1000:.0f} ms, per-stream {row['per_stream_decode_tps']:.1f} tok/s")
+            print(
+                f"{n} streams: aggregate {row['aggregate_tps']:.1f} tok/s, TTFT p50 {row['ttft_p50_s'] * 1000:.0f} ms "
+                f"p95 {row['ttft_p95_s'] * 1000:.0f} ms, per-stream {row['per_stream_decode_tps']:.1f} tok/s"
+            )
         result["concurrency"] = rows
         result["loadavg_after"] = os.getloadavg()[0]
-        print(f"load average (1 min) before {result['loadavg_before']:.1f}, after {result['loadavg_after']:.1f} "
-              f"on {os.cpu_count()} CPUs")
+        print(
+            f"load average (1 min) before {result['loadavg_before']:.1f}, after {result['loadavg_after']:.1f} "
+            f"on {os.cpu_count()} CPUs"
+        )
     finally:
         proc.terminate()
         try:
@@ -271,9 +337,11 @@ def main(argv=None) -> int:
     probe = engine_busy_probe(args, args.tokens * 2)
     if probe:
         result["probe"] = probe
-        print(f"server-side probe (curl client): engine busy {probe['sse_engine_busy']:.1%} of the wall time while "
-              f"streaming SSE ({probe['sse_tps']:.1f} tok/s) vs {probe['json_engine_busy']:.1%} for the same request "
-              f"without streaming ({probe['json_tps']:.1f} tok/s)")
+        print(
+            f"server-side probe (curl client): engine busy {probe['sse_engine_busy']:.1%} of the wall time while "
+            f"streaming SSE ({probe['sse_tps']:.1f} tok/s) vs {probe['json_engine_busy']:.1%} for the same request "
+            f"without streaming ({probe['json_tps']:.1f} tok/s)"
+        )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return 0

@@ -7,6 +7,7 @@
 The table is built from the pydantic fields (name, type, default, description, bounds), so the docs
 cannot drift from the code: tests/deploy/test_deploy_config_docs.py runs the check.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,7 +55,8 @@ def _type_name(annotation) -> str:
         if issubclass(annotation, enum.Enum):
             return " \\| ".join(f"`{m.value}`" for m in annotation)
         return {"str": "string", "int": "integer", "float": "number", "bool": "boolean", "Path": "path"}.get(
-            annotation.__name__, annotation.__name__)
+            annotation.__name__, annotation.__name__
+        )
     return str(annotation)
 
 
@@ -112,9 +114,11 @@ def render() -> str:
     serve_flags = _serve_flags()
 
     prefix = Settings.model_config.get("env_prefix", "")
-    lines = [HEADER,
-             "| Setting | Environment variable | Flag | Type | Default | Description |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        HEADER,
+        "| Setting | Environment variable | Flag | Type | Default | Description |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, field in Settings.model_fields.items():
         desc = (field.description or "").replace("|", "\\|")
         bounds = _bounds(field)
@@ -126,7 +130,8 @@ def render() -> str:
             flag = f"`--{name.replace('_', '-')}`"
         lines.append(
             f"| `{name}` | `{prefix}{name.upper()}` | {flag} | {_type_name(field.annotation)} "
-            f"| {_default(field)} | {desc} |")
+            f"| {_default(field)} | {desc} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -6,6 +6,7 @@ Weights are random (values don't matter for speed); nothing is downloaded. Usage
 
     PYTHONPATH=. python3 scripts/gpu_bench.py --out $OUT/gpu_bench.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,18 @@ from models.model import DenseLinear, Transformer, fuse_linears  # noqa: E402
 from models.qlinear import QuantLinear  # noqa: E402
 from models.runner import Runner  # noqa: E402
 
-LLAMA2_7B = Dims(hidden=4096, layers=32, heads=32, kv_heads=32, head_dim=128, intermediate=11008, vocab=32000,
-                 max_position=4096, norm_eps=1e-5, tied_embeddings=False)
+LLAMA2_7B = Dims(
+    hidden=4096,
+    layers=32,
+    heads=32,
+    kv_heads=32,
+    head_dim=128,
+    intermediate=11008,
+    vocab=32000,
+    max_position=4096,
+    norm_eps=1e-5,
+    tied_embeddings=False,
+)
 
 
 def copy_bandwidth(device, nbytes: int = 1 << 30, iters: int = 20) -> float:
@@ -54,8 +65,9 @@ def random_qlinear(in_f: int, out_f: int, group: int, device, gen, kernel=None) 
     q = torch.randint(0, 16, (out_f, in_f), dtype=torch.uint8, device=device, generator=gen)
     zeros = torch.full((groups, out_f), 8, dtype=torch.uint8, device=device)
     scales = (torch.rand(groups, out_f, device=device, generator=gen) * 0.01 + 0.001).half()
-    return QuantLinear.from_quantized(QuantizedWeight(q, zeros, scales, None, 4, group), device=device,
-                                      dtype=torch.bfloat16, cuda_kernel=kernel)
+    return QuantLinear.from_quantized(
+        QuantizedWeight(q, zeros, scales, None, 4, group), device=device, dtype=torch.bfloat16, cuda_kernel=kernel
+    )
 
 
 def build_random_model(dims: Dims, device, group: int = 128, kernel=None) -> Transformer:
@@ -125,8 +137,9 @@ def bench_kernel(args, dev, kernel: str) -> dict:
     t0 = time.perf_counter()
     model = build_random_model(LLAMA2_7B, dev, kernel=kernel)
     model.init_rope(args.max_seq, dev, torch.bfloat16)
-    cache = KVCache(LLAMA2_7B.layers, 8, args.max_seq, LLAMA2_7B.kv_heads, LLAMA2_7B.head_dim, device=dev,
-                    dtype=torch.bfloat16)
+    cache = KVCache(
+        LLAMA2_7B.layers, 8, args.max_seq, LLAMA2_7B.kv_heads, LLAMA2_7B.head_dim, device=dev, dtype=torch.bfloat16
+    )
     runner = Runner(model, cache, device=dev, dtype=torch.bfloat16)
     res["build_s"] = time.perf_counter() - t0
     res["memory"] = runner.memory_report()
@@ -168,8 +181,13 @@ def main() -> int:
     ap.add_argument("--kernels", default="cuda_tinygemm,cuda_triton", help="CUDA int4 kernels to compare")
     args = ap.parse_args()
     dev = torch.device("cuda")
-    res = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "model": "llama-2-7b shape, W4 g128 random",
-           "max_seq": args.max_seq, "position": args.pos}
+    res = {
+        "device": torch.cuda.get_device_name(dev),
+        "torch": torch.__version__,
+        "model": "llama-2-7b shape, W4 g128 random",
+        "max_seq": args.max_seq,
+        "position": args.pos,
+    }
     res["copy_GBps"] = copy_bandwidth(dev)
     res["kernels"] = {}
     for kernel in args.kernels.split(","):

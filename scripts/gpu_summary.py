@@ -1,4 +1,5 @@
 """Merge the outputs of scripts/gpu_check.sh into $OUT/gpu_results.json and print a short table."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,10 @@ def main(out: Path) -> int:
     b = res["bench"]
     if b:
         print(f"| copy bandwidth (read+write) | {b['copy_GBps']:.0f} GB/s |")
-        print(f"| 7B W4 g128 batch-1 decode | {b['tok_s']['1']:.1f} tok/s, {b['b1_GBps']:.0f} GB/s = "
-              f"{100 * b['b1_frac_of_copy_bw']:.0f}% of copy |")
+        print(
+            f"| 7B W4 g128 batch-1 decode | {b['tok_s']['1']:.1f} tok/s, {b['b1_GBps']:.0f} GB/s = "
+            f"{100 * b['b1_frac_of_copy_bw']:.0f}% of copy |"
+        )
         print(f"| eager batch 1 (no graph) | {b['eager_b1_tok_s']:.1f} tok/s |")
         print("| tok/s batch 1/2/4/8 | " + " / ".join(f"{b['tok_s'][k]:.0f}" for k in ("1", "2", "4", "8")) + " |")
         for name, kb in b.get("kernels", {}).items():
@@ -30,8 +33,10 @@ def main(out: Path) -> int:
                 print(f"| {name} | {kb.get('error')} |")
                 continue
             micro = ", ".join(f"{s} {v['GBps']:.0f}" for s, v in kb.get("micro_m1", {}).items())
-            print(f"| {name} | b1 {kb['tok_s']['1']:.0f} tok/s ({100 * kb['b1_frac_of_copy_bw']:.0f}% of copy), "
-                  f"b8 {kb['tok_s']['8']:.0f} tok/s; M=1 GB/s: {micro} |")
+            print(
+                f"| {name} | b1 {kb['tok_s']['1']:.0f} tok/s ({100 * kb['b1_frac_of_copy_bw']:.0f}% of copy), "
+                f"b8 {kb['tok_s']['8']:.0f} tok/s; M=1 GB/s: {micro} |"
+            )
     else:
         print("| bench | failed (see gpu_bench.log) |")
     return 0

@@ -3,6 +3,7 @@
 Each command module defines `add_arguments(parser)` and `run(args) -> int`. Modules are imported only
 when their command runs, so `jetserve serve --help` does not import the quantization stack.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     logging.basicConfig(
-        level=getattr(args, "log_level", "info").upper() if isinstance(getattr(args, "log_level", None), str) else logging.INFO,
+        level=getattr(args, "log_level", "info").upper()
+        if isinstance(getattr(args, "log_level", None), str)
+        else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     mod = importlib.import_module(f"server.commands.{args.command}")

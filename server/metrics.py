@@ -11,6 +11,7 @@ Names contain ':' (legal, recording-rule style, as vLLM's `vllm:`); `promtool ch
 The exposition leaves out prometheus-client's `<name>_created` series (as vLLM does): per registry, without
 the process-wide `prometheus_client.disable_created_metrics()` or its import-time environment variable.
 """
+
 from __future__ import annotations
 
 import copy
@@ -46,10 +47,12 @@ class _GpuMemoryCollector(Collector):
         torch = sys.modules.get("torch")
         if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
             return
-        alloc = GaugeMetricFamily(PREFIX + "gpu_memory_allocated_bytes", "torch.cuda.memory_allocated per device",
-                                  labels=["device"])
-        reserved = GaugeMetricFamily(PREFIX + "gpu_memory_reserved_bytes", "torch.cuda.memory_reserved per device",
-                                     labels=["device"])
+        alloc = GaugeMetricFamily(
+            PREFIX + "gpu_memory_allocated_bytes", "torch.cuda.memory_allocated per device", labels=["device"]
+        )
+        reserved = GaugeMetricFamily(
+            PREFIX + "gpu_memory_reserved_bytes", "torch.cuda.memory_reserved per device", labels=["device"]
+        )
         for i in range(torch.cuda.device_count()):
             alloc.add_metric([str(i)], float(torch.cuda.memory_allocated(i)))
             reserved.add_metric([str(i)], float(torch.cuda.memory_reserved(i)))
@@ -77,62 +80,109 @@ class _WithoutCreated(Collector):
 class Metrics:
     """All jetserve metrics on one registry. Create one per app."""
 
-    def __init__(self, registry: Optional[CollectorRegistry] = None, *,
-                 telemetry: Union[Collector, None, str] = "auto", jetson_root: Union[str, Path] = "/",
-                 use_jtop: bool = True):
+    def __init__(
+        self,
+        registry: Optional[CollectorRegistry] = None,
+        *,
+        telemetry: Union[Collector, None, str] = "auto",
+        jetson_root: Union[str, Path] = "/",
+        use_jtop: bool = True,
+    ):
         """`telemetry="auto"` adds the Jetson collector when `jetson_root` is a Jetson (jtop, else sysfs);
         None adds none; a Collector is registered as is."""
         self.registry = registry if registry is not None else CollectorRegistry()
         self._exposed = _WithoutCreated(self.registry)
         r = self.registry
         m = ["model"]
-        self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Time from submit to the first generated token.",
-                              m, buckets=TTFT_BUCKETS, registry=r)
-        self.itl = Histogram(PREFIX + "inter_token_latency_seconds", "Gap between successive generated tokens.",
-                             m, buckets=ITL_BUCKETS, registry=r)
-        self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds", "Time from submit to the request's end.",
-                             m, buckets=E2E_BUCKETS, registry=r)
-        self.queue = Histogram(PREFIX + "request_queue_time_seconds", "Time a request waited for a KV slot.",
-                               m, buckets=QUEUE_BUCKETS, registry=r)
-        self.decode_tps = Histogram(PREFIX + "decode_tokens_per_second",
-                                    "Per-request decode speed: (generated tokens - 1) / (e2e - ttft).",
-                                    m, buckets=TPS_BUCKETS, registry=r)
+        self.ttft = Histogram(
+            PREFIX + "time_to_first_token_seconds",
+            "Time from submit to the first generated token.",
+            m,
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            PREFIX + "inter_token_latency_seconds",
+            "Gap between successive generated tokens.",
+            m,
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            PREFIX + "e2e_request_latency_seconds",
+            "Time from submit to the request's end.",
+            m,
+            buckets=E2E_BUCKETS,
+            registry=r,
+        )
+        self.queue = Histogram(
+            PREFIX + "request_queue_time_seconds",
+            "Time a request waited for a KV slot.",
+            m,
+            buckets=QUEUE_BUCKETS,
+            registry=r,
+        )
+        self.decode_tps = Histogram(
+            PREFIX + "decode_tokens_per_second",
+            "Per-request decode speed: (generated tokens - 1) / (e2e - ttft).",
+            m,
+            buckets=TPS_BUCKETS,
+            registry=r,
+        )
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens of finished requests.", m, registry=r)
-        self.generation_tokens = Counter(PREFIX + "generation_tokens", "Generated tokens of finished requests.",
-                                         m, registry=r)
-        self.success = Counter(PREFIX + "request_success", "Requests that finished with a finish_reason.",
-                               ["model", "finish_reason"], registry=r)
-        self.errors = Counter(PREFIX + "request_errors", "Requests that failed, by error code.", ["model", "code"],
-                              registry=r)
+        self.generation_tokens = Counter(
+            PREFIX + "generation_tokens", "Generated tokens of finished requests.", m, registry=r
+        )
+        self.success = Counter(
+            PREFIX + "request_success",
+            "Requests that finished with a finish_reason.",
+            ["model", "finish_reason"],
+            registry=r,
+        )
+        self.errors = Counter(
+            PREFIX + "request_errors", "Requests that failed, by error code.", ["model", "code"], registry=r
+        )
         self.loads = Counter(PREFIX + "model_loads", "Model loads.", m, registry=r)
         self.evictions = Counter(PREFIX + "model_evictions", "Models evicted to make room for another.", m, registry=r)
         self.running = Gauge(PREFIX + "num_requests_running", "Sequences holding a KV slot.", m, registry=r)
         self.waiting = Gauge(PREFIX + "num_requests_waiting", "Requests waiting for a KV slot.", m, registry=r)
-        self.kv_usage = Gauge(PREFIX + "kv_cache_usage_ratio", "Fraction of KV cache tokens (or slots) in use.",
-                              m, registry=r)
-        self.model_memory = Gauge(PREFIX + "model_memory_bytes", "Memory of a loaded model: predicted before the "
-                                  "load, measured after it (RSS delta on CPU, memory_allocated delta on GPU).",
-                                  ["model", "kind"], registry=r)
+        self.kv_usage = Gauge(
+            PREFIX + "kv_cache_usage_ratio", "Fraction of KV cache tokens (or slots) in use.", m, registry=r
+        )
+        self.model_memory = Gauge(
+            PREFIX + "model_memory_bytes",
+            "Memory of a loaded model: predicted before the "
+            "load, measured after it (RSS delta on CPU, memory_allocated delta on GPU).",
+            ["model", "kind"],
+            registry=r,
+        )
         self.budget = Gauge(PREFIX + "memory_budget_bytes", "Memory budget for models.", registry=r)
-        self.used = Gauge(PREFIX + "memory_used_bytes", "Memory accounted to loaded (and loading) models.",
-                          registry=r)
-        self.load_seconds = Gauge(PREFIX + "model_load_seconds", "Duration of the model's last load (incl. warmup).",
-                                  m, registry=r)
-        self.weight_bw = Gauge(PREFIX + "weight_bandwidth_bytes_per_second",
-                               "Weight bytes read per second of engine step time, over the steps between two scrapes.",
-                               m, registry=r)
+        self.used = Gauge(PREFIX + "memory_used_bytes", "Memory accounted to loaded (and loading) models.", registry=r)
+        self.load_seconds = Gauge(
+            PREFIX + "model_load_seconds", "Duration of the model's last load (incl. warmup).", m, registry=r
+        )
+        self.weight_bw = Gauge(
+            PREFIX + "weight_bandwidth_bytes_per_second",
+            "Weight bytes read per second of engine step time, over the steps between two scrapes.",
+            m,
+            registry=r,
+        )
         r.register(_GpuMemoryCollector())
         self._lock = threading.Lock()
         self._weight_bytes: Dict[str, int] = {}
-        self._step_weight_bytes: Dict[str, float] = {}   # model -> weight bytes read by steps since last scrape
+        self._step_weight_bytes: Dict[str, float] = {}  # model -> weight bytes read by steps since last scrape
         self._step_seconds: Dict[str, float] = {}
         self._generated_total = 0
-        self.last_weight_bandwidth = 0.0   # bytes/s over the steps between the last two scrapes (all models)
+        self.last_weight_bandwidth = 0.0  # bytes/s over the steps between the last two scrapes (all models)
         if telemetry == "auto":
             from server.telemetry.jetson import jetson_collector
 
-            telemetry = jetson_collector(Path(jetson_root), use_jtop=use_jtop, tokens_fn=self.generated_tokens_total,
-                                         bandwidth_fn=lambda: self.last_weight_bandwidth)
+            telemetry = jetson_collector(
+                Path(jetson_root),
+                use_jtop=use_jtop,
+                tokens_fn=self.generated_tokens_total,
+                bandwidth_fn=lambda: self.last_weight_bandwidth,
+            )
         self.telemetry = telemetry
         if telemetry is not None:
             r.register(telemetry)
@@ -151,8 +201,9 @@ class Metrics:
         if s.batch_size > 0:
             with self._lock:
                 # every forward pass streams all weights once, whatever the batch
-                self._step_weight_bytes[s.model] = self._step_weight_bytes.get(s.model, 0.0) + \
-                    self._weight_bytes.get(s.model, 0)
+                self._step_weight_bytes[s.model] = self._step_weight_bytes.get(s.model, 0.0) + self._weight_bytes.get(
+                    s.model, 0
+                )
                 self._step_seconds[s.model] = self._step_seconds.get(s.model, 0.0) + s.step_duration_s
 
     def on_request_finished(self, r: RequestStats) -> None:
@@ -191,13 +242,21 @@ class Metrics:
     def set_memory_used(self, used_bytes: int) -> None:
         self.used.set(used_bytes)
 
-    def model_loaded(self, model: str, *, predicted_bytes: int, measured_bytes: int, load_seconds: float,
-                     weight_bytes: int = 0) -> None:
+    def model_loaded(
+        self, model: str, *, predicted_bytes: int, measured_bytes: int, load_seconds: float, weight_bytes: int = 0
+    ) -> None:
         self.loads.labels(model).inc()
         # series exist at 0 from the load on, so rate()/increase() see the first requests (a series born at its
         # final value reads as flat)
-        for metric in (self.prompt_tokens, self.generation_tokens, self.ttft, self.itl, self.e2e, self.queue,
-                       self.decode_tps):
+        for metric in (
+            self.prompt_tokens,
+            self.generation_tokens,
+            self.ttft,
+            self.itl,
+            self.e2e,
+            self.queue,
+            self.decode_tps,
+        ):
             metric.labels(model)
         for gauge in (self.running, self.waiting, self.kv_usage):  # a freshly loaded model is idle
             gauge.labels(model).set(0)
@@ -211,9 +270,14 @@ class Metrics:
         """Drop the model's gauges (they describe loaded models only); count an eviction."""
         if evicted:
             self.evictions.labels(model).inc()
-        for g, labelsets in ((self.model_memory, [(model, "predicted"), (model, "measured")]),
-                             (self.running, [(model,)]), (self.waiting, [(model,)]), (self.kv_usage, [(model,)]),
-                             (self.load_seconds, [(model,)]), (self.weight_bw, [(model,)])):
+        for g, labelsets in (
+            (self.model_memory, [(model, "predicted"), (model, "measured")]),
+            (self.running, [(model,)]),
+            (self.waiting, [(model,)]),
+            (self.kv_usage, [(model,)]),
+            (self.load_seconds, [(model,)]),
+            (self.weight_bw, [(model,)]),
+        ):
             for ls in labelsets:
                 try:
                     g.remove(*ls)

@@ -19,6 +19,7 @@ aliases:
 
 A model's memory footprint is predicted by `models.loader.predict_footprint` (server/manager.py calls it).
 """
+
 from __future__ import annotations
 
 import json
@@ -150,9 +151,13 @@ class ModelStore:
         opts = self._per_model.get(canon, {})
         aliases = tuple(sorted(a for a, t in self._aliases.items() if t == canon))
         return ModelSpec(
-            name=canon, path=path, aliases=aliases,
-            max_context=opts.get("max_context"), max_batch=opts.get("max_batch"),
-            pinned=bool(opts.get("pinned", False)), keep_alive_s=opts.get("keep_alive"),
+            name=canon,
+            path=path,
+            aliases=aliases,
+            max_context=opts.get("max_context"),
+            max_batch=opts.get("max_batch"),
+            pinned=bool(opts.get("pinned", False)),
+            keep_alive_s=opts.get("keep_alive"),
         )
 
     def available(self) -> List[ModelSpec]:

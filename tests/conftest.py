@@ -17,6 +17,7 @@
 - `tiny_llama_writer` / `write_tiny_llama(out, tokenizer_src, seed, **overrides)`: more such models; the vocab
   follows `tokenizer_src` (49152 with SmolLM2's folder, as some integration tests pass).
 """
+
 from __future__ import annotations
 
 import os
@@ -28,8 +29,13 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SMOLLM2 = "smollm2-135m-instruct"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
 
 TINY_VOCAB = 1024
 TINY_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>") + tuple(f"<|reserved_{i}|>" for i in range(3, 17))
@@ -98,12 +104,22 @@ def write_tiny_tokenizer(out_dir: Path) -> Path:
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     raw.decoder = decoders.ByteLevel()
     raw.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=list(TINY_SPECIALS), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB,
+        special_tokens=list(TINY_SPECIALS),
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     raw.train_from_iterator(_tiny_corpus(), trainer)
     assert raw.get_vocab_size() == TINY_VOCAB, f"tiny corpus gave {raw.get_vocab_size()} ids, want {TINY_VOCAB}"
-    hf = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                 pad_token="<|im_end|>", unk_token="<|endoftext|>", model_max_length=512)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=raw,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        model_max_length=512,
+    )
     hf.chat_template = TINY_CHAT_TEMPLATE
     out_dir.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(out_dir)  # writes the template to chat_template.jinja, not tokenizer_config.json

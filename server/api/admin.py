@@ -12,6 +12,7 @@ Routes (names may contain '/' for nested store folders):
                                        422 model_load_failed (corrupt file, unsupported format).
 - `POST /admin/models/{name}/unload`   unload; 409 model_busy while requests are in flight.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,8 +46,12 @@ def _entry(e: Any) -> Dict[str, Any]:
 @router.get("/models")
 async def admin_models(request: Request):
     mgr = _manager(request)
-    return {"object": "list", "data": [_entry(e) for e in mgr.list_models()],
-            "memory_budget_bytes": mgr.budget_bytes, "memory_used_bytes": mgr.used_bytes()}
+    return {
+        "object": "list",
+        "data": [_entry(e) for e in mgr.list_models()],
+        "memory_budget_bytes": mgr.budget_bytes,
+        "memory_used_bytes": mgr.used_bytes(),
+    }
 
 
 @router.post("/models/{name:path}/load")
@@ -60,8 +65,13 @@ async def admin_load(name: str, request: Request):
         raise APIError(503, str(e), code="insufficient_memory") from None
     except ModelLoadError as e:
         raise APIError(422, str(e), code="model_load_failed") from None
-    return {"name": lm.name, "state": "loaded", "predicted": lm.predicted.as_dict(),
-            "measured_bytes": lm.measured_bytes, "load_seconds": lm.load_seconds}
+    return {
+        "name": lm.name,
+        "state": "loaded",
+        "predicted": lm.predicted.as_dict(),
+        "measured_bytes": lm.measured_bytes,
+        "load_seconds": lm.load_seconds,
+    }
 
 
 @router.post("/models/{name:path}/unload")

@@ -8,6 +8,7 @@ answers at once and /ready turns 200 when the default model is loaded and warmed
 Graceful shutdown: `await drain(app, grace_s)` makes new generation requests and /ready answer 503, then
 waits for in-flight requests to finish (up to grace_s). `jetserve serve` calls it on SIGTERM.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -39,7 +40,7 @@ class ServerState:
     default_model: str
     ready: bool = False
     draining: bool = False
-    inflight: int = 0                 # generation requests between submit and their last byte
+    inflight: int = 0  # generation requests between submit and their last byte
     load_error: Optional[str] = None
     load_task: Optional[asyncio.Task] = field(default=None, repr=False)
 
@@ -103,8 +104,12 @@ def create_app(settings: Settings, *, manager: Any = None, metrics: Any = None) 
             await state.manager.close()
             logger.info("models closed")
 
-    app = FastAPI(title="jetserve", version="0.1.0", lifespan=lifespan,
-                  description="OpenAI-compatible LLM serving for NVIDIA Jetson")
+    app = FastAPI(
+        title="jetserve",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="OpenAI-compatible LLM serving for NVIDIA Jetson",
+    )
     app.state.jetserve = state
     app.state.settings = settings
     app.state.manager = manager
@@ -139,8 +144,10 @@ def _install_openapi(app: FastAPI) -> None:
                 js = getattr(protocol, name).model_json_schema(ref_template="#/components/schemas/{model}")
                 schemas.update(js.pop("$defs", {}))
                 schemas[name] = js
-                op["requestBody"] = {"required": True, "content": {"application/json": {
-                    "schema": {"$ref": f"#/components/schemas/{name}"}}}}
+                op["requestBody"] = {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}},
+                }
             app.openapi_schema = doc
         return app.openapi_schema
 

@@ -7,6 +7,7 @@
 - `BodyLimitMiddleware`: bodies larger than `Settings.max_body_bytes` get 413 (by Content-Length up front,
   or while reading a chunked body).
 """
+
 from __future__ import annotations
 
 import hmac
@@ -27,11 +28,14 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
     return None
 
 
-async def _send_error(send, status: int, message: str, type_: str, code: str,
-                      extra_headers: Iterable[Tuple[bytes, bytes]] = ()) -> None:
+async def _send_error(
+    send, status: int, message: str, type_: str, code: str, extra_headers: Iterable[Tuple[bytes, bytes]] = ()
+) -> None:
     body = json.dumps(error_body(message, type_, None, code)).encode()
-    headers: List[Tuple[bytes, bytes]] = [(b"content-type", b"application/json"),
-                                          (b"content-length", str(len(body)).encode())]
+    headers: List[Tuple[bytes, bytes]] = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+    ]
     headers.extend(extra_headers)
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
@@ -69,8 +73,14 @@ class AuthMiddleware:
             return await self.app(scope, receive, send)
         if check_bearer(_header(scope, b"authorization"), self.keys):
             return await self.app(scope, receive, send)
-        await _send_error(send, 401, "Invalid or missing API key. Send 'Authorization: Bearer <key>'.",
-                          "invalid_request_error", "invalid_api_key", [(b"www-authenticate", b"Bearer")])
+        await _send_error(
+            send,
+            401,
+            "Invalid or missing API key. Send 'Authorization: Bearer <key>'.",
+            "invalid_request_error",
+            "invalid_api_key",
+            [(b"www-authenticate", b"Bearer")],
+        )
 
 
 class BodyTooLarge(StarletteHTTPException):
@@ -112,5 +122,6 @@ class BodyLimitMiddleware:
         await self.app(scope, limited_receive, send)
 
     async def _reject(self, send) -> None:
-        await _send_error(send, 413, f"Request body larger than {self.max} bytes.", "invalid_request_error",
-                          "request_too_large")
+        await _send_error(
+            send, 413, f"Request body larger than {self.max} bytes.", "invalid_request_error", "request_too_large"
+        )

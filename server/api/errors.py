@@ -3,6 +3,7 @@
 `APIError` is raised by routes; the handlers installed by `install_error_handlers` turn it, FastAPI's
 validation errors (400, not 422), HTTP exceptions (404/405 ...) and unexpected exceptions (500) into that shape.
 """
+
 from __future__ import annotations
 
 import logging
@@ -16,15 +17,34 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger(__name__)
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error", 413: "invalid_request_error",
-          415: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
-          500: "server_error", 503: "server_error", 504: "timeout_error"}
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    408: "timeout_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "server_error",
+    504: "timeout_error",
+}
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, *, type: Optional[str] = None, param: Optional[str] = None,
-                 code: Optional[str] = None, headers: Optional[Dict[str, str]] = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: Optional[str] = None,
+        param: Optional[str] = None,
+        code: Optional[str] = None,
+        headers: Optional[Dict[str, str]] = None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -56,7 +76,7 @@ def from_validation_error(exc: ValidationError | RequestValidationError) -> APIE
     param = ".".join(loc) or None
     msg = first.get("msg", "invalid request")
     if msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
+        msg = msg[len("Value error, ") :]
     message = f"{param}: {msg}" if param else msg
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
@@ -75,8 +95,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException):
         codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
-        return error_response(exc.status_code, str(exc.detail), code=codes.get(exc.status_code),
-                              headers=getattr(exc, "headers", None))
+        return error_response(
+            exc.status_code, str(exc.detail), code=codes.get(exc.status_code), headers=getattr(exc, "headers", None)
+        )
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, exc: Exception):

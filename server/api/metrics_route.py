@@ -2,6 +2,7 @@
 
 Open by default; `Settings.metrics_require_key` puts it behind the API keys (enforced by AuthMiddleware).
 """
+
 from __future__ import annotations
 
 from fastapi import APIRouter, Request

@@ -5,6 +5,7 @@
 unless it has its neutral value (n > 1, best_of > 1, echo, suffix, logit_bias, tools, ...). Unknown fields
 (clients send many) are ignored; docs/api.md lists the table (`fields_markdown`).
 """
+
 from __future__ import annotations
 
 import time
@@ -41,8 +42,12 @@ def _off(v: Any) -> bool:
 
 FIELDS: List[FieldRule] = [
     FieldRule("model", "both", "string; the server's default model when omitted"),
-    FieldRule("max_tokens", "both", "integer >= 1; default the rest of the context; prompt + max_tokens beyond "
-                                    "the context is a 400 `context_length_exceeded`"),
+    FieldRule(
+        "max_tokens",
+        "both",
+        "integer >= 1; default the rest of the context; prompt + max_tokens beyond "
+        "the context is a 400 `context_length_exceeded`",
+    ),
     FieldRule("temperature", "both", _lim("temperature")),
     FieldRule("top_p", "both", _lim("top_p")),
     FieldRule("top_k", "both", "integer " + str(LIMITS["top_k"]) + f" ({LIMITS['top_k'].note})"),
@@ -51,26 +56,38 @@ FIELDS: List[FieldRule] = [
     FieldRule("frequency_penalty", "both", _lim("frequency_penalty")),
     FieldRule("repetition_penalty", "both", _lim("repetition_penalty")),
     FieldRule("stop", "both", f"a string or up to {MAX_STOP_SEQUENCES} non-empty strings; not returned"),
-    FieldRule("seed", "both", "integer; same seed, prompt and settings give the same output, whatever else is "
-                              "in the batch"),
+    FieldRule(
+        "seed", "both", "integer; same seed, prompt and settings give the same output, whatever else is in the batch"
+    ),
     FieldRule("stream", "both", "boolean; server-sent events"),
     FieldRule("stream_options", "both", "`include_usage`"),
     FieldRule("ignore_eos", "both", "boolean (benchmarks)"),
     FieldRule("user", "both", "string; informational, no effect"),
     FieldRule("n", "both", "1", lambda v: v == 1, "n > 1 is not supported; send separate requests"),
     FieldRule("logit_bias", "both", "empty", _off, "logit_bias is not supported"),
-    FieldRule("response_format", "both", '`{"type": "text"}`, `{"type": "json_object"}` or `{"type": "json_schema", '
-                                        '"json_schema": {"name", "schema", "strict"}}`; JSON is enforced by a token '
-                                        "mask (see Structured output); a schema that cannot be enforced is a 400"),
-    FieldRule("prompt", "completions", "a string, a list of token ids, or a list holding one of these "
-                                       "(one prompt per request)"),
+    FieldRule(
+        "response_format",
+        "both",
+        '`{"type": "text"}`, `{"type": "json_object"}` or `{"type": "json_schema", '
+        '"json_schema": {"name", "schema", "strict"}}`; JSON is enforced by a token '
+        "mask (see Structured output); a schema that cannot be enforced is a 400",
+    ),
+    FieldRule(
+        "prompt",
+        "completions",
+        "a string, a list of token ids, or a list holding one of these (one prompt per request)",
+    ),
     FieldRule("logprobs", "completions", "integer " + str(LIMITS["logprobs"]) + " (top tokens per position)"),
     FieldRule("echo", "completions", "false", _off, "echo is not supported"),
     FieldRule("best_of", "completions", "1", lambda v: v in (None, 1), "best_of > 1 is not supported"),
     FieldRule("suffix", "completions", "empty", _off, "suffix is not supported"),
-    FieldRule("messages", "chat", "roles system, developer (as system), user, assistant, tool; content a string "
-                                  "or text parts; rendered with the model's chat template; a message with "
-                                  "`tool_calls` is a 400"),
+    FieldRule(
+        "messages",
+        "chat",
+        "roles system, developer (as system), user, assistant, tool; content a string "
+        "or text parts; rendered with the model's chat template; a message with "
+        "`tool_calls` is a 400",
+    ),
     FieldRule("max_completion_tokens", "chat", "as `max_tokens` (wins over it)"),
     FieldRule("logprobs", "chat", "boolean"),
     FieldRule("top_logprobs", "chat", "integer " + str(LIMITS["logprobs"]) + "; needs `logprobs: true`"),
@@ -82,8 +99,13 @@ FIELDS: List[FieldRule] = [
     FieldRule("tool_choice", "chat", '"none"', lambda v: v in (None, "none"), "tool_choice is not supported"),
     FieldRule("functions", "chat", "empty", _off, "functions are not supported"),
     FieldRule("function_call", "chat", '"none"', lambda v: v in (None, "none"), "function_call is not supported"),
-    FieldRule("modalities", "chat", '`["text"]`', lambda v: v in (None, ["text"]),
-              'modalities other than ["text"] are not supported'),
+    FieldRule(
+        "modalities",
+        "chat",
+        '`["text"]`',
+        lambda v: v in (None, ["text"]),
+        'modalities other than ["text"] are not supported',
+    ),
     FieldRule("audio", "chat", "null", lambda v: v is None, "audio output is not supported"),
     FieldRule("prediction", "chat", "null", lambda v: v is None, "predicted outputs are not supported"),
     FieldRule("reasoning_effort", "chat", "null", lambda v: v is None, "reasoning_effort is not supported"),
@@ -277,38 +299,95 @@ class ChatCompletionRequest(_SamplingFields):
 
 # ------------------------------------------------------------------------ responses (dicts)
 def usage_dict(prompt_tokens: int, completion_tokens: int) -> Dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
-def completion_response(rid: str, created: int, model: str, text: str, finish_reason: Optional[str],
-                        logprobs: Optional[dict], usage: Dict[str, int]) -> Dict[str, Any]:
-    return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
-            "usage": usage}
+def completion_response(
+    rid: str,
+    created: int,
+    model: str,
+    text: str,
+    finish_reason: Optional[str],
+    logprobs: Optional[dict],
+    usage: Dict[str, int],
+) -> Dict[str, Any]:
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
+        "usage": usage,
+    }
 
 
-def completion_chunk(rid: str, created: int, model: str, text: str, finish_reason: Optional[str],
-                     logprobs: Optional[dict], with_usage: bool) -> Dict[str, Any]:
-    d = {"id": rid, "object": "text_completion", "created": created, "model": model,
-         "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
+def completion_chunk(
+    rid: str,
+    created: int,
+    model: str,
+    text: str,
+    finish_reason: Optional[str],
+    logprobs: Optional[dict],
+    with_usage: bool,
+) -> Dict[str, Any]:
+    d = {
+        "id": rid,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
+    }
     if with_usage:
         d["usage"] = None
     return d
 
 
-def chat_response(rid: str, created: int, model: str, text: str, finish_reason: Optional[str],
-                  logprobs: Optional[dict], usage: Dict[str, int]) -> Dict[str, Any]:
-    return {"id": rid, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "logprobs": logprobs, "finish_reason": finish_reason}],
-            "usage": usage}
+def chat_response(
+    rid: str,
+    created: int,
+    model: str,
+    text: str,
+    finish_reason: Optional[str],
+    logprobs: Optional[dict],
+    usage: Dict[str, int],
+) -> Dict[str, Any]:
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": logprobs,
+                "finish_reason": finish_reason,
+            }
+        ],
+        "usage": usage,
+    }
 
 
-def chat_chunk(rid: str, created: int, model: str, delta: Dict[str, Any], finish_reason: Optional[str],
-               logprobs: Optional[dict], with_usage: bool) -> Dict[str, Any]:
-    d = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-         "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
+def chat_chunk(
+    rid: str,
+    created: int,
+    model: str,
+    delta: Dict[str, Any],
+    finish_reason: Optional[str],
+    logprobs: Optional[dict],
+    with_usage: bool,
+) -> Dict[str, Any]:
+    d = {
+        "id": rid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
+    }
     if with_usage:
         d["usage"] = None
     return d
@@ -328,19 +407,31 @@ def _bytes(s: str) -> List[int]:
     return list(s.encode("utf-8", errors="replace"))
 
 
-def completion_logprobs(tokens: Sequence[str], lps: Sequence[float], tops: Sequence[Sequence[tuple]],
-                        offset0: int) -> Dict[str, Any]:
+def completion_logprobs(
+    tokens: Sequence[str], lps: Sequence[float], tops: Sequence[Sequence[tuple]], offset0: int
+) -> Dict[str, Any]:
     """OpenAI legacy completions logprobs: `tops` are (token_text, logprob) pairs per position."""
     offsets, off = [], offset0
     for t in tokens:
         offsets.append(off)
         off += len(t)
-    return {"tokens": list(tokens), "token_logprobs": list(lps),
-            "top_logprobs": [{t: lp for t, lp in top} for top in tops], "text_offset": offsets}
+    return {
+        "tokens": list(tokens),
+        "token_logprobs": list(lps),
+        "top_logprobs": [{t: lp for t, lp in top} for top in tops],
+        "text_offset": offsets,
+    }
 
 
 def chat_logprobs(tokens: Sequence[str], lps: Sequence[float], tops: Sequence[Sequence[tuple]]) -> Dict[str, Any]:
-    return {"content": [
-        {"token": t, "logprob": lp, "bytes": _bytes(t),
-         "top_logprobs": [{"token": tt, "logprob": tlp, "bytes": _bytes(tt)} for tt, tlp in top]}
-        for t, lp, top in zip(tokens, lps, tops)]}
+    return {
+        "content": [
+            {
+                "token": t,
+                "logprob": lp,
+                "bytes": _bytes(t),
+                "top_logprobs": [{"token": tt, "logprob": tlp, "bytes": _bytes(tt)} for tt, tlp in top],
+            }
+            for t, lp, top in zip(tokens, lps, tops)
+        ]
+    }

@@ -9,6 +9,7 @@ max_tokens policy: omitted means "the rest of the context"; a prompt that leaves
 prompt + max_tokens beyond the context, is refused with 400 `context_length_exceeded` giving the numbers
 (OpenAI's behaviour; nothing is silently clamped).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -31,8 +32,15 @@ from server.api import protocol as P
 from server.api.errors import APIError, error_body, from_validation_error
 from server.api.structured import constraint_for
 from server.engine.request import (
-    FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, FINISH_TIMEOUT, EngineStoppedError, GenerationRequest,
-    QueueFullError, TokenEvent, new_request_id,
+    FINISH_ABORT,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    FINISH_TIMEOUT,
+    EngineStoppedError,
+    GenerationRequest,
+    QueueFullError,
+    TokenEvent,
+    new_request_id,
 )
 
 logger = logging.getLogger(__name__)
@@ -68,8 +76,9 @@ async def list_models(request: Request):
     st = _state(request)
     data = []
     for e in st.manager.list_models():
-        data.append(P.model_card(e.name, int(e.loaded_at) if e.loaded_at else None, state=e.state,
-                                 aliases=list(e.aliases)))
+        data.append(
+            P.model_card(e.name, int(e.loaded_at) if e.loaded_at else None, state=e.state, aliases=list(e.aliases))
+        )
     return {"object": "list", "data": data}
 
 
@@ -108,6 +117,7 @@ async def chat_completions(request: Request):
 
 def _map_model_error(e: Exception, name: str) -> APIError:
     from server.store import ModelLoadError, ModelNotFoundError  # no torch
+
     if isinstance(e, ModelNotFoundError):
         return APIError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
     if isinstance(e, ModelLoadError):
@@ -139,16 +149,24 @@ async def _tokenize(lm: Any, body: Any, chat: bool) -> List[int]:
 def _budget(n_prompt: int, ctx: int, max_tokens: Optional[int], chat: bool) -> int:
     where = "messages" if chat else "prompt"
     if n_prompt >= ctx:
-        raise APIError(400, f"This model's maximum context length is {ctx} tokens. However, your {where} has "
-                            f"{n_prompt} tokens, which leaves no room for the completion.",
-                       param=where, code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"This model's maximum context length is {ctx} tokens. However, your {where} has "
+            f"{n_prompt} tokens, which leaves no room for the completion.",
+            param=where,
+            code="context_length_exceeded",
+        )
     if max_tokens is None:
         return ctx - n_prompt
     if n_prompt + max_tokens > ctx:
-        raise APIError(400, f"This model's maximum context length is {ctx} tokens. However, you requested "
-                            f"{n_prompt + max_tokens} tokens ({n_prompt} in the {where}, {max_tokens} in the "
-                            f"completion). Please reduce the length of the {where} or max_tokens.",
-                       param="max_tokens", code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"This model's maximum context length is {ctx} tokens. However, you requested "
+            f"{n_prompt + max_tokens} tokens ({n_prompt} in the {where}, {max_tokens} in the "
+            f"completion). Please reduce the length of the {where} or max_tokens.",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
     return max_tokens
 
 
@@ -182,8 +200,7 @@ class _Decoder:
                 self.completion_tokens += 1
                 out.append(self.detok.add(ev.token_id))
                 if self.num_logprobs is not None and ev.logprob is not None:
-                    lps.append((self._piece(ev.token_id), ev.logprob,
-                                [(self._piece(t), lp) for t, lp in ev.top]))
+                    lps.append((self._piece(ev.token_id), ev.logprob, [(self._piece(t), lp) for t, lp in ev.top]))
                 if self.detok.stopped:
                     self.finish_reason = FINISH_STOP
                     break
@@ -226,21 +243,37 @@ async def _generate(request: Request, body: Any, chat: bool):
         max_tokens = _budget(len(prompt_ids), engine.max_seq, body.max_new_tokens if chat else body.max_tokens, chat)
         num_lp = body.num_logprobs if chat else body.logprobs
         try:
-            params = SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                                    min_p=body.min_p, repetition_penalty=body.repetition_penalty,
-                                    presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-                                    seed=body.seed, logprobs=num_lp).validate()
+            params = SamplingParams(
+                temperature=body.temperature,
+                top_p=body.top_p,
+                top_k=body.top_k,
+                min_p=body.min_p,
+                repetition_penalty=body.repetition_penalty,
+                presence_penalty=body.presence_penalty,
+                frequency_penalty=body.frequency_penalty,
+                seed=body.seed,
+                logprobs=num_lp,
+            ).validate()
         except ValueError as e:
             raise APIError(400, str(e)) from None
         constraint = await constraint_for(lm, body.response_format)  # structured output; None for text
-        req = GenerationRequest(prompt_ids=prompt_ids, params=params, max_tokens=max_tokens,
-                                request_id=new_request_id("chatcmpl" if chat else "cmpl"), ignore_eos=body.ignore_eos,
-                                constraint=constraint)
+        req = GenerationRequest(
+            prompt_ids=prompt_ids,
+            params=params,
+            max_tokens=max_tokens,
+            request_id=new_request_id("chatcmpl" if chat else "cmpl"),
+            ignore_eos=body.ignore_eos,
+            constraint=constraint,
+        )
         try:
             handle = engine.submit(req)
         except QueueFullError as e:
-            raise APIError(429, str(e), code="rate_limit_exceeded",
-                           headers={"Retry-After": str(max(1, math.ceil(e.retry_after_s)))}) from None
+            raise APIError(
+                429,
+                str(e),
+                code="rate_limit_exceeded",
+                headers={"Retry-After": str(max(1, math.ceil(e.retry_after_s)))},
+            ) from None
         except EngineStoppedError as e:
             raise APIError(503, str(e), code="shutting_down", headers={"Retry-After": "5"}) from None
         except ValueError as e:
@@ -271,9 +304,13 @@ async def _generate(request: Request, body: Any, chat: bool):
     created = int(time.time())
     model_name = lm.name
     if body.stream:
-        return EventSourceResponse(_stream(handle, dec, chat, req.request_id, created, model_name, body.include_usage,
-                                           len(prompt_ids), cleanup),
-                                   sep="\n", background=BackgroundTask(cleanup))
+        return EventSourceResponse(
+            _stream(
+                handle, dec, chat, req.request_id, created, model_name, body.include_usage, len(prompt_ids), cleanup
+            ),
+            sep="\n",
+            background=BackgroundTask(cleanup),
+        )
     try:
         return await _complete(request, handle, dec, chat, req.request_id, created, model_name, len(prompt_ids))
     finally:
@@ -287,8 +324,9 @@ async def _wait_disconnect(request: Request) -> None:
             return
 
 
-async def _complete(request: Request, handle, dec: _Decoder, chat: bool, rid: str, created: int, model: str,
-                    n_prompt: int):
+async def _complete(
+    request: Request, handle, dec: _Decoder, chat: bool, rid: str, created: int, model: str, n_prompt: int
+):
     async def consume() -> Tuple[str, List[tuple]]:
         texts: List[str] = []
         lps: List[tuple] = []
@@ -320,21 +358,26 @@ async def _complete(request: Request, handle, dec: _Decoder, chat: bool, rid: st
     return P.completion_response(rid, created, model, text, dec.finish_reason, _format_logprobs(False, lps, 0), usage)
 
 
-async def _stream(handle, dec: _Decoder, chat: bool, rid: str, created: int, model: str, include_usage: bool,
-                  n_prompt: int, cleanup):
+async def _stream(
+    handle, dec: _Decoder, chat: bool, rid: str, created: int, model: str, include_usage: bool, n_prompt: int, cleanup
+):
     dumps = json.dumps
     try:
         if chat:
-            yield dumps(P.chat_chunk(rid, created, model, {"role": "assistant", "content": ""}, None, None,
-                                     include_usage))
+            yield dumps(
+                P.chat_chunk(rid, created, model, {"role": "assistant", "content": ""}, None, None, include_usage)
+            )
         async for ev in handle:
             offset = dec.text_len
             text, lps = dec.feed([ev] + handle.ready_events())  # coalesce a backlog into one chunk
             if text or lps or dec.finish_reason:
                 lp = _format_logprobs(chat, lps, offset)
                 if chat:
-                    yield dumps(P.chat_chunk(rid, created, model, {"content": text} if text else {},
-                                             dec.finish_reason, lp, include_usage))
+                    yield dumps(
+                        P.chat_chunk(
+                            rid, created, model, {"content": text} if text else {}, dec.finish_reason, lp, include_usage
+                        )
+                    )
                 else:
                     yield dumps(P.completion_chunk(rid, created, model, text, dec.finish_reason, lp, include_usage))
             if dec.error is not None:
@@ -343,8 +386,15 @@ async def _stream(handle, dec: _Decoder, chat: bool, rid: str, created: int, mod
             if dec.done:
                 break
         if include_usage and dec.error is None:
-            yield dumps(P.usage_chunk(rid, created, model, "chat.completion.chunk" if chat else "text_completion",
-                                      P.usage_dict(n_prompt, dec.completion_tokens)))
+            yield dumps(
+                P.usage_chunk(
+                    rid,
+                    created,
+                    model,
+                    "chat.completion.chunk" if chat else "text_completion",
+                    P.usage_dict(n_prompt, dec.completion_tokens),
+                )
+            )
         yield "[DONE]"
     except Exception as e:  # never let a formatting bug kill the connection silently
         logger.exception("stream %s failed", rid)

@@ -10,6 +10,7 @@ about 0.1-0.2 ms per step on CPU, and a schema it cannot enforce is refused with
 
 Nothing here imports torch: `fill_mask` writes through the row's `data_ptr()`.
 """
+
 from __future__ import annotations
 
 import asyncio

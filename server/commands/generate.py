@@ -5,6 +5,7 @@ engine (`server.engine.Engine`, one slot) over it, submits one request and strea
 text here, at the edge, with `models.tokenizer.IncrementalDetokenizer`. The text goes to stdout (as it comes
 with --stream); timings go to stderr. Exit status: 0, 2 for bad arguments, 1 if the engine fails the request.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stream", action="store_true", help="Print text as it is generated")
     parser.add_argument("--chat", action="store_true", help="Wrap the prompt as a user message in the chat template")
     parser.add_argument("--system", default=None, help="System message for --chat")
-    parser.add_argument("--temperature", "-t", type=float, default=0.0,
-                        help="Sampling temperature; 0 = greedy (default 0)")
+    parser.add_argument(
+        "--temperature", "-t", type=float, default=0.0, help="Sampling temperature; 0 = greedy (default 0)"
+    )
     parser.add_argument("--top-p", type=float, default=1.0, help="Nucleus sampling mass (default 1 = off)")
     parser.add_argument("--top-k", type=int, default=0, help="Keep the k most likely tokens (default 0 = off)")
     parser.add_argument("--min-p", type=float, default=0.0, help="Drop tokens below min_p x the top probability")
@@ -39,13 +41,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ignore-eos", action="store_true", help="Keep generating past end-of-sequence tokens")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default auto)")
     parser.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="Activation dtype (default bfloat16)")
-    parser.add_argument("--max-seq", type=int, default=None,
-                        help="KV cache length (default: prompt + max tokens, capped by the model's context)")
+    parser.add_argument(
+        "--max-seq",
+        type=int,
+        default=None,
+        help="KV cache length (default: prompt + max tokens, capped by the model's context)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="Allow the model folder to run its own code (transformers fallback, tokenizer)")
-    parser.add_argument("--store", type=Path, default=None,
-                        help="Model store (default $JETSERVE_MODEL_STORE or ./model-store)")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="Allow the model folder to run its own code (transformers fallback, tokenizer)",
+    )
+    parser.add_argument(
+        "--store", type=Path, default=None, help="Model store (default $JETSERVE_MODEL_STORE or ./model-store)"
+    )
 
 
 def _resolve(model: str, store: Path) -> Optional[Path]:
@@ -75,9 +85,15 @@ def run(args: argparse.Namespace) -> int:
     from models.sampling import SamplingParams
 
     params = SamplingParams(
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
-        frequency_penalty=args.frequency_penalty, seed=args.seed)
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        seed=args.seed,
+    )
     try:
         params.validate()
     except ValueError as e:
@@ -95,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = Tokenizer.from_dir(model_dir, trust_remote_code=args.trust_remote_code)
     try:
         if args.chat:
-            messages = ([{"role": "system", "content": args.system}] if args.system else [])
+            messages = [{"role": "system", "content": args.system}] if args.system else []
             prompt_ids = tokenizer.apply_chat_template(messages + [{"role": "user", "content": prompt}])
         else:
             prompt_ids = tokenizer.encode(prompt)
@@ -107,17 +123,31 @@ def run(args: argparse.Namespace) -> int:
     context = inspect_checkpoint(model_dir).max_position
     max_seq = args.max_seq or min(context, len(prompt_ids) + args.max_tokens)
     if len(prompt_ids) + args.max_tokens > max_seq:
-        return _error(f"prompt ({len(prompt_ids)} tokens) + --max-tokens ({args.max_tokens}) exceeds the context "
-                      f"({max_seq} tokens)")
+        return _error(
+            f"prompt ({len(prompt_ids)} tokens) + --max-tokens ({args.max_tokens}) exceeds the context "
+            f"({max_seq} tokens)"
+        )
 
     t_load = time.perf_counter()
-    runner = load_runner(model_dir, device=args.device, dtype=getattr(torch, args.dtype), max_slots=1, max_seq=max_seq,
-                         trust_remote_code=args.trust_remote_code)
+    runner = load_runner(
+        model_dir,
+        device=args.device,
+        dtype=getattr(torch, args.dtype),
+        max_slots=1,
+        max_seq=max_seq,
+        trust_remote_code=args.trust_remote_code,
+    )
     runner.warmup()
     t_load = time.perf_counter() - t_load
-    request = GenerationRequest(prompt_ids=prompt_ids, params=params, max_tokens=args.max_tokens,
-                                request_id=new_request_id("gen"), stop_token_ids=tuple(tokenizer.eos_token_ids),
-                                ignore_eos=args.ignore_eos, timeout_s=math.inf)
+    request = GenerationRequest(
+        prompt_ids=prompt_ids,
+        params=params,
+        max_tokens=args.max_tokens,
+        request_id=new_request_id("gen"),
+        stop_token_ids=tuple(tokenizer.eos_token_ids),
+        ignore_eos=args.ignore_eos,
+        timeout_s=math.inf,
+    )
     engine = Engine(runner, settings, name=model_dir.name).start()
     try:
         result = asyncio.run(_generate(engine, tokenizer, request, args))
@@ -134,20 +164,23 @@ def run(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     n_gen, t_decode = result.tokens, result.decode_s
     decode_rate = (n_gen - 1) / t_decode if n_gen > 1 and t_decode > 0 else float("nan")
-    print(f"[{model_dir.name} on {runner.device}, load {t_load:.2f}s] prompt {len(prompt_ids)} tokens, "
-          f"time to first token {result.ttft_s * 1000:.0f} ms; generated {n_gen} tokens ({result.reason}), "
-          f"decode {decode_rate:.1f} tok/s", file=sys.stderr)
+    print(
+        f"[{model_dir.name} on {runner.device}, load {t_load:.2f}s] prompt {len(prompt_ids)} tokens, "
+        f"time to first token {result.ttft_s * 1000:.0f} ms; generated {n_gen} tokens ({result.reason}), "
+        f"decode {decode_rate:.1f} tok/s",
+        file=sys.stderr,
+    )
     return 0
 
 
 @dataclass
 class _Result:
     text: str
-    tokens: int                   # tokens sampled, the one that ended generation (EOS) included
-    reason: str                   # "eos" | "stop" (a stop string) | "length"
+    tokens: int  # tokens sampled, the one that ended generation (EOS) included
+    reason: str  # "eos" | "stop" (a stop string) | "length"
     ttft_s: float
-    decode_s: float               # from the first token to the end
-    error: Optional[str] = None   # the engine's error, if the request failed
+    decode_s: float  # from the first token to the end
+    error: Optional[str] = None  # the engine's error, if the request failed
 
 
 async def _generate(engine, tokenizer, request, args) -> _Result:

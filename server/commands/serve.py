@@ -7,6 +7,7 @@ the defaults. With no arguments it serves the demo model on 127.0.0.1:8000.
 SIGTERM / SIGINT: the first signal starts draining (new requests and /ready get 503, in-flight streams run
 on for up to `shutdown_grace_s`), then uvicorn stops and the models are closed. A second signal exits now.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,21 +42,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help_text = field.description or name
         default = field.default if field.default_factory is None else field.default_factory()
         if name == "api_keys":
-            parser.add_argument("--api-key", dest="api_keys", action="append", default=argparse.SUPPRESS,
-                                metavar="KEY", help=f"{help_text} (env JETSERVE_API_KEYS, comma-separated)")
+            parser.add_argument(
+                "--api-key",
+                dest="api_keys",
+                action="append",
+                default=argparse.SUPPRESS,
+                metavar="KEY",
+                help=f"{help_text} (env JETSERVE_API_KEYS, comma-separated)",
+            )
             continue
         flag = "--" + name.replace("_", "-")
         env = f"JETSERVE_{name.upper()}"
         kind, arg = _flag_type(field.annotation)
         if kind == "bool":
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=f"{help_text} (env {env}; default {default})")
+            parser.add_argument(
+                flag,
+                dest=name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=f"{help_text} (env {env}; default {default})",
+            )
         elif kind == "choices":
-            parser.add_argument(flag, dest=name, choices=arg, default=argparse.SUPPRESS,
-                                help=f"{help_text} (env {env}; default {default})")
+            parser.add_argument(
+                flag,
+                dest=name,
+                choices=arg,
+                default=argparse.SUPPRESS,
+                help=f"{help_text} (env {env}; default {default})",
+            )
         else:
-            parser.add_argument(flag, dest=name, type=arg, default=argparse.SUPPRESS, metavar=name.upper(),
-                                help=f"{help_text} (env {env}; default {default})")
+            parser.add_argument(
+                flag,
+                dest=name,
+                type=arg,
+                default=argparse.SUPPRESS,
+                metavar=name.upper(),
+                help=f"{help_text} (env {env}; default {default})",
+            )
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -107,12 +130,26 @@ def run(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     logging.getLogger().setLevel(settings.log_level.upper())
-    logger.info("serving %s from %s on http://%s:%d (device=%s, batch=%d, context=%d, auth=%s)", settings.model,
-                settings.model_store, settings.host, settings.port, settings.device, settings.max_batch_size,
-                settings.max_context, "on" if settings.api_keys else "off")
+    logger.info(
+        "serving %s from %s on http://%s:%d (device=%s, batch=%d, context=%d, auth=%s)",
+        settings.model,
+        settings.model_store,
+        settings.host,
+        settings.port,
+        settings.device,
+        settings.max_batch_size,
+        settings.max_context,
+        "on" if settings.api_keys else "off",
+    )
     app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=5, log_config=None)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=5,
+        log_config=None,
+    )
     server = _graceful_server_class()(config, app, settings.shutdown_grace_s)
     server.run()
     return 0

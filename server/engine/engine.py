@@ -14,6 +14,7 @@ Occupancy (running, waiting, KV use) is reported through `on_step` after every s
 turn whose finishes (abort, stop, timeout, engine stop or crash) changed it without a step following, so the
 gauges fed from it follow state: they read 0 as soon as the last request is gone, with no further traffic.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -27,8 +28,17 @@ import torch
 
 from models.sampling import make_generator, sample
 from server.engine.request import (
-    FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, FINISH_TIMEOUT, EngineStoppedError,
-    GenerationRequest, QueueFullError, RequestHandle, SequenceState, TokenEvent,
+    FINISH_ABORT,
+    FINISH_ERROR,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    FINISH_TIMEOUT,
+    EngineStoppedError,
+    GenerationRequest,
+    QueueFullError,
+    RequestHandle,
+    SequenceState,
+    TokenEvent,
 )
 from server.engine.scheduler import Scheduler
 from server.engine.stats import RequestStats, StepStats
@@ -44,9 +54,15 @@ class Engine:
     the engine thread; `on_step` also gets a `batch_size == 0` record when finishes alone changed occupancy.
     """
 
-    def __init__(self, runner: Any, settings: Any, *, name: str = "",
-                 on_step: Optional[Callable[[StepStats], None]] = None,
-                 on_request: Optional[Callable[[RequestStats], None]] = None):
+    def __init__(
+        self,
+        runner: Any,
+        settings: Any,
+        *,
+        name: str = "",
+        on_step: Optional[Callable[[StepStats], None]] = None,
+        on_request: Optional[Callable[[RequestStats], None]] = None,
+    ):
         self.runner = runner
         self.name = name
         self.max_slots = int(runner.max_slots)
@@ -61,14 +77,14 @@ class Engine:
 
         self._cv = threading.Condition()
         self._inbox: Deque[SequenceState] = deque()
-        self._aborts: Dict[str, str] = {}   # request_id -> finish reason to record (abort or stop)
-        self._num_active = 0          # submitted and not yet finished (guarded by _cv)
+        self._aborts: Dict[str, str] = {}  # request_id -> finish reason to record (abort or stop)
+        self._num_active = 0  # submitted and not yet finished (guarded by _cv)
         self._accepting = True
         self._stopping = False
         self._thread: Optional[threading.Thread] = None
 
         # Engine-thread state.
-        self._outbox: List[tuple] = []   # (handle, event) delivered together at the end of each loop turn
+        self._outbox: List[tuple] = []  # (handle, event) delivered together at the end of each loop turn
         self._running: List[SequenceState] = []
         self._waiting: Deque[SequenceState] = deque()
 
@@ -83,7 +99,9 @@ class Engine:
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> "Engine":
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name=f"jetserve-engine-{self.name or 'model'}", daemon=True)
+            self._thread = threading.Thread(
+                target=self._run, name=f"jetserve-engine-{self.name or 'model'}", daemon=True
+            )
             self._thread.start()
         return self
 
@@ -134,7 +152,8 @@ class Engine:
             if self._num_active >= self.max_slots + self.max_queue:
                 raise QueueFullError(
                     f"server is at capacity: {self.max_slots} running and {self.max_queue} waiting requests",
-                    retry_after_s=1.0)
+                    retry_after_s=1.0,
+                )
             self._num_active += 1
             self._inbox.append(seq)
             self._cv.notify()
@@ -170,8 +189,14 @@ class Engine:
 
     # ----------------------------------------------------------------- engine thread
     def _run(self) -> None:
-        logger.info("engine %s started (slots=%d, max_seq=%d, prefill_chunk=%d, max_queue=%d)", self.name,
-                    self.max_slots, self.max_seq, self.scheduler.prefill_chunk, self.max_queue)
+        logger.info(
+            "engine %s started (slots=%d, max_seq=%d, prefill_chunk=%d, max_queue=%d)",
+            self.name,
+            self.max_slots,
+            self.max_seq,
+            self.scheduler.prefill_chunk,
+            self.max_queue,
+        )
         try:
             while True:
                 with self._cv:
@@ -230,7 +255,7 @@ class Engine:
         prefill_seqs = 0
         for seq, start, n in plan.prefill:
             try:
-                ids = torch.tensor(seq.request.prompt_ids[start:start + n], dtype=torch.long)
+                ids = torch.tensor(seq.request.prompt_ids[start : start + n], dtype=torch.long)
                 logits = self.runner.prefill(ids, seq.slot, start)
             except Exception as e:
                 logger.warning("request %s failed in prefill: %s", seq.request.request_id, e, exc_info=True)
@@ -278,12 +303,22 @@ class Engine:
         self.last_waiting = len(self._waiting)
         if self.on_step is not None:
             kv_tokens = sum(s.seq_len for s in self._running)
-            self._safe_callback(self.on_step, StepStats(
-                model=self.name, batch_size=batch, num_prefill_tokens=prefill_tokens,
-                num_decode_tokens=decode_tokens, step_duration_s=duration_s,
-                running=len(self._running), waiting=len(self._waiting), kv_slots_used=len(self._running),
-                kv_slots_total=self.max_slots, kv_tokens_used=kv_tokens,
-                kv_tokens_total=self.max_slots * self.max_seq))
+            self._safe_callback(
+                self.on_step,
+                StepStats(
+                    model=self.name,
+                    batch_size=batch,
+                    num_prefill_tokens=prefill_tokens,
+                    num_decode_tokens=decode_tokens,
+                    step_duration_s=duration_s,
+                    running=len(self._running),
+                    waiting=len(self._waiting),
+                    kv_slots_used=len(self._running),
+                    kv_slots_total=self.max_slots,
+                    kv_tokens_used=kv_tokens,
+                    kv_tokens_total=self.max_slots * self.max_seq,
+                ),
+            )
 
     def _report_if_changed(self) -> None:
         """After a loop turn without a step: report if finishes changed the occupancy (batch_size 0)."""
@@ -292,15 +327,16 @@ class Engine:
 
     def _sample_and_emit(self, seqs: List[SequenceState], logits: torch.Tensor) -> None:
         params = [s.request.params for s in seqs]
-        need_history = any(p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
-                           for p in params)
+        need_history = any(
+            p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params
+        )
         histories = prompt_lens = None
         if need_history:  # (B, L) prompt+generated ids padded with -1
             hists = [s.history() for s in seqs]
             width = max(len(h) for h in hists)
             histories = torch.full((len(seqs), width), -1, dtype=torch.long)
             for i, h in enumerate(hists):
-                histories[i, :len(h)] = torch.tensor(h, dtype=torch.long)
+                histories[i, : len(h)] = torch.tensor(h, dtype=torch.long)
             histories = histories.to(self.device)
             prompt_lens = [s.prompt_len for s in seqs]
         allowed = None
@@ -321,8 +357,12 @@ class Engine:
             tok = int(tokens[i])
             constraint = seq.request.constraint
             if constraint is not None and not constraint.accept(tok):  # the mask allowed nothing: never emit it
-                self._finish(seq, FINISH_ERROR, error="structured output: no token satisfies the grammar",
-                             error_code="internal_error")
+                self._finish(
+                    seq,
+                    FINISH_ERROR,
+                    error="structured output: no token satisfies the grammar",
+                    error_code="internal_error",
+                )
                 continue
             seq.output_ids.append(tok)
             self.tokens_generated += 1
@@ -349,8 +389,15 @@ class Engine:
             else:
                 self._finish(seq, finish, event=ev)
 
-    def _finish(self, seq: SequenceState, reason: str, *, event: Optional[TokenEvent] = None,
-                error: Optional[str] = None, error_code: Optional[str] = None) -> None:
+    def _finish(
+        self,
+        seq: SequenceState,
+        reason: str,
+        *,
+        event: Optional[TokenEvent] = None,
+        error: Optional[str] = None,
+        error_code: Optional[str] = None,
+    ) -> None:
         """Release the slot, send the final event, emit RequestStats. Idempotent."""
         if seq.finished:
             return
@@ -371,13 +418,21 @@ class Engine:
             self._num_active -= 1
         if self.on_request is not None:
             now = time.perf_counter()
-            self._safe_callback(self.on_request, RequestStats(
-                model=self.name, request_id=seq.request.request_id, prompt_tokens=seq.prompt_len,
-                generation_tokens=len(seq.output_ids), finish_reason=reason,
-                queue_time_s=(seq.admit_time - seq.submit_time) if seq.admit_time is not None else 0.0,
-                ttft_s=(seq.first_token_time - seq.submit_time) if seq.first_token_time is not None else None,
-                e2e_latency_s=now - seq.submit_time, inter_token_latencies_s=tuple(seq.itl),
-                error_code=error_code))
+            self._safe_callback(
+                self.on_request,
+                RequestStats(
+                    model=self.name,
+                    request_id=seq.request.request_id,
+                    prompt_tokens=seq.prompt_len,
+                    generation_tokens=len(seq.output_ids),
+                    finish_reason=reason,
+                    queue_time_s=(seq.admit_time - seq.submit_time) if seq.admit_time is not None else 0.0,
+                    ttft_s=(seq.first_token_time - seq.submit_time) if seq.first_token_time is not None else None,
+                    e2e_latency_s=now - seq.submit_time,
+                    inter_token_latencies_s=tuple(seq.itl),
+                    error_code=error_code,
+                ),
+            )
 
     @staticmethod
     def _safe_callback(fn: Callable[[Any], None], arg: Any) -> None:
@@ -387,8 +442,13 @@ class Engine:
             logger.exception("stats callback failed")
 
 
-def make_engine(runner: Any, settings: Any, *, name: str = "",
-                on_step: Optional[Callable[[StepStats], None]] = None,
-                on_request: Optional[Callable[[RequestStats], None]] = None) -> Engine:
+def make_engine(
+    runner: Any,
+    settings: Any,
+    *,
+    name: str = "",
+    on_step: Optional[Callable[[StepStats], None]] = None,
+    on_request: Optional[Callable[[RequestStats], None]] = None,
+) -> Engine:
     """`ModelManager` engine_factory: build and start an engine for an already warmed-up runner."""
     return Engine(runner, settings, name=name, on_step=on_step, on_request=on_request).start()

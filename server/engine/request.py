@@ -8,6 +8,7 @@
 - `SequenceState`: the engine's private per-request state (slot, progress, timings). Only the engine
   thread mutates it; the scheduler reads it.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -68,9 +69,9 @@ class GenerationRequest:
     params: "SamplingParams"
     max_tokens: int
     request_id: str = field(default_factory=new_request_id)
-    stop_token_ids: Tuple[int, ...] = ()        # extra ids that end generation with finish_reason "stop"
+    stop_token_ids: Tuple[int, ...] = ()  # extra ids that end generation with finish_reason "stop"
     ignore_eos: bool = False
-    timeout_s: Optional[float] = None           # wall-clock limit from submit; None = Settings.request_timeout_s
+    timeout_s: Optional[float] = None  # wall-clock limit from submit; None = Settings.request_timeout_s
     constraint: Optional[TokenConstraint] = None  # structured output: masks each token of this request
 
 
@@ -99,8 +100,9 @@ class RequestHandle:
     request and free its slot at the next step boundary (safe to call more than once or after finishing).
     """
 
-    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop,
-                 abort_fn: Callable[[str, str], None]):
+    def __init__(
+        self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, abort_fn: Callable[[str, str], None]
+    ):
         self.request = request
         self.request_id = request.request_id
         self._loop = loop
@@ -160,16 +162,29 @@ _seq_counter = itertools.count()
 class SequenceState:
     """Engine-private state of one request (mutated only on the engine thread)."""
 
-    __slots__ = ("request", "handle", "order", "slot", "num_prefilled", "output_ids", "submit_time",
-                 "admit_time", "first_token_time", "last_token_time", "itl", "deadline", "generator",
-                 "finished")
+    __slots__ = (
+        "request",
+        "handle",
+        "order",
+        "slot",
+        "num_prefilled",
+        "output_ids",
+        "submit_time",
+        "admit_time",
+        "first_token_time",
+        "last_token_time",
+        "itl",
+        "deadline",
+        "generator",
+        "finished",
+    )
 
     def __init__(self, request: GenerationRequest, handle: Any, timeout_s: float):
         self.request = request
         self.handle = handle
-        self.order = next(_seq_counter)            # FIFO tiebreak
+        self.order = next(_seq_counter)  # FIFO tiebreak
         self.slot: Optional[int] = None
-        self.num_prefilled = 0                     # prompt tokens already in the KV cache
+        self.num_prefilled = 0  # prompt tokens already in the KV cache
         self.output_ids: List[int] = []
         self.submit_time = time.perf_counter()
         self.admit_time: Optional[float] = None

@@ -11,6 +11,7 @@ requests and the free slots, and returns a `StepPlan`:
 Sequences are duck-typed (see `server.engine.request.SequenceState`): `.slot`, `.num_prefilled`,
 `.prompt_len`, `.prefill_done`, `.output_ids`, `.order`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -19,9 +20,9 @@ from typing import Any, List, Sequence, Tuple
 
 @dataclass
 class StepPlan:
-    admit: List[Tuple[Any, int]] = field(default_factory=list)        # (sequence, slot) joining this step
+    admit: List[Tuple[Any, int]] = field(default_factory=list)  # (sequence, slot) joining this step
     prefill: List[Tuple[Any, int, int]] = field(default_factory=list)  # (sequence, start_pos, num_tokens)
-    decode: List[Any] = field(default_factory=list)                    # sequences decoding one token
+    decode: List[Any] = field(default_factory=list)  # sequences decoding one token
 
     @property
     def num_prefill_tokens(self) -> int:

@@ -6,6 +6,7 @@ finished request (any outcome) and hands them to the `on_step` / `on_request` ca
 Callbacks run on the engine thread and must be cheap and thread-safe (prometheus-client metrics are).
 All times are seconds (floats from `time.perf_counter()` / `time.monotonic()` differences).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -17,17 +18,17 @@ class StepStats:
     """One engine step (one scheduler plan executed), or, with `batch_size == 0` and no tokens, a loop turn
     that ran no step but whose finishes (abort, stop, timeout, engine stop) changed running/waiting/KV use."""
 
-    model: str                 # served model name ("" if the engine was built without one)
-    batch_size: int            # sequences that got a token computed this step (prefill chunks + decodes); 0: no step
-    num_prefill_tokens: int    # prompt tokens prefilled this step (sum over chunks)
-    num_decode_tokens: int     # decode tokens computed this step (= decoding sequences)
-    step_duration_s: float     # wall time of the step (plan + runner calls + sampling + hand-off)
-    running: int               # sequences holding a KV slot after the step
-    waiting: int               # requests waiting for a slot after the step
-    kv_slots_used: int         # = running
-    kv_slots_total: int        # runner.max_slots
-    kv_tokens_used: int = 0    # tokens resident in the KV cache (sum of sequence lengths)
-    kv_tokens_total: int = 0   # max_slots * max_seq
+    model: str  # served model name ("" if the engine was built without one)
+    batch_size: int  # sequences that got a token computed this step (prefill chunks + decodes); 0: no step
+    num_prefill_tokens: int  # prompt tokens prefilled this step (sum over chunks)
+    num_decode_tokens: int  # decode tokens computed this step (= decoding sequences)
+    step_duration_s: float  # wall time of the step (plan + runner calls + sampling + hand-off)
+    running: int  # sequences holding a KV slot after the step
+    waiting: int  # requests waiting for a slot after the step
+    kv_slots_used: int  # = running
+    kv_slots_total: int  # runner.max_slots
+    kv_tokens_used: int = 0  # tokens resident in the KV cache (sum of sequence lengths)
+    kv_tokens_total: int = 0  # max_slots * max_seq
 
 
 @dataclass(frozen=True)
@@ -38,9 +39,9 @@ class RequestStats:
     request_id: str
     prompt_tokens: int
     generation_tokens: int
-    finish_reason: str                  # "stop" | "length" | "abort" | "timeout" | "error"
-    queue_time_s: float                 # submit -> slot assigned (0 if never admitted: see finish_reason)
-    ttft_s: Optional[float]             # submit -> first generated token (None if none was produced)
-    e2e_latency_s: float                # submit -> finish
+    finish_reason: str  # "stop" | "length" | "abort" | "timeout" | "error"
+    queue_time_s: float  # submit -> slot assigned (0 if never admitted: see finish_reason)
+    ttft_s: Optional[float]  # submit -> first generated token (None if none was produced)
+    e2e_latency_s: float  # submit -> finish
     inter_token_latencies_s: Tuple[float, ...] = field(default_factory=tuple)  # gaps between successive tokens
-    error_code: Optional[str] = None    # e.g. "internal_error", "request_timeout" when finish_reason is error/timeout
+    error_code: Optional[str] = None  # e.g. "internal_error", "request_timeout" when finish_reason is error/timeout

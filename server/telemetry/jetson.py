@@ -21,6 +21,7 @@ Derived figures:
 - bandwidth efficiency: achieved weight bytes/s during engine steps (server.metrics) / the board's peak DRAM
   bandwidth from `PEAK_BANDWIDTH`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -89,6 +90,7 @@ class JetsonReading:
 
 
 # ---------------------------------------------------------------- sysfs reader
+
 
 def _read(path: Path) -> Optional[str]:
     try:
@@ -159,7 +161,7 @@ class SysfsReader:
         rails: Dict[str, float] = {}
         for d in self._hwmon_dirs():
             for label_file in sorted(d.glob("in*_label")):
-                n = label_file.name[2:-len("_label")]
+                n = label_file.name[2 : -len("_label")]
                 label = _read(label_file)
                 if not label or label.upper() == "NC":
                     continue
@@ -212,6 +214,7 @@ class SysfsReader:
 
 
 # ---------------------------------------------------------------- jtop reader
+
 
 class JtopReader:
     """Reads through a running jtop client (jetson-stats). NvMap comes from /proc/meminfo (jtop lacks it)."""
@@ -280,13 +283,21 @@ class JtopReader:
 
 # ---------------------------------------------------------------- collector
 
+
 class JetsonCollector(Collector):
     """Prometheus collector over a reader. `tokens_fn()` -> generated tokens so far; `bandwidth_fn()` -> achieved
     weight bytes/s (server.metrics.Metrics). Readings happen at scrape time (cheap file reads)."""
 
-    def __init__(self, reader, *, model: str = "", peak_gbps: Optional[float] = None,
-                 tokens_fn: Optional[Callable[[], int]] = None, bandwidth_fn: Optional[Callable[[], float]] = None,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        reader,
+        *,
+        model: str = "",
+        peak_gbps: Optional[float] = None,
+        tokens_fn: Optional[Callable[[], int]] = None,
+        bandwidth_fn: Optional[Callable[[], float]] = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.reader = reader
         self.model = model
         self.peak_gbps = peak_gbps
@@ -295,7 +306,7 @@ class JetsonCollector(Collector):
         self.clock = clock
         self._lock = threading.Lock()
         self._energy_j = 0.0
-        self._last: Optional[Tuple[float, float, int]] = None   # (time, watts, tokens)
+        self._last: Optional[Tuple[float, float, int]] = None  # (time, watts, tokens)
         self._j_per_token: Optional[float] = None
 
     def _integrate(self, watts: Optional[float]) -> None:
@@ -318,8 +329,9 @@ class JetsonCollector(Collector):
         except Exception:
             logger.exception("reading Jetson telemetry (%s) failed", getattr(self.reader, "source", "?"))
             return
-        info = GaugeMetricFamily(PREFIX + "info", "Board and telemetry source (value 1).",
-                                 labels=["model", "source", "peak_bandwidth_gbps"])
+        info = GaugeMetricFamily(
+            PREFIX + "info", "Board and telemetry source (value 1).", labels=["model", "source", "peak_bandwidth_gbps"]
+        )
         info.add_metric([self.model, self.reader.source, "" if self.peak_gbps is None else f"{self.peak_gbps:g}"], 1)
         yield info
 
@@ -350,26 +362,35 @@ class JetsonCollector(Collector):
         board_w = r.board_power_w()
         self._integrate(board_w)
         if board_w is not None:
-            yield GaugeMetricFamily(PREFIX + "board_power_watts", "Board power (VDD_IN/VIN rail, else sum of rails).",
-                                    value=board_w)
+            yield GaugeMetricFamily(
+                PREFIX + "board_power_watts", "Board power (VDD_IN/VIN rail, else sum of rails).", value=board_w
+            )
             c = CounterMetricFamily(PREFIX + "energy_joules", "Board energy integrated between scrapes.")
             c.add_metric([], self._energy_j)
             yield c
         if self._j_per_token is not None:
-            yield GaugeMetricFamily("jetserve:joules_per_token",
-                                    "Board energy per generated token over the last scrape interval with tokens.",
-                                    value=self._j_per_token)
+            yield GaugeMetricFamily(
+                "jetserve:joules_per_token",
+                "Board energy per generated token over the last scrape interval with tokens.",
+                value=self._j_per_token,
+            )
         if self.bandwidth_fn is not None and self.peak_gbps:
             bw = self.bandwidth_fn()
             if bw > 0:
-                yield GaugeMetricFamily("jetserve:bandwidth_efficiency_ratio",
-                                        "Achieved weight bytes/s during engine steps / board peak DRAM bandwidth.",
-                                        value=bw / (self.peak_gbps * GB))
+                yield GaugeMetricFamily(
+                    "jetserve:bandwidth_efficiency_ratio",
+                    "Achieved weight bytes/s during engine steps / board peak DRAM bandwidth.",
+                    value=bw / (self.peak_gbps * GB),
+                )
 
 
-def jetson_collector(root: Path = Path("/"), *, use_jtop: bool = True,
-                     tokens_fn: Optional[Callable[[], int]] = None,
-                     bandwidth_fn: Optional[Callable[[], float]] = None) -> Optional[JetsonCollector]:
+def jetson_collector(
+    root: Path = Path("/"),
+    *,
+    use_jtop: bool = True,
+    tokens_fn: Optional[Callable[[], int]] = None,
+    bandwidth_fn: Optional[Callable[[], float]] = None,
+) -> Optional[JetsonCollector]:
     """A collector for this board (jtop when its service answers, else sysfs), or None off a Jetson."""
     root = Path(root)
     if not is_jetson(root):
@@ -380,6 +401,11 @@ def jetson_collector(root: Path = Path("/"), *, use_jtop: bool = True,
     model = board_model(root)
     mem = parse_meminfo(_read(root / "proc/meminfo") or "").get("MemTotal")
     peak = peak_bandwidth_gbps(model, mem)
-    logger.info("Jetson telemetry: %s (L4T %s) via %s, peak bandwidth %s GB/s", model or "unknown board",
-                l4t_release(root), reader.source, peak)
+    logger.info(
+        "Jetson telemetry: %s (L4T %s) via %s, peak bandwidth %s GB/s",
+        model or "unknown board",
+        l4t_release(root),
+        reader.source,
+        peak,
+    )
     return JetsonCollector(reader, model=model, peak_gbps=peak, tokens_fn=tokens_fn, bandwidth_fn=bandwidth_fn)

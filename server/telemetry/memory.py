@@ -8,6 +8,7 @@
 
 Parsing is pure (`parse_meminfo`) and tested on fixture text.
 """
+
 from __future__ import annotations
 
 import logging
@@ -117,6 +118,7 @@ def memory_source_for(device: str, *, meminfo: Path = Path("/proc/meminfo")) -> 
 
 # ---------------------------------------------------------------- process memory (what a load costs)
 
+
 def parse_status_kb(text: str, key: str) -> Optional[int]:
     """Bytes of one `Key:   123 kB` line of /proc/<pid>/status (None when absent)."""
     for line in text.splitlines():
@@ -133,7 +135,7 @@ def file_rss_under(smaps_text: str, prefix: str) -> int:
     pre = prefix.rstrip("/") + "/"
     for line in smaps_text.splitlines():
         head = line.split(None, 5)
-        if len(head) >= 5 and "-" in head[0] and ":" in head[3]:   # mapping header: addr perms offset dev inode [path]
+        if len(head) >= 5 and "-" in head[0] and ":" in head[3]:  # mapping header: addr perms offset dev inode [path]
             inside = len(head) == 6 and head[5].strip().startswith(pre)
         elif inside and line.startswith("Rss:"):
             total += int(line.split()[1]) * 1024

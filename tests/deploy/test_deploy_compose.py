@@ -5,6 +5,7 @@ schema (deploy/schemas/compose-spec.json, see its README) with jsonschema, after
 defaults the way compose does, plus structural checks of what the deploy guide promises. Where the CLI
 exists, `docker compose config` runs too.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,6 +32,7 @@ def _interpolate(node, env: dict):
     if isinstance(node, list):
         return [_interpolate(v, env) for v in node]
     if isinstance(node, str):
+
         def sub(m):
             name, op, arg = m.group(1), m.group(2), m.group(3)
             if env.get(name):
@@ -38,6 +40,7 @@ def _interpolate(node, env: dict):
             if op == "?":
                 raise KeyError(f"{name}: {arg}")
             return arg or ""
+
         return _VAR.sub(sub, node)
     return node
 
@@ -118,9 +121,18 @@ def test_grafana_provisioning(compose):
     assert uids <= {source["uid"], "${datasource}"}, uids
 
 
-@pytest.mark.skipif(not (shutil.which("docker") and subprocess.run(
-    ["docker", "compose", "version"], capture_output=True).returncode == 0), reason="docker compose CLI not installed")
+@pytest.mark.skipif(
+    not (
+        shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0
+    ),
+    reason="docker compose CLI not installed",
+)
 def test_docker_compose_config():
-    proc = subprocess.run(["docker", "compose", "-f", str(COMPOSE), "config", "--quiet"], capture_output=True,
-                          text=True, timeout=60, env={**os.environ, "JTOP_GID": "998"})
+    proc = subprocess.run(
+        ["docker", "compose", "-f", str(COMPOSE), "config", "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "JTOP_GID": "998"},
+    )
     assert proc.returncode == 0, proc.stderr

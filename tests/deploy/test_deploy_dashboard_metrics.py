@@ -7,6 +7,7 @@ torch.cuda is faked only to make the GPU-allocator collector emit its two gauges
 Also: dashboard PromQL parses (promtool), labels used in legends/`by` exist on the metrics,
 the dashboard JSON matches its generator, and docs/metrics.md documents every metric family.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,13 +29,31 @@ METRICS_DOC = REPO / "docs" / "metrics.md"
 
 # Labels Prometheus attaches at scrape time, not present in the exposition itself.
 TARGET_LABELS = {"instance", "job", "le"}
-PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "bool",
-                "offset", "inf", "nan"}
+PROMQL_WORDS = {
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "and",
+    "or",
+    "unless",
+    "bool",
+    "offset",
+    "inf",
+    "nan",
+}
 
 
 def _fake_torch_with_cuda():
-    cuda = types.SimpleNamespace(is_available=lambda: True, is_initialized=lambda: True, device_count=lambda: 1,
-                                 memory_allocated=lambda i: 3 << 20, memory_reserved=lambda i: 4 << 20)
+    cuda = types.SimpleNamespace(
+        is_available=lambda: True,
+        is_initialized=lambda: True,
+        device_count=lambda: 1,
+        memory_allocated=lambda i: 3 << 20,
+        memory_reserved=lambda i: 4 << 20,
+    )
     return types.SimpleNamespace(cuda=cuda)
 
 
@@ -46,19 +65,52 @@ def _feed(metrics) -> None:
 
     metrics.set_memory_budget(6 << 30)
     metrics.set_memory_used(1 << 30)
-    metrics.model_loaded("smollm2", predicted_bytes=500 << 20, measured_bytes=480 << 20, load_seconds=3.5,
-                         weight_bytes=100 << 20)
+    metrics.model_loaded(
+        "smollm2", predicted_bytes=500 << 20, measured_bytes=480 << 20, load_seconds=3.5, weight_bytes=100 << 20
+    )
     metrics.model_loaded("other", predicted_bytes=1, measured_bytes=1, load_seconds=1.0)
     metrics.model_unloaded("other", evicted=True)
-    metrics.on_step(StepStats(model="smollm2", batch_size=2, num_prefill_tokens=0, num_decode_tokens=2,
-                              step_duration_s=0.02, running=2, waiting=1, kv_slots_used=2, kv_slots_total=8,
-                              kv_tokens_used=300, kv_tokens_total=16384))
-    metrics.on_request_finished(RequestStats(model="smollm2", request_id="r1", prompt_tokens=12, generation_tokens=20,
-                                             finish_reason="stop", queue_time_s=0.01, ttft_s=0.2, e2e_latency_s=1.0,
-                                             inter_token_latencies_s=(0.04, 0.05)))
-    metrics.on_request_finished(RequestStats(model="smollm2", request_id="r2", prompt_tokens=5, generation_tokens=0,
-                                             finish_reason="error", queue_time_s=0.0, ttft_s=None, e2e_latency_s=0.1,
-                                             error_code="internal_error"))
+    metrics.on_step(
+        StepStats(
+            model="smollm2",
+            batch_size=2,
+            num_prefill_tokens=0,
+            num_decode_tokens=2,
+            step_duration_s=0.02,
+            running=2,
+            waiting=1,
+            kv_slots_used=2,
+            kv_slots_total=8,
+            kv_tokens_used=300,
+            kv_tokens_total=16384,
+        )
+    )
+    metrics.on_request_finished(
+        RequestStats(
+            model="smollm2",
+            request_id="r1",
+            prompt_tokens=12,
+            generation_tokens=20,
+            finish_reason="stop",
+            queue_time_s=0.01,
+            ttft_s=0.2,
+            e2e_latency_s=1.0,
+            inter_token_latencies_s=(0.04, 0.05),
+        )
+    )
+    metrics.on_request_finished(
+        RequestStats(
+            model="smollm2",
+            request_id="r2",
+            prompt_tokens=5,
+            generation_tokens=0,
+            finish_reason="error",
+            queue_time_s=0.0,
+            ttft_s=None,
+            e2e_latency_s=0.1,
+            error_code="internal_error",
+        )
+    )
     metrics.on_error("rate_limit_exceeded", "smollm2")
 
 
@@ -149,15 +201,19 @@ def _recorded() -> set[str]:
 
 
 def _grafana_to_promql(expr: str) -> str:
-    return (expr.replace("$__rate_interval", "1m").replace("$__range", "1h").replace("$__interval", "15s")
-            .replace("$instance", ".*"))
+    return (
+        expr.replace("$__rate_interval", "1m")
+        .replace("$__range", "1h")
+        .replace("$__interval", "15s")
+        .replace("$instance", ".*")
+    )
 
 
 def _metric_names(expr: str) -> set[str]:
     """Metric names a PromQL expression selects (functions, keywords, labels, durations removed)."""
-    e = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)                 # string literals
-    e = re.sub(r"\{[^}]*\}", "", e)                               # label matchers
-    e = re.sub(r"\[[^\]]*\]", "", e)                              # range selectors
+    e = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # string literals
+    e = re.sub(r"\{[^}]*\}", "", e)  # label matchers
+    e = re.sub(r"\[[^\]]*\]", "", e)  # range selectors
     e = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", e)
     names = set()
     for m in re.finditer(r"(?<![\w:.])([a-zA-Z_:][\w:]*)(\s*\()?", e):
@@ -177,21 +233,35 @@ def _used_labels(expr: str, legend: str) -> set[str]:
 
 
 def test_metric_name_extraction():
-    assert _metric_names('histogram_quantile(0.95, sum by (le, model) (rate(a:b_bucket{x="y"}[5m]))) > 2') == \
-        {"a:b_bucket"}
+    assert _metric_names('histogram_quantile(0.95, sum by (le, model) (rate(a:b_bucket{x="y"}[5m]))) > 2') == {
+        "a:b_bucket"
+    }
     assert _metric_names("x:used / x:budget > 0.9 and up == 0") == {"x:used", "x:budget", "up"}
 
 
 def test_dashboard_json_is_generated():
-    proc = subprocess.run([sys.executable, str(REPO / "deploy" / "grafana" / "make_dashboard.py"), "--check"],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "deploy" / "grafana" / "make_dashboard.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
 
 
 def test_dashboard_has_the_promised_panels():
     titles = " | ".join(t for t, _, _ in _dashboard_exprs()).lower()
-    for word in ("tokens/s", "time to first token", "inter-token latency", "queue", "memory vs budget", "nvmap",
-                 "emc", "power", "per generated token"):
+    for word in (
+        "tokens/s",
+        "time to first token",
+        "inter-token latency",
+        "queue",
+        "memory vs budget",
+        "nvmap",
+        "emc",
+        "power",
+        "per generated token",
+    ):
         assert word in titles, word
 
 
@@ -227,8 +297,10 @@ def test_dashboard_promql_parses(tmp_path):
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.fail("promtool not found: run scripts/system-deps.sh (make test does)")
-    rules = [{"record": f"dashboard:query_{i}", "expr": _grafana_to_promql(expr)}
-             for i, (_, expr, _) in enumerate(_dashboard_exprs())]
+    rules = [
+        {"record": f"dashboard:query_{i}", "expr": _grafana_to_promql(expr)}
+        for i, (_, expr, _) in enumerate(_dashboard_exprs())
+    ]
     path = tmp_path / "dashboard-queries.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}), encoding="utf-8")
     proc = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)

@@ -3,6 +3,7 @@
 No Docker engine runs here, so the images are not built in CI; hadolint parses and lints them, and the
 assertions below pin what operators depend on (non-root, /models, port, HEALTHCHECK, entrypoint, ARGs).
 """
+
 from __future__ import annotations
 
 import re
@@ -29,8 +30,12 @@ def _hadolint() -> str:
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_hadolint_clean(dockerfile):
-    proc = subprocess.run([_hadolint(), "--no-color", "--failure-threshold", "info", str(dockerfile)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [_hadolint(), "--no-color", "--failure-threshold", "info", str(dockerfile)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -59,7 +64,7 @@ def test_runtime_stage_contract(dockerfile):
     ins = _instructions(dockerfile)
     froms = [i for i, (k, _) in enumerate(ins) if k == "FROM"]
     assert len(froms) >= 2, "multi-stage: build and runtime"
-    runtime = ins[froms[-1]:]
+    runtime = ins[froms[-1] :]
     kinds = {k: v for k, v in runtime}
     assert re.match(r"\d+(:\d+)?$", kinds["USER"]) and not kinds["USER"].startswith("0"), "non-root numeric user"
     assert kinds["VOLUME"] == '["/models"]'

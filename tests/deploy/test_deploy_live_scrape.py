@@ -6,6 +6,7 @@ the Debian `prometheus` binary (same package as promtool). Only the target addre
 intervals of the shipped config are changed. Panels that need CUDA or a Jetson (and the error/eviction
 counters, which this traffic does not produce) may be empty; every other panel must return a series.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,14 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "deploy" / "grafana" / "jetserve-dashboard.json"
-MAY_BE_EMPTY_ON_CPU = ("jetserve:gpu_", "jetserve:jetson_", "jetserve:joules", "jetserve:bandwidth_efficiency",
-                       "jetserve:request_errors", "jetserve:model_evictions")
+MAY_BE_EMPTY_ON_CPU = (
+    "jetserve:gpu_",
+    "jetserve:jetson_",
+    "jetserve:joules",
+    "jetserve:bandwidth_efficiency",
+    "jetserve:request_errors",
+    "jetserve:model_evictions",
+)
 
 pytestmark = pytest.mark.slow
 
@@ -57,10 +64,30 @@ def stack(tiny_llama_dir, tmp_path_factory):
     jport, pport = _free_port(), _free_port()
     jetserve = Path(sys.executable).parent / "jetserve"
     server = subprocess.Popen(
-        [str(jetserve), "serve", "--host", "127.0.0.1", "--port", str(jport), "--device", "cpu",
-         "--model-store", str(tiny_llama_dir.parent), "--model", tiny_llama_dir.name, "--max-context", "128",
-         "--max-batch-size", "2", "--log-level", "warning"],
-        stdout=subprocess.DEVNULL, stderr=open(tmp / "jetserve.log", "wb"), cwd=tmp)
+        [
+            str(jetserve),
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(jport),
+            "--device",
+            "cpu",
+            "--model-store",
+            str(tiny_llama_dir.parent),
+            "--model",
+            tiny_llama_dir.name,
+            "--max-context",
+            "128",
+            "--max-batch-size",
+            "2",
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp / "jetserve.log", "wb"),
+        cwd=tmp,
+    )
     cfg = yaml.safe_load((REPO / "deploy" / "prometheus.yml").read_text(encoding="utf-8"))
     cfg["global"].update(scrape_interval="1s", evaluation_interval="1s")
     cfg["scrape_configs"] = [j for j in cfg["scrape_configs"] if j["job_name"] == "jetserve"]
@@ -69,9 +96,16 @@ def stack(tiny_llama_dir, tmp_path_factory):
     shutil.copytree(REPO / "deploy" / "rules", tmp / "rules")
     (tmp / "prometheus.yml").write_text(yaml.safe_dump(cfg), encoding="utf-8")
     prom = subprocess.Popen(
-        [prometheus, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
-         f"--web.listen-address=127.0.0.1:{pport}"],
-        stdout=subprocess.DEVNULL, stderr=open(tmp / "prometheus.log", "wb"), cwd=tmp)
+        [
+            prometheus,
+            f"--config.file={tmp / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp / 'data'}",
+            f"--web.listen-address=127.0.0.1:{pport}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp / "prometheus.log", "wb"),
+        cwd=tmp,
+    )
     try:
         _wait(f"http://127.0.0.1:{jport}/ready", 120, server)
         _wait(f"http://127.0.0.1:{pport}/-/ready", 30, prom)
@@ -83,8 +117,11 @@ def stack(tiny_llama_dir, tmp_path_factory):
             time.sleep(0.5)
         time.sleep(1.5)
         for i in range(4):
-            r = httpx.post(f"http://127.0.0.1:{jport}/v1/completions", timeout=60,
-                           json={"model": tiny_llama_dir.name, "prompt": f"Hello {i}", "max_tokens": 8})
+            r = httpx.post(
+                f"http://127.0.0.1:{jport}/v1/completions",
+                timeout=60,
+                json={"model": tiny_llama_dir.name, "prompt": f"Hello {i}", "max_tokens": 8},
+            )
             assert r.status_code == 200, r.text
         deadline = time.monotonic() + 30
         while not _query(base, "sum(rate(jetserve:generation_tokens_total[30s])) > 0"):  # scrapes after the traffic
@@ -114,7 +151,9 @@ def test_target_up_and_rules_healthy(stack):
     assert [(t["labels"]["job"], t["health"]) for t in targets] == [("jetserve", "up")], targets
     rules = [r for g in httpx.get(f"{stack}/api/v1/rules", timeout=10).json()["data"]["groups"] for r in g["rules"]]
     assert len(rules) >= 7 and all(r["health"] == "ok" for r in rules), rules
-    firing = [a["labels"]["alertname"] for a in httpx.get(f"{stack}/api/v1/alerts", timeout=10).json()["data"]["alerts"]]
+    firing = [
+        a["labels"]["alertname"] for a in httpx.get(f"{stack}/api/v1/alerts", timeout=10).json()["data"]["alerts"]
+    ]
     assert "JetserveInstanceDown" not in firing
 
 
@@ -128,5 +167,5 @@ def test_dashboard_queries_return_data(stack):
             if not result and not any(p in expr for p in MAY_BE_EMPTY_ON_CPU):
                 empty.append(f"{panel['title']}: {t['expr']}")
     assert not empty, "panels without data:\n" + "\n".join(empty)
-    tps = float(_query(stack, 'sum(rate(jetserve:generation_tokens_total[5m]))')[0]["value"][1])
+    tps = float(_query(stack, "sum(rate(jetserve:generation_tokens_total[5m]))")[0]["value"][1])
     assert tps > 0

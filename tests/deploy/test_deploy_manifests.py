@@ -4,6 +4,7 @@ No cluster exists in CI: manifests are parsed and cross-checked here (Service ->
 ServiceMonitor -> Service labels, probes), and built with `kubectl kustomize` when kubectl is installed.
 The unit file is checked with `systemd-analyze verify` when systemd is installed.
 """
+
 from __future__ import annotations
 
 import re
@@ -85,7 +86,15 @@ def test_kubectl_kustomize_builds():
     proc = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     kinds = {d["kind"] for d in yaml.safe_load_all(proc.stdout) if d}
-    assert {"Deployment", "Service", "ServiceMonitor", "PrometheusRule", "ConfigMap", "Namespace", "RuntimeClass"} <= kinds
+    assert {
+        "Deployment",
+        "Service",
+        "ServiceMonitor",
+        "PrometheusRule",
+        "ConfigMap",
+        "Namespace",
+        "RuntimeClass",
+    } <= kinds
 
 
 def _unit() -> dict[str, dict[str, str]]:
@@ -123,16 +132,19 @@ def test_systemd_analyze_verify(tmp_path):
     exe.write_text("#!/bin/sh\n", encoding="utf-8")
     exe.chmod(0o755)
     unit = tmp_path / "jetserve.service"
-    unit.write_text(UNIT.read_text(encoding="utf-8").replace("/opt/jetserve/.venv/bin/jetserve", str(exe)),
-                    encoding="utf-8")
-    proc = subprocess.run(["systemd-analyze", "verify", "--man=no", unit.name], capture_output=True, text=True,
-                          timeout=60, cwd=tmp_path)
+    unit.write_text(
+        UNIT.read_text(encoding="utf-8").replace("/opt/jetserve/.venv/bin/jetserve", str(exe)), encoding="utf-8"
+    )
+    proc = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", unit.name], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
     problems = [ln for ln in proc.stderr.splitlines() if "jetserve.service" in ln]
     assert proc.returncode == 0 and not problems, proc.stderr
     bad = tmp_path / "bad.service"
     bad.write_text("[Service]\nExecStart=/bin/true\nRestartt=always\n", encoding="utf-8")
-    proc = subprocess.run(["systemd-analyze", "verify", "--man=no", bad.name], capture_output=True, text=True,
-                          timeout=60, cwd=tmp_path)
+    proc = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", bad.name], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
     assert "Unknown key" in proc.stderr  # the check above can fail
 
 
@@ -150,8 +162,13 @@ def test_every_jetserve_variable_in_deploy_assets_is_a_real_setting():
     from server.config import Settings
 
     known = {f"JETSERVE_{name.upper()}" for name in Settings.model_fields}
-    files = [ENV_FILE, *K8S.glob("*.yaml"), REPO / "docker" / "compose.yaml", REPO / "Dockerfile.l4t",
-             REPO / "docker" / "Dockerfile.cpu"]
+    files = [
+        ENV_FILE,
+        *K8S.glob("*.yaml"),
+        REPO / "docker" / "compose.yaml",
+        REPO / "Dockerfile.l4t",
+        REPO / "docker" / "Dockerfile.cpu",
+    ]
     used = {}
     for f in files:
         for name in re.findall(r"\bJETSERVE_[A-Z0-9_]+", f.read_text(encoding="utf-8")):
@@ -162,13 +179,16 @@ def test_every_jetserve_variable_in_deploy_assets_is_a_real_setting():
     assert not unknown, unknown
     assert {"JETSERVE_MEMORY_BUDGET", "JETSERVE_MODEL_STORE"} <= set(used)
     for key, value in _env_file().items():
-        Settings.model_validate({key[len("JETSERVE_"):].lower(): value} if value else {})
+        Settings.model_validate({key[len("JETSERVE_") :].lower(): value} if value else {})
 
 
 def test_prometheusrule_matches_rules_file(k8s):
-    proc = subprocess.run([sys.executable, str(K8S / "sync_rules.py"), "--check"], capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run(
+        [sys.executable, str(K8S / "sync_rules.py"), "--check"], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
     rules = yaml.safe_load((REPO / "deploy" / "rules" / "jetserve-alerts.yml").read_text(encoding="utf-8"))
     assert k8s["PrometheusRule"]["spec"]["groups"] == rules["groups"]
-    assert k8s["PrometheusRule"]["metadata"]["labels"]["release"] == k8s["ServiceMonitor"]["metadata"]["labels"]["release"]
+    assert (
+        k8s["PrometheusRule"]["metadata"]["labels"]["release"] == k8s["ServiceMonitor"]["metadata"]["labels"]["release"]
+    )

@@ -1,4 +1,5 @@
 """Prometheus config and alert rules, checked by the real promtool (Debian `prometheus`; scripts/system-deps.sh)."""
+
 from __future__ import annotations
 
 import shutil
@@ -45,8 +46,11 @@ def test_rule_unit_tests_fail_when_a_threshold_changes(tmp_path):
     src = (DEPLOY / "rules" / "jetserve-alerts.yml").read_text(encoding="utf-8")
     assert "jetserve:time_to_first_token_seconds:p95_5m > 2\n" in src
     (tmp_path / "jetserve-alerts.yml").write_text(
-        src.replace("jetserve:time_to_first_token_seconds:p95_5m > 2\n", "jetserve:time_to_first_token_seconds:p95_5m > 10\n"),
-        encoding="utf-8")
+        src.replace(
+            "jetserve:time_to_first_token_seconds:p95_5m > 2\n", "jetserve:time_to_first_token_seconds:p95_5m > 10\n"
+        ),
+        encoding="utf-8",
+    )
     for t in RULE_TESTS:
         shutil.copy(t, tmp_path / "tests" / t.name)
     proc = _promtool("test", "rules", *[str(tmp_path / "tests" / t.name) for t in RULE_TESTS])
@@ -65,7 +69,12 @@ def test_every_alert_has_severity_summary_and_description():
                     names.add(rule["alert"])
                     assert rule["labels"]["severity"] in {"warning", "critical"}, rule["alert"]
                     assert rule["annotations"]["summary"] and rule["annotations"]["description"], rule["alert"]
-    assert {"JetserveInstanceDown", "JetserveHighTTFT", "JetserveQueueBuildingUp", "JetserveMemoryNearBudget",
-            "JetsonThermalThrottling"} <= names
+    assert {
+        "JetserveInstanceDown",
+        "JetserveHighTTFT",
+        "JetserveQueueBuildingUp",
+        "JetserveMemoryNearBudget",
+        "JetsonThermalThrottling",
+    } <= names
     tested = "".join(t.read_text(encoding="utf-8") for t in RULE_TESTS)
     assert all(f"alertname: {n}" in tested for n in names), "every alert needs a promtool unit test"

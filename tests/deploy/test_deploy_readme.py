@@ -1,4 +1,5 @@
 """README: opens with exactly the two set-up commands, and they are real Makefile targets doing what it says."""
+
 from __future__ import annotations
 
 import os
@@ -17,7 +18,7 @@ def _opening_block() -> tuple[str, list[str]]:
     text = README.read_text(encoding="utf-8")
     m = re.search(r"```[a-z]*\n(.*?)```", text, re.S)
     assert m, "README has no code block"
-    before = text[:m.start()]
+    before = text[: m.start()]
     commands = [ln.split("#", 1)[0].strip() for ln in m.group(1).splitlines()]
     return before, [c for c in commands if c]
 
@@ -34,17 +35,23 @@ def _make_dry_run(target: str) -> str:
         pytest.fail("make is not installed")
     # under `make test` the parent make's MAKEFLAGS/MAKELEVEL would add "Entering/Leaving directory" lines
     env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
-    proc = subprocess.run([make, "--no-print-directory", "-n", "-B", target], cwd=REPO, capture_output=True,
-                          text=True, timeout=60, env=env)
+    proc = subprocess.run(
+        [make, "--no-print-directory", "-n", "-B", target],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
 
 def test_make_serve_installs_prepares_and_serves():
     plan = _make_dry_run("serve")
-    assert "-m venv .venv" in plan and "pip install" in plan          # installs into .venv
-    assert "jetserve demo prepare" in plan                            # prepares the demo store
-    assert plan.strip().splitlines()[-1].endswith("jetserve serve")   # then serves
+    assert "-m venv .venv" in plan and "pip install" in plan  # installs into .venv
+    assert "jetserve demo prepare" in plan  # prepares the demo store
+    assert plan.strip().splitlines()[-1].endswith("jetserve serve")  # then serves
 
 
 def test_make_test_runs_the_suite():

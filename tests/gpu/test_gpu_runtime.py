@@ -1,5 +1,6 @@
 """CUDA parity for the fused runtime: tinygemm path vs the CPU runtime on the same checkpoints, CUDA-graph
 decode vs eager decode, padding to a graph bucket. Skipped visibly without a CUDA GPU."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -8,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 _UNIT = Path(__file__).resolve().parents[1] / "unit" / "test_model_quant.py"
 
@@ -28,14 +28,24 @@ def ckpts(tmp_path_factory):
     h = _quant_helpers()
     root = tmp_path_factory.mktemp("gpu-tiny")
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=512, max_position_embeddings=512, initializer_range=0.1,
-                      tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        max_position_embeddings=512,
+        initializer_range=0.1,
+        tie_word_embeddings=True,
+    )
     LlamaForCausalLM(cfg).to(torch.float16).save_pretrained(root / "dense", safe_serialization=True)
     out = {"dense": root / "dense"}
-    for name, kw in {"gptq_act_order": dict(method="gptq", sym=False, act_order=True),
-                     "gptq_sym": dict(method="gptq", sym=True),
-                     "awq_zp": dict(method="awq", zero_point=True)}.items():
+    for name, kw in {
+        "gptq_act_order": dict(method="gptq", sym=False, act_order=True),
+        "gptq_sym": dict(method="gptq", sym=True),
+        "awq_zp": dict(method="awq", zero_point=True),
+    }.items():
         out[name] = h.write_rtn_checkpoint(root / "dense", root / name, group_size=64, **kw)
     return out
 
@@ -92,8 +102,16 @@ def test_qlinear_tinygemm_matches_reference(ckpts):
 
     path = ckpts["gptq_act_order"]
     src = TensorSource(path, torch.device("cpu"))
-    ql = QuantLinear.from_tensors(src, "model.layers.0.mlp.down_proj", read_quant_config(path), 512, 256,
-                                  device="cuda", dtype=torch.bfloat16, keep_reference=True)
+    ql = QuantLinear.from_tensors(
+        src,
+        "model.layers.0.mlp.down_proj",
+        read_quant_config(path),
+        512,
+        256,
+        device="cuda",
+        dtype=torch.bfloat16,
+        keep_reference=True,
+    )
     x = torch.randn(3, 512, device="cuda", dtype=torch.bfloat16)
     ref = ql.forward_reference(x).float()
     got = ql(x).float()

@@ -1,4 +1,5 @@
 """Triton W4A16 kernel on a CUDA GPU: bf16 parity with the reference, QuantLinear integration, graph capture."""
+
 import pytest
 import torch
 
@@ -27,8 +28,9 @@ def _qw(n, k, g, gen, act_order=False):
 
 
 @pytest.mark.parametrize("m", [1, 2, 4, 8, 16, 17, 64])
-@pytest.mark.parametrize("n,k,g,act", [(4096, 4096, 128, False), (11008, 4096, 128, True), (576, 576, 64, False),
-                                       (1536, 576, 32, False)])
+@pytest.mark.parametrize(
+    "n,k,g,act", [(4096, 4096, 128, False), (11008, 4096, 128, True), (576, 576, 64, False), (1536, 576, 32, False)]
+)
 def test_quantlinear_triton_vs_reference(m, n, k, g, act):
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)
     qw = _qw(n, k, g, gen, act)
@@ -42,8 +44,10 @@ def test_quantlinear_triton_vs_reference(m, n, k, g, act):
 
 def test_fused_triton_matches_parts():
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)
-    parts = [QuantLinear.from_quantized(_qw(n, 1024, 128, gen), device=DEV, cuda_kernel=kernels.CUDA_TRITON)
-             for n in (1024, 256, 256)]
+    parts = [
+        QuantLinear.from_quantized(_qw(n, 1024, 128, gen), device=DEV, cuda_kernel=kernels.CUDA_TRITON)
+        for n in (1024, 256, 256)
+    ]
     fused = QuantLinear.fuse(parts)
     assert fused is not None
     x = torch.randn(3, 1024, device=DEV).to(torch.bfloat16)

@@ -13,6 +13,7 @@
 `RunningServer` gives `base_url`, `settings`, `app`, `engine(model=None)` (the live `Engine` of a loaded model,
 for its stats), `openai()` / `async_openai()` clients and `httpx()` with the API key (if any) filled in.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -31,8 +32,17 @@ DEMO_QUANT = "smollm2-135m-instruct-gptq-g64"
 BF16 = "smollm2-135m-instruct"
 
 DEFAULT_TEST_SETTINGS: Dict[str, Any] = dict(
-    host="127.0.0.1", device="cpu", dtype="bfloat16", max_context=512, max_batch_size=4, max_queue=16,
-    prefill_chunk=64, request_timeout_s=120.0, shutdown_grace_s=5.0, memory_budget="0.8", log_level="warning",
+    host="127.0.0.1",
+    device="cpu",
+    dtype="bfloat16",
+    max_context=512,
+    max_batch_size=4,
+    max_queue=16,
+    prefill_chunk=64,
+    request_timeout_s=120.0,
+    shutdown_grace_s=5.0,
+    memory_budget="0.8",
+    log_level="warning",
 )
 
 
@@ -65,8 +75,7 @@ class RunningServer:
     def async_openai(self, **kw):
         import openai
 
-        return openai.AsyncOpenAI(base_url=self.base_url + "/v1", api_key=self.api_key or "unused", max_retries=0,
-                                  **kw)
+        return openai.AsyncOpenAI(base_url=self.base_url + "/v1", api_key=self.api_key or "unused", max_retries=0, **kw)
 
     def httpx(self, **kw) -> _httpx.Client:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}

@@ -3,6 +3,7 @@
 One server: 2 KV slots, no waiting queue, context 64, 4 KiB body limit, two API keys. Its runner is the test
 double `benchmarks.fault_runner.FaultyRunner`, which fails requests whose prompt carries a fault marker.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -52,14 +53,17 @@ def post(server, path, body, **kw):
 
 
 # ----------------------------------------------------------------------------- validation
-@pytest.mark.parametrize("body,param", [
-    ({"prompt": PROMPT, "temperature": 5}, "temperature"),
-    ({"prompt": PROMPT, "max_tokens": 0}, "max_tokens"),
-    ({"prompt": PROMPT, "top_p": 0}, "top_p"),
-    ({"prompt": PROMPT, "logprobs": 21}, "logprobs"),
-    ({"prompt": PROMPT, "stop": 3}, "stop"),
-    ({}, "prompt"),
-])
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"prompt": PROMPT, "temperature": 5}, "temperature"),
+        ({"prompt": PROMPT, "max_tokens": 0}, "max_tokens"),
+        ({"prompt": PROMPT, "top_p": 0}, "top_p"),
+        ({"prompt": PROMPT, "logprobs": 21}, "logprobs"),
+        ({"prompt": PROMPT, "stop": 3}, "stop"),
+        ({}, "prompt"),
+    ],
+)
 def test_validation_is_400_not_422(server, body, param):
     err = assert_error_shape(post(server, "/v1/completions", {"model": server.model, **body}), 400)
     assert err["param"] is not None and err["param"].startswith(param)
@@ -74,30 +78,53 @@ def test_n_greater_than_one_refused_clearly(server):
 
 def test_chat_validation(server):
     assert_error_shape(post(server, "/v1/chat/completions", {"model": server.model, "messages": []}), 400)
-    assert_error_shape(post(server, "/v1/chat/completions",
-                            {"model": server.model, "messages": [{"role": "wizard", "content": "x"}]}), 400)
-    err = assert_error_shape(post(server, "/v1/chat/completions",
-                                  {"model": server.model, "messages": [{"role": "user", "content": "x"}],
-                                   "top_logprobs": 21, "logprobs": True}), 400)
+    assert_error_shape(
+        post(server, "/v1/chat/completions", {"model": server.model, "messages": [{"role": "wizard", "content": "x"}]}),
+        400,
+    )
+    err = assert_error_shape(
+        post(
+            server,
+            "/v1/chat/completions",
+            {
+                "model": server.model,
+                "messages": [{"role": "user", "content": "x"}],
+                "top_logprobs": 21,
+                "logprobs": True,
+            },
+        ),
+        400,
+    )
     assert err["param"] == "top_logprobs"
 
 
 def test_invalid_json_and_content_type(server):
     with server.httpx() as c:
-        assert_error_shape(c.post("/v1/completions", content=b"{not json",
-                                  headers={"content-type": "application/json"}), 400, code="invalid_json")
-        assert_error_shape(c.post("/v1/completions", content=b"[1, 2]",
-                                  headers={"content-type": "application/json"}), 400, code="invalid_json")
-        r = c.post("/v1/completions", content=b"prompt=hi", headers={"content-type": "application/x-www-form-urlencoded"})
+        assert_error_shape(
+            c.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"}),
+            400,
+            code="invalid_json",
+        )
+        assert_error_shape(
+            c.post("/v1/completions", content=b"[1, 2]", headers={"content-type": "application/json"}),
+            400,
+            code="invalid_json",
+        )
+        r = c.post(
+            "/v1/completions", content=b"prompt=hi", headers={"content-type": "application/x-www-form-urlencoded"}
+        )
         assert_error_shape(r, 415, code="unsupported_media_type")
 
 
 def test_unknown_model_is_404(server):
     with pytest.raises(openai.NotFoundError):
         server.openai().completions.create(model="no-such-model", prompt=PROMPT, max_tokens=2)
-    assert_error_shape(post(server, "/v1/chat/completions",
-                            {"model": "../etc", "messages": [{"role": "user", "content": "x"}]}), 404,
-                       code="model_not_found", param="model")
+    assert_error_shape(
+        post(server, "/v1/chat/completions", {"model": "../etc", "messages": [{"role": "user", "content": "x"}]}),
+        404,
+        code="model_not_found",
+        param="model",
+    )
 
 
 def test_unknown_route_and_method(server):
@@ -108,20 +135,27 @@ def test_unknown_route_and_method(server):
 
 def test_prompt_longer_than_context_gives_numbers(server):
     long_prompt = "word " * 200
-    err = assert_error_shape(post(server, "/v1/completions", {"model": server.model, "prompt": long_prompt}), 400,
-                             code="context_length_exceeded")
+    err = assert_error_shape(
+        post(server, "/v1/completions", {"model": server.model, "prompt": long_prompt}),
+        400,
+        code="context_length_exceeded",
+    )
     assert "64" in err["message"] and "tokens" in err["message"]
     ids = [100] * 60
-    err = assert_error_shape(post(server, "/v1/completions", {"model": server.model, "prompt": ids, "max_tokens": 10}),
-                             400, code="context_length_exceeded", param="max_tokens")
+    err = assert_error_shape(
+        post(server, "/v1/completions", {"model": server.model, "prompt": ids, "max_tokens": 10}),
+        400,
+        code="context_length_exceeded",
+        param="max_tokens",
+    )
     assert "64" in err["message"] and "70" in err["message"] and "60" in err["message"]
-    assert_error_shape(post(server, "/v1/completions", {"model": server.model, "prompt": [10**9]}), 400,
-                       param="prompt")
+    assert_error_shape(post(server, "/v1/completions", {"model": server.model, "prompt": [10**9]}), 400, param="prompt")
 
 
 def test_default_max_tokens_is_rest_of_context(server):
-    r = post(server, "/v1/completions", {"model": server.model, "prompt": [100] * 54, "temperature": 0,
-                                         "ignore_eos": True})
+    r = post(
+        server, "/v1/completions", {"model": server.model, "prompt": [100] * 54, "temperature": 0, "ignore_eos": True}
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["choices"][0]["finish_reason"] == "length"
@@ -135,7 +169,7 @@ def test_body_too_large_is_413(server):
     def chunks():
         data = json.dumps(big).encode()
         for i in range(0, len(data), 1000):
-            yield data[i:i + 1000]
+            yield data[i : i + 1000]
 
     with server.httpx() as c:
         r = c.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"})
@@ -178,8 +212,11 @@ def test_queue_full_is_429_with_retry_after(server):
 def test_fault_in_one_request_is_500_and_others_continue(server):
     async def go():
         c = server.async_openai()
-        good = asyncio.ensure_future(c.completions.create(model=server.model, prompt=PROMPT, max_tokens=20,
-                                                          temperature=0, extra_body={"ignore_eos": True}))
+        good = asyncio.ensure_future(
+            c.completions.create(
+                model=server.model, prompt=PROMPT, max_tokens=20, temperature=0, extra_body={"ignore_eos": True}
+            )
+        )
         await asyncio.sleep(0.3)
         with pytest.raises(openai.InternalServerError) as ei:
             await c.completions.create(model=server.model, prompt=PROMPT + marker("prefill"), max_tokens=5)
@@ -207,8 +244,11 @@ def test_error_after_stream_started_is_sse_error_then_done(server):
 
 
 def test_fault_marker_in_prompt(server):
-    r = post(server, "/v1/chat/completions", {"model": server.model, "max_tokens": 3,
-                                              "messages": [{"role": "user", "content": "hi " + marker("prefill")}]})
+    r = post(
+        server,
+        "/v1/chat/completions",
+        {"model": server.model, "max_tokens": 3, "messages": [{"role": "user", "content": "hi " + marker("prefill")}]},
+    )
     assert_error_shape(r, 500, code="internal_error")
 
 
@@ -218,8 +258,12 @@ def test_auth_required_with_keys(server):
         assert c.get("/health").status_code == 200
         assert c.get("/ready").status_code == 200
         assert c.get("/metrics").status_code == 200  # metrics_require_key is off
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEYS[0]}"},
-                        {"Authorization": "Bearer"}):
+        for headers in (
+            {},
+            {"Authorization": "Bearer wrong"},
+            {"Authorization": f"Basic {KEYS[0]}"},
+            {"Authorization": "Bearer"},
+        ):
             err = assert_error_shape(c.get("/v1/models", headers=headers), 401, code="invalid_api_key")
             assert err["type"] == "invalid_request_error"
             assert_error_shape(c.post("/v1/completions", json={"prompt": "x"}, headers=headers), 401)

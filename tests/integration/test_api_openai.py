@@ -2,6 +2,7 @@
 
 One server for the module (default test settings: batch 4, context 512).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -55,8 +56,16 @@ def test_completion_non_streaming_exact_usage(server, tokenizer):
 def test_completion_stream_matches_non_stream(server):
     c = server.openai()
     full = c.completions.create(model=server.model, prompt=PROMPT, max_tokens=12, temperature=0)
-    chunks = list(c.completions.create(model=server.model, prompt=PROMPT, max_tokens=12, temperature=0, stream=True,
-                                       stream_options={"include_usage": True}))
+    chunks = list(
+        c.completions.create(
+            model=server.model,
+            prompt=PROMPT,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
     assert text == full.choices[0].text
     finals = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
@@ -85,8 +94,9 @@ def test_chat_non_streaming_and_streaming(server, tokenizer):
     assert r.object == "chat.completion" and msg.role == "assistant" and msg.content
     assert r.usage.prompt_tokens == len(tokenizer.apply_chat_template(CHAT))
     assert r.usage.completion_tokens <= 10
-    chunks = list(c.chat.completions.create(model=server.model, messages=CHAT, max_tokens=10, temperature=0,
-                                            stream=True))
+    chunks = list(
+        c.chat.completions.create(model=server.model, messages=CHAT, max_tokens=10, temperature=0, stream=True)
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks)
     assert text == msg.content
@@ -96,8 +106,14 @@ def test_chat_non_streaming_and_streaming(server, tokenizer):
 def test_async_client_chat_stream(server):
     async def go():
         c = server.async_openai()
-        stream = await c.chat.completions.create(model=server.model, messages=CHAT, max_tokens=8, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True})
+        stream = await c.chat.completions.create(
+            model=server.model,
+            messages=CHAT,
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         parts, usage = [], None
         async for ch in stream:
             if ch.choices:
@@ -128,8 +144,13 @@ def test_same_seed_same_output(server):
     c = server.openai()
 
     def gen(seed):
-        return c.completions.create(model=server.model, prompt="Once upon a time", max_tokens=16, temperature=1.0,
-                                    top_p=0.95, seed=seed).choices[0].text
+        return (
+            c.completions.create(
+                model=server.model, prompt="Once upon a time", max_tokens=16, temperature=1.0, top_p=0.95, seed=seed
+            )
+            .choices[0]
+            .text
+        )
 
     a, b, other = gen(1234), gen(1234), gen(99)
     assert a == b
@@ -138,8 +159,16 @@ def test_same_seed_same_output(server):
 
 def test_sampling_params_accepted(server):
     r = server.openai().completions.create(
-        model=server.model, prompt=PROMPT, max_tokens=6, temperature=0.7, top_p=0.9, presence_penalty=0.5,
-        frequency_penalty=0.5, seed=7, extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.2})
+        model=server.model,
+        prompt=PROMPT,
+        max_tokens=6,
+        temperature=0.7,
+        top_p=0.9,
+        presence_penalty=0.5,
+        frequency_penalty=0.5,
+        seed=7,
+        extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.2},
+    )
     assert r.usage.completion_tokens <= 6 and r.choices[0].finish_reason in ("stop", "length")
 
 
@@ -153,8 +182,9 @@ def test_logprobs_completions_and_chat(server):
     # greedy: the chosen token is the most likely one
     for tok, v, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
         assert abs(max(top.values()) - v) < 1e-3
-    rc = c.chat.completions.create(model=server.model, messages=CHAT, max_tokens=4, temperature=0, logprobs=True,
-                                   top_logprobs=2)
+    rc = c.chat.completions.create(
+        model=server.model, messages=CHAT, max_tokens=4, temperature=0, logprobs=True, top_logprobs=2
+    )
     content = rc.choices[0].logprobs.content
     assert len(content) == rc.usage.completion_tokens
     assert all(len(t.top_logprobs) == 2 for t in content)
@@ -166,8 +196,9 @@ def test_four_concurrent_streams_are_batched(server):
     engine.reset_stats()
 
     async def one(c, i):
-        stream = await c.completions.create(model=server.model, prompt=f"Story number {i}:", max_tokens=24,
-                                            temperature=0, stream=True)
+        stream = await c.completions.create(
+            model=server.model, prompt=f"Story number {i}:", max_tokens=24, temperature=0, stream=True
+        )
         n = 0
         async for ch in stream:
             n += len(ch.choices[0].text) if ch.choices else 0
@@ -239,13 +270,21 @@ def test_long_prompt_is_chunked_while_a_stream_keeps_decoding(server):
 
     engine.on_step = record
     try:
+
         async def go():
             c = server.async_openai()
-            stream = await c.completions.create(model=server.model, prompt=PROMPT, max_tokens=40, temperature=0,
-                                                stream=True, extra_body={"ignore_eos": True})
+            stream = await c.completions.create(
+                model=server.model,
+                prompt=PROMPT,
+                max_tokens=40,
+                temperature=0,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            )
             first = await stream.__anext__()
-            long = await c.completions.create(model=server.model, prompt="The quick brown fox. " * 60, max_tokens=2,
-                                              temperature=0)
+            long = await c.completions.create(
+                model=server.model, prompt="The quick brown fox. " * 60, max_tokens=2, temperature=0
+            )
             rest = [ch async for ch in stream]
             await c.close()
             return first, long, rest

@@ -1,4 +1,5 @@
 """`jetserve serve` as a real process: SIGTERM drains (503 for new work, in-flight stream finishes), exit 0."""
+
 from __future__ import annotations
 
 import json
@@ -28,9 +29,28 @@ def free_port() -> int:
 def test_sigterm_drains_in_flight_stream_then_exits(model_store, serve_model, tmp_path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("JETSERVE_")}
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--model-store", str(model_store),
-           "--model", serve_model, "--device", "cpu", "--max-context", "256", "--max-batch-size", "2",
-           "--shutdown-grace-s", "60", "--log-level", "info"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "server.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--model-store",
+        str(model_store),
+        "--model",
+        serve_model,
+        "--device",
+        "cpu",
+        "--max-context",
+        "256",
+        "--max-batch-size",
+        "2",
+        "--shutdown-grace-s",
+        "60",
+        "--log-level",
+        "info",
+    ]
     log = open(tmp_path / "serve.log", "w+")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
@@ -50,8 +70,14 @@ def test_sigterm_drains_in_flight_stream_then_exits(model_store, serve_model, tm
             lines, first = [], threading.Event()
 
             def stream():
-                body = {"model": serve_model, "prompt": "Once upon a time", "max_tokens": 40, "temperature": 0,
-                        "stream": True, "ignore_eos": True}
+                body = {
+                    "model": serve_model,
+                    "prompt": "Once upon a time",
+                    "max_tokens": 40,
+                    "temperature": 0,
+                    "stream": True,
+                    "ignore_eos": True,
+                }
                 with httpx.Client(base_url=base, timeout=120) as s, s.stream("POST", "/v1/completions", json=body) as r:
                     for ln in r.iter_lines():
                         if ln.startswith("data: "):

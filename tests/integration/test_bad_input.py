@@ -1,5 +1,6 @@
 """Hostile and malformed input against a real server (uvicorn on 127.0.0.1, tiny random Llama, 128-token
 context): every answer is a 4xx with an OpenAI-shaped error (or a normal 200), never a 5xx, never a hang."""
+
 from __future__ import annotations
 
 import json
@@ -57,7 +58,9 @@ def test_prompt_beyond_context(http, server, endpoint, stream):
     if endpoint == "chat":
         r = http.post("/v1/chat/completions", json=chat(server.model, long, stream=stream))
     else:
-        r = http.post("/v1/completions", json={"model": server.model, "prompt": long, "max_tokens": 4, "stream": stream})
+        r = http.post(
+            "/v1/completions", json={"model": server.model, "prompt": long, "max_tokens": 4, "stream": stream}
+        )
     err = assert_openai_error(r, 400)
     assert "context" in err["message"].lower() or "token" in err["message"].lower(), err
 
@@ -73,11 +76,19 @@ def test_lone_surrogates(http, server, escape):
     raw = '{"model": "%s", "max_tokens": 2, "messages": [{"role": "user", "content": "%s"}]}' % (server.model, escape)
     r = http.post("/v1/chat/completions", content=raw.encode(), headers={"content-type": "application/json"})
     assert_openai_error(r, 400)
-    r = http.post("/v1/completions", content=raw.replace('"messages": [{"role": "user", "content": ', '"prompt": ')
-                  .replace("}]}", "}").encode(), headers={"content-type": "application/json"})
+    r = http.post(
+        "/v1/completions",
+        content=raw.replace('"messages": [{"role": "user", "content": ', '"prompt": ').replace("}]}", "}").encode(),
+        headers={"content-type": "application/json"},
+    )
     assert_openai_error(r, 400)
     pair = raw.replace(escape, "\\ud83d\\ude00")  # a valid surrogate pair (an emoji) is fine
-    assert http.post("/v1/chat/completions", content=pair.encode(), headers={"content-type": "application/json"}).status_code == 200
+    assert (
+        http.post(
+            "/v1/chat/completions", content=pair.encode(), headers={"content-type": "application/json"}
+        ).status_code
+        == 200
+    )
 
 
 @pytest.mark.parametrize("value", [0, -1, -(2**31), 2**63, 2**70, "ten", 1.5, None])
@@ -102,8 +113,11 @@ def test_huge_max_tokens_is_refused(http, server, value):
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e999"])
 @pytest.mark.parametrize("field", ["temperature", "top_p", "presence_penalty", "repetition_penalty"])
 def test_non_finite_floats(http, server, field, literal):
-    raw = ('{"model": "%s", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}], "%s": %s}'
-           % (server.model, field, literal))
+    raw = '{"model": "%s", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}], "%s": %s}' % (
+        server.model,
+        field,
+        literal,
+    )
     r = http.post("/v1/chat/completions", content=raw.encode(), headers={"content-type": "application/json"})
     assert_openai_error(r, 400)
 
@@ -123,7 +137,9 @@ def test_stop_strings_of_wrong_type(http, server):
 def test_deeply_nested_json(http, server, depth):
     nested = "[" * depth + "]" * depth
     raw = '{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "metadata": %s}' % (
-        server.model, nested)
+        server.model,
+        nested,
+    )
     r = http.post("/v1/chat/completions", content=raw.encode(), headers={"content-type": "application/json"})
     if r.status_code != 200:  # ignored unknown field at a depth Python parses is fine; otherwise a clean 400/413
         assert_openai_error(r, 400, 413)
@@ -146,12 +162,14 @@ def test_ten_megabyte_chunked_body(http, server):
         for _ in range(10):
             yield b"a" * (1024 * 1024)
         yield b'"}]}'
+
     r = http.post("/v1/chat/completions", content=gen(), headers={"content-type": "application/json"})
     assert_openai_error(r, 413)
 
 
-@pytest.mark.parametrize("ctype", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data",
-                                   "application/xml", None])
+@pytest.mark.parametrize(
+    "ctype", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data", "application/xml", None]
+)
 def test_wrong_content_type(http, server, ctype):
     headers = {"content-type": ctype} if ctype else {}
     raw = json.dumps(chat(server.model)).encode()
@@ -162,25 +180,54 @@ def test_wrong_content_type(http, server, ctype):
         assert_openai_error(r, 415)
 
 
-@pytest.mark.parametrize("raw", [b"", b"{", b"null", b"[]", b'"string"', b"42", b'{"messages": "hi"}',
-                                 b'{"messages": []}', b'{"messages": [{"role": "wizard", "content": "x"}]}',
-                                 b'{"messages": [{"content": "x"}]}', b"\x00\x01\x02"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"{",
+        b"null",
+        b"[]",
+        b'"string"',
+        b"42",
+        b'{"messages": "hi"}',
+        b'{"messages": []}',
+        b'{"messages": [{"role": "wizard", "content": "x"}]}',
+        b'{"messages": [{"content": "x"}]}',
+        b"\x00\x01\x02",
+    ],
+)
 def test_malformed_bodies(http, server, raw):
     r = http.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
     assert_openai_error(r, 400)
 
 
 def test_unknown_model(http):
-    for endpoint, body in (("/v1/chat/completions", chat("no-such-model")),
-                           ("/v1/completions", {"model": "no-such-model", "prompt": "hi", "max_tokens": 2})):
+    for endpoint, body in (
+        ("/v1/chat/completions", chat("no-such-model")),
+        ("/v1/completions", {"model": "no-such-model", "prompt": "hi", "max_tokens": 2}),
+    ):
         err = assert_openai_error(http.post(endpoint, json=body), 404)
         assert "no-such-model" in err["message"]
     assert_openai_error(http.get("/v1/models/no-such-model"), 404)
 
 
-@pytest.mark.parametrize("name", ["../../etc", "../../etc/passwd", "/etc", "/etc/passwd", "..", ".",
-                                  "a/../../etc", "..\\..\\etc", "%2e%2e/%2e%2e/etc", "\u0000", "~root",
-                                  "x" * 5000])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../../etc",
+        "../../etc/passwd",
+        "/etc",
+        "/etc/passwd",
+        "..",
+        ".",
+        "a/../../etc",
+        "..\\..\\etc",
+        "%2e%2e/%2e%2e/etc",
+        "\u0000",
+        "~root",
+        "x" * 5000,
+    ],
+)
 def test_model_path_traversal(http, server, name):
     r = http.post("/v1/chat/completions", json=chat(name))
     err = assert_openai_error(r, 400, 404)
@@ -202,14 +249,24 @@ def test_unknown_route_and_method(http):
 
 
 UNSUPPORTED = [  # (endpoint, field, a value the server cannot honour): each must be a 400 naming the field
-    ("chat", "n", 2), ("completions", "n", 3), ("chat", "logit_bias", {"50256": -100}),
-    ("completions", "logit_bias", {"1": 5}), ("completions", "echo", True), ("completions", "best_of", 2),
-    ("completions", "suffix", "end"), ("chat", "tools", [{"type": "function", "function": {"name": "f"}}]),
-    ("chat", "tool_choice", "required"), ("chat", "functions", [{"name": "f"}]), ("chat", "function_call", "auto"),
-    ("chat", "modalities", ["text", "audio"]), ("chat", "audio", {"voice": "alloy", "format": "wav"}),
-    ("chat", "prediction", {"type": "content", "content": "x"}), ("chat", "reasoning_effort", "high"),
+    ("chat", "n", 2),
+    ("completions", "n", 3),
+    ("chat", "logit_bias", {"50256": -100}),
+    ("completions", "logit_bias", {"1": 5}),
+    ("completions", "echo", True),
+    ("completions", "best_of", 2),
+    ("completions", "suffix", "end"),
+    ("chat", "tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("chat", "tool_choice", "required"),
+    ("chat", "functions", [{"name": "f"}]),
+    ("chat", "function_call", "auto"),
+    ("chat", "modalities", ["text", "audio"]),
+    ("chat", "audio", {"voice": "alloy", "format": "wav"}),
+    ("chat", "prediction", {"type": "content", "content": "x"}),
+    ("chat", "reasoning_effort", "high"),
     ("chat", "web_search_options", {}),
-    ("chat", "response_format", {"type": "yaml"}), ("completions", "response_format", {"type": "json_schema"}),
+    ("chat", "response_format", {"type": "yaml"}),
+    ("completions", "response_format", {"type": "json_schema"}),
 ]
 
 
@@ -224,13 +281,16 @@ def test_unsupported_field_is_400_naming_it(http, server, endpoint, field, value
     assert err["param"].split(".")[0] == field and err["message"].startswith(err["param"] + ": "), err
 
 
-@pytest.mark.parametrize("schema,part", [
-    ({"type": "object", "if": {"required": ["a"]}, "then": {"required": ["b"]}}, '"if"'),
-    ({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}, "/$defs/missing"),
-    ({"type": "string", "format": "no-such-format"}, "no-such-format"),
-    ({"type": "strange"}, "strange"),
-    ({"type": "array", "items": {"type": "integer"}, "minItems": 10**12}, "minItems"),
-])
+@pytest.mark.parametrize(
+    "schema,part",
+    [
+        ({"type": "object", "if": {"required": ["a"]}, "then": {"required": ["b"]}}, '"if"'),
+        ({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}, "/$defs/missing"),
+        ({"type": "string", "format": "no-such-format"}, "no-such-format"),
+        ({"type": "strange"}, "strange"),
+        ({"type": "array", "items": {"type": "integer"}, "minItems": 10**12}, "minItems"),
+    ],
+)
 @pytest.mark.parametrize("endpoint", ["chat", "completions"])
 def test_schema_that_cannot_be_enforced_is_400_naming_the_part(http, server, schema, part, endpoint):
     body = chat(server.model) if endpoint == "chat" else {"model": server.model, "prompt": "hi", "max_tokens": 4}
@@ -240,8 +300,12 @@ def test_schema_that_cannot_be_enforced_is_400_naming_the_part(http, server, sch
 
 
 def test_neutral_values_are_accepted(http, server):
-    r = http.post("/v1/chat/completions", json=chat(server.model, n=1, tools=[], tool_choice="none",
-                                                      response_format={"type": "text"}, parallel_tool_calls=False))
+    r = http.post(
+        "/v1/chat/completions",
+        json=chat(
+            server.model, n=1, tools=[], tool_choice="none", response_format={"type": "text"}, parallel_tool_calls=False
+        ),
+    )
     assert r.status_code == 200, r.text
 
 

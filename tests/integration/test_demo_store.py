@@ -1,4 +1,5 @@
 """The demo model store that `jetserve demo prepare` built (the real SmolLM2 and its variants)."""
+
 from __future__ import annotations
 
 import json

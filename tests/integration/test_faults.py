@@ -5,6 +5,7 @@ A child process (not the in-process fixture) so that RSS is the server's alone a
 Most scenarios serve the tiny random Llama (fast); SIGTERM serves SmolLM2 so that streams are still running
 when the signal lands.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -33,10 +34,15 @@ def tiny_store(tmp_path_factory, tiny_llama_dir) -> Path:
     return store
 
 
-def _serve(store: Path, *extra: str, model: str = "tiny", log: str = "serve.log",
-           module: str = "server.cli") -> ServerProcess:
-    return ServerProcess(["--model-store", str(store), "--model", model, *TINY_ARGS, *extra], cwd=REPO,
-                         log_path=store / log, module=module)
+def _serve(
+    store: Path, *extra: str, model: str = "tiny", log: str = "serve.log", module: str = "server.cli"
+) -> ServerProcess:
+    return ServerProcess(
+        ["--model-store", str(store), "--model", model, *TINY_ARGS, *extra],
+        cwd=REPO,
+        log_path=store / log,
+        module=module,
+    )
 
 
 def _check(res: dict, srv: ServerProcess) -> None:
@@ -47,8 +53,7 @@ def _check(res: dict, srv: ServerProcess) -> None:
 def test_disconnects_mid_stream_free_everything(tiny_store):
     with _serve(tiny_store, "--max-batch-size", "4", "--max-queue", "64", log="disconnects.log") as srv:
         srv.wait_ready(path="/ready")
-        res = asyncio.run(faults.scenario_disconnects(srv.url, "tiny", srv.rss, clients=40, max_tokens=200,
-                                                      warmup=8))
+        res = asyncio.run(faults.scenario_disconnects(srv.url, "tiny", srv.rss, clients=40, max_tokens=200, warmup=8))
         _check(res, srv)
         assert res["disconnected_mid_stream"] >= 10, res
         assert res["running_after"] == 0 and res["waiting_after"] == 0 and res["kv_usage_after"] == 0, res
@@ -80,11 +85,32 @@ def test_failure_inside_one_request_spares_the_others(tiny_store):
 def test_bad_model_loads_are_clear_errors(tiny_store, tmp_path, smollm2_dir):
     store = tmp_path / "store"
     shutil.copytree(tiny_store / "tiny", store / "tiny-good")
-    big = faults._write_tiny(tmp_path / "big", smollm2_dir, hidden_size=1024, intermediate_size=1024,
-                             num_hidden_layers=1, num_attention_heads=16, num_key_value_heads=4, head_dim=64)
+    big = faults._write_tiny(
+        tmp_path / "big",
+        smollm2_dir,
+        hidden_size=1024,
+        intermediate_size=1024,
+        num_hidden_layers=1,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        head_dim=64,
+    )
     bad = faults.make_bad_models(store, store / "tiny-good", big_src=big)
-    with ServerProcess(["--model-store", str(store), "--model", "tiny-good", *TINY_ARGS, "--memory-budget", "80MB",
-                        "--admin-key", "adm"], cwd=REPO, log_path=tmp_path / "bad.log") as srv:
+    with ServerProcess(
+        [
+            "--model-store",
+            str(store),
+            "--model",
+            "tiny-good",
+            *TINY_ARGS,
+            "--memory-budget",
+            "80MB",
+            "--admin-key",
+            "adm",
+        ],
+        cwd=REPO,
+        log_path=tmp_path / "bad.log",
+    ) as srv:
         srv.wait_ready(path="/ready")
         res = asyncio.run(faults.scenario_bad_loads(srv.url, "tiny-good", bad, admin_key="adm"))
         _check(res, srv)
@@ -97,8 +123,22 @@ def test_bad_model_loads_are_clear_errors(tiny_store, tmp_path, smollm2_dir):
 
 
 def test_sigterm_drains_in_flight_streams_and_refuses_new(model_store, serve_model, tmp_path):
-    args = ["--model-store", str(model_store), "--model", serve_model, "--device", "cpu", "--max-context", "512",
-            "--max-batch-size", "4", "--shutdown-grace-s", "30", "--log-level", "info"]
+    args = [
+        "--model-store",
+        str(model_store),
+        "--model",
+        serve_model,
+        "--device",
+        "cpu",
+        "--max-context",
+        "512",
+        "--max-batch-size",
+        "4",
+        "--shutdown-grace-s",
+        "30",
+        "--log-level",
+        "info",
+    ]
     with ServerProcess(args, cwd=REPO, log_path=tmp_path / "sigterm.log") as srv:
         ready_s = srv.wait_ready(path="/ready")
         res = asyncio.run(faults.scenario_sigterm(srv, serve_model, streams=3, max_tokens=64, grace_s=30.0))

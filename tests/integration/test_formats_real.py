@@ -2,6 +2,7 @@
 
 The model store is written by `jetserve demo prepare` (make test runs it); a missing variant skips visibly.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,11 @@ from models.formats import act_order_perm, dequantize, int4pack_scales_and_zeros
 from models.qlinear import QuantLinear, unpack_linear
 
 # awq-g64-l2 (the AWQ settings on the first 2 layers) is what make test writes; awq-g64 is checked where present
-VARIANTS = {"smollm2-135m-instruct-gptq-g64": "gptq", "smollm2-135m-instruct-awq-g64": "awq",
-            "smollm2-135m-instruct-awq-g64-l2": "awq"}
+VARIANTS = {
+    "smollm2-135m-instruct-gptq-g64": "gptq",
+    "smollm2-135m-instruct-awq-g64": "awq",
+    "smollm2-135m-instruct-awq-g64-l2": "awq",
+}
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

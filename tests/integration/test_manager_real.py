@@ -3,6 +3,7 @@
 Runs benchmarks/memory_prediction.py, which loads each model in a fresh subprocess with the real runtime,
 tokenizer and warmup; the prediction comes from config.json + safetensors headers only. Target: |error| <= 5%.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,11 +18,29 @@ pytestmark = pytest.mark.slow
 
 
 def test_prediction_within_5_percent_on_smollm2(model_store, smollm2_dir):
-    models = [m for m in ("smollm2-135m-instruct", "smollm2-135m-instruct-gptq-g64")
-              if (model_store / m / "config.json").is_file()]
-    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "memory_prediction.py"), "--store", str(model_store),
-                        "--models", *models, "--max-batch", "4", "--max-context", "1024", "--json"],
-                       capture_output=True, text=True, timeout=480)
+    models = [
+        m
+        for m in ("smollm2-135m-instruct", "smollm2-135m-instruct-gptq-g64")
+        if (model_store / m / "config.json").is_file()
+    ]
+    p = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "memory_prediction.py"),
+            "--store",
+            str(model_store),
+            "--models",
+            *models,
+            "--max-batch",
+            "4",
+            "--max-context",
+            "1024",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=480,
+    )
     rows = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
     assert [r["model"] for r in rows] == models, p.stderr[-3000:]
     for r in rows:
@@ -40,9 +59,26 @@ def test_prediction_within_5_percent_on_cuda(model_store, smollm2_dir):
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "memory_prediction.py"), "--store", str(model_store),
-                        "--models", "smollm2-135m-instruct", "--device", "cuda", "--max-batch", "8",
-                        "--max-context", "2048", "--json"], capture_output=True, text=True, timeout=480)
+    p = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "memory_prediction.py"),
+            "--store",
+            str(model_store),
+            "--models",
+            "smollm2-135m-instruct",
+            "--device",
+            "cuda",
+            "--max-batch",
+            "8",
+            "--max-context",
+            "2048",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=480,
+    )
     rows = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
     assert rows and rows[0]["device"] == "cuda", p.stderr[-3000:]
     assert abs(rows[0]["error"]) <= 0.05, rows[0]

@@ -5,6 +5,7 @@ the request's `model`, LRU eviction that skips the pinned model, a refusal with 
 endpoints (key required; 404 when no admin key is configured), /v1/models states, and occupancy gauges that
 return to 0 after a storm of client disconnects with no further traffic.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -49,8 +50,12 @@ def tiny_store(tmp_path_factory, smollm2_dir: Path):
 
 
 def footprint(store: Path, name: str) -> int:
-    return predict_footprint(inspect_checkpoint(store / name), max_slots=SETTINGS["max_batch_size"],
-                             max_seq=SETTINGS["max_context"], prefill_chunk=SETTINGS["prefill_chunk"]).total_bytes
+    return predict_footprint(
+        inspect_checkpoint(store / name),
+        max_slots=SETTINGS["max_batch_size"],
+        max_seq=SETTINGS["max_context"],
+        prefill_chunk=SETTINGS["prefill_chunk"],
+    ).total_bytes
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +66,9 @@ def srv(start_server, tiny_store):
     # so: the pinned a plus one more fit, three never do, and the big one never fits next to a
     budget = int(2.3 * max(fa, fb, fc))
     assert fbig > budget - fa and 3 * min(fa, fb, fc) > budget
-    with start_server(model_store=store, model="tiny-a", models_config=cfg, memory_budget=str(budget),
-                      admin_key=ADMIN, **SETTINGS) as s:
+    with start_server(
+        model_store=store, model="tiny-a", models_config=cfg, memory_budget=str(budget), admin_key=ADMIN, **SETTINGS
+    ) as s:
         yield s
 
 
@@ -86,8 +92,9 @@ def states(srv) -> dict:
 
 
 def chat(srv, model: str, n: int = 4):
-    return srv.openai().chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi there"}],
-                                                max_tokens=n, temperature=0)
+    return srv.openai().chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Hi there"}], max_tokens=n, temperature=0
+    )
 
 
 def test_metrics_follow_real_requests(srv):
@@ -103,22 +110,26 @@ def test_metrics_follow_real_requests(srv):
     before_ttft = val(s0, "jetserve:time_to_first_token_seconds_count", model="tiny-a") or 0
     usages = [chat(srv, "tiny-a").usage for _ in range(2)]
     s1 = scrape(srv)
-    assert val(s1, "jetserve:generation_tokens_total", model="tiny-a") - before_gen == sum(u.completion_tokens for u in usages)
-    assert val(s1, "jetserve:prompt_tokens_total", model="tiny-a") - before_prompt == sum(u.prompt_tokens for u in usages)
+    assert val(s1, "jetserve:generation_tokens_total", model="tiny-a") - before_gen == sum(
+        u.completion_tokens for u in usages
+    )
+    assert val(s1, "jetserve:prompt_tokens_total", model="tiny-a") - before_prompt == sum(
+        u.prompt_tokens for u in usages
+    )
     assert val(s1, "jetserve:time_to_first_token_seconds_count", model="tiny-a") - before_ttft == 2
-    assert (val(s1, "jetserve:request_success_total", model="tiny-a", finish_reason="length") or 0) + \
-        (val(s1, "jetserve:request_success_total", model="tiny-a", finish_reason="stop") or 0) >= 2
+    assert (val(s1, "jetserve:request_success_total", model="tiny-a", finish_reason="length") or 0) + (
+        val(s1, "jetserve:request_success_total", model="tiny-a", finish_reason="stop") or 0
+    ) >= 2
     assert val(s1, "jetserve:num_requests_running", model="tiny-a") == 0
     assert val(s1, "jetserve:weight_bandwidth_bytes_per_second", model="tiny-a") > 0
     assert val(s1, "jetserve:memory_used_bytes") == mgr.used_bytes()
 
 
 def test_on_demand_load_eviction_skips_pinned_and_refusal(srv):
-    chat(srv, "gpt-4o-mini")                  # alias of tiny-b: loads on demand
-    assert states(srv) == {"tiny-a": "loaded", "tiny-b": "loaded", "tiny-c": "available",
-                                "tiny-big": "available"}
-    chat(srv, "tiny-a")                       # a is now the most recent; it is pinned anyway
-    chat(srv, "tiny-c")                       # no room: evicts b (LRU idle unpinned), never pinned a
+    chat(srv, "gpt-4o-mini")  # alias of tiny-b: loads on demand
+    assert states(srv) == {"tiny-a": "loaded", "tiny-b": "loaded", "tiny-c": "available", "tiny-big": "available"}
+    chat(srv, "tiny-a")  # a is now the most recent; it is pinned anyway
+    chat(srv, "tiny-c")  # no room: evicts b (LRU idle unpinned), never pinned a
     assert states(srv)["tiny-b"] == "available" and states(srv)["tiny-c"] == "loaded"
     s = scrape(srv)
     assert val(s, "jetserve:model_evictions_total", model="tiny-b") == 1
@@ -172,12 +183,19 @@ def test_gauges_return_to_zero_after_a_disconnect_storm(start_server, tiny_llama
     keep the last step's values until the next request: nothing steps once the last abort empties the engine."""
     n = 20
     model = tiny_llama_dir.name
-    with start_server(model_store=tiny_llama_dir.parent, model=model, max_context=512, max_batch_size=4,
-                      max_queue=n, prefill_chunk=64) as s:
+    with start_server(
+        model_store=tiny_llama_dir.parent, model=model, max_context=512, max_batch_size=4, max_queue=n, prefill_chunk=64
+    ) as s:
         chat(s, model)
         before = val(scrape(s), "jetserve:request_success_total", model=model, finish_reason="abort") or 0
-        body = {"model": model, "prompt": "Once upon a time", "max_tokens": 400, "temperature": 0, "stream": True,
-                "ignore_eos": True}
+        body = {
+            "model": model,
+            "prompt": "Once upon a time",
+            "max_tokens": 400,
+            "temperature": 0,
+            "stream": True,
+            "ignore_eos": True,
+        }
 
         async def one(client: httpx.AsyncClient) -> None:
             async with client.stream("POST", "/v1/completions", json=body) as r:
@@ -187,8 +205,9 @@ def test_gauges_return_to_zero_after_a_disconnect_storm(start_server, tiny_llama
                         return  # leaving the block closes the connection mid-stream
 
         async def storm() -> None:
-            async with httpx.AsyncClient(base_url=s.base_url, timeout=60,
-                                         limits=httpx.Limits(max_connections=n)) as client:
+            async with httpx.AsyncClient(
+                base_url=s.base_url, timeout=60, limits=httpx.Limits(max_connections=n)
+            ) as client:
                 await asyncio.gather(*(one(client) for _ in range(n)))
 
         asyncio.run(storm())

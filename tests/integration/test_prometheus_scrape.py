@@ -1,5 +1,6 @@
 """A real Prometheus server (Debian `prometheus`) on loopback scrapes a running jetserve; its HTTP query API
 returns our series. Bounded in time (Prometheus start + a few 1 s scrapes)."""
+
 from __future__ import annotations
 
 import shutil
@@ -11,9 +12,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(shutil.which("prometheus") is None,
-                                 reason="prometheus binary missing: apt-get install prometheus")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        shutil.which("prometheus") is None, reason="prometheus binary missing: apt-get install prometheus"
+    ),
+]
 
 
 def _root_conftest():
@@ -47,11 +51,21 @@ def test_prometheus_scrapes_jetserve(tmp_path, start_server, smollm2_dir):
         target = srv.base_url.removeprefix("http://")
         port = free_port()
         cfg = tmp_path / "prometheus.yml"
-        cfg.write_text("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n"
-                       f"  - job_name: jetserve\n    static_configs:\n      - targets: ['{target}']\n")
+        cfg.write_text(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n"
+            f"  - job_name: jetserve\n    static_configs:\n      - targets: ['{target}']\n"
+        )
         log = open(tmp_path / "prometheus.log", "wb")
-        proc = subprocess.Popen(["prometheus", f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                                 f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                "prometheus",
+                f"--config.file={cfg}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         prom = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + 60
@@ -65,8 +79,10 @@ def test_prometheus_scrapes_jetserve(tmp_path, start_server, smollm2_dir):
                 if result:
                     break
                 time.sleep(0.5)
-            assert result, "Prometheus never returned jetserve:generation_tokens_total: " + \
-                (tmp_path / "prometheus.log").read_text()[-3000:]
+            assert result, (
+                "Prometheus never returned jetserve:generation_tokens_total: "
+                + (tmp_path / "prometheus.log").read_text()[-3000:]
+            )
             assert float(result[0]["value"][1]) == out.usage.completion_tokens
             assert query(prom, 'up{job="jetserve"}')[0]["value"][1] == "1"
             mem = query(prom, 'jetserve:model_memory_bytes{model="tiny-a"}')
@@ -74,8 +90,9 @@ def test_prometheus_scrapes_jetserve(tmp_path, start_server, smollm2_dir):
             assert all(float(r["value"][1]) > 0 for r in mem)
             ttft = query(prom, 'jetserve:time_to_first_token_seconds_count{model="tiny-a"}')
             assert float(ttft[0]["value"][1]) == 1
-            assert float(query(prom, "jetserve:memory_budget_bytes")[0]["value"][1]) == \
-                srv.app.state.manager.budget_bytes
+            assert (
+                float(query(prom, "jetserve:memory_budget_bytes")[0]["value"][1]) == srv.app.state.manager.budget_bytes
+            )
         finally:
             proc.terminate()
             try:

@@ -5,6 +5,7 @@ GPTQ is quantized here (about 2 min on 2 cores). GPTQModel's AWQ costs 15-30 min
 CPU whatever the calibration size, so the AWQ leg checks the variant `make test` already wrote through the same
 `jetserve quantize` code path (`jetserve demo prepare`, 8 x 256 c4 tokens): awq-g64-l2, the model's first 2 layers,
 and the whole awq-g64 where `make demo` wrote it."""
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,9 @@ def _ppl(model_dir, ids) -> float:
 
     m = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16, device_map="cpu")
     with torch.inference_mode():
-        return perplexity(lambda x, last: m(x[None], use_cache=False, logits_to_keep=last).logits[0], ids,
-                          max_length=1024, stride=512).ppl
+        return perplexity(
+            lambda x, last: m(x[None], use_cache=False, logits_to_keep=last).logits[0], ids, max_length=1024, stride=512
+        ).ppl
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +50,30 @@ def bf16_ppl(smollm2_dir, wiki_ids):
 
 
 @pytest.mark.parametrize("method,extra", [("gptq", [])])
-def test_quantize_real_model_small_calibration(smollm2_dir, model_store, tmp_path, wiki_ids, bf16_ppl, method,
-                                               extra, capsys):
+def test_quantize_real_model_small_calibration(
+    smollm2_dir, model_store, tmp_path, wiki_ids, bf16_ppl, method, extra, capsys
+):
     out = tmp_path / f"smollm2-{method}"
-    rc = main(["quantize", str(smollm2_dir), str(out), "--method", method, "--group-size", "64", "--calib", "c4",
-               "--nsamples", "8", "--seqlen", "128", "--store", str(model_store), *extra])
+    rc = main(
+        [
+            "quantize",
+            str(smollm2_dir),
+            str(out),
+            "--method",
+            method,
+            "--group-size",
+            "64",
+            "--calib",
+            "c4",
+            "--nsamples",
+            "8",
+            "--seqlen",
+            "128",
+            "--store",
+            str(model_store),
+            *extra,
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     q = json.loads((out / "config.json").read_text())["quantization_config"]
     assert q["quant_method"] == method and q["bits"] == 4 and q["group_size"] == 64

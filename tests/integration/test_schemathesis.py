@@ -9,6 +9,7 @@ CI runs `JETSERVE_FUZZ_EXAMPLES` (default 200) examples per operation and the ph
 `JETSERVE_FUZZ_PHASES` (default examples,fuzzing); the published >= 1000-case figure
 (docs/reliability.md) comes from the same test with a larger value.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,28 +39,65 @@ def openapi_with_bodies(raw: dict) -> dict:
         js = getattr(protocol, model_name).model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(js.pop("$defs", {}))
         schemas[model_name] = js
-        op["requestBody"] = {"required": True, "content": {"application/json": {
-            "schema": {"$ref": f"#/components/schemas/{model_name}"}}}}
+        op["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model_name}"}}},
+        }
     return raw
 
 
-def run_schemathesis(base_url: str, workdir: Path, examples: int, *, seed: int = 1, timeout_s: float = 900,
-                     phases: str = "examples,coverage,fuzzing") -> dict:
+def run_schemathesis(
+    base_url: str,
+    workdir: Path,
+    examples: int,
+    *,
+    seed: int = 1,
+    timeout_s: float = 900,
+    phases: str = "examples,coverage,fuzzing",
+) -> dict:
     """Run `st run` on the augmented schema; return counts of cases, statuses, and failures."""
     raw = httpx.get(base_url + "/openapi.json", timeout=30, trust_env=False).json()
     schema_path = workdir / "openapi.json"
     schema_path.write_text(json.dumps(openapi_with_bodies(raw)))
     cassette = workdir / "cassette.yaml"
     st = Path(sys.executable).with_name("st")
-    cmd = [str(st), "run", str(schema_path), "--url", base_url, "--checks", "not_a_server_error",
-           "--max-examples", str(examples), "--seed", str(seed), "--mode", "all", "--workers", "2",
-           "--request-timeout", "30", "--max-response-time", "30", "--generation-database", "none",
-           "--phases", phases, "--report", "vcr", "--report-vcr-path", str(cassette),
-           "--no-color", "--suppress-health-check", "all"]
+    cmd = [
+        str(st),
+        "run",
+        str(schema_path),
+        "--url",
+        base_url,
+        "--checks",
+        "not_a_server_error",
+        "--max-examples",
+        str(examples),
+        "--seed",
+        str(seed),
+        "--mode",
+        "all",
+        "--workers",
+        "2",
+        "--request-timeout",
+        "30",
+        "--max-response-time",
+        "30",
+        "--generation-database",
+        "none",
+        "--phases",
+        phases,
+        "--report",
+        "vcr",
+        "--report-vcr-path",
+        str(cassette),
+        "--no-color",
+        "--suppress-health-check",
+        "all",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=workdir)
     statuses: dict = {}
     unshaped = []
     import yaml
+
     doc = yaml.safe_load(cassette.read_text()) if cassette.exists() else {"http_interactions": []}
     for it in doc.get("http_interactions") or []:
         resp = it.get("response") or {}
@@ -74,8 +112,14 @@ def run_schemathesis(base_url: str, workdir: Path, examples: int, *, seed: int =
                 ok = False
             if not ok:
                 unshaped.append((it.get("request", {}).get("uri"), code, body[:200]))
-    return {"returncode": proc.returncode, "cases": sum(statuses.values()), "statuses": statuses,
-            "unshaped": unshaped, "stdout": proc.stdout[-6000:], "stderr": proc.stderr[-3000:]}
+    return {
+        "returncode": proc.returncode,
+        "cases": sum(statuses.values()),
+        "statuses": statuses,
+        "unshaped": unshaped,
+        "stdout": proc.stdout[-6000:],
+        "stderr": proc.stderr[-3000:],
+    }
 
 
 def test_schemathesis_no_5xx(server, tmp_path):

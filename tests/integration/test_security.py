@@ -1,5 +1,6 @@
 """Security: API keys on every endpoint but /health, admin key on /admin, loads confined to the store,
 trust_remote_code off unless set, body-size limit. Real uvicorn on 127.0.0.1, tiny random Llama."""
+
 from __future__ import annotations
 
 import asyncio
@@ -24,9 +25,11 @@ def _evil_model(store: Path, src: Path, marker: Path) -> str:
     cfg = json.loads((d / "config.json").read_text())
     cfg["architectures"] = ["EvilForCausalLM"]
     cfg["model_type"] = "evil"
-    cfg["auto_map"] = {"AutoConfig": "configuration_evil.EvilConfig",
-                       "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM",
-                       "AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}
+    cfg["auto_map"] = {
+        "AutoConfig": "configuration_evil.EvilConfig",
+        "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM",
+        "AutoTokenizer": ["tokenization_evil.EvilTokenizer", None],
+    }
     (d / "config.json").write_text(json.dumps(cfg))
     tc = json.loads((d / "tokenizer_config.json").read_text())
     tc["auto_map"] = {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}
@@ -60,6 +63,7 @@ def test_trust_remote_code_never_on_by_default(tmp_path, tiny_llama_dir, monkeyp
         def wrapper(*a, **kw):
             seen.append((f"{getattr(owner, '__name__', owner)}.{attr}", kw.get("trust_remote_code", False)))
             return orig(*a, **kw)
+
         if isinstance(getattr(owner, "__dict__", {}).get(attr), classmethod):
             monkeypatch.setattr(owner, attr, classmethod(lambda cls, *a, **kw: wrapper(*a, **kw)))
         else:
@@ -69,8 +73,9 @@ def test_trust_remote_code_never_on_by_default(tmp_path, tiny_llama_dir, monkeyp
     for cls in (transformers.AutoConfig, transformers.AutoTokenizer, transformers.AutoModelForCausalLM):
         spy(cls, "from_pretrained")
 
-    settings = Settings(model_store=store, model="tiny", device="cpu", memory_budget="4GiB", max_context=64,
-                        max_batch_size=2)
+    settings = Settings(
+        model_store=store, model="tiny", device="cpu", memory_budget="4GiB", max_context=64, max_batch_size=2
+    )
     assert settings.trust_remote_code is False
 
     async def go():
@@ -105,8 +110,15 @@ def secure(start_server, tmp_path_factory, tiny_llama_dir):
     (store / "escape-link").symlink_to(outside, target_is_directory=True)
     marker = root / "REMOTE_CODE_RAN"
     evil = _evil_model(store, tiny_llama_dir, marker)
-    with start_server(model_store=store, model="tiny", max_context=64, api_keys=[API_KEY, "second-key"],
-                      admin_key=ADMIN_KEY, metrics_require_key=True, max_body_bytes=65536) as srv:
+    with start_server(
+        model_store=store,
+        model="tiny",
+        max_context=64,
+        api_keys=[API_KEY, "second-key"],
+        admin_key=ADMIN_KEY,
+        metrics_require_key=True,
+        max_body_bytes=65536,
+    ) as srv:
         srv.extra = {"outside": outside, "marker": marker, "evil": evil, "store": store}
         yield srv
 
@@ -123,6 +135,7 @@ def _routes(app):
                 yield from walk(r.routes)
             else:
                 yield r
+
     out = []
     for r in walk(app.routes):
         for m in sorted(getattr(r, "methods", None) or ()):
@@ -151,8 +164,13 @@ def test_every_endpoint_but_health_needs_the_key(secure):
                 r = c.request(method, path)
                 assert r.status_code == 200 and set(r.json()) <= {"status", "model"}
                 continue
-            for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": f"Basic {API_KEY}"},
-                            {"authorization": "Bearer"}, {"authorization": f"Bearer {API_KEY}x"}):
+            for headers in (
+                {},
+                {"authorization": "Bearer wrong"},
+                {"authorization": f"Basic {API_KEY}"},
+                {"authorization": "Bearer"},
+                {"authorization": f"Bearer {API_KEY}x"},
+            ):
                 _shaped_401(c.request(method, path, headers=headers, json={} if method == "POST" else None))
             good = {"authorization": f"Bearer {API_KEY}"}
             r = c.request(method, path, headers=good, json={} if method == "POST" else None)
@@ -164,8 +182,11 @@ def test_every_endpoint_but_health_needs_the_key(secure):
                 assert r.status_code != 401, (path, r.text[:200])
                 assert r.status_code < 500, (path, r.status_code, r.text[:200])
             checked += 1
-        r = c.post("/v1/chat/completions", headers={"authorization": "Bearer second-key"},
-                   json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        r = c.post(
+            "/v1/chat/completions",
+            headers={"authorization": "Bearer second-key"},
+            json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        )
         assert r.status_code == 200, r.text
     assert checked >= 6
 
@@ -181,23 +202,37 @@ def test_admin_disabled_without_admin_key(start_server, tmp_path, tiny_llama_dir
         assert srv.settings.admin_key is None
         with httpx.Client(base_url=srv.base_url, timeout=30, trust_env=False) as c:
             for path in ("/admin/models", "/admin/models/tiny/load", "/admin/models/tiny/unload"):
-                r = c.request("GET" if path == "/admin/models" else "POST", path,
-                              headers={"authorization": "Bearer anything"})
+                r = c.request(
+                    "GET" if path == "/admin/models" else "POST", path, headers={"authorization": "Bearer anything"}
+                )
                 assert r.status_code == 404, (path, r.status_code)
 
 
 @pytest.mark.parametrize("how", ["admin", "request"])
 def test_loading_outside_the_store_is_refused(secure, how):
     outside = secure.extra["outside"]
-    names = [str(outside), "../outside-model", "escape-link", "/etc", "../../etc", "tiny/../../outside-model",
-             str(outside) + "/", "./tiny/../escape-link"]
+    names = [
+        str(outside),
+        "../outside-model",
+        "escape-link",
+        "/etc",
+        "../../etc",
+        "tiny/../../outside-model",
+        str(outside) + "/",
+        "./tiny/../escape-link",
+    ]
     with httpx.Client(base_url=secure.base_url, timeout=60, trust_env=False) as c:
         for name in names:
             if how == "admin":  # percent-encoded, so the client does not normalise the dot segments away
-                r = c.post(f"/admin/models/{quote(name, safe='')}/load", headers={"authorization": f"Bearer {ADMIN_KEY}"})
+                r = c.post(
+                    f"/admin/models/{quote(name, safe='')}/load", headers={"authorization": f"Bearer {ADMIN_KEY}"}
+                )
             else:
-                r = c.post("/v1/chat/completions", headers={"authorization": f"Bearer {API_KEY}"},
-                           json={"model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+                r = c.post(
+                    "/v1/chat/completions",
+                    headers={"authorization": f"Bearer {API_KEY}"},
+                    json={"model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+                )
             assert r.status_code in (400, 404), (name, r.status_code, r.text[:200])
             assert r.json()["error"]["message"]
         loaded = c.get("/admin/models", headers={"authorization": f"Bearer {ADMIN_KEY}"}).json()["data"]
@@ -207,15 +242,21 @@ def test_loading_outside_the_store_is_refused(secure, how):
 def test_remote_code_model_over_http_never_runs_its_code(secure):
     evil, marker = secure.extra["evil"], secure.extra["marker"]
     with httpx.Client(base_url=secure.base_url, timeout=120, trust_env=False) as c:
-        r = c.post("/v1/chat/completions", headers={"authorization": f"Bearer {API_KEY}"},
-                   json={"model": evil, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        r = c.post(
+            "/v1/chat/completions",
+            headers={"authorization": f"Bearer {API_KEY}"},
+            json={"model": evil, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        )
         assert 400 <= r.status_code < 600 and r.status_code != 500, (r.status_code, r.text[:300])
         assert r.json()["error"]["message"]
         r = c.post(f"/admin/models/{evil}/load", headers={"authorization": f"Bearer {ADMIN_KEY}"})
         assert r.status_code in (422, 503), (r.status_code, r.text[:300])
         assert not marker.exists()
-        ok = c.post("/v1/chat/completions", headers={"authorization": f"Bearer {API_KEY}"},
-                    json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        ok = c.post(
+            "/v1/chat/completions",
+            headers={"authorization": f"Bearer {API_KEY}"},
+            json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        )
         assert ok.status_code == 200
 
 
@@ -229,7 +270,8 @@ def test_body_limit_enforced(secure):
         def chunks():
             data = body.encode()
             for i in range(0, len(data), 8192):
-                yield data[i:i + 8192]
+                yield data[i : i + 8192]
+
         r = c.post("/v1/chat/completions", content=chunks(), headers=headers)
         assert r.status_code == 413, r.text[:200]
         # without a key, the big body is refused too (401 or 413), never read into a handler

@@ -4,6 +4,7 @@ Every answer that finishes with "stop" must parse and validate against its schem
 completions, streaming and not, alone and 8 at once; a max_tokens cut finishes with "length".
 One server: batch 8, context 512.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -18,29 +19,65 @@ SERVER_SETTINGS = dict(max_batch_size=8)
 
 # strings, arrays and numbers are bounded so that no sampled document can run past max_tokens
 SCHEMAS = {
-    "person": {"type": "object", "additionalProperties": False, "required": ["name", "age", "city"],
-               "properties": {"name": {"type": "string", "maxLength": 30},
-                              "age": {"type": "integer", "minimum": 0, "maximum": 120},
-                              "city": {"type": "string", "maxLength": 30}}},
-    "colors": {"type": "object", "additionalProperties": False, "required": ["colors"],
-               "properties": {"colors": {"type": "array", "minItems": 1, "maxItems": 4,
-                                         "items": {"type": "string", "maxLength": 15}}}},
-    "choice": {"type": "object", "additionalProperties": False, "required": ["answer", "confident"],
-               "properties": {"answer": {"enum": ["yes", "no", "maybe"]}, "confident": {"type": "boolean"}}},
-    "nested": {"type": "object", "additionalProperties": False, "required": ["book"],
-               "properties": {"book": {"type": "object", "additionalProperties": False,
-                                       "required": ["title", "year"],
-                                       "properties": {"title": {"type": "string", "maxLength": 40},
-                                                      "year": {"type": "integer", "minimum": 0, "maximum": 2100},
-                                                      "rating": {"type": "integer", "minimum": 0, "maximum": 5}}}}},
-    "list": {"type": "array", "maxItems": 3,
-             "items": {"type": "object", "additionalProperties": False, "required": ["id"],
-                       "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 999},
-                                      "ok": {"type": "boolean"}}}},
+    "person": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["name", "age", "city"],
+        "properties": {
+            "name": {"type": "string", "maxLength": 30},
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+            "city": {"type": "string", "maxLength": 30},
+        },
+    },
+    "colors": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["colors"],
+        "properties": {
+            "colors": {"type": "array", "minItems": 1, "maxItems": 4, "items": {"type": "string", "maxLength": 15}}
+        },
+    },
+    "choice": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["answer", "confident"],
+        "properties": {"answer": {"enum": ["yes", "no", "maybe"]}, "confident": {"type": "boolean"}},
+    },
+    "nested": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["book"],
+        "properties": {
+            "book": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["title", "year"],
+                "properties": {
+                    "title": {"type": "string", "maxLength": 40},
+                    "year": {"type": "integer", "minimum": 0, "maximum": 2100},
+                    "rating": {"type": "integer", "minimum": 0, "maximum": 5},
+                },
+            }
+        },
+    },
+    "list": {
+        "type": "array",
+        "maxItems": 3,
+        "items": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["id"],
+            "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 999}, "ok": {"type": "boolean"}},
+        },
+    },
 }
-PROMPTS = {"person": "Describe a person as JSON with name, age and city.", "colors": "List some colors as JSON.",
-           "choice": "Is the sky blue? Answer as JSON.", "nested": "Give me a book as JSON.",
-           "list": "Give me a JSON list of items with ids."}
+PROMPTS = {
+    "person": "Describe a person as JSON with name, age and city.",
+    "colors": "List some colors as JSON.",
+    "choice": "Is the sky blue? Answer as JSON.",
+    "nested": "Give me a book as JSON.",
+    "list": "Give me a JSON list of items with ids.",
+}
 
 
 def fmt(name, strict=True):
@@ -58,8 +95,9 @@ def chat_text(client, name, stream, **kw):
         r = client.chat.completions.create(model=kw.pop("model"), messages=msgs, response_format=fmt(name), **kw)
         return r.choices[0].message.content, r.choices[0].finish_reason
     parts, finish = [], None
-    for chunk in client.chat.completions.create(model=kw.pop("model"), messages=msgs, response_format=fmt(name),
-                                                stream=True, **kw):
+    for chunk in client.chat.completions.create(
+        model=kw.pop("model"), messages=msgs, response_format=fmt(name), stream=True, **kw
+    ):
         if chunk.choices:
             parts.append(chunk.choices[0].delta.content or "")
             finish = chunk.choices[0].finish_reason or finish
@@ -71,8 +109,7 @@ def chat_text(client, name, stream, **kw):
 def test_chat_json_schema_validates(server, name, stream):
     client = server.openai()
     for seed in range(2):
-        text, finish = chat_text(client, name, stream, model=server.model, max_tokens=200, temperature=0.8,
-                                 seed=seed)
+        text, finish = chat_text(client, name, stream, model=server.model, max_tokens=200, temperature=0.8, seed=seed)
         check(name, text, finish)
 
 
@@ -80,8 +117,13 @@ def test_chat_json_schema_validates(server, name, stream):
 def test_completions_json_schema_validates(server, stream):
     client = server.openai()
     for name in ("person", "list"):
-        kw = dict(model=server.model, prompt=PROMPTS[name] + "\n", max_tokens=200, temperature=0.0,
-                  extra_body={"response_format": fmt(name, strict=False)})
+        kw = dict(
+            model=server.model,
+            prompt=PROMPTS[name] + "\n",
+            max_tokens=200,
+            temperature=0.0,
+            extra_body={"response_format": fmt(name, strict=False)},
+        )
         if stream:
             chunks = list(client.completions.create(stream=True, **kw))
             text = "".join(c.choices[0].text for c in chunks if c.choices)
@@ -95,8 +137,12 @@ def test_completions_json_schema_validates(server, stream):
 def test_json_object_is_an_object(server):
     for stream in (False, True):
         r = server.openai().chat.completions.create(
-            model=server.model, messages=[{"role": "user", "content": "Say hello in JSON."}], max_tokens=200,
-            temperature=0.0, response_format={"type": "json_object"})
+            model=server.model,
+            messages=[{"role": "user", "content": "Say hello in JSON."}],
+            max_tokens=200,
+            temperature=0.0,
+            response_format={"type": "json_object"},
+        )
         assert r.choices[0].finish_reason == "stop", r
         assert isinstance(json.loads(r.choices[0].message.content), dict)
 
@@ -106,13 +152,20 @@ def test_eight_at_once_with_an_unconstrained_neighbour(server, stream):
     """7 constrained requests and a greedy free-text one in one batch of 8: all 7 validate, and the free one
     stays free text (masks are per row; its exact text may differ from a run alone, as batched numerics do)."""
     client = server.async_openai()
-    free = dict(model=server.model, messages=[{"role": "user", "content": "Name three colors."}], max_tokens=24,
-                temperature=0.0)
+    free = dict(
+        model=server.model, messages=[{"role": "user", "content": "Name three colors."}], max_tokens=24, temperature=0.0
+    )
 
     async def one(i):
         name = sorted(SCHEMAS)[i % len(SCHEMAS)]
-        kw = dict(model=server.model, messages=[{"role": "user", "content": PROMPTS[name]}],
-                  response_format=fmt(name), max_tokens=200, temperature=0.8, seed=100 + i)
+        kw = dict(
+            model=server.model,
+            messages=[{"role": "user", "content": PROMPTS[name]}],
+            response_format=fmt(name),
+            max_tokens=200,
+            temperature=0.8,
+            seed=100 + i,
+        )
         if not stream:
             r = await client.chat.completions.create(**kw)
             return name, r.choices[0].message.content, r.choices[0].finish_reason
@@ -148,9 +201,14 @@ def test_sdk_parse_with_a_pydantic_model(server):
         items: List[Item] = Field(max_length=3)
         status: Literal["open", "closed"]
 
-    r = server.openai().chat.completions.parse(model=server.model, response_format=Order, max_tokens=200,
-                                               messages=[{"role": "user", "content": "An order as JSON."}],
-                                               temperature=0.5, seed=1)
+    r = server.openai().chat.completions.parse(
+        model=server.model,
+        response_format=Order,
+        max_tokens=200,
+        messages=[{"role": "user", "content": "An order as JSON."}],
+        temperature=0.5,
+        seed=1,
+    )
     assert r.choices[0].finish_reason == "stop" and isinstance(r.choices[0].message.parsed, Order), r
 
 

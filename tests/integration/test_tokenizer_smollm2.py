@@ -2,6 +2,7 @@
 
 The behaviour checks (incremental text, stop strings) run on the tiny tokenizer in tests/unit/test_tokenizer.py.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -21,7 +22,7 @@ def test_eos_and_vocab(tok):
 
 
 def test_incomplete_utf8_is_held_back(tok):
-    """"😀" is 3 tokens, one of them a merge holding 2 of its 4 bytes: still held back until complete."""
+    """ "😀" is 3 tokens, one of them a merge holding 2 of its 4 bytes: still held back until complete."""
     ids = tok.encode("😀", add_special_tokens=False)
     assert len(ids) == 3 and all(tok.decode([i]) == "\ufffd" for i in ids)
     detok = IncrementalDetokenizer(tok)
@@ -36,5 +37,6 @@ def test_chat_template(tok):
     ids = tok.apply_chat_template(messages)
     assert tok.decode(ids, skip_special_tokens=False) == (
         "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
-        "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n")
+        "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert ids[0] == 1 and ids.count(1) == 3 and ids.count(2) == 2  # special tokens are single ids, not text

@@ -9,6 +9,7 @@ For every unit test module (autouse, undone after the module):
   of distinct ones) and words in other scripts (accents, CJK, Cyrillic, Arabic, Hebrew, Thai, emoji), so
   byte-level tokenizers split characters across tokens.
 """
+
 from __future__ import annotations
 
 import random

@@ -1,4 +1,5 @@
 """`jetserve demo prepare`: ordinary path from a local folder, caching, rebuild on changed settings."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,10 @@ from models.quantize.api import QuantSpec
 from models.quantize.demo import MARKER, prepare
 from server.cli import main
 
-FAST_SPECS = {"rtn-g32": QuantSpec(method="rtn", group_size=32),
-              "gptq-g32": QuantSpec(method="gptq", group_size=32, calib="tiny", nsamples=2, seqlen=32)}
+FAST_SPECS = {
+    "rtn-g32": QuantSpec(method="rtn", group_size=32),
+    "gptq-g32": QuantSpec(method="gptq", group_size=32, calib="tiny", nsamples=2, seqlen=32),
+}
 
 
 def test_prepare_from_local_folder_is_cached(tiny_llama_dir, tmp_path):
@@ -45,8 +48,15 @@ def test_layer_subset_variant_is_the_base_cut_and_cached(tiny_llama_dir, tmp_pat
 
     store = tmp_path / "store"
     subsets = {"rtn-g32-l1": ("rtn-g32", 1)}
-    r1 = prepare(store, source=str(tiny_llama_dir), name="tiny", specs=FAST_SPECS, variants=["rtn-g32-l1"],
-                 subsets=subsets, echo=lambda s: None)
+    r1 = prepare(
+        store,
+        source=str(tiny_llama_dir),
+        name="tiny",
+        specs=FAST_SPECS,
+        variants=["rtn-g32-l1"],
+        subsets=subsets,
+        echo=lambda s: None,
+    )
     assert r1.built == ["tiny", "tiny-l1", "tiny-rtn-g32-l1"]
     cut = store / "tiny-l1"
     assert json.loads((cut / "config.json").read_text())["num_hidden_layers"] == 1
@@ -57,12 +67,26 @@ def test_layer_subset_variant_is_the_base_cut_and_cached(tiny_llama_dir, tmp_pat
     assert vcfg["num_hidden_layers"] == 1 and vcfg["quantization_config"]["group_size"] == 32
     runner = load_runner(store / "tiny-rtn-g32-l1", max_slots=1, max_seq=32)
     assert runner.prefill_logits(torch.tensor([1, 2, 3]), 0, 0).isfinite().all()
-    r2 = prepare(store, source=str(tiny_llama_dir), name="tiny", specs=FAST_SPECS, variants=["rtn-g32-l1"],
-                 subsets=subsets, echo=lambda s: None)
+    r2 = prepare(
+        store,
+        source=str(tiny_llama_dir),
+        name="tiny",
+        specs=FAST_SPECS,
+        variants=["rtn-g32-l1"],
+        subsets=subsets,
+        echo=lambda s: None,
+    )
     assert r2.built == []
     with pytest.raises(ValueError, match="unknown demo variant"):
-        prepare(store, source=str(tiny_llama_dir), name="tiny", specs=FAST_SPECS, variants=["nope"],
-                subsets=subsets, echo=lambda s: None)
+        prepare(
+            store,
+            source=str(tiny_llama_dir),
+            name="tiny",
+            specs=FAST_SPECS,
+            variants=["nope"],
+            subsets=subsets,
+            echo=lambda s: None,
+        )
 
 
 def test_demo_command_rejects_unknown_variant(tmp_path, capsys):

@@ -2,6 +2,7 @@
 
 The fake runner's model is "next token = last token + 1 (mod vocab)", so greedy outputs are known exactly.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -335,8 +336,10 @@ def test_seeded_sampling_is_reproducible_across_batches():
 
     async def go():
         solo = await collect(eng.submit(GenerationRequest([1], p, max_tokens=8)))
-        hs = [eng.submit(GenerationRequest([1], p if i == 0 else SamplingParams(temperature=1.0), max_tokens=8))
-              for i in range(3)]
+        hs = [
+            eng.submit(GenerationRequest([1], p if i == 0 else SamplingParams(temperature=1.0), max_tokens=8))
+            for i in range(3)
+        ]
         batched = await asyncio.gather(*(collect(h) for h in hs))
         return solo, batched[0]
 

@@ -1,6 +1,7 @@
 """The HTTP edge over a real Engine with the fake runner (fast): timeouts, chunked prefill through HTTP,
 readiness and draining. The tokenizer is the tiny one (tests/conftest.py): SmolLM2's id layout, so the fake
 runner's ids (< 64) are single ASCII characters (35 -> "3")."""
+
 from __future__ import annotations
 
 import asyncio
@@ -37,8 +38,7 @@ class FakeManager:
         return self.lm if name == "fake" else None
 
     def list_models(self):
-        return [SimpleNamespace(name="fake", aliases=(), state="loaded" if self.lm else "available",
-                                loaded_at=None)]
+        return [SimpleNamespace(name="fake", aliases=(), state="loaded" if self.lm else "available", loaded_at=None)]
 
     @asynccontextmanager
     async def acquire(self, name):
@@ -129,7 +129,7 @@ def test_stop_token_text_and_usage_with_fake_model(tokenizer):
         r = c.post("/v1/completions", json={"prompt": ids, "max_tokens": 4, "temperature": 0, "stop": stop})
         body = r.json()
         assert body["choices"][0]["finish_reason"] == "stop"
-        assert body["choices"][0]["text"] == expected[:expected.index(stop)]
+        assert body["choices"][0]["text"] == expected[: expected.index(stop)]
         assert body["usage"]["completion_tokens"] == 3
 
 
@@ -145,8 +145,9 @@ def test_stop_string_is_recorded_as_stop_in_request_stats(tokenizer):
     with TestClient(create_app(settings, manager=mgr, metrics=None)) as c:
         r = c.post("/v1/completions", json={"prompt": ids, "max_tokens": 100, "temperature": 0, "stop": stop})
         assert r.json()["choices"][0]["finish_reason"] == "stop"
-        r = c.post("/v1/completions", json={"prompt": ids, "max_tokens": 100, "temperature": 0, "stop": stop,
-                                            "stream": True})
+        r = c.post(
+            "/v1/completions", json={"prompt": ids, "max_tokens": 100, "temperature": 0, "stop": stop, "stream": True}
+        )
         chunks = [json.loads(d) for d in sse_data(r.text) if d != "[DONE]"]
         assert [ch["choices"][0]["finish_reason"] for ch in chunks][-1] == "stop"
         deadline = time.monotonic() + 5
@@ -155,12 +156,25 @@ def test_stop_string_is_recorded_as_stop_in_request_stats(tokenizer):
     assert [(x.finish_reason, x.generation_tokens < 100) for x in reqs] == [("stop", True)] * 2
 
 
-@pytest.mark.parametrize("raw", [
-    b'{"prompt": [1], "temperature": NaN}', b'{"prompt": [1], "top_p": Infinity}', b'{"prompt": [1], "max_tokens": 1e400}',
-    b'{"prompt": [-1]}', b'{"prompt": [1], "max_tokens": 99999999999999999999}', b'{"prompt": [1], "seed": "x"}',
-    b'{"prompt": [[1], [2]]}', b'{"prompt": {"a": 1}}', b'{"prompt": [1], "stop": [null]}', b'null', b'"text"',
-    b'{"messages": "hi"}', b'\xff\xfe', b'{"prompt": "\\ud800"}',
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"prompt": [1], "temperature": NaN}',
+        b'{"prompt": [1], "top_p": Infinity}',
+        b'{"prompt": [1], "max_tokens": 1e400}',
+        b'{"prompt": [-1]}',
+        b'{"prompt": [1], "max_tokens": 99999999999999999999}',
+        b'{"prompt": [1], "seed": "x"}',
+        b'{"prompt": [[1], [2]]}',
+        b'{"prompt": {"a": 1}}',
+        b'{"prompt": [1], "stop": [null]}',
+        b"null",
+        b'"text"',
+        b'{"messages": "hi"}',
+        b"\xff\xfe",
+        b'{"prompt": "\\ud800"}',
+    ],
+)
 def test_hostile_bodies_get_clean_4xx(tokenizer, raw):
     c, mgr = client(tokenizer)
     with c:

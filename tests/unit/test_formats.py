@@ -1,4 +1,5 @@
 """models/formats.py: config reading, GPTQ/AWQ pack/unpack, reference dequant, parity with GPTQModel's code."""
+
 from __future__ import annotations
 
 import json
@@ -6,14 +7,33 @@ import json
 import pytest
 import torch
 
-from models.formats import (QuantizedWeight, UnsupportedFormatError, act_order_perm, dequantize,
-                            int4_codes_grouped, int4pack_scales_and_zeros, linear_tensor_names, pack_awq, pack_gptq,
-                            read_quant_config, unpack_awq, unpack_gptq)
+from models.formats import (
+    QuantizedWeight,
+    UnsupportedFormatError,
+    act_order_perm,
+    dequantize,
+    int4_codes_grouped,
+    int4pack_scales_and_zeros,
+    linear_tensor_names,
+    pack_awq,
+    pack_gptq,
+    read_quant_config,
+    unpack_awq,
+    unpack_gptq,
+)
 from models import kernels
 
 
-def random_qw(out_f: int, in_f: int, bits: int, group_size: int, *, act_order: bool = False, sym: bool = False,
-              gen: torch.Generator) -> QuantizedWeight:
+def random_qw(
+    out_f: int,
+    in_f: int,
+    bits: int,
+    group_size: int,
+    *,
+    act_order: bool = False,
+    sym: bool = False,
+    gen: torch.Generator,
+) -> QuantizedWeight:
     """Random codes/zeros/scales in the canonical form; act_order shuffles the group of each input column."""
     maxq = (1 << bits) - 1
     groups = in_f // group_size
@@ -53,8 +73,7 @@ def test_gptq_pack_unpack_roundtrip(bits, sym, act_order, ckpt, gen):
     t = pack_gptq(qw, checkpoint_format=ckpt)
     assert t["qweight"].shape == (128 * bits // 32, 96) and t["qweight"].dtype == torch.int32
     assert t["qzeros"].shape == (4, 96 * bits // 32)
-    back = unpack_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits, group_size=32,
-                       checkpoint_format=ckpt)
+    back = unpack_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits, group_size=32, checkpoint_format=ckpt)
     assert_same(qw, back)
     assert (back.g_idx is not None) == act_order  # sequential g_idx is recognised and dropped
 
@@ -77,8 +96,16 @@ def test_gptq_dequant_matches_gptqmodel(bits, act_order, gen):
 
     qw = random_qw(64, 128, bits, 32, act_order=act_order, gen=gen)
     t = pack_gptq(qw)
-    layer = TorchLinear(bits=bits, group_size=32, sym=False, desc_act=act_order, in_features=128, out_features=64,
-                        pack_dtype=torch.int32, bias=False)
+    layer = TorchLinear(
+        bits=bits,
+        group_size=32,
+        sym=False,
+        desc_act=act_order,
+        in_features=128,
+        out_features=64,
+        pack_dtype=torch.int32,
+        bias=False,
+    )
     for k, v in t.items():
         getattr(layer, k).copy_(v)
     convert_gptq_v1_to_v2_format_module(layer, bits=bits, pack_dtype=torch.int32)
@@ -125,8 +152,14 @@ def test_awq_matches_gptqmodel_packing(bits, gen):
 
 def test_awq_interleave_order():
     """Word position j of a 4-bit AWQ word holds logical column [0, 2, 4, 6, 1, 3, 5, 7][j]."""
-    qw = QuantizedWeight(torch.arange(8, dtype=torch.uint8).repeat(32, 1).t().contiguous(),
-                         torch.zeros(1, 8, dtype=torch.uint8), torch.ones(1, 8), None, 4, 32)
+    qw = QuantizedWeight(
+        torch.arange(8, dtype=torch.uint8).repeat(32, 1).t().contiguous(),
+        torch.zeros(1, 8, dtype=torch.uint8),
+        torch.ones(1, 8),
+        None,
+        4,
+        32,
+    )
     word = int(pack_awq(qw)["qweight"][0, 0]) & 0xFFFFFFFF
     assert [(word >> (4 * j)) & 0xF for j in range(8)] == [0, 2, 4, 6, 1, 3, 5, 7]
 
@@ -166,10 +199,30 @@ def test_act_order_perm_rejects_uneven_groups(gen):
 
 
 # ----------------------------------------------------------------------------------------------- config
-GPTQMODEL_V1 = {"bits": 4, "checkpoint_format": "gptq", "desc_act": True, "format": "gptq", "group_size": 32,
-                "lm_head": False, "method": "gptq", "pack_dtype": "int32", "quant_method": "gptq", "sym": False}
-GPTQMODEL_AWQ = {"bits": 4, "checkpoint_format": "gemm", "desc_act": False, "format": "gemm", "group_size": 64,
-                 "method": "awq", "pack_dtype": "int32", "quant_method": "awq", "version": "gemm", "zero_point": False}
+GPTQMODEL_V1 = {
+    "bits": 4,
+    "checkpoint_format": "gptq",
+    "desc_act": True,
+    "format": "gptq",
+    "group_size": 32,
+    "lm_head": False,
+    "method": "gptq",
+    "pack_dtype": "int32",
+    "quant_method": "gptq",
+    "sym": False,
+}
+GPTQMODEL_AWQ = {
+    "bits": 4,
+    "checkpoint_format": "gemm",
+    "desc_act": False,
+    "format": "gemm",
+    "group_size": 64,
+    "method": "awq",
+    "pack_dtype": "int32",
+    "quant_method": "awq",
+    "version": "gemm",
+    "zero_point": False,
+}
 AUTOAWQ = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "GEMM"}
 AUTOGPTQ_QCJSON = {"bits": 8, "group_size": 128, "desc_act": False, "sym": True, "true_sequential": True}
 
@@ -186,8 +239,15 @@ def write_model(tmp_path, qcfg=None, qfile=None, name="config.json"):
 
 def test_read_gptqmodel_v1(tmp_path):
     q = read_quant_config(write_model(tmp_path, GPTQMODEL_V1))
-    assert (q.method, q.bits, q.group_size, q.sym, q.desc_act, q.zero_point, q.checkpoint_format) == \
-        ("gptq", 4, 32, False, True, True, "gptq")
+    assert (q.method, q.bits, q.group_size, q.sym, q.desc_act, q.zero_point, q.checkpoint_format) == (
+        "gptq",
+        4,
+        32,
+        False,
+        True,
+        True,
+        "gptq",
+    )
     assert q.raw["pack_dtype"] == "int32"
 
 
@@ -199,13 +259,20 @@ def test_read_awq_variants(tmp_path):
 
 
 def test_read_quantize_config_json(tmp_path):
-    q = read_quant_config(write_model(tmp_path, None, AUTOGPTQ_QCJSON | {"quant_method": "gptq"},
-                                      "quantize_config.json"))
+    q = read_quant_config(
+        write_model(tmp_path, None, AUTOGPTQ_QCJSON | {"quant_method": "gptq"}, "quantize_config.json")
+    )
     assert (q.method, q.bits, q.sym, q.checkpoint_format) == ("gptq", 8, True, "gptq")
     other = tmp_path / "v2"
     other.mkdir()
-    q = read_quant_config(write_model(other, None, {"quant_method": "gptq", "bits": 4, "group_size": 64,
-                                                    "checkpoint_format": "gptq_v2"}, "quant_config.json"))
+    q = read_quant_config(
+        write_model(
+            other,
+            None,
+            {"quant_method": "gptq", "bits": 4, "group_size": 64, "checkpoint_format": "gptq_v2"},
+            "quant_config.json",
+        )
+    )
     assert q.checkpoint_format == "gptq_v2"
 
 
@@ -214,19 +281,22 @@ def test_read_unquantized(tmp_path):
     assert q.method == "none" and not q.is_quantized
 
 
-@pytest.mark.parametrize("qcfg,needle", [
-    ({"quant_method": "exl2", "bits": 4.0}, "EXL2"),
-    (GPTQMODEL_V1 | {"checkpoint_format": "marlin", "format": "marlin"}, "Marlin"),
-    (GPTQMODEL_V1 | {"is_marlin_format": True}, "Marlin"),
-    ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "bitsandbytes"),
-    ({"quant_method": "fp8", "activation_scheme": "dynamic"}, "fp8"),
-    ({"quant_method": "compressed-tensors", "format": "pack-quantized"}, "compressed-tensors"),
-    (GPTQMODEL_V1 | {"bits": 5}, "bits=5"),
-    (GPTQMODEL_V1 | {"group_size": 100}, "group_size=100"),
-    (AUTOAWQ | {"version": "gemv"}, "gemv"),
-    (GPTQMODEL_V1 | {"pack_dtype": "int16"}, "int16"),
-    ({"quant_method": "hqq"}, "hqq"),
-])
+@pytest.mark.parametrize(
+    "qcfg,needle",
+    [
+        ({"quant_method": "exl2", "bits": 4.0}, "EXL2"),
+        (GPTQMODEL_V1 | {"checkpoint_format": "marlin", "format": "marlin"}, "Marlin"),
+        (GPTQMODEL_V1 | {"is_marlin_format": True}, "Marlin"),
+        ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "bitsandbytes"),
+        ({"quant_method": "fp8", "activation_scheme": "dynamic"}, "fp8"),
+        ({"quant_method": "compressed-tensors", "format": "pack-quantized"}, "compressed-tensors"),
+        (GPTQMODEL_V1 | {"bits": 5}, "bits=5"),
+        (GPTQMODEL_V1 | {"group_size": 100}, "group_size=100"),
+        (AUTOAWQ | {"version": "gemv"}, "gemv"),
+        (GPTQMODEL_V1 | {"pack_dtype": "int16"}, "int16"),
+        ({"quant_method": "hqq"}, "hqq"),
+    ],
+)
 def test_unsupported_formats_fail_loudly(tmp_path, qcfg, needle):
     with pytest.raises(UnsupportedFormatError) as e:
         read_quant_config(write_model(tmp_path, qcfg))
@@ -237,6 +307,7 @@ def test_unsupported_formats_fail_loudly(tmp_path, qcfg, needle):
 
 def test_linear_tensor_names():
     from models.formats import parse_quant_config
+
     q = parse_quant_config(GPTQMODEL_V1)
     assert linear_tensor_names(q, "m.q") == ["m.q.qweight", "m.q.qzeros", "m.q.scales", "m.q.g_idx"]
     awq = parse_quant_config(AUTOAWQ)
@@ -246,11 +317,28 @@ def test_linear_tensor_names():
 
 # ----------------------------------------------------------------------------------------------- compressed-tensors
 LLMCOMPRESSOR_W4A16 = {
-    "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
-    "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": None, "output_activations": None,
-                                  "weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group",
-                                              "group_size": 128, "actorder": None, "dynamic": False}}},
-    "ignore": ["lm_head"], "kv_cache_scheme": None, "sparsity_config": {},
+    "quant_method": "compressed-tensors",
+    "format": "pack-quantized",
+    "quantization_status": "compressed",
+    "config_groups": {
+        "group_0": {
+            "targets": ["Linear"],
+            "input_activations": None,
+            "output_activations": None,
+            "weights": {
+                "num_bits": 4,
+                "type": "int",
+                "symmetric": True,
+                "strategy": "group",
+                "group_size": 128,
+                "actorder": None,
+                "dynamic": False,
+            },
+        }
+    },
+    "ignore": ["lm_head"],
+    "kv_cache_scheme": None,
+    "sparsity_config": {},
 }
 
 
@@ -262,31 +350,47 @@ def _with_weights(**kw):
 
 def test_read_compressed_tensors_w4a16(tmp_path):
     q = read_quant_config(write_model(tmp_path, LLMCOMPRESSOR_W4A16))
-    assert (q.method, q.bits, q.group_size, q.sym, q.zero_point, q.checkpoint_format) == \
-        ("compressed_tensors", 4, 128, True, False, "pack_quantized")
+    assert (q.method, q.bits, q.group_size, q.sym, q.zero_point, q.checkpoint_format) == (
+        "compressed_tensors",
+        4,
+        128,
+        True,
+        False,
+        "pack_quantized",
+    )
     asym = read_quant_config(write_model(tmp_path, _with_weights(symmetric=False, strategy="channel")))
     assert asym.zero_point and asym.group_size == -1
-    assert linear_tensor_names(asym, "m.q") == ["m.q.weight_packed", "m.q.weight_scale", "m.q.weight_shape",
-                                                "m.q.weight_zero_point"]
+    assert linear_tensor_names(asym, "m.q") == [
+        "m.q.weight_packed",
+        "m.q.weight_scale",
+        "m.q.weight_shape",
+        "m.q.weight_zero_point",
+    ]
 
 
-@pytest.mark.parametrize("change,needle", [
-    ({"format": "float-quantized"}, "float-quantized"),
-    ({"kv_cache_scheme": {"num_bits": 8, "type": "float"}}, "kv_cache_scheme"),
-    ({"ignore": ["lm_head", "model.layers.0.mlp.down_proj"]}, "down_proj"),
-    ({"sparsity_config": {"format": "sparse-24-bitmask"}}, "sparse-24"),
-])
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        ({"format": "float-quantized"}, "float-quantized"),
+        ({"kv_cache_scheme": {"num_bits": 8, "type": "float"}}, "kv_cache_scheme"),
+        ({"ignore": ["lm_head", "model.layers.0.mlp.down_proj"]}, "down_proj"),
+        ({"sparsity_config": {"format": "sparse-24-bitmask"}}, "sparse-24"),
+    ],
+)
 def test_compressed_tensors_unsupported(tmp_path, change, needle):
     with pytest.raises(UnsupportedFormatError, match=needle):
         read_quant_config(write_model(tmp_path, {**LLMCOMPRESSOR_W4A16, **change}))
 
 
-@pytest.mark.parametrize("weights,needle", [
-    ({"type": "float", "num_bits": 8}, "type='float'"),
-    ({"num_bits": 3}, "num_bits=3"),
-    ({"strategy": "tensor"}, "strategy='tensor'"),
-    ({"dynamic": True}, "dynamic=True"),
-])
+@pytest.mark.parametrize(
+    "weights,needle",
+    [
+        ({"type": "float", "num_bits": 8}, "type='float'"),
+        ({"num_bits": 3}, "num_bits=3"),
+        ({"strategy": "tensor"}, "strategy='tensor'"),
+        ({"dynamic": True}, "dynamic=True"),
+    ],
+)
 def test_compressed_tensors_unsupported_weights(tmp_path, weights, needle):
     with pytest.raises(UnsupportedFormatError, match=needle):
         read_quant_config(write_model(tmp_path, _with_weights(**weights)))
@@ -309,32 +413,50 @@ def test_compressed_tensors_matches_library(bits, symmetric, strategy, gen):
 
     out_f, in_f, gs = 64, 256, 64
     groups = in_f // gs if strategy == "group" else 1
-    args = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, strategy=strategy,
-                            group_size=gs if strategy == "group" else None)
+    args = QuantizationArgs(
+        num_bits=bits,
+        type="int",
+        symmetric=symmetric,
+        strategy=strategy,
+        group_size=gs if strategy == "group" else None,
+    )
     scheme = QuantizationScheme(targets=["Linear"], weights=args)
     half = 1 << (bits - 1)
-    state = {"weight": torch.randn(out_f, in_f, generator=gen),
-             "weight_scale": torch.rand(out_f, groups, generator=gen) * 0.05 + 0.01}
+    state = {
+        "weight": torch.randn(out_f, in_f, generator=gen),
+        "weight_scale": torch.rand(out_f, groups, generator=gen) * 0.05 + 0.01,
+    }
     if not symmetric:
         state["weight_zero_point"] = torch.randint(-half, half, (out_f, groups), generator=gen).to(torch.int8)
     packed = pq.PackedQuantizationCompressor.compress(state, scheme)
     theirs = pq.PackedQuantizationCompressor.decompress(packed, scheme)["weight"]
-    qw = unpack_compressed(packed["weight_packed"], packed["weight_scale"], packed.get("weight_zero_point"), None,
-                           bits, group_size=gs if strategy == "group" else -1, in_features=in_f)
+    qw = unpack_compressed(
+        packed["weight_packed"],
+        packed["weight_scale"],
+        packed.get("weight_zero_point"),
+        None,
+        bits,
+        group_size=gs if strategy == "group" else -1,
+        in_features=in_f,
+    )
     torch.testing.assert_close(dequantize(qw), theirs.float(), rtol=1e-6, atol=1e-7)
 
 
 # ----------------------------------------------------------------------------------------------- undeclared formats
 def _write_safetensors(path, tensors):
     from safetensors.torch import save_file
+
     save_file(tensors, str(path))
 
 
-@pytest.mark.parametrize("names,needle", [
-    (["model.layers.0.mlp.up_proj.q_weight", "model.layers.0.mlp.up_proj.q_invperm"], "EXL2"),
-    (["model.layers.0.mlp.up_proj.weight", "model.layers.0.mlp.up_proj.weight.absmax"], "bitsandbytes"),
-    (["model.layers.0.mlp.up_proj.qweight", "model.layers.0.mlp.up_proj.qzeros"], "GPTQ/AWQ"),
-])
+@pytest.mark.parametrize(
+    "names,needle",
+    [
+        (["model.layers.0.mlp.up_proj.q_weight", "model.layers.0.mlp.up_proj.q_invperm"], "EXL2"),
+        (["model.layers.0.mlp.up_proj.weight", "model.layers.0.mlp.up_proj.weight.absmax"], "bitsandbytes"),
+        (["model.layers.0.mlp.up_proj.qweight", "model.layers.0.mlp.up_proj.qzeros"], "GPTQ/AWQ"),
+    ],
+)
 def test_undeclared_quantized_tensors_fail_loudly(tmp_path, names, needle):
     write_model(tmp_path)
     _write_safetensors(tmp_path / "model.safetensors", {n: torch.zeros(4, dtype=torch.int32) for n in names})
@@ -346,8 +468,7 @@ def test_undeclared_fp8_fails_and_dense_passes(tmp_path):
     write_model(tmp_path)
     _write_safetensors(tmp_path / "model.safetensors", {"lm_head.weight": torch.zeros(4, 4, dtype=torch.bfloat16)})
     assert read_quant_config(tmp_path).method == "none"
-    _write_safetensors(tmp_path / "model.safetensors",
-                       {"lm_head.weight": torch.zeros(4, 4).to(torch.float8_e4m3fn)})
+    _write_safetensors(tmp_path / "model.safetensors", {"lm_head.weight": torch.zeros(4, 4).to(torch.float8_e4m3fn)})
     with pytest.raises(UnsupportedFormatError, match="fp8"):
         read_quant_config(tmp_path)
 
@@ -361,10 +482,13 @@ def test_safetensors_header_reads_entries_and_rejects_corrupt_files(tmp_path):
     save_file({"w": torch.zeros(4, 3)}, str(path), metadata={"format": "pt"})
     assert safetensors_header(path) == {"w": {"dtype": "F32", "shape": [4, 3], "data_offsets": [0, 48]}}
     data = path.read_bytes()
-    cases = ((data[:5], "no header length"), (data[:-1], "outside the file"),
-             ((16).to_bytes(8, "little") + b"{not json", "header length"),
-             ((9).to_bytes(8, "little") + b"{not json", "unreadable"),
-             ((8).to_bytes(8, "little") + b'{"w": 1}', "lacks dtype"))
+    cases = (
+        (data[:5], "no header length"),
+        (data[:-1], "outside the file"),
+        ((16).to_bytes(8, "little") + b"{not json", "header length"),
+        ((9).to_bytes(8, "little") + b"{not json", "unreadable"),
+        ((8).to_bytes(8, "little") + b'{"w": 1}', "lacks dtype"),
+    )
     for raw, needle in cases:
         path.write_bytes(raw)
         with pytest.raises(CorruptCheckpointError, match=needle) as e:

@@ -1,4 +1,5 @@
 """`jetserve generate` on the tiny random Llama (real loader, runner, sampling and tokenizer)."""
+
 from __future__ import annotations
 
 import pytest
@@ -25,13 +26,24 @@ def hf_greedy(tiny_llama_dir):
     ids = tok.encode(PROMPT, return_tensors="pt")
     with torch.inference_mode():
         out = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
-    new = out[0, ids.shape[1]:].tolist()
+    new = out[0, ids.shape[1] :].tolist()
     return new, tok.decode(new, skip_special_tokens=True)
 
 
 def test_greedy_matches_transformers(capsys, tiny_llama_dir, hf_greedy):
-    rc, out, err = generate(capsys, tiny_llama_dir, "--prompt", PROMPT, "--max-tokens", 12, "--dtype", "float32",
-                            "--device", "cpu", "--ignore-eos")
+    rc, out, err = generate(
+        capsys,
+        tiny_llama_dir,
+        "--prompt",
+        PROMPT,
+        "--max-tokens",
+        12,
+        "--dtype",
+        "float32",
+        "--device",
+        "cpu",
+        "--ignore-eos",
+    )
     assert rc == 0, err
     assert out == hf_greedy[1] + "\n"
     assert "generated 12 tokens (length)" in err and "tok/s" in err and "time to first token" in err
@@ -55,8 +67,20 @@ def test_prompt_from_stdin(capsys, monkeypatch, tiny_llama_dir):
 
 
 def test_seeded_sampling_is_reproducible(capsys, tiny_llama_dir):
-    args = (tiny_llama_dir, "--prompt", PROMPT, "--max-tokens", 6, "--ignore-eos", "--temperature", 1.0,
-            "--top-p", 0.95, "--device", "cpu")
+    args = (
+        tiny_llama_dir,
+        "--prompt",
+        PROMPT,
+        "--max-tokens",
+        6,
+        "--ignore-eos",
+        "--temperature",
+        1.0,
+        "--top-p",
+        0.95,
+        "--device",
+        "cpu",
+    )
     a = generate(capsys, *args, "--seed", 5)[1]
     b = generate(capsys, *args, "--seed", 5)[1]
     c = generate(capsys, *args, "--seed", 6)[1]
@@ -67,32 +91,61 @@ def test_seeded_sampling_is_reproducible(capsys, tiny_llama_dir):
 
 def test_stop_string_cuts_output(capsys, tiny_llama_dir, hf_greedy):
     text = hf_greedy[1]
-    stop = text[len(text) // 2:len(text) // 2 + 3]
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
     assert stop and stop in text
-    rc, out, err = generate(capsys, tiny_llama_dir, "--prompt", PROMPT, "--max-tokens", 12, "--dtype", "float32",
-                            "--ignore-eos", "--stop", stop, "--stop", "\x00unused")
+    rc, out, err = generate(
+        capsys,
+        tiny_llama_dir,
+        "--prompt",
+        PROMPT,
+        "--max-tokens",
+        12,
+        "--dtype",
+        "float32",
+        "--ignore-eos",
+        "--stop",
+        stop,
+        "--stop",
+        "\x00unused",
+    )
     assert rc == 0
-    assert out == text[:text.index(stop)] + "\n"
+    assert out == text[: text.index(stop)] + "\n"
     assert "(stop)" in err
 
 
 def test_chat_and_store_name(capsys, tiny_llama_dir):
-    rc, out, err = generate(capsys, tiny_llama_dir.name, "--store", tiny_llama_dir.parent, "--chat",
-                            "--system", "Be brief.", "--prompt", "hi", "--max-tokens", 4, "--ignore-eos")
+    rc, out, err = generate(
+        capsys,
+        tiny_llama_dir.name,
+        "--store",
+        tiny_llama_dir.parent,
+        "--chat",
+        "--system",
+        "Be brief.",
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        4,
+        "--ignore-eos",
+    )
     from models.tokenizer import Tokenizer
 
     ids = Tokenizer.from_dir(tiny_llama_dir).apply_chat_template(
-        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}])
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    )
     assert rc == 0, err
     assert f"prompt {len(ids)} tokens" in err and len(ids) > 10  # the chat template was applied
 
 
-@pytest.mark.parametrize("extra, msg", [
-    (("--temperature", "-1"), "temperature must be in [0, 2]"),
-    (("--top-p", "0"), "top_p must be in"),
-    (("--max-tokens", "0"), "--max-tokens must be >= 1"),
-    (("--max-seq", "8", "--max-tokens", "20"), "exceeds the context"),
-])
+@pytest.mark.parametrize(
+    "extra, msg",
+    [
+        (("--temperature", "-1"), "temperature must be in [0, 2]"),
+        (("--top-p", "0"), "top_p must be in"),
+        (("--max-tokens", "0"), "--max-tokens must be >= 1"),
+        (("--max-seq", "8", "--max-tokens", "20"), "exceeds the context"),
+    ],
+)
 def test_bad_arguments(capsys, tiny_llama_dir, extra, msg):
     rc, out, err = generate(capsys, tiny_llama_dir, "--prompt", PROMPT, *extra)
     assert rc == 2 and msg in err and out == ""

@@ -1,4 +1,5 @@
 """models/kernels.py: kernel choice per device, CPU int4pack layout, int4 matmul parity vs the reference."""
+
 from __future__ import annotations
 
 import logging
@@ -37,9 +38,11 @@ def to_int4pack(qw: QuantizedWeight, name: str = kernels.CPU_INT4PACK, device="c
 
 def _packer_from_permutation(perm: torch.Tensor):
     """A made-up layout: output nibble j holds input position perm[j], two nibbles a byte, low first."""
+
     def pack(codes: torch.Tensor) -> torch.Tensor:
         nib = codes.reshape(-1)[perm].to(torch.uint8)
         return (nib[0::2] | nib[1::2] << 4).reshape(codes.shape[0], -1)
+
     return pack
 
 
@@ -57,6 +60,7 @@ def test_nibble_order_rejects_a_packer_that_loses_positions():
         nib = codes.reshape(-1).clone().to(torch.uint8)
         nib[1] = nib[0]  # position 1 is never stored
         return nib[0::2] | nib[1::2] << 4
+
     with pytest.raises(RuntimeError, match="not a nibble permutation"):
         kernels.nibble_order(lossy, 8, 32)
     with pytest.raises(RuntimeError, match="nibbles"):
@@ -91,13 +95,16 @@ def test_device_kernel_cpu_logged_once(caplog):
     assert sum("int4 kernel for cpu" in r.getMessage() for r in caplog.records) == 1
 
 
-@pytest.mark.parametrize("bits,group,in_f,out_f,why", [
-    (8, 64, 576, 192, "8-bit"),
-    (3, 64, 576, 192, "3-bit"),
-    (4, 16, 576, 192, "group_size=16"),
-    (4, 128, 576, 192, "not a multiple of group_size"),
-    (4, 64, 576, 200, "out_features=200"),
-])
+@pytest.mark.parametrize(
+    "bits,group,in_f,out_f,why",
+    [
+        (8, 64, 576, 192, "8-bit"),
+        (3, 64, 576, 192, "3-bit"),
+        (4, 16, 576, 192, "group_size=16"),
+        (4, 128, 576, 192, "not a multiple of group_size"),
+        (4, 64, 576, 200, "out_features=200"),
+    ],
+)
 def test_select_kernel_reference_for_unsupported_shapes(bits, group, in_f, out_f, why, caplog):
     kernels._log_once.cache_clear()
     with caplog.at_level(logging.INFO, logger="models.kernels"):
@@ -139,7 +146,7 @@ def test_cpu_int4pack_dense_dequant_matches_reference(group, gen):
 def tinygemm_pack_emulated(q: torch.Tensor, tiles: int) -> torch.Tensor:
     """Loop-for-loop emulation of int4mm.cu's matrix_to_m16n8k16_Bint4_layout (NVIDIA branch)."""
     n, k = q.shape
-    b = (q[:, ::2].int() << 4 | q[:, 1::2].int())  # (n, k/2) bytes, even k in the high nibble
+    b = q[:, ::2].int() << 4 | q[:, 1::2].int()  # (n, k/2) bytes, even k in the high nibble
     out = torch.zeros(n // 8, k // (tiles * 16), 32, tiles // 2, dtype=torch.int64)
     for ko in range(out.shape[1]):
         for inner in range(0, tiles, 2):
@@ -148,9 +155,16 @@ def tinygemm_pack_emulated(q: torch.Tensor, tiles: int) -> torch.Tensor:
                 rows = torch.arange(n // 8) * 8 + t // 4
                 ks = [base0 + t % 4, base0 + t % 4 + 4, base0 + 8 + t % 4, base0 + 12 + t % 4]
                 v = [b[rows, j].long() for j in ks]
-                out[:, ko, t, inner // 2] = ((v[3] & 0xF) << 28 | (v[2] & 0xF) << 24 | (v[1] & 0xF) << 20
-                                             | (v[0] & 0xF) << 16 | (v[3] & 0xF0) << 8 | (v[2] & 0xF0) << 4
-                                             | (v[1] & 0xF0) | (v[0] & 0xF0) >> 4)
+                out[:, ko, t, inner // 2] = (
+                    (v[3] & 0xF) << 28
+                    | (v[2] & 0xF) << 24
+                    | (v[1] & 0xF) << 20
+                    | (v[0] & 0xF) << 16
+                    | (v[3] & 0xF0) << 8
+                    | (v[2] & 0xF0) << 4
+                    | (v[1] & 0xF0)
+                    | (v[0] & 0xF0) >> 4
+                )
     return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
 
 

@@ -1,4 +1,5 @@
 """Unit tests of benchmarks/loadtest.py against a fake OpenAI SSE server on real uvicorn (127.0.0.1)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -13,7 +14,15 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from benchmarks.loadtest import LoadConfig, LoadtestError, check_loopback, percentile, run_closed_loop, run_open_loop, run_sweep
+from benchmarks.loadtest import (
+    LoadConfig,
+    LoadtestError,
+    check_loopback,
+    percentile,
+    run_closed_loop,
+    run_open_loop,
+    run_sweep,
+)
 from benchmarks.loadtest import main as cli_main
 
 
@@ -24,9 +33,9 @@ class FakeState:
         self.n_tokens = 5
         self.token_delay = 0.01
         self.first_delay = 0.03
-        self.reject_every = 0      # every Nth request gets a 429 (0 = never)
-        self.hang = False          # never send a byte of body
-        self.drop = False          # end the stream without [DONE]
+        self.reject_every = 0  # every Nth request gets a 429 (0 = never)
+        self.hang = False  # never send a byte of body
+        self.drop = False  # end the stream without [DONE]
         self.count = 0
         self.inflight = 0
         self.max_inflight = 0
@@ -38,8 +47,13 @@ def make_fake_app(state: FakeState) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": "other-model", "object": "model", "state": "available"},
-                                           {"id": "fake-model", "object": "model", "state": "loaded"}]}
+        return {
+            "object": "list",
+            "data": [
+                {"id": "other-model", "object": "model", "state": "available"},
+                {"id": "fake-model", "object": "model", "state": "loaded"},
+            ],
+        }
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -47,8 +61,11 @@ def make_fake_app(state: FakeState) -> FastAPI:
         state.bodies.append(body)
         state.count += 1
         if state.reject_every and state.count % state.reject_every == 0:
-            return JSONResponse({"error": {"message": "queue full", "type": "rate_limit_error", "code": 429}},
-                                status_code=429, headers={"retry-after": "1"})
+            return JSONResponse(
+                {"error": {"message": "queue full", "type": "rate_limit_error", "code": 429}},
+                status_code=429,
+                headers={"retry-after": "1"},
+            )
 
         async def gen():
             state.inflight += 1
@@ -60,13 +77,30 @@ def make_fake_app(state: FakeState) -> FastAPI:
                 for i in range(state.n_tokens):
                     if i:
                         await asyncio.sleep(state.token_delay)
-                    chunk = {"id": "x", "object": "chat.completion.chunk", "model": body["model"],
-                             "choices": [{"index": 0, "delta": {"content": f"t{i} "}, "finish_reason": None}]}
+                    chunk = {
+                        "id": "x",
+                        "object": "chat.completion.chunk",
+                        "model": body["model"],
+                        "choices": [{"index": 0, "delta": {"content": f"t{i} "}, "finish_reason": None}],
+                    }
                     yield f"data: {json.dumps(chunk)}\n\n"
                 if state.drop:
                     return
-                yield "data: " + json.dumps({"id": "x", "choices": [], "usage": {
-                    "prompt_tokens": 3, "completion_tokens": state.n_tokens, "total_tokens": 3 + state.n_tokens}}) + "\n\n"
+                yield (
+                    "data: "
+                    + json.dumps(
+                        {
+                            "id": "x",
+                            "choices": [],
+                            "usage": {
+                                "prompt_tokens": 3,
+                                "completion_tokens": state.n_tokens,
+                                "total_tokens": 3 + state.n_tokens,
+                            },
+                        }
+                    )
+                    + "\n\n"
+                )
                 yield "data: [DONE]\n\n"
             finally:
                 state.inflight -= 1
@@ -102,15 +136,28 @@ def fake(fake_server):
     return url, state
 
 
-@pytest.mark.parametrize("url", ["http://127.0.0.1:8000", "http://127.9.8.7:1/", "http://localhost:8000",
-                                 "http://[::1]:8000", "https://LOCALHOST"])
+@pytest.mark.parametrize(
+    "url",
+    ["http://127.0.0.1:8000", "http://127.9.8.7:1/", "http://localhost:8000", "http://[::1]:8000", "https://LOCALHOST"],
+)
 def test_loopback_accepted(url):
     assert check_loopback(url) == url.rstrip("/")
 
 
-@pytest.mark.parametrize("url", ["http://10.0.0.1:8000", "http://0.0.0.0:8000", "http://example.com",
-                                 "http://192.168.1.5", "http://[::2]:80", "ftp://127.0.0.1", "127.0.0.1:8000",
-                                 "http://localhost.evil.com", "http://128.0.0.1"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://10.0.0.1:8000",
+        "http://0.0.0.0:8000",
+        "http://example.com",
+        "http://192.168.1.5",
+        "http://[::2]:80",
+        "ftp://127.0.0.1",
+        "127.0.0.1:8000",
+        "http://localhost.evil.com",
+        "http://128.0.0.1",
+    ],
+)
 def test_non_loopback_refused(url):
     with pytest.raises(LoadtestError):
         check_loopback(url)
@@ -196,6 +243,7 @@ def test_open_loop_poisson(fake):
     lv = asyncio.run(run_open_loop(cfg, 20.0))
     # seeded exponential gaps at 20/s over 1.5 s: the same arrivals as replaying the generator
     import random
+
     rng, t, expected = random.Random(1), 0.0, 0
     while True:
         t += rng.expovariate(20.0)
@@ -209,8 +257,9 @@ def test_open_loop_poisson(fake):
 def test_open_loop_overflow_is_bounded(fake):
     url, state = fake
     state.hang = True
-    cfg = LoadConfig(url=url, duration_s=1.0, max_requests=30, request_timeout_s=1.0, max_inflight=2,
-                     drain_timeout_s=2.0)
+    cfg = LoadConfig(
+        url=url, duration_s=1.0, max_requests=30, request_timeout_s=1.0, max_inflight=2, drain_timeout_s=2.0
+    )
     lv = asyncio.run(run_open_loop(cfg, 100.0))
     assert lv["requests"] == lv["arrivals"] == 30
     assert lv["errors"]["client_overflow"] >= 20
@@ -227,8 +276,24 @@ def test_sweep_validates():
 def test_cli_writes_json_and_png(fake, tmp_path, capsys):
     url, state = fake
     out = tmp_path / "out"
-    rc = cli_main(["--url", url, "--concurrency", "1,2", "--rate", "10", "--duration", "0.5",
-                   "--max-requests", "20", "--max-tokens", "4", "--out", str(out)])
+    rc = cli_main(
+        [
+            "--url",
+            url,
+            "--concurrency",
+            "1,2",
+            "--rate",
+            "10",
+            "--duration",
+            "0.5",
+            "--max-requests",
+            "20",
+            "--max-tokens",
+            "4",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     report = json.loads((out / "loadtest.json").read_text())
     assert [lv["level"] for lv in report["levels"]] == ["c=1", "c=2", "rate=10"]

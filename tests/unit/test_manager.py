@@ -3,6 +3,7 @@
 Models are tiny real folders (config.json + a real safetensors file) so predictions read real headers;
 the runner/tokenizer/engine are fakes, so these tests take milliseconds.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -23,9 +24,18 @@ from server.store import ModelStore
 from server.telemetry.memory import MemorySnapshot, MemorySource
 
 MiB = 1024**2
-CFG = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=64, intermediate_size=128,
-           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=1000,
-           max_position_embeddings=512)
+CFG = dict(
+    architectures=["LlamaForCausalLM"],
+    model_type="llama",
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=1000,
+    max_position_embeddings=512,
+)
 
 
 def make_model(store: Path, name: str, n_floats: int) -> Path:
@@ -79,8 +89,9 @@ class Loader:
 
 
 def settings(store: Path, budget: int, **kw) -> Settings:
-    base = dict(model_store=store, memory_budget=str(budget), max_batch_size=2, max_context=64, device="cpu",
-                model="none")
+    base = dict(
+        model_store=store, memory_budget=str(budget), max_batch_size=2, max_context=64, device="cpu", model="none"
+    )
     base.update(kw)
     return Settings(**base)
 
@@ -95,22 +106,34 @@ def store(tmp_path):
 
 
 def footprint(store, name, s):
-    return predict_footprint(inspect_checkpoint(store / name), max_slots=s.max_batch_size, max_seq=s.max_context,
-                             dtype=getattr(torch, s.dtype), prefill_chunk=s.prefill_chunk).total_bytes
+    return predict_footprint(
+        inspect_checkpoint(store / name),
+        max_slots=s.max_batch_size,
+        max_seq=s.max_context,
+        dtype=getattr(torch, s.dtype),
+        prefill_chunk=s.prefill_chunk,
+    ).total_bytes
 
 
 def mk(store, budget, loader=None, **kw):
     s = settings(store, budget, **kw)
     metrics = Metrics()
-    mgr = ModelManager(s, metrics, engine_factory=FakeEngine, runner_loader=loader or Loader(),
-                       tokenizer_loader=lambda p: "tok", memory_source=FakeMemory())
+    mgr = ModelManager(
+        s,
+        metrics,
+        engine_factory=FakeEngine,
+        runner_loader=loader or Loader(),
+        tokenizer_loader=lambda p: "tok",
+        memory_source=FakeMemory(),
+    )
     return mgr, metrics
 
 
 def test_prediction_reads_headers(store):
     s = settings(store, 10**9)
-    fp = predict_footprint(inspect_checkpoint(store / "b"), max_slots=2, max_seq=64, dtype=torch.bfloat16,
-                           prefill_chunk=s.prefill_chunk)
+    fp = predict_footprint(
+        inspect_checkpoint(store / "b"), max_slots=2, max_seq=64, dtype=torch.bfloat16, prefill_chunk=s.prefill_chunk
+    )
     assert fp.weights_bytes == 2000 * 2  # a float32 tensor in the header, loaded as bfloat16
     assert fp.as_dict() == mk(store, 10**9)[0].predict("b").as_dict()  # what the manager budgets
     assert fp.kv_cache_bytes == 2 * (2 + 1) * 64 * 2 * 16 * 2 * 2  # layers*(slots+scratch)*seq*kv_heads*head_dim*2*bf16
@@ -158,7 +181,7 @@ def test_lru_eviction_order_and_pinning(store, tmp_path):
         evicted_engines.append(lb.engine)
         assert {m.name for m in mgr.list_models() if m.state == "loaded"} == {"a", "b"}
         await mgr.load("a")  # refresh a: a is pinned anyway
-        await mgr.load("c")   # must evict b (LRU idle, unpinned), never pinned a
+        await mgr.load("c")  # must evict b (LRU idle, unpinned), never pinned a
         loaded = {m.name for m in mgr.list_models() if m.state == "loaded"}
         assert loaded == {"a", "c"}
         assert evicted_engines[0].closed
@@ -176,11 +199,11 @@ def test_lru_picks_least_recently_used(store):
     fa, fb, fc = (footprint(store, n, s0) for n in "abc")
 
     async def main():
-        mgr, _ = mk(store, fa + fb + fc - 1)   # two fit, never three
+        mgr, _ = mk(store, fa + fb + fc - 1)  # two fit, never three
         await mgr.load("a")
         await mgr.load("b")
         async with mgr.acquire("a"):
-            pass                                # a is now more recent than b
+            pass  # a is now more recent than b
         await mgr.load("c")
         assert {m.name for m in mgr.list_models() if m.state == "loaded"} == {"a", "c"}
         await mgr.close()
@@ -196,19 +219,19 @@ def test_refusal_gives_numbers_and_in_flight_is_never_evicted(store):
         mgr, _ = mk(store, fa + fc - 1)
         async with mgr.acquire("a"):
             with pytest.raises(InsufficientMemoryError) as ei:
-                await mgr.load("c")   # only fits by evicting a, which is in flight
+                await mgr.load("c")  # only fits by evicting a, which is in flight
             e = ei.value
             assert (e.needed, e.budget, e.in_use, e.evictable) == (fc, fa + fc - 1, fa, 0)
             assert "needs" in str(e) and "evictable" in str(e)
             with pytest.raises(ModelBusyError):
                 await mgr.unload("a")
-        lc = await mgr.load("c")      # now a is idle: evicted
+        lc = await mgr.load("c")  # now a is idle: evicted
         assert lc.name == "c" and mgr.get_loaded("a") is None
         big = 10**12
         mgr2, _ = mk(store, big)
         mgr2.budget_bytes = fc - 1
         with pytest.raises(InsufficientMemoryError):
-            await mgr2.load("c")      # larger than the whole budget
+            await mgr2.load("c")  # larger than the whole budget
         await mgr.close()
 
     asyncio.run(main())
@@ -242,7 +265,7 @@ def test_load_errors_and_not_found(store, tmp_path):
             await mgr.load("broken")
         with pytest.raises(ModelLoadError, match="boom"):
             await mgr.load("b")
-        assert mgr.used_bytes() == 0       # the failed load released its reservation
+        assert mgr.used_bytes() == 0  # the failed load released its reservation
         assert "link" not in {m.name for m in mgr.list_models()}
 
     asyncio.run(main())
@@ -250,8 +273,9 @@ def test_load_errors_and_not_found(store, tmp_path):
 
 def test_keep_alive_reaps_idle_unpinned(store, tmp_path):
     cfg = tmp_path / "models.yaml"
-    cfg.write_text("models:\n  a:\n    keep_alive: 50ms\n  b:\n    pinned: true\n    keep_alive: 50ms\n"
-                   "aliases:\n  alpha: a\n")
+    cfg.write_text(
+        "models:\n  a:\n    keep_alive: 50ms\n  b:\n    pinned: true\n    keep_alive: 50ms\naliases:\n  alpha: a\n"
+    )
 
     async def main():
         mgr, metrics = mk(store, 10 * 1024**3, models_config=cfg)
@@ -259,13 +283,15 @@ def test_keep_alive_reaps_idle_unpinned(store, tmp_path):
         la = await mgr.load("alpha")
         assert la.name == "a"
         await mgr.load("b")
-        await mgr.load("c")               # no keep_alive: default 0 = never
+        await mgr.load("c")  # no keep_alive: default 0 = never
         await asyncio.sleep(0.3)
         loaded = {m.name for m in mgr.list_models() if m.state == "loaded"}
         assert loaded == {"b", "c"}
         assert la.engine is None
-        assert metrics.registry.get_sample_value("jetserve:model_memory_bytes",
-                                                 {"model": "a", "kind": "predicted"}) is None
+        assert (
+            metrics.registry.get_sample_value("jetserve:model_memory_bytes", {"model": "a", "kind": "predicted"})
+            is None
+        )
         await mgr.close()
 
     asyncio.run(main())
@@ -273,8 +299,11 @@ def test_keep_alive_reaps_idle_unpinned(store, tmp_path):
 
 def test_per_model_settings_and_aliases(store, tmp_path):
     cfg = tmp_path / "models.json"
-    cfg.write_text(json.dumps({"models": {"a": {"aliases": ["x"], "max_context": 32, "max_batch": 1}},
-                               "aliases": {"gpt-4o-mini": "b"}}))
+    cfg.write_text(
+        json.dumps(
+            {"models": {"a": {"aliases": ["x"], "max_context": 32, "max_batch": 1}}, "aliases": {"gpt-4o-mini": "b"}}
+        )
+    )
     st = ModelStore(store, cfg)
     assert st.resolve("x").name == "a" and st.resolve("gpt-4o-mini").name == "b"
     assert st.resolve("a").aliases == ("x",)
@@ -297,8 +326,10 @@ def test_cuda_runtime_terms(monkeypatch):
     from models.loader import CUDA_CONSTANT_BYTES, cublas_workspace_bytes, cuda_runtime_bytes
 
     # 2 streams x 1 MiB + logits of graphs (1+2) x 2 kv buckets x vocab x 4 + the calibrated constant
-    assert cuda_runtime_bytes(1000, batch_buckets=[1, 2], kv_buckets=[256, 512], cublas_workspace=2**20) == \
-        2 * 2**20 + 3 * 2 * 1000 * 4 + CUDA_CONSTANT_BYTES
+    assert (
+        cuda_runtime_bytes(1000, batch_buckets=[1, 2], kv_buckets=[256, 512], cublas_workspace=2**20)
+        == 2 * 2**20 + 3 * 2 * 1000 * 4 + CUDA_CONSTANT_BYTES
+    )
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:2:16:8")
     assert cublas_workspace_bytes("cuda") == 4096 * 1024 * 2 + 16 * 1024 * 8
 

@@ -1,4 +1,5 @@
 """Metrics fed from StepStats/RequestStats and the manager; exposition parsed and checked by promtool."""
+
 from __future__ import annotations
 
 import shutil
@@ -19,17 +20,60 @@ def feed(m: Metrics) -> None:
     m.model_loaded("smol", predicted_bytes=1000, measured_bytes=990, load_seconds=1.5, weight_bytes=100_000_000)
     m.set_memory_budget(4000)
     m.set_memory_used(1000)
-    m.on_step(StepStats(model="smol", batch_size=2, num_prefill_tokens=10, num_decode_tokens=1, step_duration_s=0.05,
-                        running=2, waiting=3, kv_slots_used=2, kv_slots_total=8, kv_tokens_used=512,
-                        kv_tokens_total=2048))
-    m.on_step(StepStats(model="smol", batch_size=2, num_prefill_tokens=0, num_decode_tokens=2, step_duration_s=0.05,
-                        running=2, waiting=1, kv_slots_used=2, kv_slots_total=8))
-    m.on_request_finished(RequestStats(model="smol", request_id="a", prompt_tokens=10, generation_tokens=5,
-                                       finish_reason="stop", queue_time_s=0.002, ttft_s=0.2, e2e_latency_s=0.6,
-                                       inter_token_latencies_s=(0.1, 0.1, 0.1, 0.1)))
-    m.on_request_finished(RequestStats(model="smol", request_id="b", prompt_tokens=7, generation_tokens=0,
-                                       finish_reason="error", queue_time_s=0.0, ttft_s=None, e2e_latency_s=0.01,
-                                       error_code="internal_error"))
+    m.on_step(
+        StepStats(
+            model="smol",
+            batch_size=2,
+            num_prefill_tokens=10,
+            num_decode_tokens=1,
+            step_duration_s=0.05,
+            running=2,
+            waiting=3,
+            kv_slots_used=2,
+            kv_slots_total=8,
+            kv_tokens_used=512,
+            kv_tokens_total=2048,
+        )
+    )
+    m.on_step(
+        StepStats(
+            model="smol",
+            batch_size=2,
+            num_prefill_tokens=0,
+            num_decode_tokens=2,
+            step_duration_s=0.05,
+            running=2,
+            waiting=1,
+            kv_slots_used=2,
+            kv_slots_total=8,
+        )
+    )
+    m.on_request_finished(
+        RequestStats(
+            model="smol",
+            request_id="a",
+            prompt_tokens=10,
+            generation_tokens=5,
+            finish_reason="stop",
+            queue_time_s=0.002,
+            ttft_s=0.2,
+            e2e_latency_s=0.6,
+            inter_token_latencies_s=(0.1, 0.1, 0.1, 0.1),
+        )
+    )
+    m.on_request_finished(
+        RequestStats(
+            model="smol",
+            request_id="b",
+            prompt_tokens=7,
+            generation_tokens=0,
+            finish_reason="error",
+            queue_time_s=0.0,
+            ttft_s=None,
+            e2e_latency_s=0.01,
+            error_code="internal_error",
+        )
+    )
     m.on_error("429", "smol")
 
 
@@ -51,9 +95,21 @@ def test_occupancy_report_without_a_step_zeroes_gauges_and_streams_no_weights():
     m = Metrics(telemetry=None)
     feed(m)
     g = m.registry.get_sample_value
-    m.on_step(StepStats(model="smol", batch_size=0, num_prefill_tokens=0, num_decode_tokens=0, step_duration_s=0.0,
-                        running=0, waiting=0, kv_slots_used=0, kv_slots_total=8, kv_tokens_used=0,
-                        kv_tokens_total=2048))
+    m.on_step(
+        StepStats(
+            model="smol",
+            batch_size=0,
+            num_prefill_tokens=0,
+            num_decode_tokens=0,
+            step_duration_s=0.0,
+            running=0,
+            waiting=0,
+            kv_slots_used=0,
+            kv_slots_total=8,
+            kv_tokens_used=0,
+            kv_tokens_total=2048,
+        )
+    )
     assert g("jetserve:num_requests_running", {"model": "smol"}) == 0
     assert g("jetserve:num_requests_waiting", {"model": "smol"}) == 0
     assert g("jetserve:kv_cache_usage_ratio", {"model": "smol"}) == 0
@@ -108,11 +164,22 @@ def test_exposition_parses_with_prefix_and_types():
     assert all(name.startswith("jetserve:") for name in fams)
     types = {n: f.type for n, f in fams.items()}
     assert not [n for n in fams if n.endswith("_created")], "prometheus-client's _created series must be off"
-    for h in ("time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds",
-              "request_queue_time_seconds", "decode_tokens_per_second"):
+    for h in (
+        "time_to_first_token_seconds",
+        "inter_token_latency_seconds",
+        "e2e_request_latency_seconds",
+        "request_queue_time_seconds",
+        "decode_tokens_per_second",
+    ):
         assert types["jetserve:" + h] == "histogram"
-    for c in ("prompt_tokens", "generation_tokens", "request_success", "request_errors", "model_loads",
-              "model_evictions"):
+    for c in (
+        "prompt_tokens",
+        "generation_tokens",
+        "request_success",
+        "request_errors",
+        "model_loads",
+        "model_evictions",
+    ):
         assert types["jetserve:" + c] == "counter"
     assert types["jetserve:jetson_power_watts"] == "gauge"
     assert types["jetserve:bandwidth_efficiency_ratio"] == "gauge"
@@ -135,8 +202,12 @@ def test_promtool_check_metrics_is_clean():
     lines = [ln for ln in (raw.stdout + raw.stderr).decode().splitlines() if ln.strip()]
     assert lines, "expected promtool's ':' lint on jetserve: names"
     assert all(ln.endswith("metric names should not contain ':'") for ln in lines), "\n".join(lines)
-    body = b"\n".join(ln if ln.startswith(b"#") and not ln.startswith((b"# HELP", b"# TYPE")) else
-                      ln.replace(b"jetserve:", b"jetserve_") for ln in text.split(b"\n"))
+    body = b"\n".join(
+        ln
+        if ln.startswith(b"#") and not ln.startswith((b"# HELP", b"# TYPE"))
+        else ln.replace(b"jetserve:", b"jetserve_")
+        for ln in text.split(b"\n")
+    )
     r = promtool(body)
     assert r.returncode == 0 and not r.stdout.strip() and not r.stderr.strip(), (r.stdout + r.stderr).decode()
 
@@ -157,10 +228,15 @@ def test_exposition_drops_created_series_only():
     text = m.exposition().decode()
     assert m.registry.get_sample_value("jetserve:prompt_tokens_created", {"model": "smol"}) is not None
     assert "_created" not in text
-    exposed = {(s.name, tuple(sorted(s.labels.items())))
-               for f in text_string_to_metric_families(text) for s in f.samples}
-    registry = {(s.name, tuple(sorted(s.labels.items())))
-                for f in m.registry.collect() for s in f.samples if not s.name.endswith("_created")}
+    exposed = {
+        (s.name, tuple(sorted(s.labels.items()))) for f in text_string_to_metric_families(text) for s in f.samples
+    }
+    registry = {
+        (s.name, tuple(sorted(s.labels.items())))
+        for f in m.registry.collect()
+        for s in f.samples
+        if not s.name.endswith("_created")
+    }
     assert exposed == registry
     assert "jetserve:prompt_tokens_total" in {name for name, _ in exposed}
     other = CollectorRegistry()

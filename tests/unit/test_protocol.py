@@ -1,4 +1,5 @@
 """Protocol schemas, error shaping and the auth / body-limit middleware (no model, no server)."""
+
 from __future__ import annotations
 
 import pytest
@@ -26,15 +27,26 @@ def test_completion_request_defaults_and_stop_forms():
     assert P.CompletionRequest(prompt="x", some_future_field=1).prompt == "x"  # unknown fields ignored
 
 
-@pytest.mark.parametrize("kw,param", [
-    (dict(n=2), "n"), (dict(temperature=-0.1), "temperature"), (dict(temperature=2.5), "temperature"),
-    (dict(top_p=1.5), "top_p"), (dict(logprobs=21), "logprobs"), (dict(stop=[""]), "stop"),
-    (dict(stop=["s"] * 17), "stop"), (dict(presence_penalty=3), "presence_penalty"), (dict(echo=True), "echo"),
-    (dict(best_of=2), "best_of"), (dict(logit_bias={"1": 2.0}), "logit_bias"),
-    (dict(response_format={"type": "xml"}), "response_format.type"), (dict(prompt=["a", "b"]), "prompt"),
-    (dict(prompt=""), "prompt"),
-    (dict(max_tokens=0), "max_tokens"),
-])
+@pytest.mark.parametrize(
+    "kw,param",
+    [
+        (dict(n=2), "n"),
+        (dict(temperature=-0.1), "temperature"),
+        (dict(temperature=2.5), "temperature"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(logprobs=21), "logprobs"),
+        (dict(stop=[""]), "stop"),
+        (dict(stop=["s"] * 17), "stop"),
+        (dict(presence_penalty=3), "presence_penalty"),
+        (dict(echo=True), "echo"),
+        (dict(best_of=2), "best_of"),
+        (dict(logit_bias={"1": 2.0}), "logit_bias"),
+        (dict(response_format={"type": "xml"}), "response_format.type"),
+        (dict(prompt=["a", "b"]), "prompt"),
+        (dict(prompt=""), "prompt"),
+        (dict(max_tokens=0), "max_tokens"),
+    ],
+)
 def test_completion_request_refusals(kw, param):
     with pytest.raises(ValidationError) as ei:
         P.CompletionRequest(**{"prompt": "hi", **kw})
@@ -48,27 +60,44 @@ def test_completion_request_refusals(kw, param):
 
 
 def test_chat_request():
-    r = P.ChatCompletionRequest(messages=[{"role": "developer", "content": "be brief"},
-                                          {"role": "user", "content": [{"type": "text", "text": "a"},
-                                                                       {"type": "text", "text": "b"}]}],
-                                max_completion_tokens=5, logprobs=True, top_logprobs=2)
+    r = P.ChatCompletionRequest(
+        messages=[
+            {"role": "developer", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        ],
+        max_completion_tokens=5,
+        logprobs=True,
+        top_logprobs=2,
+    )
     assert r.template_messages() == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "ab"}]
     assert r.max_new_tokens == 5 and r.num_logprobs == 2
     assert P.ChatCompletionRequest(messages=[{"role": "user", "content": "x"}]).num_logprobs is None
-    for bad in (dict(messages=[]), dict(messages=[{"role": "user", "content": "x"}], top_logprobs=2),
-                dict(messages=[{"role": "user", "content": "x"}], tools=[{"type": "function"}]),
-                dict(messages=[{"role": "user", "content": "x"}], top_logprobs=21, logprobs=True)):
+    for bad in (
+        dict(messages=[]),
+        dict(messages=[{"role": "user", "content": "x"}], top_logprobs=2),
+        dict(messages=[{"role": "user", "content": "x"}], tools=[{"type": "function"}]),
+        dict(messages=[{"role": "user", "content": "x"}], top_logprobs=21, logprobs=True),
+    ):
         with pytest.raises(ValidationError):
             P.ChatCompletionRequest(**bad)
 
 
 # one example per refused field: a value the server cannot honour
 REFUSED_EXAMPLES = {
-    "n": 2, "logit_bias": {"1": 2.0}, "echo": True, "best_of": 2, "suffix": "tail",
-    "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}], "tool_choice": "auto",
-    "functions": [{"name": "f"}], "function_call": "auto", "modalities": ["text", "audio"],
-    "audio": {"voice": "alloy", "format": "wav"}, "prediction": {"type": "content", "content": "x"},
-    "reasoning_effort": "low", "web_search_options": {},
+    "n": 2,
+    "logit_bias": {"1": 2.0},
+    "echo": True,
+    "best_of": 2,
+    "suffix": "tail",
+    "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+    "tool_choice": "auto",
+    "functions": [{"name": "f"}],
+    "function_call": "auto",
+    "modalities": ["text", "audio"],
+    "audio": {"voice": "alloy", "format": "wav"},
+    "prediction": {"type": "content", "content": "x"},
+    "reasoning_effort": "low",
+    "web_search_options": {},
 }
 
 
@@ -100,14 +129,24 @@ def test_every_refused_field_is_a_400_naming_it(rule):
 
 
 def test_neutral_values_of_refused_fields_are_accepted():
-    r = P.ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], n=1, tools=[], tool_choice="none",
-                                logit_bias={}, modalities=["text"], response_format={"type": "text"},
-                                parallel_tool_calls=True, store=False, metadata={"k": "v"})
+    r = P.ChatCompletionRequest(
+        messages=[{"role": "user", "content": "x"}],
+        n=1,
+        tools=[],
+        tool_choice="none",
+        logit_bias={},
+        modalities=["text"],
+        response_format={"type": "text"},
+        parallel_tool_calls=True,
+        store=False,
+        metadata={"k": "v"},
+    )
     assert r.response_format.type == "text"
     assert P.CompletionRequest(prompt="x", echo=False, best_of=1, suffix="").best_of == 1
     with pytest.raises(ValidationError) as ei:
-        P.ChatCompletionRequest(messages=[{"role": "assistant", "content": None,
-                                           "tool_calls": [{"id": "c", "type": "function"}]}])
+        P.ChatCompletionRequest(
+            messages=[{"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function"}]}]
+        )
     assert from_validation_error(ei.value).param == "messages.0.tool_calls"
 
 
@@ -131,7 +170,8 @@ def test_api_bounds_and_sampler_validation_agree(name):
         except ValueError:
             sampler_ok = False
         api_fields = {"logprobs": [("completions", "logprobs"), ("chat", "top_logprobs")]}.get(
-            name, [("chat", name), ("completions", name)])
+            name, [("chat", name), ("completions", name)]
+        )
         for endpoint, field in api_fields:
             extra = {"logprobs": True} if field == "top_logprobs" else {}
             try:
@@ -166,8 +206,9 @@ def _app(metrics_require_key: bool, keys=("secret",)):
         body = await request.body()
         return PlainTextResponse(f"ok {len(body)}")
 
-    routes = [Route(p, ok, methods=["GET", "POST"]) for p in ("/health", "/ready", "/metrics", "/v1/models",
-                                                              "/admin/models")]
+    routes = [
+        Route(p, ok, methods=["GET", "POST"]) for p in ("/health", "/ready", "/metrics", "/v1/models", "/admin/models")
+    ]
     app = Starlette(routes=routes)
     return AuthMiddleware(BodyLimitMiddleware(app, 1024), api_keys=list(keys), metrics_require_key=metrics_require_key)
 
@@ -213,8 +254,23 @@ def test_serve_flags_cover_settings_and_override_env(monkeypatch):
     monkeypatch.setenv("JETSERVE_API_KEYS", "env-a, env-b")
     s = settings_from_args(p.parse_args([]))
     assert s.max_queue == 7 and s.api_keys == ["env-a", "env-b"] and s.port == 8000
-    s = settings_from_args(p.parse_args(["--api-key", "a", "--api-key", "b", "--max-queue", "3", "--port", "0",
-                                         "--metrics-require-key", "--log-level", "debug"]))
+    s = settings_from_args(
+        p.parse_args(
+            [
+                "--api-key",
+                "a",
+                "--api-key",
+                "b",
+                "--max-queue",
+                "3",
+                "--port",
+                "0",
+                "--metrics-require-key",
+                "--log-level",
+                "debug",
+            ]
+        )
+    )
     assert (s.api_keys, s.max_queue, s.port, s.metrics_require_key, s.log_level) == (["a", "b"], 3, 0, True, "debug")
     monkeypatch.setenv("JETSERVE_API_KEYS", "")
     assert settings_from_args(p.parse_args([])).api_keys == []
@@ -226,8 +282,10 @@ def test_server_api_never_imports_torch():
     import subprocess
     import sys
 
-    code = ("import sys, server.api.app, server.api.routes, server.commands.serve; "
-            "sys.exit(1 if 'torch' in sys.modules else 0)")
+    code = (
+        "import sys, server.api.app, server.api.routes, server.commands.serve; "
+        "sys.exit(1 if 'torch' in sys.modules else 0)"
+    )
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
 
 

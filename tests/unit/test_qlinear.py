@@ -1,4 +1,5 @@
 """models/qlinear.py: QuantLinear fast path vs reference, fusion, memory, and parity with GPTQModel's layers."""
+
 from __future__ import annotations
 
 import os
@@ -28,10 +29,19 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def qcfg(method: str, bits: int = 4, group: int = 64, sym: bool = False, desc_act: bool = False, fmt: str = "gptq"):
     if method == "gptq":
-        return parse_quant_config({"quant_method": "gptq", "bits": bits, "group_size": group, "sym": sym,
-                                   "desc_act": desc_act, "checkpoint_format": fmt})
-    return parse_quant_config({"quant_method": "awq", "bits": bits, "group_size": group, "zero_point": not sym,
-                               "version": "gemm"})
+        return parse_quant_config(
+            {
+                "quant_method": "gptq",
+                "bits": bits,
+                "group_size": group,
+                "sym": sym,
+                "desc_act": desc_act,
+                "checkpoint_format": fmt,
+            }
+        )
+    return parse_quant_config(
+        {"quant_method": "awq", "bits": bits, "group_size": group, "zero_point": not sym, "version": "gemm"}
+    )
 
 
 def checkpoint(qw: QuantizedWeight, cfg, prefix: str = "layer", bias: torch.Tensor = None) -> Dict[str, torch.Tensor]:
@@ -96,22 +106,35 @@ def test_compressed_tensors_layer(symmetric, gen):
         state["weight_zero_point"] = torch.randint(-8, 8, (192, 9), generator=gen).to(torch.int8)
     packed = pq.PackedQuantizationCompressor.compress(state, QuantizationScheme(targets=["Linear"], weights=args))
     want_w = pq.PackedQuantizationCompressor.decompress(packed, QuantizationScheme(targets=["Linear"], weights=args))
-    cfg = parse_quant_config({"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {
-        "g": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "symmetric": symmetric,
-                                                 "strategy": "group", "group_size": 64}}}})
+    cfg = parse_quant_config(
+        {
+            "quant_method": "compressed-tensors",
+            "format": "pack-quantized",
+            "config_groups": {
+                "g": {
+                    "targets": ["Linear"],
+                    "weights": {
+                        "num_bits": 4,
+                        "type": "int",
+                        "symmetric": symmetric,
+                        "strategy": "group",
+                        "group_size": 64,
+                    },
+                }
+            },
+        }
+    )
     layer = QuantLinear.from_tensors({f"l.{k}": v for k, v in packed.items()}, "l", cfg, 576, 192, device="cpu")
     assert layer.plan.name == kernels.CPU_INT4PACK
     x = torch.randn(3, 576, generator=gen).to(torch.bfloat16)
     assert rel_err(layer(x), x.float() @ want_w["weight"].float().t()) < 1e-2
 
 
-@pytest.mark.parametrize("group,in_f,want_group", [(-1, 576, 64), (512, 1024, 256), (1024, 2048, 256),
-                                                    (128, 576, 64)])
+@pytest.mark.parametrize("group,in_f,want_group", [(-1, 576, 64), (512, 1024, 256), (1024, 2048, 256), (128, 576, 64)])
 def test_wide_groups_split_exactly_for_int4_kernel(group, in_f, want_group, gen):
     """Per-channel and 512/1024-wide groups run on the int4 kernel with scales repeated (exact)."""
     cfg = qcfg("gptq", group=group)
-    qw = random_qw(128, -(-in_f // group) * group if group > 0 else in_f, 4, in_f if group == -1 else group,
-                   gen=gen)
+    qw = random_qw(128, -(-in_f // group) * group if group > 0 else in_f, 4, in_f if group == -1 else group, gen=gen)
     if qw.in_features != in_f:  # partial last group: drop the columns past in_f
         qw = QuantizedWeight(qw.qweight[:, :in_f].contiguous(), qw.zeros, qw.scales, None, 4, group)
     layer = QuantLinear.from_tensors(checkpoint(qw, cfg), "layer", cfg, in_f, 128, device="cpu")
@@ -145,12 +168,12 @@ def test_dense_prefill_switch(gen):
 
 def test_missing_tensor_and_shape_mismatch(gen):
     from models.formats import UnsupportedFormatError
+
     cfg = qcfg("gptq")
     qw = random_qw(64, 128, 4, 64, gen=gen)
     t = checkpoint(qw, cfg)
     with pytest.raises(UnsupportedFormatError, match="qzeros"):
-        QuantLinear.from_tensors({k: v for k, v in t.items() if "qzeros" not in k}, "layer", cfg, 128, 64,
-                                 device="cpu")
+        QuantLinear.from_tensors({k: v for k, v in t.items() if "qzeros" not in k}, "layer", cfg, 128, 64, device="cpu")
     with pytest.raises(UnsupportedFormatError, match="expected"):
         QuantLinear.from_tensors(t, "layer", cfg, 128, 128, device="cpu")
 
@@ -170,8 +193,10 @@ def _parts(cfg, outs, in_f, gen, act_order=False, shared_g_idx=True):
     if act_order and shared_g_idx:
         for q in qws[1:]:
             q.g_idx = qws[0].g_idx.clone()
-    layers = [QuantLinear.from_tensors(checkpoint(q, cfg, f"p{i}"), f"p{i}", cfg, in_f, q.out_features,
-                                       device="cpu") for i, q in enumerate(qws)]
+    layers = [
+        QuantLinear.from_tensors(checkpoint(q, cfg, f"p{i}"), f"p{i}", cfg, in_f, q.out_features, device="cpu")
+        for i, q in enumerate(qws)
+    ]
     return qws, layers
 
 
@@ -183,11 +208,12 @@ def test_fuse_qkv_matches_separate(act_order, gen):
     assert fused is not None and fused.split_sizes == [576, 192, 192] and fused.out_features == 960
     x = torch.randn(4, 576, generator=gen).to(torch.bfloat16)
     y = fused(x)
-    sep = torch.cat([l(x) for l in layers], dim=-1)
+    sep = torch.cat([lin(x) for lin in layers], dim=-1)
     assert torch.equal(y, sep)  # same kernel over the same bytes: bit-identical
     assert rel_err(fused.forward_reference(x), torch.cat([x.float() @ dequantize(q).t() for q in qws], -1)) < 1e-2
-    assert fused.weight_bytes() == sum(l.weight_bytes() for l in layers) - (
-        0 if not act_order else 2 * layers[0].perm.numel() * layers[0].perm.element_size())
+    assert fused.weight_bytes() == sum(lin.weight_bytes() for lin in layers) - (
+        0 if not act_order else 2 * layers[0].perm.numel() * layers[0].perm.element_size()
+    )
 
 
 def test_fuse_refuses_mismatched_parts(gen):
@@ -204,11 +230,12 @@ def test_fuse_refuses_mismatched_parts(gen):
 def test_fuse_reference_path(gen):
     cfg = qcfg("gptq", bits=8, group=32)
     qws = [random_qw(o, 64, 8, 32, gen=gen) for o in (64, 32)]
-    layers = [QuantLinear.from_tensors(checkpoint(q, cfg, "p"), "p", cfg, 64, q.out_features, device="cpu")
-              for q in qws]
+    layers = [
+        QuantLinear.from_tensors(checkpoint(q, cfg, "p"), "p", cfg, 64, q.out_features, device="cpu") for q in qws
+    ]
     fused = QuantLinear.fuse(layers)
     x = torch.randn(3, 64, generator=gen).to(torch.bfloat16)
-    assert torch.equal(fused(x), torch.cat([l(x) for l in layers], -1))
+    assert torch.equal(fused(x), torch.cat([lin(x) for lin in layers], -1))
 
 
 # ----------------------------------------------------------------------------------------------- GPTQModel parity
@@ -235,13 +262,23 @@ def gptqmodel_checkpoints(tiny_tokenizer_dir: Path, tmp_path_factory) -> Dict[st
     base = root / "base"
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                                 max_position_embeddings=256, tie_word_embeddings=True)
-                     ).to(torch.bfloat16).save_pretrained(base)
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            max_position_embeddings=256,
+            tie_word_embeddings=True,
+        )
+    ).to(torch.bfloat16).save_pretrained(base)
     tok.save_pretrained(base)
-    texts = [f"Calibration sentence {i}: the quick brown fox jumps over the lazy dog near river {i * 7}."
-             for i in range(16)]
+    texts = [
+        f"Calibration sentence {i}: the quick brown fox jumps over the lazy dog near river {i * 7}." for i in range(16)
+    ]
     calib = [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in (tok(t)["input_ids"] for t in texts)]
     out = {}
     for name, (method, kw) in VARIANTS.items():
@@ -278,8 +315,7 @@ def test_parity_with_gptqmodel_layers(variant, gptqmodel_checkpoints, monkeypatc
     gen = torch.Generator().manual_seed(1234)
     for name in names:
         ref_layer = modules[name]
-        ours = QuantLinear.from_tensors(tensors, name, cfg, ref_layer.in_features, ref_layer.out_features,
-                                        device="cpu")
+        ours = QuantLinear.from_tensors(tensors, name, cfg, ref_layer.in_features, ref_layer.out_features, device="cpu")
         x = torch.randn(6, ref_layer.in_features, generator=gen).to(torch.bfloat16)
         with torch.no_grad():
             want = ref_layer(x).float()
@@ -295,8 +331,9 @@ def test_parity_with_gptqmodel_layers(variant, gptqmodel_checkpoints, monkeypatc
 def test_cuda_quantlinear_matches_reference(method, bits, sym, act_order, fmt, m, gen):
     cfg = qcfg(method, bits, 64, sym, act_order, fmt)
     qw = random_qw(192, 576, bits, 64, act_order=act_order, sym=sym, gen=gen)
-    layer = QuantLinear.from_tensors(checkpoint(qw, cfg), "layer", cfg, 576, 192, device="cuda",
-                                     keep_reference=m == 1)  # else reference from the tinygemm layout
+    layer = QuantLinear.from_tensors(
+        checkpoint(qw, cfg), "layer", cfg, 576, 192, device="cuda", keep_reference=m == 1
+    )  # else reference from the tinygemm layout
     assert layer.plan.name == kernels.CUDA_TINYGEMM
     x = torch.randn(m, 576, generator=gen).to(torch.bfloat16)
     out = layer(x.cuda())
@@ -313,12 +350,13 @@ def test_cuda_fuse_matches_separate(act_order, gen):
     qws = [random_qw(o, 576, 4, 64, act_order=act_order, gen=gen) for o in (576, 192, 192)]
     for q in qws[1:]:
         q.g_idx = qws[0].g_idx
-    layers = [QuantLinear.from_tensors(checkpoint(q, cfg, "p"), "p", cfg, 576, q.out_features, device="cuda")
-              for q in qws]
+    layers = [
+        QuantLinear.from_tensors(checkpoint(q, cfg, "p"), "p", cfg, 576, q.out_features, device="cuda") for q in qws
+    ]
     fused = QuantLinear.fuse(layers)
     assert fused is not None
     x = torch.randn(8, 576, generator=gen).to(torch.bfloat16).cuda()
-    torch.testing.assert_close(fused(x), torch.cat([l(x) for l in layers], -1), rtol=0, atol=0)
+    torch.testing.assert_close(fused(x), torch.cat([lin(x) for lin in layers], -1), rtol=0, atol=0)
 
 
 @pytest.mark.gpu

@@ -1,4 +1,5 @@
 """jetserve quantize on tiny random Llamas: GPTQ, AWQ and RTN write checkpoints transformers loads back."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,13 @@ FAST = dict(calib="tiny", nsamples=4, seqlen=64, seed=0)
 @pytest.fixture(scope="module")
 def tiny_awq_src(tmp_path_factory, tiny_tokenizer_dir, tiny_llama_writer):
     """GPTQModel's AWQ needs out_features % 64 == 0, so use hidden 128 / head_dim 32 (kv out = 64)."""
-    return tiny_llama_writer(tmp_path_factory.mktemp("tiny128") / "tiny128", tiny_tokenizer_dir, hidden_size=128,
-                             head_dim=32, intermediate_size=256)
+    return tiny_llama_writer(
+        tmp_path_factory.mktemp("tiny128") / "tiny128",
+        tiny_tokenizer_dir,
+        hidden_size=128,
+        head_dim=32,
+        intermediate_size=256,
+    )
 
 
 def _logits(model_dir: Path, ids: torch.Tensor) -> torch.Tensor:
@@ -34,7 +40,11 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def _check_checkpoint(out: Path, method: str, group_size: int) -> dict:
     cfg = json.loads((out / "config.json").read_text())
     q = cfg["quantization_config"]
-    assert q["quant_method"] == ("gptq" if method == "rtn" else method) and q["bits"] == 4 and q["group_size"] == group_size
+    assert (
+        q["quant_method"] == ("gptq" if method == "rtn" else method)
+        and q["bits"] == 4
+        and q["group_size"] == group_size
+    )
     assert list(out.glob("*.safetensors")) and (out / "tokenizer.json").is_file()
     card = (out / "README.md").read_text()
     rec = json.loads((out / "jetserve-quantize.json").read_text())

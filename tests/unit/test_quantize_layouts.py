@@ -4,6 +4,7 @@ transformers + GPTQModel and compute what the layout means.
 Each test packs a tiny random Llama by hand, exactly as those tools lay tensors out, and checks that the
 loaded model's logits match a dense model holding the same dequantized weights.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,7 +41,7 @@ def rtn_groups(w: torch.Tensor, g_idx: torch.Tensor, n_groups: int, sym: bool):
 
 
 def dequant(q, zeros, scales, g_idx):
-    return ((q - zeros[g_idx].t()).float() * scales.float()[g_idx].t())
+    return (q - zeros[g_idx].t()).float() * scales.float()[g_idx].t()
 
 
 def pack_rows(vals: torch.Tensor) -> torch.Tensor:
@@ -58,7 +59,7 @@ def pack_cols(vals: torch.Tensor, order=tuple(range(8))) -> torch.Tensor:
     r, c = vals.shape
     out = torch.zeros(r, c // 8, dtype=torch.int64)
     for k in range(8):
-        out |= (vals[:, order[k]::8].to(torch.int64) & 0xF) << (4 * k)
+        out |= (vals[:, order[k] :: 8].to(torch.int64) & 0xF) << (4 * k)
     return _to_i32(out)
 
 
@@ -68,8 +69,11 @@ def _to_i32(x: torch.Tensor) -> torch.Tensor:
 
 
 def _linears(state):
-    return [k[:-len(".weight")] for k, v in state.items()
-            if ".layers." in k and k.endswith("_proj.weight") and v.dim() == 2]
+    return [
+        k[: -len(".weight")]
+        for k, v in state.items()
+        if ".layers." in k and k.endswith("_proj.weight") and v.dim() == 2
+    ]
 
 
 def write_layout(src: Path, out: Path, kind: str, desc_act: bool = False, sym: bool = False, seed: int = 0):
@@ -104,19 +108,36 @@ def write_layout(src: Path, out: Path, kind: str, desc_act: bool = False, sym: b
             qstate[k] = v
     cfg = json.loads((src / "config.json").read_text())
     if kind == "gptq":
-        cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": G, "desc_act": desc_act,
-                                      "sym": sym, "checkpoint_format": "gptq", "true_sequential": True,
-                                      "damp_percent": 0.01, "static_groups": False}
+        cfg["quantization_config"] = {
+            "quant_method": "gptq",
+            "bits": 4,
+            "group_size": G,
+            "desc_act": desc_act,
+            "sym": sym,
+            "checkpoint_format": "gptq",
+            "true_sequential": True,
+            "damp_percent": 0.01,
+            "static_groups": False,
+        }
     else:
-        cfg["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": G, "zero_point": True,
-                                      "version": "gemm"}
+        cfg["quantization_config"] = {
+            "quant_method": "awq",
+            "bits": 4,
+            "group_size": G,
+            "zero_point": True,
+            "version": "gemm",
+        }
     for d, tensors, c in ((out, qstate, cfg), (Path(str(out) + ".ref"), ref, None)):
         d.mkdir(parents=True)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(d / "model.safetensors"), metadata={"format": "pt"})
+        save_file(
+            {k: v.contiguous() for k, v in tensors.items()}, str(d / "model.safetensors"), metadata={"format": "pt"}
+        )
         for f in src.iterdir():
             if f.name not in ("model.safetensors", "config.json"):
                 shutil.copy2(f, d / f.name)
-        (d / "config.json").write_text(json.dumps(c if c is not None else json.loads((src / "config.json").read_text())))
+        (d / "config.json").write_text(
+            json.dumps(c if c is not None else json.loads((src / "config.json").read_text()))
+        )
     return out, Path(str(out) + ".ref")
 
 
@@ -130,8 +151,14 @@ def _logits(d: Path, ids: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def src128(tmp_path_factory, tiny_tokenizer_dir, tiny_llama_writer):
-    return tiny_llama_writer(tmp_path_factory.mktemp("src128") / "m", tiny_tokenizer_dir, hidden_size=128, head_dim=32,
-                             intermediate_size=256, seed=3)
+    return tiny_llama_writer(
+        tmp_path_factory.mktemp("src128") / "m",
+        tiny_tokenizer_dir,
+        hidden_size=128,
+        head_dim=32,
+        intermediate_size=256,
+        seed=3,
+    )
 
 
 def test_pack_helpers_roundtrip():
@@ -143,8 +170,11 @@ def test_pack_helpers_roundtrip():
     assert int(p[0, 0] & 0xF) == int(v[0, 0]) and int((p[0, 0] >> 4) & 0xF) == int(v[0, 2])
 
 
-@pytest.mark.parametrize("desc_act,sym", [(False, False), (True, True), (True, False)],
-                         ids=["gptq-v1-asym", "gptq-v1-act-order-sym", "gptq-v1-act-order-asym"])
+@pytest.mark.parametrize(
+    "desc_act,sym",
+    [(False, False), (True, True), (True, False)],
+    ids=["gptq-v1-asym", "gptq-v1-act-order-sym", "gptq-v1-act-order-asym"],
+)
 def test_autogptq_v1_layout_loads(src128, tmp_path, desc_act, sym):
     q, ref = write_layout(src128, tmp_path / "q", "gptq", desc_act=desc_act, sym=sym)
     ids = torch.arange(5, 69)

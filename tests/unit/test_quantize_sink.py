@@ -1,4 +1,5 @@
 """Attention-sink weighting of GPTQ's Hessian (models/quantize/sink.py) on GPTQModel's real GPTQ object."""
+
 from __future__ import annotations
 
 import pytest
@@ -17,8 +18,9 @@ def _hessian(x: torch.Tensor, name: str = "self_attn.v_proj") -> torch.Tensor:
     from gptqmodel.quantization.gptq import GPTQ
 
     torch.manual_seed(0)
-    lin = NamedModule(torch.nn.Linear(x.shape[-1], 4, bias=False), name=name, full_name=f"model.layers.0.{name}",
-                      layer_index=0)
+    lin = NamedModule(
+        torch.nn.Linear(x.shape[-1], 4, bias=False), name=name, full_name=f"model.layers.0.{name}", layer_index=0
+    )
     g = GPTQ(lin, QuantizeConfig(bits=4, group_size=x.shape[-1]))
     g.add_batch(x, None)
     return g.finalize_hessian(torch.device("cpu"))

@@ -1,4 +1,5 @@
 """Bad input to `jetserve quantize` is refused with one line on stderr and exit code 2, before heavy work."""
+
 from __future__ import annotations
 
 import os
@@ -76,8 +77,19 @@ def test_nonempty_out_needs_overwrite(tiny_llama_dir, tmp_path, capsys, no_heavy
 def test_calibration_too_short(tiny_llama_dir, tmp_path, capsys, no_heavy_work):
     short = tmp_path / "short.txt"
     short.write_text("Only a few words of calibration text here.")
-    rc, err = _run(capsys, tiny_llama_dir, tmp_path / "o", "--group-size", "64", "--calib", short,
-                   "--nsamples", "4", "--seqlen", "64")
+    rc, err = _run(
+        capsys,
+        tiny_llama_dir,
+        tmp_path / "o",
+        "--group-size",
+        "64",
+        "--calib",
+        short,
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "64",
+    )
     line = _one_line(err)
     assert rc == 2 and "calibration text too short" in line and "need nsamples*seqlen = 4x64 = 256 tokens" in line
     rc, err = _run(capsys, tiny_llama_dir, tmp_path / "o", "--group-size", "64", "--calib", tmp_path / "missing.txt")
@@ -93,8 +105,23 @@ def test_awq_out_features_must_be_multiple_of_64(tiny_llama_dir, tmp_path, capsy
 def test_cli_subprocess_exit_code_and_single_line(tiny_llama_dir, tmp_path):
     """The real console entry point: exit status 2 and exactly one line on stderr."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    p = subprocess.run([sys.executable, "-m", "server.cli", "quantize", str(tiny_llama_dir), str(tmp_path / "o"),
-                        "--group-size", "100"], cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "quantize",
+            str(tiny_llama_dir),
+            str(tmp_path / "o"),
+            "--group-size",
+            "100",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert p.returncode == 2
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("jetserve quantize: error: --group-size 100"), p.stderr

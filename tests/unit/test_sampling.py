@@ -1,4 +1,5 @@
 """models.sampling against straightforward per-row reference implementations on fresh random logits."""
+
 from __future__ import annotations
 
 import math
@@ -39,6 +40,7 @@ def rand_logits(rng, b, v=V, scale=3.0):
 
 
 # ---- straightforward references (one row at a time, plain Python over sorted lists) ----
+
 
 def ref_top_k(row: torch.Tensor, k: int) -> set:
     if k <= 0:
@@ -98,6 +100,7 @@ def finite_set(row: torch.Tensor) -> set:
 
 
 # ---- greedy, masks, temperature ----
+
 
 def test_greedy_is_argmax(rng):
     logits = rand_logits(rng, 6)
@@ -244,6 +247,7 @@ def test_seeded_rows_follow_the_distribution():
 
 # ---- seeds ----
 
+
 def _draw_sequence(logits_row, seed, companions, position, steps=25):
     """Draw `steps` tokens for one seeded row placed at `position` among companion rows."""
     g = make_generator(seed, "cpu")
@@ -275,8 +279,10 @@ def test_same_seed_same_tokens_different_seed_differs(rng):
     got = [sample(logits, [SamplingParams(seed=7)] * 2, generators=a).tokens.tolist() for _ in range(20)]
     assert all(x[0] == x[1] for x in got)
     b = [make_generator(s, "cpu") for s in (7, 8)]
-    got = [sample(logits, [SamplingParams(seed=7), SamplingParams(seed=8)], generators=b).tokens.tolist()
-           for _ in range(20)]
+    got = [
+        sample(logits, [SamplingParams(seed=7), SamplingParams(seed=8)], generators=b).tokens.tolist()
+        for _ in range(20)
+    ]
     assert any(x[0] != x[1] for x in got)
 
 
@@ -288,6 +294,7 @@ def test_make_generator_handles_none_and_big_or_negative_seeds():
 
 # ---- penalties ----
 
+
 def test_repetition_penalty_matches_hf_processor(rng):
     from transformers import RepetitionPenaltyLogitsProcessor
 
@@ -298,20 +305,22 @@ def test_repetition_penalty_matches_hf_processor(rng):
         ours = apply_penalties(logits, [SamplingParams(repetition_penalty=penalty)] * 3, hist, prompt_lens=[10, 5, 0])
         for b in range(3):
             ids = hist[b][hist[b] >= 0][None]
-            ref = RepetitionPenaltyLogitsProcessor(penalty)(ids, logits[b:b + 1].clone())
-            torch.testing.assert_close(ours[b:b + 1], ref)
+            ref = RepetitionPenaltyLogitsProcessor(penalty)(ids, logits[b : b + 1].clone())
+            torch.testing.assert_close(ours[b : b + 1], ref)
 
 
 def test_presence_frequency_openai_formula(rng):
     logits = rand_logits(rng, 2)
     hist = torch.tensor([[5, 5, 9, 9, 9, 11, 5, 12, 12, -1], [3, 3, 3, 4, 4, 4, 4, -1, -1, -1]])
     prompt_lens = [3, 4]
-    params = [SamplingParams(presence_penalty=0.5, frequency_penalty=0.25),
-              SamplingParams(presence_penalty=-1.0, frequency_penalty=1.5)]
+    params = [
+        SamplingParams(presence_penalty=0.5, frequency_penalty=0.25),
+        SamplingParams(presence_penalty=-1.0, frequency_penalty=1.5),
+    ]
     ours = apply_penalties(logits, params, hist, prompt_lens)
     for b, p in enumerate(params):
         ref = logits[b].clone()
-        generated = [t for t in hist[b, prompt_lens[b]:].tolist() if t >= 0]
+        generated = [t for t in hist[b, prompt_lens[b] :].tolist() if t >= 0]
         for tok in set(generated):
             c = generated.count(tok)
             ref[tok] -= c * p.frequency_penalty + (1.0 if c > 0 else 0.0) * p.presence_penalty
@@ -340,9 +349,14 @@ def test_no_history_no_penalty(rng):
 
 # ---- logprobs ----
 
+
 def test_logprobs_and_top_logprobs(rng):
     logits = rand_logits(rng, 3)
-    params = [SamplingParams(temperature=0.0, logprobs=5), SamplingParams(logprobs=0), SamplingParams(top_k=4, logprobs=2)]
+    params = [
+        SamplingParams(temperature=0.0, logprobs=5),
+        SamplingParams(logprobs=0),
+        SamplingParams(top_k=4, logprobs=2),
+    ]
     out = sample(logits, params)
     raw = torch.log_softmax(logits, -1)
     torch.testing.assert_close(out.logprobs, raw.gather(1, out.tokens[:, None]).squeeze(1))
@@ -354,13 +368,18 @@ def test_logprobs_and_top_logprobs(rng):
 
 def test_mixed_greedy_and_sampled_rows(rng):
     logits = rand_logits(rng, 4)
-    params = [SamplingParams(temperature=0.0), SamplingParams(top_k=1), SamplingParams(temperature=0.0),
-              SamplingParams(top_p=1e-9)]
+    params = [
+        SamplingParams(temperature=0.0),
+        SamplingParams(top_k=1),
+        SamplingParams(temperature=0.0),
+        SamplingParams(top_p=1e-9),
+    ]
     out = sample(logits, params)
     assert torch.equal(out.tokens, logits.argmax(-1))  # top_k=1 and tiny top_p are greedy too
 
 
 # ---- allowed-token mask (structured output) ----
+
 
 def pack(allowed_rows, v=V) -> torch.Tensor:
     """Reference packer: a list of allowed-id sets -> (B, ceil(V/32)) int32, bit j of word w = token 32w+j."""
@@ -385,8 +404,12 @@ def test_mask_restricts_every_row_and_leaves_logprobs_raw(rng):
     logits = rand_logits(rng, 4)
     best = logits.argmax(-1).tolist()
     allowed = [set(range(V)) - {best[0]}, {5, 17, 190}, set(range(V)), {best[3], 0}]
-    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.5, seed=1),
-              SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, top_p=0.5, seed=2)]
+    params = [
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=1.5, seed=1),
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=1.0, top_p=0.5, seed=2),
+    ]
     for _ in range(20):
         out = sample(logits, params, generators=[make_generator(p.seed) for p in params], allowed=pack(allowed))
         toks = out.tokens.tolist()
@@ -401,8 +424,11 @@ def test_mask_restricts_every_row_and_leaves_logprobs_raw(rng):
 def test_all_ones_mask_is_parity_with_no_mask(rng):
     """An unconstrained row (all bits set) draws exactly what it draws without a mask, seed for seed."""
     logits = rand_logits(rng, 3)
-    params = [SamplingParams(temperature=0.8, top_k=20, seed=7), SamplingParams(temperature=0.0),
-              SamplingParams(min_p=0.05, seed=9, logprobs=3)]
+    params = [
+        SamplingParams(temperature=0.8, top_k=20, seed=7),
+        SamplingParams(temperature=0.0),
+        SamplingParams(min_p=0.05, seed=9, logprobs=3),
+    ]
     plain = sample(logits, params, generators=[make_generator(p.seed) for p in params])
     ones = torch.full((3, (V + 31) // 32), -1, dtype=torch.int32)
     masked = sample(logits, params, generators=[make_generator(p.seed) for p in params], allowed=ones)
@@ -417,38 +443,54 @@ def test_mask_shape_error():
 
 # ---- validation ----
 
-@pytest.mark.parametrize("kwargs, msg", [
-    (dict(temperature=float("nan")), "temperature must be finite"),
-    (dict(temperature=float("inf")), "temperature must be finite"),
-    (dict(temperature=-0.1), "temperature must be in"),
-    (dict(temperature=2.01), "temperature must be in"),
-    (dict(top_p=0.0), "top_p must be in"),
-    (dict(top_p=1.5), "top_p must be in"),
-    (dict(top_p=float("nan")), "top_p must be finite"),
-    (dict(top_k=-2), "top_k must be >= -1"),
-    (dict(top_k=2.5), "top_k must be an integer"),
-    (dict(min_p=-0.1), "min_p must be in"),
-    (dict(min_p=float("inf")), "min_p must be finite"),
-    (dict(repetition_penalty=0.0), "repetition_penalty must be in"),
-    (dict(repetition_penalty=10.5), "repetition_penalty must be in"),
-    (dict(repetition_penalty=float("nan")), "repetition_penalty must be finite"),
-    (dict(presence_penalty=2.5), "presence_penalty must be in"),
-    (dict(frequency_penalty=-3.0), "frequency_penalty must be in"),
-    (dict(frequency_penalty=float("-inf")), "frequency_penalty must be finite"),
-    (dict(seed="1"), "seed must be an integer"),
-    (dict(logprobs=21), "logprobs must be in"),
-    (dict(logprobs=-1), "logprobs must be in"),
-    (dict(temperature="hot"), "temperature must be a number"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs, msg",
+    [
+        (dict(temperature=float("nan")), "temperature must be finite"),
+        (dict(temperature=float("inf")), "temperature must be finite"),
+        (dict(temperature=-0.1), "temperature must be in"),
+        (dict(temperature=2.01), "temperature must be in"),
+        (dict(top_p=0.0), "top_p must be in"),
+        (dict(top_p=1.5), "top_p must be in"),
+        (dict(top_p=float("nan")), "top_p must be finite"),
+        (dict(top_k=-2), "top_k must be >= -1"),
+        (dict(top_k=2.5), "top_k must be an integer"),
+        (dict(min_p=-0.1), "min_p must be in"),
+        (dict(min_p=float("inf")), "min_p must be finite"),
+        (dict(repetition_penalty=0.0), "repetition_penalty must be in"),
+        (dict(repetition_penalty=10.5), "repetition_penalty must be in"),
+        (dict(repetition_penalty=float("nan")), "repetition_penalty must be finite"),
+        (dict(presence_penalty=2.5), "presence_penalty must be in"),
+        (dict(frequency_penalty=-3.0), "frequency_penalty must be in"),
+        (dict(frequency_penalty=float("-inf")), "frequency_penalty must be finite"),
+        (dict(seed="1"), "seed must be an integer"),
+        (dict(logprobs=21), "logprobs must be in"),
+        (dict(logprobs=-1), "logprobs must be in"),
+        (dict(temperature="hot"), "temperature must be a number"),
+    ],
+)
 def test_validation_errors(kwargs, msg):
     with pytest.raises(ValueError, match=msg):
         SamplingParams(**kwargs).validate()
 
 
 def test_validation_accepts_edges():
-    for p in (SamplingParams(), SamplingParams(temperature=0, top_p=1.0, top_k=-1, min_p=1.0, repetition_penalty=0.5,
-                                               presence_penalty=-2, frequency_penalty=2, seed=-5, logprobs=20),
-              SamplingParams(temperature=2, repetition_penalty=10, logprobs=0)):
+    for p in (
+        SamplingParams(),
+        SamplingParams(
+            temperature=0,
+            top_p=1.0,
+            top_k=-1,
+            min_p=1.0,
+            repetition_penalty=0.5,
+            presence_penalty=-2,
+            frequency_penalty=2,
+            seed=-5,
+            logprobs=20,
+        ),
+        SamplingParams(temperature=2, repetition_penalty=10, logprobs=0),
+    ):
         assert p.validate() is p
 
 
@@ -482,8 +524,10 @@ def test_describing_a_request_does_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys, models.sampling as s, models.tokenizer; s.SamplingParams(top_p=0.5).validate(); "
-            "print('torch' in sys.modules)")
+    code = (
+        "import sys, models.sampling as s, models.tokenizer; s.SamplingParams(top_p=0.5).validate(); "
+        "print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", out.stderr
 
@@ -496,8 +540,12 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_cuda_sampling_matches_cpu_semantics(rng, seeded_draws):
     """On CUDA: greedy equals argmax, masks equal the CPU result, seeded rows reproducible, distribution exact."""
     logits = rand_logits(rng, 4, v=5000)
-    params = [SamplingParams(temperature=0.0), SamplingParams(top_k=40, top_p=0.9),
-              SamplingParams(min_p=0.1, temperature=0.8), SamplingParams(top_p=0.5, seed=3)]
+    params = [
+        SamplingParams(temperature=0.0),
+        SamplingParams(top_k=40, top_p=0.9),
+        SamplingParams(min_p=0.1, temperature=0.8),
+        SamplingParams(top_p=0.5, seed=3),
+    ]
     cuda = logits.cuda()
     warped = apply_warpers(cuda, params).cpu()
     ref = apply_warpers(logits, params)
@@ -506,8 +554,9 @@ def test_cuda_sampling_matches_cpu_semantics(rng, seeded_draws):
         assert not diff or diff <= boundary_tokens(logits[b], params[b].top_p)
     hist = torch.randint(0, 5000, (4, 16), generator=rng)
     pen = [SamplingParams(repetition_penalty=1.2, presence_penalty=0.3, frequency_penalty=0.2)] * 4
-    torch.testing.assert_close(apply_penalties(cuda, pen, hist.cuda(), [4] * 4).cpu(),
-                               apply_penalties(logits, pen, hist, [4] * 4))
+    torch.testing.assert_close(
+        apply_penalties(cuda, pen, hist.cuda(), [4] * 4).cpu(), apply_penalties(logits, pen, hist, [4] * 4)
+    )
     gens = [make_generator(p.seed, "cuda") for p in params]
     first = [sample(cuda, params, generators=gens).tokens.cpu() for _ in range(5)]
     gens = [make_generator(p.seed, "cuda") for p in params]

@@ -1,4 +1,5 @@
 """Scheduler: pure-Python planning (FIFO admission, chunked prefill budget, decode everyone)."""
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -9,8 +10,9 @@ from server.engine.scheduler import Scheduler
 
 
 def seq(order, prompt_len, prefilled=0, outputs=0, slot=None):
-    s = SimpleNamespace(order=order, prompt_len=prompt_len, num_prefilled=prefilled, output_ids=[7] * outputs,
-                        slot=slot)
+    s = SimpleNamespace(
+        order=order, prompt_len=prompt_len, num_prefilled=prefilled, output_ids=[7] * outputs, slot=slot
+    )
     s.prefill_done = prefilled >= prompt_len
     return s
 

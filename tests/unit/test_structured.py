@@ -1,4 +1,5 @@
 """server/api/structured.py: JSON schema -> llguidance constraint, driven token by token (tiny BPE tokenizer)."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,12 @@ from models.sampling import unpack_token_bitmask
 from models.tokenizer import Tokenizer
 from server.api import structured as S
 
-SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "n"],
-          "properties": {"name": {"type": "string", "maxLength": 8}, "n": {"type": "integer"}}}
+SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["name", "n"],
+    "properties": {"name": {"type": "string", "maxLength": 8}, "n": {"type": "integer"}},
+}
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +62,14 @@ def test_grammar_cached_per_schema_and_state_per_request(tok):
     assert len(S._grammars) == 2
 
 
-@pytest.mark.parametrize("schema,part", [
-    ({"type": "object", "if": {}, "then": {}}, '"if"'), ({"$ref": "#/$defs/nope"}, "/$defs/nope"),
-    ({"type": "string", "format": "bogus"}, "bogus"),
-])
+@pytest.mark.parametrize(
+    "schema,part",
+    [
+        ({"type": "object", "if": {}, "then": {}}, '"if"'),
+        ({"$ref": "#/$defs/nope"}, "/$defs/nope"),
+        ({"type": "string", "format": "bogus"}, "bogus"),
+    ],
+)
 def test_unsupported_schema_names_the_part(tok, schema, part):
     with pytest.raises(ValueError) as ei:
         S.compile_constraint(tok, tok.vocab_size, schema)
@@ -74,11 +83,14 @@ def _nested(depth):
     return schema
 
 
-@pytest.mark.parametrize("schema,part", [
-    ({"type": "array", "minItems": 10**12}, "minItems 1000000000000 at /minItems"),
-    ({"properties": {"a": {"type": "array", "items": {"maxItems": 10**6}}}}, "/properties/a/items/maxItems"),
-    (_nested(200), "nests deeper than 100"),
-])
+@pytest.mark.parametrize(
+    "schema,part",
+    [
+        ({"type": "array", "minItems": 10**12}, "minItems 1000000000000 at /minItems"),
+        ({"properties": {"a": {"type": "array", "items": {"maxItems": 10**6}}}}, "/properties/a/items/maxItems"),
+        (_nested(200), "nests deeper than 100"),
+    ],
+)
 def test_sizes_that_would_exhaust_memory_or_stack_are_refused_before_llguidance(tok, schema, part, monkeypatch):
     monkeypatch.setattr(S, "_ll_tokenizer", lambda *a: pytest.fail("reached llguidance"))
     with pytest.raises(ValueError) as ei:

@@ -1,4 +1,5 @@
 """Jetson telemetry parsing on fixture trees (L4T r36 Orin AGX / Orin Nano, r38 Thor) and memory sources."""
+
 from __future__ import annotations
 
 import mmap
@@ -10,10 +11,20 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from server.metrics import Metrics
 from server.telemetry.jetson import (
-    JetsonCollector, JtopReader, SysfsReader, is_jetson, jetson_collector, l4t_release, peak_bandwidth_gbps,
+    JetsonCollector,
+    JtopReader,
+    SysfsReader,
+    is_jetson,
+    jetson_collector,
+    l4t_release,
+    peak_bandwidth_gbps,
 )
 from server.telemetry.memory import (
-    MeminfoMemory, file_rss_under, parse_meminfo, parse_status_kb, process_model_bytes,
+    MeminfoMemory,
+    file_rss_under,
+    parse_meminfo,
+    parse_status_kb,
+    process_model_bytes,
 )
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures" / "jetson"
@@ -44,10 +55,12 @@ def test_integrated_gpu_memory_source_reads_nvmap():
 def test_process_memory_parsers(tmp_path):
     status = "Name:\tpython\nRssAnon:\t  1000 kB\nRssFile:\t 50 kB\n"
     assert parse_status_kb(status, "RssAnon") == 1024000 and parse_status_kb(status, "Nope") is None
-    smaps = ("7f00-7f10 r--s 00000000 fd:01 123 /store/m/model.safetensors\nSize: 64 kB\nRss: 40 kB\n"
-             "7f10-7f20 r-xp 00000000 fd:01 124 /usr/lib/libtorch.so\nRss: 900 kB\n"
-             "7f20-7f30 rw-p 00000000 00:00 0 \nRss: 7 kB\n"
-             "7f30-7f40 r--s 00000000 fd:01 125 /store/m2/model.safetensors\nRss: 11 kB\n")
+    smaps = (
+        "7f00-7f10 r--s 00000000 fd:01 123 /store/m/model.safetensors\nSize: 64 kB\nRss: 40 kB\n"
+        "7f10-7f20 r-xp 00000000 fd:01 124 /usr/lib/libtorch.so\nRss: 900 kB\n"
+        "7f20-7f30 rw-p 00000000 00:00 0 \nRss: 7 kB\n"
+        "7f30-7f40 r--s 00000000 fd:01 125 /store/m2/model.safetensors\nRss: 11 kB\n"
+    )
     assert file_rss_under(smaps, "/store/m") == 40 * 1024
     assert file_rss_under(smaps, "/store/m/") == 40 * 1024
     # the real /proc of this process: pages of a mapped file under the folder are counted once touched
@@ -61,18 +74,21 @@ def test_process_memory_parsers(tmp_path):
 
 def test_detection_and_release():
     assert is_jetson(ORIN) and is_jetson(THOR) and is_jetson(NANO)
-    assert not is_jetson(FIX)            # a tree without Tegra markers
+    assert not is_jetson(FIX)  # a tree without Tegra markers
     assert l4t_release(ORIN) == "36.4.3" and l4t_release(THOR) == "38.2.1"
 
 
-@pytest.mark.parametrize("model,mem,peak", [
-    ("NVIDIA Jetson AGX Orin Developer Kit", 64 << 30, 204.8),
-    ("NVIDIA Jetson Orin NX Engineering Reference Developer Kit", 16 << 30, 102.4),
-    ("NVIDIA Jetson Orin Nano Developer Kit", 8 << 30, 68.0),
-    ("NVIDIA Jetson Orin Nano Developer Kit", 4 << 30, 34.0),
-    ("NVIDIA Jetson AGX Thor Developer Kit", 128 << 30, 273.0),
-    ("Raspberry Pi 5", 8 << 30, None),
-])
+@pytest.mark.parametrize(
+    "model,mem,peak",
+    [
+        ("NVIDIA Jetson AGX Orin Developer Kit", 64 << 30, 204.8),
+        ("NVIDIA Jetson Orin NX Engineering Reference Developer Kit", 16 << 30, 102.4),
+        ("NVIDIA Jetson Orin Nano Developer Kit", 8 << 30, 68.0),
+        ("NVIDIA Jetson Orin Nano Developer Kit", 4 << 30, 34.0),
+        ("NVIDIA Jetson AGX Thor Developer Kit", 128 << 30, 273.0),
+        ("Raspberry Pi 5", 8 << 30, None),
+    ],
+)
 def test_peak_bandwidth_table(model, mem, peak):
     assert peak_bandwidth_gbps(model, mem) == peak
 
@@ -85,9 +101,15 @@ def test_orin_r36_sysfs_reading():
     assert r.gpu_util == pytest.approx(0.473) and r.gpu_freq_hz == 918e6 and r.gpu_max_freq_hz == 1300.5e6
     assert r.emc_freq_hz == 3199e6 and r.emc_util == pytest.approx(1599500 / 3199000)
     assert r.temps_c == {"cpu-thermal": 51.25, "gpu-thermal": 49.718, "soc0-thermal": 48.187, "tj-thermal": 51.812}
-    assert r.rails_w == pytest.approx({"VDD_GPU_SOC": 5.072 * 1.968, "VDD_CPU_CV": 5.080 * 0.476,
-                                       "VIN_SYS_5V0": 5.048 * 1.144, "VDDQ_VDD2_1V8AO": 5.008 * 0.160})
-    assert r.board_power_w() == pytest.approx(sum(r.rails_w.values()))   # AGX Orin: no input rail
+    assert r.rails_w == pytest.approx(
+        {
+            "VDD_GPU_SOC": 5.072 * 1.968,
+            "VDD_CPU_CV": 5.080 * 0.476,
+            "VIN_SYS_5V0": 5.048 * 1.144,
+            "VDDQ_VDD2_1V8AO": 5.008 * 0.160,
+        }
+    )
+    assert r.board_power_w() == pytest.approx(sum(r.rails_w.values()))  # AGX Orin: no input rail
 
 
 def test_orin_nano_uses_vdd_in_rail():
@@ -98,7 +120,7 @@ def test_orin_nano_uses_vdd_in_rail():
 
 def test_thor_r38_sysfs_reading():
     r = SysfsReader(THOR).read()
-    assert r.gpu_freq_hz == 1575e6 and r.gpu_util is None       # no load node: absent, not zero
+    assert r.gpu_freq_hz == 1575e6 and r.gpu_util is None  # no load node: absent, not zero
     assert r.emc_freq_hz == 4266e6 and r.emc_util is None
     assert r.rails_w == pytest.approx({"VIN": 31.25, "VDD_GPU": 9.8, "VDD_CPU_SOC_MSS": 7.4})
     assert r.board_power_w() == pytest.approx(31.25)
@@ -117,10 +139,16 @@ def test_collector_metrics_energy_per_token_and_bandwidth_efficiency():
     clock = Clock()
     tokens = {"n": 0}
     reg = CollectorRegistry()
-    coll = JetsonCollector(SysfsReader(NANO), model="Orin Nano", peak_gbps=68.0, tokens_fn=lambda: tokens["n"],
-                           bandwidth_fn=lambda: 34e9, clock=clock)
+    coll = JetsonCollector(
+        SysfsReader(NANO),
+        model="Orin Nano",
+        peak_gbps=68.0,
+        tokens_fn=lambda: tokens["n"],
+        bandwidth_fn=lambda: 34e9,
+        clock=clock,
+    )
     reg.register(coll)
-    s = samples(reg)   # first scrape: no interval yet
+    s = samples(reg)  # first scrape: no interval yet
     watts = 5.056 * 1.6
     assert s[("jetserve:jetson_power_watts", (("rail", "VDD_IN"),))] == pytest.approx(watts)
     assert s[("jetserve:jetson_gpu_utilization_ratio", ())] == pytest.approx(0.999)
@@ -139,7 +167,10 @@ def test_collector_metrics_energy_per_token_and_bandwidth_efficiency():
 def test_metrics_auto_detects_fixture_board_and_is_absent_off_jetson():
     m = Metrics(jetson_root=ORIN, use_jtop=False)
     text = m.exposition().decode()
-    assert 'jetserve:jetson_info{model="NVIDIA Jetson AGX Orin Developer Kit",peak_bandwidth_gbps="204.8",source="sysfs"} 1.0' in text
+    assert (
+        'jetserve:jetson_info{model="NVIDIA Jetson AGX Orin Developer Kit",peak_bandwidth_gbps="204.8",source="sysfs"} 1.0'
+        in text
+    )
     assert "jetserve:jetson_emc_utilization_ratio 0.5" in text
     off = Metrics(jetson_root=FIX, use_jtop=False).exposition().decode()
     assert "jetson" not in off and "joules_per_token" not in off
@@ -147,12 +178,17 @@ def test_metrics_auto_detects_fixture_board_and_is_absent_off_jetson():
 
 
 class FakeJtop:
-    memory = {"RAM": {"tot": 7_800_000, "used": 3_000_000}, "SWAP": {"tot": 3_900_000, "used": 10},
-              "EMC": {"cur": 2_133_000, "max": 3_199_000, "val": 37}}
+    memory = {
+        "RAM": {"tot": 7_800_000, "used": 3_000_000},
+        "SWAP": {"tot": 3_900_000, "used": 10},
+        "EMC": {"cur": 2_133_000, "max": 3_199_000, "val": 37},
+    }
     gpu = {"gpu": {"status": {"load": 81.5}, "freq": {"cur": 612_000, "max": 1_020_000}}}
     temperature = {"cpu": {"temp": 50.5, "online": True}, "cv0": {"temp": -256.0, "online": False}}
-    power = {"rail": {"VDD_IN": {"power": 7200, "online": True}, "VDD_SOC": {"power": 1400, "online": True}},
-             "tot": {"power": 7200}}
+    power = {
+        "rail": {"VDD_IN": {"power": 7200, "online": True}, "VDD_SOC": {"power": 1400, "online": True}},
+        "tot": {"power": 7200},
+    }
 
 
 def test_jtop_reader_maps_fields():

@@ -1,5 +1,6 @@
 """models.tokenizer with the tiny byte-level BPE tokenizer (tests/conftest.py): incremental text, UTF-8, stop
 strings, chat. SmolLM2's own eos ids, merges and template: tests/integration/test_tokenizer_smollm2.py."""
+
 from __future__ import annotations
 
 import random
@@ -38,13 +39,18 @@ def sp_tok(tmp_path_factory, corpus) -> Tokenizer:
 
     raw = RawTokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     raw.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
-    raw.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
+    raw.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
     specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
-    raw.train_from_iterator([corpus[-30_000:]], trainers.BpeTrainer(vocab_size=700, special_tokens=specials,
-                                                                     limit_alphabet=100, show_progress=False))
+    raw.train_from_iterator(
+        [corpus[-30_000:]],
+        trainers.BpeTrainer(vocab_size=700, special_tokens=specials, limit_alphabet=100, show_progress=False),
+    )
     d = tmp_path_factory.mktemp("sp-tokenizer")
-    PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(d)
+    PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(
+        d
+    )
     (d / "config.json").write_text(json.dumps({"eos_token_id": 2, "bos_token_id": 1}))
     return Tokenizer.from_dir(d)
 
@@ -53,7 +59,7 @@ def random_texts(corpus: str, n: int, seed: int):
     rnd = random.Random(seed)
     for _ in range(n):
         start = rnd.randrange(len(corpus) - 400)
-        text = corpus[start:start + rnd.randint(1, 300)]
+        text = corpus[start : start + rnd.randint(1, 300)]
         # sprinkle emoji / CJK / accents so byte-level tokens split characters
         chars = list(text)
         for _ in range(rnd.randint(0, 8)):
@@ -99,7 +105,7 @@ def test_incremental_equals_full_decode_sentencepiece(sp_tok, corpus):
     for text in random_texts(corpus, 150, seed):
         ids = sp_tok.encode(text, add_special_tokens=False)
         # alone, the decoder strips the first "▁"; after a prompt it is a real space, as in a full decode
-        after_prompt = sp_tok.decode(prompt + ids)[len(sp_tok.decode(prompt)):]
+        after_prompt = sp_tok.decode(prompt + ids)[len(sp_tok.decode(prompt)) :]
         for prompt_ids, expected in ((None, sp_tok.decode(ids)), (prompt, after_prompt)):
             detok = IncrementalDetokenizer(sp_tok, prompt_ids=prompt_ids)
             assert "".join(stream(detok, ids)) == expected
@@ -159,7 +165,7 @@ def test_partial_stop_is_held_then_released(tok):
         emitted_after.append(detok.text)
     assert not detok.stopped
     # while the text ended in " STO" / " STOP" something was held back, never emitted early
-    assert any(len(e) < len(tok.decode(ids[:k + 1])) for k, e in enumerate(emitted_after))
+    assert any(len(e) < len(tok.decode(ids[: k + 1])) for k, e in enumerate(emitted_after))
     assert all(text.startswith(e) for e in emitted_after)
     detok.finish()
     assert detok.text == text
@@ -167,8 +173,11 @@ def test_partial_stop_is_held_then_released(tok):
 
 def test_first_of_several_stop_strings(tok):
     text = "alpha beta gamma delta epsilon"
-    for stops, expected in ((["delta", "beta", "zeta"], "alpha "), (["gamma d", "gamma"], "alpha beta "),
-                            (["epsilon", "a b"], "alph")):
+    for stops, expected in (
+        (["delta", "beta", "zeta"], "alpha "),
+        (["gamma d", "gamma"], "alpha beta "),
+        (["epsilon", "a b"], "alph"),
+    ):
         detok = IncrementalDetokenizer(tok, stop=stops)
         out = "".join(stream(detok, tok.encode(text, add_special_tokens=False)))
         assert out == expected and detok.stopped, stops
@@ -201,7 +210,7 @@ def test_thousand_stop_strings(tok, corpus):
     detok = IncrementalDetokenizer(tok, stop=stops)
     out = "".join(stream(detok, ids))
     elapsed = time.perf_counter() - t0
-    assert detok.stopped and out == text[:text.index(target)]
+    assert detok.stopped and out == text[: text.index(target)]
     # ~1800 tokens against 1000 stop strings: the matcher must not be quadratic in the stop list
     assert elapsed < 2.0, f"{elapsed:.2f}s"
     detok = IncrementalDetokenizer(tok, stop=absent)
@@ -215,11 +224,13 @@ def test_chat_template(tok):
     ids = tok.apply_chat_template(messages)
     assert tok.decode(ids, skip_special_tokens=False) == (
         "<|im_start|>system\nYou are a tiny test model.<|im_end|>\n"
-        "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n")
+        "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert ids[0] == 1 and ids.count(1) == 3 and ids.count(2) == 2  # special tokens are single ids, not text
     ids2 = tok.apply_chat_template([{"role": "system", "content": "Be brief."}] + messages, add_generation_prompt=False)
     assert tok.decode(ids2, skip_special_tokens=False) == (
-        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n")
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n"
+    )
 
 
 def test_no_chat_template_raises(tiny_llama_dir, tmp_path):

@@ -4,6 +4,7 @@ The interpreter has no bf16 arithmetic, so here the kernel's dot runs in fp32 (D
 indexing, unpacking, group handling, split-K and masking are the same code the GPU runs. tests/gpu/
 checks the bf16 dot on a CUDA device.
 """
+
 import importlib
 import os
 import subprocess
@@ -24,8 +25,13 @@ late = pytest.mark.skipif(_LATE, reason="triton imported before interpreter mode
 @pytest.mark.skipif(not _LATE, reason="interpreter mode active in this process")
 def test_interpreter_parity_in_subprocess():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", __file__],
-                       env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", __file__],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert "9 passed" in r.stdout, r.stdout[-2000:]
 
@@ -33,13 +39,15 @@ def test_interpreter_parity_in_subprocess():
 @pytest.fixture(scope="module")
 def t4():
     import models.triton_int4 as mod
+
     return importlib.reload(mod)  # re-decorate the kernel in interpreter mode if imported earlier
 
 
 def _case(n, k, g, gen):
     codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=gen)
-    sz = torch.stack([torch.rand(k // g, n, generator=gen) * 0.02 + 0.001,
-                      torch.randn(k // g, n, generator=gen) * 0.05], dim=-1).to(torch.bfloat16)
+    sz = torch.stack(
+        [torch.rand(k // g, n, generator=gen) * 0.02 + 0.001, torch.randn(k // g, n, generator=gen) * 0.05], dim=-1
+    ).to(torch.bfloat16)
     return codes, sz
 
 
@@ -52,15 +60,18 @@ def test_pack_roundtrip(t4):
     assert torch.equal(t4.unpack_qweight_t(qt), codes)
 
 
-@pytest.mark.parametrize("m,n,k,g,config", [
-    (1, 96, 256, 128, (32, 128, 2, False, 4)),
-    (1, 64, 512, 64, (64, 128, 8, True, 4)),   # BLOCK_K capped at the group size, split-K 8, reshape unpack
-    (4, 200, 128, 32, (64, 64, 4, True, 8)),   # N not a multiple of BLOCK_N (masking), group 32
-    (8, 64, 192, 64, (128, 128, 16, False, 8)),  # split-K reduced until it divides K
-    (17, 64, 256, 128, (32, 128, 2, True, 4)),  # two M tiles
-    (3, 80, 256, 64, (16, 128, 1, False, 4)),  # no split-K: direct bf16 store
-    (1, 64, 256, 128, (32, 128, 1, True, 4)),
-])
+@pytest.mark.parametrize(
+    "m,n,k,g,config",
+    [
+        (1, 96, 256, 128, (32, 128, 2, False, 4)),
+        (1, 64, 512, 64, (64, 128, 8, True, 4)),  # BLOCK_K capped at the group size, split-K 8, reshape unpack
+        (4, 200, 128, 32, (64, 64, 4, True, 8)),  # N not a multiple of BLOCK_N (masking), group 32
+        (8, 64, 192, 64, (128, 128, 16, False, 8)),  # split-K reduced until it divides K
+        (17, 64, 256, 128, (32, 128, 2, True, 4)),  # two M tiles
+        (3, 80, 256, 64, (16, 128, 1, False, 4)),  # no split-K: direct bf16 store
+        (1, 64, 256, 128, (32, 128, 1, True, 4)),
+    ],
+)
 @late
 def test_w4_matmul_matches_reference(t4, m, n, k, g, config):
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)
