@@ -15,6 +15,7 @@ Layouts (int32 words, little-endian bit stream inside a word, values crossing wo
   (out*bits/32, groups) packed along out (asymmetric only, symmetric means zero = 2**(bits-1));
   weight_g_idx (in,) with actorder "group"; weight_shape (2,).
 """
+
 from __future__ import annotations
 
 import json
@@ -29,11 +30,26 @@ import torch
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "UnsupportedFormatError", "QuantConfig", "QuantizedWeight", "read_quant_config", "parse_quant_config",
-    "linear_tensor_names", "CorruptCheckpointError", "safetensors_header", "unpack_gptq", "pack_gptq",
-    "unpack_awq", "pack_awq", "unpack_compressed", "dequantize", "regroup",
-    "act_order_perm", "int4_codes_grouped", "int4pack_scales_and_zeros",
-    "SUPPORTED_BITS", "INT4PACK_GROUP_SIZES",
+    "UnsupportedFormatError",
+    "QuantConfig",
+    "QuantizedWeight",
+    "read_quant_config",
+    "parse_quant_config",
+    "linear_tensor_names",
+    "CorruptCheckpointError",
+    "safetensors_header",
+    "unpack_gptq",
+    "pack_gptq",
+    "unpack_awq",
+    "pack_awq",
+    "unpack_compressed",
+    "dequantize",
+    "regroup",
+    "act_order_perm",
+    "int4_codes_grouped",
+    "int4pack_scales_and_zeros",
+    "SUPPORTED_BITS",
+    "INT4PACK_GROUP_SIZES",
 ]
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -57,6 +73,7 @@ class QuantConfig:
     zero_point: bool
     checkpoint_format: str  # "gptq" (v1) | "gptq_v2" | "awq_gemm" | "pack_quantized" | "none"
     raw: Dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    lm_head: bool = False  # GPTQModel `"lm_head": true`: the checkpoint stores lm_head quantized too
 
     @property
     def is_quantized(self) -> bool:
@@ -73,6 +90,7 @@ class QuantizedWeight:
     qweight (out, in) uint8 codes in [0, 2**bits); zeros (groups, out) uint8 codes; scales (groups, out)
     float; g_idx (in,) int32 group of each input column, or None for sequential groups of `group_size`.
     """
+
     qweight: torch.Tensor
     zeros: torch.Tensor
     scales: torch.Tensor
@@ -99,6 +117,7 @@ class QuantizedWeight:
 # ---------------------------------------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------------------------------------
+
 
 def _load_json(path: Path) -> Optional[dict]:
     if not path.is_file():
@@ -133,8 +152,10 @@ def read_quant_config(model_dir: Union[str, Path]) -> QuantConfig:
 # Tensor-name suffixes of quantized formats, for checkpoints that don't declare a quantization config.
 _UNDECLARED_SIGNATURES = (
     ((".q_invperm", ".q_weight", ".q_scale_max"), "EXL2 tensors (q_weight/q_invperm)"),
-    ((".weight.absmax", ".weight.quant_state.bitsandbytes__nf4", ".weight.quant_state.bitsandbytes__fp4", ".SCB"),
-     "bitsandbytes tensors (absmax/quant_state/SCB)"),
+    (
+        (".weight.absmax", ".weight.quant_state.bitsandbytes__nf4", ".weight.quant_state.bitsandbytes__fp4", ".SCB"),
+        "bitsandbytes tensors (absmax/quant_state/SCB)",
+    ),
     ((".qweight", ".qzeros"), "GPTQ/AWQ-style tensors (qweight/qzeros)"),
     ((".weight_packed",), "compressed-tensors tensors (weight_packed)"),
     ((".weight_scale_inv",), "fp8 block-scaled tensors (weight_scale_inv)"),
@@ -164,8 +185,9 @@ def safetensors_header(path: Union[str, Path]) -> Dict[str, Dict[str, Any]]:
                 raise CorruptCheckpointError(f"{path.name}: truncated safetensors file (no header length)")
             n = int.from_bytes(raw, "little")
             if n <= 0 or n > min(size - 8, _MAX_SAFETENSORS_HEADER):
-                raise CorruptCheckpointError(f"{path.name}: corrupt safetensors header length {n} "
-                                             f"(file is {size} bytes)")
+                raise CorruptCheckpointError(
+                    f"{path.name}: corrupt safetensors header length {n} (file is {size} bytes)"
+                )
             header = json.loads(f.read(n))
     except CorruptCheckpointError:
         raise
@@ -186,8 +208,10 @@ def safetensors_header(path: Union[str, Path]) -> Dict[str, Dict[str, Any]]:
         if not ok:
             raise CorruptCheckpointError(f"{path.name}: tensor {name!r} has a malformed dtype or shape")
         if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= data_len):
-            raise CorruptCheckpointError(f"{path.name}: tensor {name!r} data {begin}..{end} lies outside the file "
-                                         f"({data_len} data bytes): file truncated or corrupt")
+            raise CorruptCheckpointError(
+                f"{path.name}: tensor {name!r} data {begin}..{end} lies outside the file "
+                f"({data_len} data bytes): file truncated or corrupt"
+            )
         tensors[name] = t
     return tensors
 
@@ -201,11 +225,14 @@ def _reject_undeclared_quantization(model_dir: Path) -> None:
             if hit is not None:
                 raise UnsupportedFormatError(
                     f"{model_dir} declares no quantization_config but {path.name} holds {what}, e.g. {hit!r}; "
-                    f"jetserve reads the format only from the checkpoint's config")
+                    f"jetserve reads the format only from the checkpoint's config"
+                )
         fp8 = next((k for k, v in header.items() if v["dtype"].startswith("F8")), None)
         if fp8 is not None:
-            raise UnsupportedFormatError(f"{model_dir}: {path.name} holds fp8 tensors (e.g. {fp8!r}) and no "
-                                         f"quantization_config; fp8 checkpoints are not supported")
+            raise UnsupportedFormatError(
+                f"{model_dir}: {path.name} holds fp8 tensors (e.g. {fp8!r}) and no "
+                f"quantization_config; fp8 checkpoints are not supported"
+            )
 
 
 def _bool(v: Any, default: bool) -> bool:
@@ -222,7 +249,8 @@ def parse_quant_config(q: Dict[str, Any], source: str = "quantization_config") -
     def bad(what: str) -> UnsupportedFormatError:
         return UnsupportedFormatError(
             f"unsupported quantization in {source}: {what}. jetserve runs GPTQ (v1/v2, 2/3/4/8-bit) and "
-            f"AWQ GEMM (2/3/4/8-bit) checkpoints.")
+            f"AWQ GEMM (2/3/4/8-bit) checkpoints."
+        )
 
     if method in ("exl2", "exl3") or "exl2" in fmt or "exl3" in fmt:
         raise bad(f"EXL2/EXL3 (quant_method={method!r}, format={fmt!r})")
@@ -258,7 +286,17 @@ def parse_quant_config(q: Dict[str, Any], source: str = "quantization_config") -
         if pack_dtype != "int32":
             raise bad(f"GPTQ pack_dtype={pack_dtype!r}")
         sym = _bool(q.get("sym"), True)
-        return QuantConfig("gptq", bits, group_size, sym, _bool(q.get("desc_act"), False), not sym, ckpt, dict(q))
+        return QuantConfig(
+            "gptq",
+            bits,
+            group_size,
+            sym,
+            _bool(q.get("desc_act"), False),
+            not sym,
+            ckpt,
+            dict(q),
+            lm_head=_bool(q.get("lm_head"), False),
+        )
 
     # AWQ
     if fmt not in ("", "gemm"):
@@ -307,8 +345,9 @@ def _parse_compressed_tensors(q: Dict[str, Any], bad) -> QuantConfig:
     actorder = w.get("actorder")
     if actorder not in (None, "group", "weight", "static", False):
         raise bad(f"compressed-tensors actorder={actorder!r}")
-    return QuantConfig("compressed_tensors", bits, group_size, sym, actorder == "group", not sym, "pack_quantized",
-                       dict(q))
+    return QuantConfig(
+        "compressed_tensors", bits, group_size, sym, actorder == "group", not sym, "pack_quantized", dict(q)
+    )
 
 
 def linear_tensor_names(qcfg: QuantConfig, prefix: str, *, optional: bool = False) -> List[str]:
@@ -343,6 +382,7 @@ def linear_tensor_names(qcfg: QuantConfig, prefix: str, *, optional: bool = Fals
 # ---------------------------------------------------------------------------------------------------------
 # Bit streams: `bits`-wide codes packed little-endian into int32 words, 32 codes per `bits` words.
 # ---------------------------------------------------------------------------------------------------------
+
 
 def _pack_stream(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack the last dim of integer `values` (..., n) into int32 words (..., ceil(n*bits/32))."""
@@ -402,6 +442,7 @@ def _unpack_stream(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
 # GPTQ
 # ---------------------------------------------------------------------------------------------------------
 
+
 def _gptq_v1_to_v2_qzeros(qzeros: torch.Tensor, bits: int, out_features: int) -> torch.Tensor:
     """v1 stores z-1; return unpacked true zeros (groups, out) uint8 (GPTQModel's exact inverse)."""
     if bits in _V1_WORD_OFFSET:  # per-word add, borrows included, as GPTQModel's v1<->v2 conversion does
@@ -418,9 +459,17 @@ def _v2_to_v1_qzeros(zeros: torch.Tensor, bits: int) -> torch.Tensor:
     return _pack_stream((zeros.to(torch.int16) - 1) & ((1 << bits) - 1), bits)
 
 
-def unpack_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: Optional[torch.Tensor],
-                bits: int, *, group_size: int = -1, checkpoint_format: str = "gptq",
-                in_features: Optional[int] = None) -> QuantizedWeight:
+def unpack_gptq(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: Optional[torch.Tensor],
+    bits: int,
+    *,
+    group_size: int = -1,
+    checkpoint_format: str = "gptq",
+    in_features: Optional[int] = None,
+) -> QuantizedWeight:
     """GPTQ tensors -> QuantizedWeight. g_idx=None means sequential groups of `group_size`.
 
     g_idx equal to arange(in)//group_size is dropped (returned as None) so callers can tell act-order apart.
@@ -457,13 +506,18 @@ def pack_gptq(qw: QuantizedWeight, *, checkpoint_format: str = "gptq") -> Dict[s
         qzeros = _pack_stream(qw.zeros, qw.bits)
     else:
         raise ValueError(checkpoint_format)
-    return {"qweight": qweight, "qzeros": qzeros, "scales": qw.scales.to(torch.float16),
-            "g_idx": qw.group_index().to(torch.int32)}
+    return {
+        "qweight": qweight,
+        "qzeros": qzeros,
+        "scales": qw.scales.to(torch.float16),
+        "g_idx": qw.group_index().to(torch.int32),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------
 # AWQ GEMM
 # ---------------------------------------------------------------------------------------------------------
+
 
 def _awq_interleave(x: torch.Tensor, bits: int) -> torch.Tensor:
     """Logical column order -> AWQ storage order (4-bit only; other widths are stored in order)."""
@@ -479,8 +533,9 @@ def _awq_deinterleave(x: torch.Tensor, bits: int) -> torch.Tensor:
     return x.reshape(*x.shape[:-1], -1, 8)[..., inv].reshape(x.shape)
 
 
-def unpack_awq(qweight: torch.Tensor, qzeros: Optional[torch.Tensor], scales: torch.Tensor, bits: int, *,
-               group_size: int) -> QuantizedWeight:
+def unpack_awq(
+    qweight: torch.Tensor, qzeros: Optional[torch.Tensor], scales: torch.Tensor, bits: int, *, group_size: int
+) -> QuantizedWeight:
     """AWQ GEMM tensors -> QuantizedWeight. qzeros=None (no zero point) means zero = 2**(bits-1)."""
     if bits not in SUPPORTED_BITS:
         raise UnsupportedFormatError(f"AWQ bits={bits}")
@@ -512,9 +567,17 @@ def pack_awq(qw: QuantizedWeight) -> Dict[str, torch.Tensor]:
 # compressed-tensors pack-quantized
 # ---------------------------------------------------------------------------------------------------------
 
-def unpack_compressed(weight_packed: torch.Tensor, weight_scale: torch.Tensor,
-                      weight_zero_point: Optional[torch.Tensor], weight_g_idx: Optional[torch.Tensor], bits: int, *,
-                      group_size: int, in_features: int) -> QuantizedWeight:
+
+def unpack_compressed(
+    weight_packed: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_zero_point: Optional[torch.Tensor],
+    weight_g_idx: Optional[torch.Tensor],
+    bits: int,
+    *,
+    group_size: int,
+    in_features: int,
+) -> QuantizedWeight:
     """compressed-tensors pack-quantized tensors -> QuantizedWeight (zero_point None: symmetric)."""
     if bits not in (2, 4, 8):
         raise UnsupportedFormatError(f"compressed-tensors num_bits={bits}")
@@ -539,6 +602,7 @@ def unpack_compressed(weight_packed: torch.Tensor, weight_scale: torch.Tensor,
 # Reference dequantization and repack into torch int4 layouts
 # ---------------------------------------------------------------------------------------------------------
 
+
 def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Reference: (out, in) weight = scale[g] * (q - zero[g]) computed in float32, returned as `dtype`."""
     g = qw.group_index()
@@ -555,9 +619,14 @@ def regroup(qw: QuantizedWeight, group_size: int) -> QuantizedWeight:
     if qw.g_idx is not None or qw.group_size % group_size or qw.in_features % group_size:
         raise ValueError(f"cannot regroup group_size={qw.group_size} (g_idx={qw.g_idx is not None}) to {group_size}")
     rep = qw.group_size // group_size
-    return QuantizedWeight(qw.qweight, qw.zeros.repeat_interleave(rep, dim=0)[: qw.in_features // group_size],
-                           qw.scales.repeat_interleave(rep, dim=0)[: qw.in_features // group_size], None, qw.bits,
-                           group_size)
+    return QuantizedWeight(
+        qw.qweight,
+        qw.zeros.repeat_interleave(rep, dim=0)[: qw.in_features // group_size],
+        qw.scales.repeat_interleave(rep, dim=0)[: qw.in_features // group_size],
+        None,
+        qw.bits,
+        group_size,
+    )
 
 
 def act_order_perm(qw: QuantizedWeight) -> Optional[torch.Tensor]:

@@ -3,6 +3,7 @@
 Same interface as `models.runner.Runner`, but slow: `max_slots` is 1 so the engine never batches, and
 `decode` runs each row on its own. The loader logs a warning whenever this runner is chosen.
 """
+
 from __future__ import annotations
 
 import logging
@@ -17,14 +18,26 @@ logger = logging.getLogger(__name__)
 class HFFallbackRunner:
     fallback = True
 
-    def __init__(self, model_dir: Path, *, device: torch.device, dtype: torch.dtype, max_seq: int,
-                 eos_token_ids: Tuple[int, ...] = (), trust_remote_code: bool = False, info=None):
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        max_seq: int,
+        eos_token_ids: Tuple[int, ...] = (),
+        trust_remote_code: bool = False,
+        info=None,
+    ):
         from transformers import AutoModelForCausalLM
 
         self.info = info
         self.device, self.dtype = torch.device(device), dtype
-        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype,
-                                                          trust_remote_code=trust_remote_code).to(self.device).eval()
+        self.model = (
+            AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, trust_remote_code=trust_remote_code)
+            .to(self.device)
+            .eval()
+        )
         self.vocab_size = int(self.model.config.vocab_size)
         self.max_slots, self.max_seq = 1, max_seq
         self.eos_token_ids = tuple(eos_token_ids)
@@ -52,13 +65,14 @@ class HFFallbackRunner:
     def prefill(self, tokens: torch.Tensor, slot: int, start_pos: int = 0) -> torch.Tensor:
         return self._forward(tokens, slot, start_pos)[-1]
 
-    def prefill_logits(self, tokens: torch.Tensor, slot: int, start_pos: int = 0,
-                       last: Optional[int] = None) -> torch.Tensor:
+    def prefill_logits(
+        self, tokens: torch.Tensor, slot: int, start_pos: int = 0, last: Optional[int] = None
+    ) -> torch.Tensor:
         out = self._forward(tokens, slot, start_pos)
         return out if last is None else out[-last:]
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        rows = [self._forward(tokens[i:i + 1], int(slots[i]), int(positions[i]))[-1] for i in range(tokens.shape[0])]
+        rows = [self._forward(tokens[i : i + 1], int(slots[i]), int(positions[i]))[-1] for i in range(tokens.shape[0])]
         return torch.stack(rows)
 
     def release(self, slot: int) -> None:

@@ -8,6 +8,8 @@ Kernels:
   dequantize + cuBLAS for prefill. Chosen per call site with `cuda_kernel=`; see docs/benchmarks.md.
 - "reference": dequantize to the activation dtype, then a dense matmul (2/3/8-bit, odd group sizes,
   devices without an int4 kernel).
+- int8 per-channel (the `lm_head="int8"` option): `int8_linear`, aten._weight_int8pack_mm on CPU, with
+  `int8_linear_reference` as its plain-PyTorch reference.
 
 Prefill policy: `KernelPlan.dense_min_tokens` is the token count from which dequantize-then-dense beats the
 int4 kernel. On this CPU the int4 kernel won at every size measured (1..512 tokens, see
@@ -15,6 +17,7 @@ benchmarks/qlinear.py), so the CPU plan never switches to dense. On an H100 (tor
 slower than dequantize + cuBLAS at 512 tokens on Llama-2-7B shapes, so CUDA prefill dequantizes from
 CUDA_DENSE_MIN_TOKENS tokens on; the exact crossover between 8 and 512 tokens is unmeasured.
 """
+
 from __future__ import annotations
 
 import functools
@@ -42,6 +45,7 @@ CPU_N_BLOCK = 64  # CPU int4pack rows are padded to this: its layout blocks 64 r
 @dataclass(frozen=True)
 class KernelPlan:
     """What QuantLinear runs: kernel name, and from how many tokens it should dequantize + dense matmul."""
+
     name: str
     dense_min_tokens: Optional[int]  # None: never switch to dense
     reason: str
@@ -54,7 +58,8 @@ def _log_once(device_type: str, name: str, reason: str) -> None:
 
 def _has_cpu_int4() -> bool:
     return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
-        torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
+        torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"
+    )
 
 
 def _has_cuda_int4(device: torch.device) -> bool:
@@ -76,14 +81,19 @@ def device_kernel(device: torch.device, cuda_kernel: Optional[str] = None) -> Ke
         plan = KernelPlan(CPU_INT4PACK, None, "int4pack_mm_for_cpu measured faster than dense bf16 at 1..512 tokens")
     elif device.type == "cuda" and cuda_kernel == CUDA_TRITON:
         from . import triton_int4
+
         if not triton_int4.available():
             raise RuntimeError("cuda_kernel='cuda_triton' requested but triton is not installed")
-        plan = KernelPlan(CUDA_TRITON, TRITON_MAX_TOKENS + 1,
-                          "Triton split-K W4 kernel for decode, dequantize + cuBLAS for prefill")
+        plan = KernelPlan(
+            CUDA_TRITON, TRITON_MAX_TOKENS + 1, "Triton split-K W4 kernel for decode, dequantize + cuBLAS for prefill"
+        )
     elif device.type == "cuda" and _has_cuda_int4(device):
         if cuda_layout_ok(device.index if device.index is not None else torch.cuda.current_device()):
-            plan = KernelPlan(CUDA_TINYGEMM, CUDA_DENSE_MIN_TOKENS,
-                              f"tinygemm on sm80+ for < {CUDA_DENSE_MIN_TOKENS} tokens, dequantize + cuBLAS for prefill")
+            plan = KernelPlan(
+                CUDA_TINYGEMM,
+                CUDA_DENSE_MIN_TOKENS,
+                f"tinygemm on sm80+ for < {CUDA_DENSE_MIN_TOKENS} tokens, dequantize + cuBLAS for prefill",
+            )
         else:
             plan = KernelPlan(CUDA_TINYGEMM, None, "tinygemm on sm80+ (layout probe failed: no dense prefill)")
     else:
@@ -92,8 +102,14 @@ def device_kernel(device: torch.device, cuda_kernel: Optional[str] = None) -> Ke
     return plan
 
 
-def select_kernel(device: torch.device, bits: int, group_size: int, in_features: int,
-                  out_features: int, cuda_kernel: Optional[str] = None) -> KernelPlan:
+def select_kernel(
+    device: torch.device,
+    bits: int,
+    group_size: int,
+    in_features: int,
+    out_features: int,
+    cuda_kernel: Optional[str] = None,
+) -> KernelPlan:
     """Kernel for one layer: the device's int4 kernel when the layer's shape allows, else reference.
 
     A layer that cannot use the int4 kernel is logged once per (device, reason) -- never silently.
@@ -129,8 +145,9 @@ def cuda_inner_k_tiles(in_features: int) -> int:
     raise ValueError(f"in_features={in_features} is not a multiple of 32")
 
 
-def int4_mm(name: str, x2d: torch.Tensor, packed: torch.Tensor, group_size: int,
-            scales_and_zeros: torch.Tensor) -> torch.Tensor:
+def int4_mm(
+    name: str, x2d: torch.Tensor, packed: torch.Tensor, group_size: int, scales_and_zeros: torch.Tensor
+) -> torch.Tensor:
     """x2d (M, in) bf16 contiguous -> (M, out_padded) bf16 with the named int4 kernel."""
     if name == CPU_INT4PACK:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, packed, group_size, scales_and_zeros)
@@ -138,6 +155,7 @@ def int4_mm(name: str, x2d: torch.Tensor, packed: torch.Tensor, group_size: int,
         return torch.ops.aten._weight_int4pack_mm(x2d, packed, group_size, scales_and_zeros)
     if name == CUDA_TRITON:
         from . import triton_int4
+
         cfg = triton_int4.tuned_config(x2d, packed, scales_and_zeros, group_size)
         return triton_int4.w4_matmul(x2d, packed, scales_and_zeros, group_size, config=cfg)
     raise ValueError(f"not an int4 kernel: {name}")
@@ -167,6 +185,7 @@ def pack_int4(name: str, codes: torch.Tensor, device: Union[str, torch.device]) 
         return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.cpu().to(torch.int32).contiguous(), 1)
     if name == CUDA_TRITON:
         from . import triton_int4
+
         return triton_int4.pack_qweight_t(codes.to(device))  # (K/8, N) int32
     if name == CUDA_TINYGEMM:
         q = codes.to(device=device, dtype=torch.uint8)
@@ -192,8 +211,9 @@ def _nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([b & 0xF, b >> 4], dim=-1).reshape(-1)
 
 
-def nibble_order(pack: Callable[[torch.Tensor], torch.Tensor], n: int, k: int,
-                 device: Union[str, torch.device] = "cpu") -> torch.Tensor:
+def nibble_order(
+    pack: Callable[[torch.Tensor], torch.Tensor], n: int, k: int, device: Union[str, torch.device] = "cpu"
+) -> torch.Tensor:
     """Learn a packing's layout from the packer itself: int32 (N*K,) with codes.flatten() == nibbles[order].
 
     Packs ceil(log16(N*K)) probe matrices whose codes are the base-16 digits of each position's flat index,
@@ -232,6 +252,7 @@ def int4pack_codes(name: str, packed: torch.Tensor, in_features: int) -> torch.T
     """
     if name == CUDA_TRITON:
         from . import triton_int4
+
         return triton_int4.unpack_qweight_t(packed)
     if name == CUDA_TINYGEMM and cuda_layout_ok(packed.device.index or 0):
         return cuda_tinygemm_codes(packed, in_features)
@@ -240,11 +261,18 @@ def int4pack_codes(name: str, packed: torch.Tensor, in_features: int) -> torch.T
     return _nibbles(packed).index_select(0, order).reshape(n, in_features)
 
 
-def dequant_t(name: str, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
-              in_features: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def dequant_t(
+    name: str,
+    packed: torch.Tensor,
+    scales_and_zeros: torch.Tensor,
+    group_size: int,
+    in_features: int,
+    dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
     """W^T (in, N) in `dtype` from any int4 layout: the dense-prefill weight, built per call, never cached."""
     if name == CUDA_TRITON:
         from . import triton_int4
+
         return triton_int4.dequant_t(packed, scales_and_zeros, group_size, dtype)
     codes_t = int4pack_codes(name, packed, in_features).t()  # (in, N)
     sz = scales_and_zeros.to(dtype).repeat_interleave(group_size, dim=0)  # (in, N, 2)
@@ -259,5 +287,56 @@ def cuda_layout_ok(device_index: int) -> bool:
     w = torch.randint(0, 16, (64, 256), generator=gen, dtype=torch.uint8).to(dev)
     ok = torch.equal(cuda_tinygemm_codes(pack_int4(CUDA_TINYGEMM, w, dev), 256), w)
     if not ok:
-        logger.warning("torch CUDA tinygemm layout differs from the hand-written one: dense prefill off, reference unpacks by probe")
+        logger.warning(
+            "torch CUDA tinygemm layout differs from the hand-written one: dense prefill off, reference unpacks by probe"
+        )
     return ok
+
+
+# ---------------------------------------------------------------- int8 per-channel (the quantized lm_head)
+
+# aten._weight_int8pack_mm on CPU reads K in blocks of 16: with other K it returned wrong values or crashed
+# (torch 2.13, measured), so the kernel runs only where in_features % INT8_K_MULTIPLE == 0.
+INT8_K_MULTIPLE = 16
+
+
+def quantize_int8_per_channel(weight: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor]":
+    """Symmetric int8, one scale per output row: (codes int8 (out, in) in [-127, 127], scales float32 (out,)).
+
+    scale = max|row| / 127 (an all-zero row gets scale 1 so its codes stay 0); weight ~= codes * scale[:, None].
+    """
+    w = weight.float()
+    amax = w.abs().amax(dim=1)
+    scales = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    codes = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    return codes, scales
+
+
+def has_cpu_int8_mm() -> bool:
+    return hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
+def int8_mm_fast_ok(x2d: torch.Tensor, in_features: int) -> bool:
+    """Whether `int8_linear` may use aten._weight_int8pack_mm for this input (CPU, a float dtype, K % 16 == 0)."""
+    return (
+        x2d.device.type == "cpu"
+        and x2d.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        and in_features % INT8_K_MULTIPLE == 0
+        and has_cpu_int8_mm()
+    )
+
+
+def int8_linear_reference(x2d: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Plain-PyTorch y = x @ (codes * scales[:, None]).T in float32, cast to x's dtype: the parity reference."""
+    return ((x2d.float() @ codes.float().t()) * scales.float()).to(x2d.dtype)
+
+
+def int8_linear(x2d: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """y = x @ (codes * scales[:, None]).T in x's dtype. x2d (N, in), codes int8 (out, in), scales (out,).
+
+    CPU: aten._weight_int8pack_mm (x's dtype activations, int8 weights, per-row scales in x's dtype) when
+    `int8_mm_fast_ok`; elsewhere the rows are dequantized to x's dtype and multiplied densely.
+    """
+    if int8_mm_fast_ok(x2d, codes.shape[1]):
+        return torch.ops.aten._weight_int8pack_mm(x2d.contiguous(), codes, scales.to(x2d.dtype))
+    return torch.nn.functional.linear(x2d, codes.to(x2d.dtype)) * scales.to(x2d.dtype)

@@ -4,6 +4,7 @@ Layout: k and v are each one tensor (layers, max_slots + 1, max_seq, kv_heads, h
 slot (index `max_slots`, `scratch_slot`) absorbs the writes of padding rows when a decode batch is padded
 to a captured bucket size. `k[i]` / `v[i]` are per-layer views (slots + 1, max_seq, kv_heads, head_dim).
 """
+
 from __future__ import annotations
 
 from typing import List
@@ -12,8 +13,17 @@ import torch
 
 
 class KVCache:
-    def __init__(self, layers: int, max_slots: int, max_seq: int, kv_heads: int, head_dim: int, *,
-                 device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self,
+        layers: int,
+        max_slots: int,
+        max_seq: int,
+        kv_heads: int,
+        head_dim: int,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
         self.layers, self.max_slots, self.max_seq = layers, max_slots, max_seq
         self.kv_heads, self.head_dim = kv_heads, head_dim
         shape = (layers, max_slots + 1, max_seq, kv_heads, head_dim)
@@ -30,8 +40,9 @@ class KVCache:
         return 2 * self.k_all.numel() * self.k_all.element_size()
 
     @staticmethod
-    def predict_bytes(layers: int, max_slots: int, max_seq: int, kv_heads: int, head_dim: int,
-                      dtype: torch.dtype) -> int:
+    def predict_bytes(
+        layers: int, max_slots: int, max_seq: int, kv_heads: int, head_dim: int, dtype: torch.dtype
+    ) -> int:
         elem = torch.empty((), dtype=dtype).element_size()
         return 2 * layers * (max_slots + 1) * max_seq * kv_heads * head_dim * elem
 

@@ -5,6 +5,7 @@ shards with mmap (safe_open) -> create each linear (dense, or QuantLinear from t
 checkpoint's own config) -> fuse qkv and gate/up -> assign -> allocate the KV cache once -> Runner.
 An architecture without a table runs through the transformers fallback runner at batch 1 (logged).
 """
+
 from __future__ import annotations
 
 import functools
@@ -21,26 +22,45 @@ import torch
 from torch import nn
 
 from .arch import ArchSpec, Dims, UnsupportedArchError, find_arch
-from .formats import QuantConfig, read_quant_config, safetensors_header
+from .formats import QuantConfig, UnsupportedFormatError, read_quant_config, safetensors_header
 from .kv_cache import KVCache
 from .model import DenseLinear, Transformer, fuse_linears
 from .tokenizer import config_eos_token_ids
 
 logger = logging.getLogger(__name__)
 
-_ST_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                   "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+# load-time options for a dense lm_head: "bf16" keeps it in the model dtype; "int8" quantizes it per output row
+LM_HEAD_DTYPES = ("bf16", "int8")
+
+_ST_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+}
 
 
 @dataclass(frozen=True)
 class CheckpointInfo:
     """What a checkpoint needs, from config.json and safetensors headers only (no tensor data read)."""
+
     model_dir: Path
     config: Dict[str, Any] = field(repr=False)
-    arch: str                       # our table name ("llama", "qwen2", "opt", ...) or the HF model_type if none
-    fused: bool                     # True when the fused runtime supports it (else: transformers fallback)
+    arch: str  # our table name ("llama", "qwen2", "opt", ...) or the HF model_type if none
+    fused: bool  # True when the fused runtime supports it (else: transformers fallback)
     qcfg: QuantConfig
-    weight_bytes: int               # exact: sum of the header tensors' byte ranges (as stored)
+    weight_bytes: int  # exact: sum of the header tensors' byte ranges (as stored)
     num_layers: int
     num_kv_heads: int
     head_dim: int
@@ -104,9 +124,21 @@ def inspect_checkpoint(model_dir: Union[str, Path]) -> CheckpointInfo:
         hidden, dims_kv, head_dim, n_layers = dims.hidden, dims.kv_heads, dims.head_dim, dims.layers
         max_pos, vocab, inter = dims.max_position, dims.vocab, dims.intermediate
     return CheckpointInfo(
-        model_dir=model_dir, config=cfg, arch=spec.name if spec else str(cfg.get("model_type")),
-        fused=spec is not None, qcfg=qcfg, weight_bytes=weight_bytes, num_layers=n_layers, num_kv_heads=dims_kv,
-        head_dim=head_dim, max_position=max_pos, vocab=vocab, hidden=hidden, intermediate=inter, tensors=tensors)
+        model_dir=model_dir,
+        config=cfg,
+        arch=spec.name if spec else str(cfg.get("model_type")),
+        fused=spec is not None,
+        qcfg=qcfg,
+        weight_bytes=weight_bytes,
+        num_layers=n_layers,
+        num_kv_heads=dims_kv,
+        head_dim=head_dim,
+        max_position=max_pos,
+        vocab=vocab,
+        hidden=hidden,
+        intermediate=inter,
+        tensors=tensors,
+    )
 
 
 # ---------------------------------------------------------------- footprint prediction
@@ -134,8 +166,12 @@ class Footprint:
         return self.weights_bytes + self.kv_cache_bytes + self.workspace_bytes
 
     def as_dict(self) -> Dict[str, int]:
-        return {"weights_bytes": self.weights_bytes, "kv_cache_bytes": self.kv_cache_bytes,
-                "workspace_bytes": self.workspace_bytes, "total_bytes": self.total_bytes}
+        return {
+            "weights_bytes": self.weights_bytes,
+            "kv_cache_bytes": self.kv_cache_bytes,
+            "workspace_bytes": self.workspace_bytes,
+            "total_bytes": self.total_bytes,
+        }
 
 
 def _loaded_weight_bytes(info: CheckpointInfo, dtype: torch.dtype) -> int:
@@ -161,6 +197,20 @@ def _loaded_weight_bytes(info: CheckpointInfo, dtype: torch.dtype) -> int:
     return total
 
 
+def _int8_head_delta(info: CheckpointInfo, dtype: torch.dtype) -> int:
+    """Bytes `lm_head="int8"` adds to the loaded weights: int8 codes + float32 scales per row; an untied dense
+    head's `dtype` weight goes, a tied head keeps the embedding for the input lookup; a bias stays in `dtype`.
+    0 for a head the checkpoint quantized."""
+    spec = find_arch(info.config) if info.fused else None
+    if spec is None or info.qcfg.lm_head or f"{spec.lm_head}.qweight" in info.tensors:
+        return 0
+    int8 = info.vocab * info.hidden + info.vocab * 4
+    dense = info.tensors.get(f"{spec.lm_head}.weight")
+    if dense is None:
+        return int8
+    return int8 - math.prod(dense[1]) * torch.empty((), dtype=dtype).element_size()
+
+
 def workspace_bytes(info: CheckpointInfo, *, max_slots: int, prefill_chunk: int, dtype: torch.dtype) -> int:
     """Scratch the runner keeps or peaks at: float32 logits for a decode batch, a prefill chunk's activations
     (hidden states, q/k/v, attention output and the MLP's gate/up/act) and `WORKSPACE_CONSTANT_BYTES`."""
@@ -181,8 +231,9 @@ def cublas_workspace_bytes(device: Union[str, torch.device]) -> int:
     return sum(size * 1024 * count for size, count in zip(nums[0::2], nums[1::2]))
 
 
-def cuda_runtime_bytes(vocab: int, *, batch_buckets: Sequence[int], kv_buckets: Sequence[int],
-                       cublas_workspace: int, streams: int = 2) -> int:
+def cuda_runtime_bytes(
+    vocab: int, *, batch_buckets: Sequence[int], kv_buckets: Sequence[int], cublas_workspace: int, streams: int = 2
+) -> int:
     """CUDA-only memory of a warmed-up runner: one cuBLAS workspace per stream that ran a matmul (the default
     stream and the graph-capture stream), the float32 logits output kept by every captured decode graph (one
     graph per batch bucket x kv bucket) and `CUDA_CONSTANT_BYTES`."""
@@ -190,9 +241,18 @@ def cuda_runtime_bytes(vocab: int, *, batch_buckets: Sequence[int], kv_buckets: 
     return streams * cublas_workspace + outputs + CUDA_CONSTANT_BYTES
 
 
-def predict_footprint(info: CheckpointInfo, *, max_slots: int, max_seq: int, dtype: torch.dtype = torch.bfloat16,
-                      prefill_chunk: int = 256, device: Union[str, torch.device] = "cpu") -> Footprint:
-    """Memory `load_runner(info.model_dir, ...)` plus warmup will take, from config.json and headers only.
+def predict_footprint(
+    info: CheckpointInfo,
+    *,
+    max_slots: int,
+    max_seq: int,
+    dtype: torch.dtype = torch.bfloat16,
+    prefill_chunk: int = 256,
+    device: Union[str, torch.device] = "cpu",
+    lm_head: str = "bf16",
+) -> Footprint:
+    """Memory `load_runner(info.model_dir, ..., lm_head=lm_head)` plus warmup will take, from config.json and
+    headers only.
 
     weights: as loaded (float tensors in `dtype`; 4-bit GPTQ/AWQ as int4pack + bf16 scale/zero pairs), checked
     against the runner's own tensors by the unit tests. KV cache: `KVCache.predict_bytes` (the scratch slot
@@ -200,14 +260,19 @@ def predict_footprint(info: CheckpointInfo, *, max_slots: int, max_seq: int, dty
     measured growth of the process (CPU) or of torch.cuda.memory_allocated by benchmarks/memory_prediction.py.
     """
     weights = _loaded_weight_bytes(info, dtype)
+    if lm_head == "int8":
+        weights += _int8_head_delta(info, dtype)
     kv = KVCache.predict_bytes(info.num_layers, max_slots, max_seq, info.num_kv_heads, info.head_dim, dtype)
     workspace = workspace_bytes(info, max_slots=max_slots, prefill_chunk=prefill_chunk, dtype=dtype)
     if torch.device(device).type == "cuda":
         from .runner import batch_buckets, kv_buckets_cuda
 
-        workspace += cuda_runtime_bytes(info.vocab, batch_buckets=batch_buckets(max_slots),
-                                        kv_buckets=kv_buckets_cuda(max_seq),
-                                        cublas_workspace=cublas_workspace_bytes(device))
+        workspace += cuda_runtime_bytes(
+            info.vocab,
+            batch_buckets=batch_buckets(max_slots),
+            kv_buckets=kv_buckets_cuda(max_seq),
+            cublas_workspace=cublas_workspace_bytes(device),
+        )
     return Footprint(weights, kv, workspace, max_slots, max_seq)
 
 
@@ -247,8 +312,16 @@ def _float(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.T
     return t.to(device=device, dtype=dtype, copy=True)
 
 
-def _make_linear(src: TensorSource, prefix: str, qcfg: QuantConfig, in_f: int, out_f: int, *,
-                 device: torch.device, dtype: torch.dtype) -> nn.Module:
+def _make_linear(
+    src: TensorSource,
+    prefix: str,
+    qcfg: QuantConfig,
+    in_f: int,
+    out_f: int,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> nn.Module:
     """Dense linear when `prefix.weight` exists, else a QuantLinear in the checkpoint's declared format."""
     bias = src[f"{prefix}.bias"] if f"{prefix}.bias" in src else None
     if f"{prefix}.weight" in src:
@@ -263,9 +336,23 @@ def _make_linear(src: TensorSource, prefix: str, qcfg: QuantConfig, in_f: int, o
     return QuantLinear.from_tensors(src, prefix, qcfg, in_f, out_f, device=device, dtype=dtype)
 
 
-def build_model(model_dir: Path, spec: ArchSpec, dims: Dims, qcfg: QuantConfig, *, device: torch.device,
-                dtype: torch.dtype) -> Transformer:
-    """Meta-device build, then every weight assigned from the mmap'd checkpoint."""
+def build_model(
+    model_dir: Path,
+    spec: ArchSpec,
+    dims: Dims,
+    qcfg: QuantConfig,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    lm_head: str = "bf16",
+) -> Transformer:
+    """Meta-device build, then every weight assigned from the mmap'd checkpoint.
+
+    lm_head="int8" quantizes a dense head (tied or not) to `qlinear.Int8Linear`; a tied embedding stays in
+    `dtype` for the input lookup. A head the checkpoint quantized itself (GPTQ `"lm_head": true`) loads as a
+    QuantLinear whatever `lm_head` says; one declared quantized but stored without `.qweight` raises
+    UnsupportedFormatError.
+    """
     with torch.device("meta"):
         model = Transformer(spec, dims)
     src = TensorSource(model_dir, device)
@@ -289,8 +376,9 @@ def build_model(model_dir: Path, spec: ArchSpec, dims: Dims, qcfg: QuantConfig, 
         p = spec.layer.format(i=i)
         set_norm(blk.norm1, p + spec.input_norm)
         set_norm(blk.norm2, p + spec.post_norm)
-        blk.qkv = fuse_linears([lin(p + spec.q, h, dims.heads * d), lin(p + spec.k, h, kv * d),
-                                lin(p + spec.v, h, kv * d)])
+        blk.qkv = fuse_linears(
+            [lin(p + spec.q, h, dims.heads * d), lin(p + spec.k, h, kv * d), lin(p + spec.v, h, kv * d)]
+        )
         blk.o = lin(p + spec.o, dims.heads * d, h)
         if spec.mlp == "gated_silu":
             gate, up, down = spec.mlp_names
@@ -302,21 +390,44 @@ def build_model(model_dir: Path, spec: ArchSpec, dims: Dims, qcfg: QuantConfig, 
             blk.down = lin(p + fc2, inter, h)
     set_norm(model.final_norm, spec.final_norm)
     head = f"{spec.lm_head}"
-    if f"{head}.weight" in src or f"{head}.qweight" in src:
+    if qcfg.lm_head:
+        if f"{head}.qweight" not in src:
+            raise UnsupportedFormatError(
+                f'{model_dir}: quantization_config has "lm_head": true but the checkpoint has no '
+                f"{head}.qweight (found {head}.weight: {f'{head}.weight' in src}); re-export the checkpoint"
+            )
+        from .qlinear import QuantLinear
+
+        model.lm_head = QuantLinear.from_tensors(src, head, qcfg, h, dims.vocab, device=device, dtype=dtype)
+        logger.info("%s: lm_head is %d-bit %s from the checkpoint", model_dir.name, qcfg.bits, qcfg.method)
+    elif f"{head}.weight" in src or f"{head}.qweight" in src:
         model.lm_head = lin(head, h, dims.vocab)
     else:
         if not dims.tied_embeddings:
             logger.warning("%s: no %s weight in the checkpoint; tying it to the embedding", model_dir, head)
         model.lm_head = DenseLinear(model.embed.data)  # tied: shares the embedding storage
-    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
-                if t is not None and t.is_meta]
+    if lm_head == "int8" and isinstance(model.lm_head, DenseLinear):
+        from .qlinear import Int8Linear
+
+        dense = model.lm_head
+        model.lm_head = Int8Linear.from_dense(dense.weight.data, None if dense.bias is None else dense.bias.data)
+        logger.info(
+            "%s: lm_head quantized to int8 per-channel at load (%.1f MiB)",
+            model_dir.name,
+            model.lm_head.weight_bytes() / 2**20,
+        )
+    elif lm_head == "int8":
+        logger.info("%s: lm_head=int8 ignored: the checkpoint's head is already quantized", model_dir.name)
+    leftover = [
+        n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t is not None and t.is_meta
+    ]
     if leftover:
         raise ValueError(f"{model_dir}: weights not found in the checkpoint for {leftover[:5]}")
     return model
 
 
 def resolve_device(device: Union[str, torch.device]) -> torch.device:
-    """"auto" -> cuda when torch sees a GPU, else cpu; any other name -> torch.device(name)."""
+    """ "auto" -> cuda when torch sees a GPU, else cpu; any other name -> torch.device(name)."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -353,14 +464,27 @@ def release_freed_heap() -> bool:
     return True
 
 
-def load_runner(model_dir: Union[str, Path], *, device: Union[str, torch.device] = "cpu",
-                dtype: torch.dtype = torch.bfloat16, max_slots: int = 8, max_seq: int = 2048,
-                trust_remote_code: bool = False):
+def load_runner(
+    model_dir: Union[str, Path],
+    *,
+    device: Union[str, torch.device] = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    max_slots: int = 8,
+    max_seq: int = 2048,
+    trust_remote_code: bool = False,
+    lm_head: str = "bf16",
+):
     """A Runner for `model_dir`: the fused runtime for a supported architecture, else the transformers
     fallback at batch 1 (logged with a warning). Unsupported quantization formats raise
-    `models.formats.UnsupportedFormatError` (never a silent fallback)."""
+    `models.formats.UnsupportedFormatError` (never a silent fallback).
+
+    lm_head: "bf16" keeps a dense head in `dtype`; "int8" quantizes it per output row at load (see
+    build_model). The transformers fallback ignores it (logged). Other values raise ValueError.
+    """
     from .runner import Runner
 
+    if lm_head not in LM_HEAD_DTYPES:
+        raise ValueError(f"lm_head must be one of {LM_HEAD_DTYPES}, got {lm_head!r}")
     model_dir = Path(model_dir)
     device = resolve_device(device)
     info = inspect_checkpoint(model_dir)
@@ -370,19 +494,42 @@ def load_runner(model_dir: Union[str, Path], *, device: Union[str, torch.device]
     if spec is None:
         from .hf_fallback import HFFallbackRunner
 
-        logger.warning("architecture %r (%s) has no fused implementation: running it through transformers at "
-                       "batch 1 (slower, max_slots=1)", info.arch, cfg.get("architectures"))
-        return HFFallbackRunner(model_dir, device=device, dtype=dtype, max_seq=max_seq, eos_token_ids=eos,
-                                trust_remote_code=trust_remote_code, info=info)
+        logger.warning(
+            "architecture %r (%s) has no fused implementation: running it through transformers at "
+            "batch 1 (slower, max_slots=1)",
+            info.arch,
+            cfg.get("architectures"),
+        )
+        if lm_head != "bf16":
+            logger.warning("lm_head=%s is not applied by the transformers fallback", lm_head)
+        return HFFallbackRunner(
+            model_dir,
+            device=device,
+            dtype=dtype,
+            max_seq=max_seq,
+            eos_token_ids=eos,
+            trust_remote_code=trust_remote_code,
+            info=info,
+        )
     dims = spec.parse_dims(cfg)
     if spec.name == "mistral" and cfg.get("sliding_window") and max_seq > int(cfg["sliding_window"]):
         logger.warning("mistral sliding_window=%s < max_seq=%d: capping max_seq", cfg["sliding_window"], max_seq)
         max_seq = int(cfg["sliding_window"])
-    model = build_model(model_dir, spec, dims, info.qcfg, device=device, dtype=dtype)
+    model = build_model(model_dir, spec, dims, info.qcfg, device=device, dtype=dtype, lm_head=lm_head)
     release_freed_heap()  # the unpack/repack temporaries of every layer
     model.init_rope(max_seq, device, dtype)
     cache = KVCache(dims.layers, max_slots, max_seq, dims.kv_heads, dims.head_dim, device=device, dtype=dtype)
-    logger.info("loaded %s (%s, %s %d-bit g%d) on %s: %d layers, KV cache %.1f MiB for %d slots x %d tokens",
-                model_dir.name, spec.name, info.qcfg.method, info.qcfg.bits, info.qcfg.group_size, device,
-                dims.layers, cache.nbytes() / 2**20, max_slots, max_seq)
+    logger.info(
+        "loaded %s (%s, %s %d-bit g%d) on %s: %d layers, KV cache %.1f MiB for %d slots x %d tokens",
+        model_dir.name,
+        spec.name,
+        info.qcfg.method,
+        info.qcfg.bits,
+        info.qcfg.group_size,
+        device,
+        dims.layers,
+        cache.nbytes() / 2**20,
+        max_slots,
+        max_seq,
+    )
     return Runner(model, cache, device=device, dtype=dtype, eos_token_ids=eos, info=info)

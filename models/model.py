@@ -8,6 +8,7 @@ keys/values into a `KVCache` in place; nothing here keeps per-request state. Act
 - `decode(tokens (B,), positions (B,), slots (B,), cache, kv_len)`: one new token for each of B sequences,
   attention over the first `kv_len` cache positions with a mask built from `positions` (fixed shapes).
 """
+
 from __future__ import annotations
 
 from typing import List, Optional, Sequence
@@ -46,8 +47,12 @@ class DenseLinear(nn.Module):
         w = torch.cat([p.weight.data for p in parts], 0)
         if all(p.bias is None for p in parts):
             return DenseLinear(w)
-        b = torch.cat([p.bias.data if p.bias is not None else torch.zeros(p.out_features, dtype=w.dtype, device=w.device)
-                       for p in parts])
+        b = torch.cat(
+            [
+                p.bias.data if p.bias is not None else torch.zeros(p.out_features, dtype=w.dtype, device=w.device)
+                for p in parts
+            ]
+        )
         return DenseLinear(w, b)
 
 
@@ -114,8 +119,11 @@ class Transformer(nn.Module):
         super().__init__()
         self.spec, self.dims = spec, dims
         self.embed = nn.Parameter(torch.empty(dims.vocab, dims.hidden), requires_grad=False)
-        self.pos_embed = (nn.Parameter(torch.empty(dims.max_position + spec.pos_offset, dims.hidden), requires_grad=False)
-                          if spec.positions == "learned" else None)
+        self.pos_embed = (
+            nn.Parameter(torch.empty(dims.max_position + spec.pos_offset, dims.hidden), requires_grad=False)
+            if spec.positions == "learned"
+            else None
+        )
         self.blocks = nn.ModuleList([Block(spec, dims) for _ in range(dims.layers)])
         self.final_norm = Norm(spec.norm, dims.hidden, dims.norm_eps)
         self.lm_head: nn.Module = nn.Identity()
@@ -160,11 +168,11 @@ class Transformer(nn.Module):
         dims = self.dims
         qkv = blk.qkv(blk.norm1(x))
         hq = dims.heads + dims.kv_heads
-        v = qkv[:, hq * dims.head_dim:].view(n, dims.kv_heads, dims.head_dim)
-        qk = qkv[:, :hq * dims.head_dim].view(n, hq, dims.head_dim)
+        v = qkv[:, hq * dims.head_dim :].view(n, dims.kv_heads, dims.head_dim)
+        qk = qkv[:, : hq * dims.head_dim].view(n, hq, dims.head_dim)
         if cos is not None:
             qk = self._rope(qk, cos, sin)
-        return qk[:, :dims.heads], qk[:, dims.heads:], v
+        return qk[:, : dims.heads], qk[:, dims.heads :], v
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm + lm_head: (N, hidden) -> float32 logits (N, vocab)."""
@@ -202,8 +210,9 @@ class Transformer(nn.Module):
             x = x + self._mlp(blk, blk.norm2(x))
         return x
 
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, cache: KVCache,
-               kv_len: int) -> torch.Tensor:
+    def decode(
+        self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, cache: KVCache, kv_len: int
+    ) -> torch.Tensor:
         """One token for each of B sequences -> float32 logits (B, vocab). Fixed shapes for fixed (B, kv_len)."""
         B = tokens.shape[0]
         dims = self.dims

@@ -4,6 +4,7 @@ The fast path and its shape rules are chosen by models.kernels.select_kernel (lo
 4-bit layers hold only torch's int4 layout + bf16 scales_and_zeros (+ an act-order input permutation);
 other layers hold the unpacked codes and dequantize per call (the reference path).
 """
+
 from __future__ import annotations
 
 import logging
@@ -12,15 +13,27 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from . import kernels
-from .formats import (QuantConfig, QuantizedWeight, UnsupportedFormatError, dequantize, int4_codes_grouped,
-                      int4pack_scales_and_zeros, regroup, unpack_awq, unpack_compressed, unpack_gptq)
+from .formats import (
+    QuantConfig,
+    QuantizedWeight,
+    UnsupportedFormatError,
+    dequantize,
+    int4_codes_grouped,
+    int4pack_scales_and_zeros,
+    regroup,
+    unpack_awq,
+    unpack_compressed,
+    unpack_gptq,
+)
 
 logger = logging.getLogger(__name__)
 
 
-def unpack_linear(tensors: Dict[str, torch.Tensor], prefix: str, qcfg: QuantConfig,
-                  in_features: int, out_features: int) -> QuantizedWeight:
+def unpack_linear(
+    tensors: Dict[str, torch.Tensor], prefix: str, qcfg: QuantConfig, in_features: int, out_features: int
+) -> QuantizedWeight:
     """Read one quantized linear's checkpoint tensors into a QuantizedWeight (validating shapes)."""
+
     def get(name: str, required: bool = True) -> Optional[torch.Tensor]:
         key = f"{prefix}.{name}"
         if key in tensors:
@@ -30,25 +43,45 @@ def unpack_linear(tensors: Dict[str, torch.Tensor], prefix: str, qcfg: QuantConf
         return None
 
     if qcfg.method == "gptq":
-        qw = unpack_gptq(get("qweight"), get("qzeros"), get("scales"), get("g_idx", required=False), qcfg.bits,
-                         group_size=qcfg.group_size, checkpoint_format=qcfg.checkpoint_format,
-                         in_features=in_features)
+        qw = unpack_gptq(
+            get("qweight"),
+            get("qzeros"),
+            get("scales"),
+            get("g_idx", required=False),
+            qcfg.bits,
+            group_size=qcfg.group_size,
+            checkpoint_format=qcfg.checkpoint_format,
+            in_features=in_features,
+        )
     elif qcfg.method == "awq":
-        qw = unpack_awq(get("qweight"), get("qzeros", required=qcfg.zero_point), get("scales"), qcfg.bits,
-                        group_size=qcfg.group_size)
+        qw = unpack_awq(
+            get("qweight"),
+            get("qzeros", required=qcfg.zero_point),
+            get("scales"),
+            qcfg.bits,
+            group_size=qcfg.group_size,
+        )
     elif qcfg.method == "compressed_tensors":
         shape = get("weight_shape", required=False)
         if shape is not None and tuple(int(v) for v in shape) != (out_features, in_features):
-            raise UnsupportedFormatError(f"{prefix}: weight_shape {shape.tolist()}, expected "
-                                         f"[{out_features}, {in_features}]")
-        qw = unpack_compressed(get("weight_packed"), get("weight_scale"),
-                               get("weight_zero_point", required=qcfg.zero_point), get("weight_g_idx", required=False),
-                               qcfg.bits, group_size=qcfg.group_size, in_features=in_features)
+            raise UnsupportedFormatError(
+                f"{prefix}: weight_shape {shape.tolist()}, expected [{out_features}, {in_features}]"
+            )
+        qw = unpack_compressed(
+            get("weight_packed"),
+            get("weight_scale"),
+            get("weight_zero_point", required=qcfg.zero_point),
+            get("weight_g_idx", required=False),
+            qcfg.bits,
+            group_size=qcfg.group_size,
+            in_features=in_features,
+        )
     else:
         raise UnsupportedFormatError(f"QuantLinear needs a quantized config, got method={qcfg.method!r}")
     if tuple(qw.qweight.shape) != (out_features, in_features):
         raise UnsupportedFormatError(
-            f"{prefix}: unpacked weight is {tuple(qw.qweight.shape)}, expected ({out_features}, {in_features})")
+            f"{prefix}: unpacked weight is {tuple(qw.qweight.shape)}, expected ({out_features}, {in_features})"
+        )
     groups = -(-in_features // qw.group_size)
     if tuple(qw.scales.shape) != (groups, out_features):
         raise UnsupportedFormatError(f"{prefix}: scales {tuple(qw.scales.shape)}, expected ({groups}, {out_features})")
@@ -71,8 +104,15 @@ def _int4_friendly_groups(qw: QuantizedWeight) -> QuantizedWeight:
 class QuantLinear(torch.nn.Module):
     """y = x @ W.T + b for a quantized W (out, in). x (..., in) -> (..., out) in the activation dtype."""
 
-    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
-                 plan: kernels.KernelPlan, dtype: torch.dtype = torch.bfloat16):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        plan: kernels.KernelPlan,
+        dtype: torch.dtype = torch.bfloat16,
+    ):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
@@ -92,9 +132,18 @@ class QuantLinear(torch.nn.Module):
 
     # --- construction -------------------------------------------------------------------------------
     @classmethod
-    def from_tensors(cls, tensors: Dict[str, torch.Tensor], prefix: str, qcfg: QuantConfig, in_features: int,
-                     out_features: int, *, device, dtype: torch.dtype = torch.bfloat16,
-                     keep_reference: bool = False) -> "QuantLinear":
+    def from_tensors(
+        cls,
+        tensors: Dict[str, torch.Tensor],
+        prefix: str,
+        qcfg: QuantConfig,
+        in_features: int,
+        out_features: int,
+        *,
+        device,
+        dtype: torch.dtype = torch.bfloat16,
+        keep_reference: bool = False,
+    ) -> "QuantLinear":
         """Build from checkpoint tensors (name -> tensor, e.g. mmap'd safetensors); uses prefix.bias if present.
 
         keep_reference keeps the unpacked QuantizedWeight (CPU) so forward_reference uses the checkpoint's own
@@ -105,9 +154,16 @@ class QuantLinear(torch.nn.Module):
         return cls.from_quantized(qw, bias, device=device, dtype=dtype, keep_reference=keep_reference)
 
     @classmethod
-    def from_quantized(cls, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None, *, device,
-                       dtype: torch.dtype = torch.bfloat16, keep_reference: bool = False,
-                       cuda_kernel: Optional[str] = None) -> "QuantLinear":
+    def from_quantized(
+        cls,
+        qw: QuantizedWeight,
+        bias: Optional[torch.Tensor] = None,
+        *,
+        device,
+        dtype: torch.dtype = torch.bfloat16,
+        keep_reference: bool = False,
+        cuda_kernel: Optional[str] = None,
+    ) -> "QuantLinear":
         device = torch.device(device)
         qw = _int4_friendly_groups(qw)
         plan = kernels.select_kernel(device, qw.bits, qw.group_size, qw.in_features, qw.out_features, cuda_kernel)
@@ -148,9 +204,14 @@ class QuantLinear(torch.nn.Module):
         if len(parts) < 2:
             return None
         for p in parts:
-            if (p.plan != first.plan or p.bits != first.bits or p.group_size != first.group_size
-                    or p.in_features != first.in_features or p.dtype != first.dtype
-                    or (p.bias is None) != (first.bias is None)):
+            if (
+                p.plan != first.plan
+                or p.bits != first.bits
+                or p.group_size != first.group_size
+                or p.in_features != first.in_features
+                or p.dtype != first.dtype
+                or (p.bias is None) != (first.bias is None)
+            ):
                 return None
         name = first.plan.name
         if name == kernels.REFERENCE:
@@ -183,8 +244,13 @@ class QuantLinear(torch.nn.Module):
         if all(p._reference is not None for p in parts):
             refs = [p._reference for p in parts]
             fused._reference = QuantizedWeight(
-                torch.cat([r.qweight for r in refs]), torch.cat([r.zeros for r in refs], dim=1),
-                torch.cat([r.scales for r in refs], dim=1), refs[0].g_idx, first.bits, first.group_size)
+                torch.cat([r.qweight for r in refs]),
+                torch.cat([r.zeros for r in refs], dim=1),
+                torch.cat([r.scales for r in refs], dim=1),
+                refs[0].g_idx,
+                first.bits,
+                first.group_size,
+            )
         return fused
 
     # --- forward ------------------------------------------------------------------------------------
@@ -226,8 +292,9 @@ class QuantLinear(torch.nn.Module):
             x2d = x2d.to(torch.bfloat16).contiguous()
             dense_from = self.plan.dense_min_tokens
             if dense_from is not None and m >= dense_from:
-                y = x2d @ kernels.dequant_t(self.plan.name, self.packed, self.scales_and_zeros, self.group_size,
-                                            self.in_features)
+                y = x2d @ kernels.dequant_t(
+                    self.plan.name, self.packed, self.scales_and_zeros, self.group_size, self.in_features
+                )
             else:
                 y = kernels.int4_mm(self.plan.name, x2d, self.packed, self.group_size, self.scales_and_zeros)
             if self.out_padded != self.out_features:
@@ -261,13 +328,68 @@ class QuantLinear(torch.nn.Module):
         return w
 
     def _dequant_reference(self) -> torch.Tensor:
-        return dequantize(QuantizedWeight(self.qweight, self.zeros, self.scales, self.g_idx, self.bits,
-                                          self.group_size))
+        return dequantize(
+            QuantizedWeight(self.qweight, self.zeros, self.scales, self.g_idx, self.bits, self.group_size)
+        )
 
     def weight_bytes(self) -> int:
         """Bytes held by this layer's buffers (packed weights, scales, zeros, permutation, bias)."""
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}, kernel={self.plan.name}, splits={self.split_sizes}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}, kernel={self.plan.name}, splits={self.split_sizes}"
+        )
+
+
+class Int8Linear(torch.nn.Module):
+    """A dense linear quantized at load time to symmetric int8, one scale per output row (the `lm_head="int8"`
+    option). Holds int8 codes (out, in) + float32 scales (out,); forward runs `kernels.int8_linear`,
+    forward_reference the plain-PyTorch float32 product. The source weight is not kept."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor] = None):
+        super().__init__()
+        if codes.dtype != torch.int8 or codes.dim() != 2 or scales.shape != (codes.shape[0],):
+            raise ValueError(
+                f"Int8Linear needs int8 codes (out, in) and scales (out,), got {codes.dtype} "
+                f"{tuple(codes.shape)} and {tuple(scales.shape)}"
+            )
+        self.register_buffer("codes", codes.contiguous())
+        self.register_buffer("scales", scales.float())
+        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+        self.out_features, self.in_features = codes.shape
+        # the kernel takes scales in the activation dtype: one cast at load, not one per call
+        self._scales_cast: Dict[torch.dtype, torch.Tensor] = {}
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> "Int8Linear":
+        codes, scales = kernels.quantize_int8_per_channel(weight)
+        return cls(codes.to(weight.device), scales.to(weight.device), bias)
+
+    def _scales_for(self, dtype: torch.dtype) -> torch.Tensor:
+        s = self._scales_cast.get(dtype)
+        if s is None or s.device != self.codes.device:
+            s = self._scales_cast[dtype] = self.scales.to(dtype)
+        return s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2d = x.reshape(-1, self.in_features)
+        y = kernels.int8_linear(x2d, self.codes, self._scales_for(x2d.dtype))
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        x2d = x.reshape(-1, self.in_features)
+        y = kernels.int8_linear_reference(x2d, self.codes, self.scales)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def weight_bytes(self) -> int:
+        n = self.codes.numel() + self.scales.numel() * self.scales.element_size()
+        return n + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int8 per-channel"

@@ -12,6 +12,7 @@ sync; for positions already on the GPU the whole cache (`max_seq`) is used.
 On CUDA, `warmup()` captures one CUDA graph per (batch bucket 1/2/4/8..., kv bucket); `decode` pads the
 batch to the bucket with the cache's scratch slot and replays. On CPU decode runs eager without padding.
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,8 +25,8 @@ from .model import Transformer
 
 logger = logging.getLogger(__name__)
 
-KV_BUCKET = 64          # CPU: attention length rounded up to a multiple of this
-CUDA_MIN_KV = 256       # CUDA: smallest captured attention length
+KV_BUCKET = 64  # CPU: attention length rounded up to a multiple of this
+CUDA_MIN_KV = 256  # CUDA: smallest captured attention length
 
 
 def batch_buckets(max_slots: int) -> List[int]:
@@ -49,8 +50,17 @@ def kv_buckets_cuda(max_seq: int) -> List[int]:
 class Runner:
     """Fused runtime for one loaded checkpoint (see module docstring)."""
 
-    def __init__(self, model: Transformer, cache: KVCache, *, device: torch.device, dtype: torch.dtype,
-                 eos_token_ids: Tuple[int, ...] = (), info=None, use_cuda_graphs: Optional[bool] = None):
+    def __init__(
+        self,
+        model: Transformer,
+        cache: KVCache,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        eos_token_ids: Tuple[int, ...] = (),
+        info=None,
+        use_cuda_graphs: Optional[bool] = None,
+    ):
         self.model, self.cache, self.info = model, cache, info
         self.device, self.dtype = torch.device(device), dtype
         self.vocab_size = model.dims.vocab
@@ -80,8 +90,9 @@ class Runner:
         return self.model.head(x[-1:])[0]
 
     @torch.inference_mode()
-    def prefill_logits(self, tokens: torch.Tensor, slot: int, start_pos: int = 0,
-                       last: Optional[int] = None) -> torch.Tensor:
+    def prefill_logits(
+        self, tokens: torch.Tensor, slot: int, start_pos: int = 0, last: Optional[int] = None
+    ) -> torch.Tensor:
         """Like `prefill`, but float32 logits (T, vocab) for every position, or (last, vocab) for the last `last`
         positions only (perplexity scores only a window's new tokens; the lm_head is then run on those alone)."""
         t = self._check_prefill(tokens, slot, start_pos)
@@ -171,9 +182,13 @@ class Runner:
         scratch = self.cache.scratch_slot
         tok = torch.zeros(4, dtype=torch.long)
         self.model.prefill(tok.to(dev), 0, 0, self.cache)
-        self.model.decode(tok[:1].to(dev), torch.zeros(1, dtype=torch.long, device=dev),
-                          torch.full((1,), scratch, dtype=torch.long, device=dev), self.cache, KV_BUCKET
-                          if self.max_seq >= KV_BUCKET else self.max_seq)
+        self.model.decode(
+            tok[:1].to(dev),
+            torch.zeros(1, dtype=torch.long, device=dev),
+            torch.full((1,), scratch, dtype=torch.long, device=dev),
+            self.cache,
+            KV_BUCKET if self.max_seq >= KV_BUCKET else self.max_seq,
+        )
         if self.use_cuda_graphs and dev.type == "cuda":
             self.capture_graphs()
 
@@ -193,7 +208,10 @@ class Runner:
         workspace = 0
         if m.cos is not None:
             workspace += 2 * m.cos.numel() * m.cos.element_size()
-        for (_g, _st, _sp, _ss, out) in self._graphs.values():
+        for _g, _st, _sp, _ss, out in self._graphs.values():
             workspace += out.numel() * out.element_size()
-        return {"weights_bytes": int(weights), "kv_cache_bytes": int(self.cache.nbytes()),
-                "workspace_bytes": int(workspace)}
+        return {
+            "weights_bytes": int(weights),
+            "kv_cache_bytes": int(self.cache.nbytes()),
+            "workspace_bytes": int(workspace),
+        }

@@ -24,6 +24,7 @@ before penalties and temperature), as vLLM reports them by default.
 torch is imported inside the functions, so describing a request (`SamplingParams`) does not import torch:
 server/api builds SamplingParams and never imports torch.
 """
+
 from __future__ import annotations
 
 import math

@@ -6,6 +6,7 @@ decoded together with a few tokens before it and only the text past the previous
 emitted, so byte-level BPE pieces and sentencepiece byte-fallback tokens that split a UTF-8 character are
 held back until the character is complete (their decode ends in U+FFFD).
 """
+
 from __future__ import annotations
 
 import json
@@ -115,7 +116,7 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         prompt = list(prompt_ids or ())
-        self._ids: List[int] = prompt[max(0, len(prompt) - INITIAL_PREFIX_TOKENS):]
+        self._ids: List[int] = prompt[max(0, len(prompt) - INITIAL_PREFIX_TOKENS) :]
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
         stops = sorted({s for s in stop if s}, key=lambda s: (len(s), s))
@@ -131,12 +132,12 @@ class IncrementalDetokenizer:
     def _decode_new(self) -> str:
         """Text of tokens past read_offset, or "" while it ends in an incomplete character."""
         decode = self.tokenizer.decode
-        prefix = decode(self._ids[self._prefix_offset:self._read_offset], self.skip_special_tokens)
-        full = decode(self._ids[self._prefix_offset:], self.skip_special_tokens)
+        prefix = decode(self._ids[self._prefix_offset : self._read_offset], self.skip_special_tokens)
+        full = decode(self._ids[self._prefix_offset :], self.skip_special_tokens)
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             self._prefix_offset = self._read_offset
             self._read_offset = len(self._ids)
-            return full[len(prefix):]
+            return full[len(prefix) :]
         return ""
 
     def _emit(self, new: str, final: bool) -> str:
@@ -147,7 +148,7 @@ class IncrementalDetokenizer:
                 self.stopped = True
                 self.stop_reason = m.group(0)
                 self._held = ""
-                out = buf[:m.start()]
+                out = buf[: m.start()]
                 self.text += out
                 return out
         hold = 0
@@ -175,8 +176,8 @@ class IncrementalDetokenizer:
         if self.stopped:
             return ""
         decode = self.tokenizer.decode
-        prefix = decode(self._ids[self._prefix_offset:self._read_offset], self.skip_special_tokens)
-        full = decode(self._ids[self._prefix_offset:], self.skip_special_tokens)
-        rest = full[len(prefix):] if len(full) > len(prefix) else ""
+        prefix = decode(self._ids[self._prefix_offset : self._read_offset], self.skip_special_tokens)
+        full = decode(self._ids[self._prefix_offset :], self.skip_special_tokens)
+        rest = full[len(prefix) :] if len(full) > len(prefix) else ""
         self._prefix_offset = self._read_offset = len(self._ids)
         return self._emit(rest, final=True)

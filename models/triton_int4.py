@@ -10,6 +10,7 @@ output with atomics, so small-N layers still fill the GPU; with SPLIT_K=1 it sto
 The config per shape is measured once on the device (`tuned_config`). `w4_matmul_reference` is the plain-PyTorch
 definition the parity tests compare against (CPU tests run the kernel under TRITON_INTERPRET=1).
 """
+
 from __future__ import annotations
 
 import torch
@@ -41,16 +42,18 @@ def unpack_qweight_t(qweight_t: torch.Tensor) -> torch.Tensor:
     return codes.reshape(-1, qweight_t.shape[1]).t().to(torch.uint8)
 
 
-def dequant_t(qweight_t: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
-              dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def dequant_t(
+    qweight_t: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
     """W^T (K, N) in `dtype`: the prefill path (dense matmul after dequantizing)."""
     codes = unpack_qweight_t(qweight_t).t()  # (K, N)
     sz = scales_and_zeros.to(dtype).repeat_interleave(group_size, dim=0)  # (K, N, 2)
     return (codes.to(dtype) - 8) * sz[..., 0] + sz[..., 1]
 
 
-def w4_matmul_reference(x: torch.Tensor, qweight_t: torch.Tensor, scales_and_zeros: torch.Tensor,
-                        group_size: int) -> torch.Tensor:
+def w4_matmul_reference(
+    x: torch.Tensor, qweight_t: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int
+) -> torch.Tensor:
     """x (M, K) -> (M, N) float32: dequantize in float32, then matmul."""
     w = dequant_t(qweight_t, scales_and_zeros, group_size, torch.float32)
     return x.float() @ w
@@ -59,10 +62,26 @@ def w4_matmul_reference(x: torch.Tensor, qweight_t: torch.Tensor, scales_and_zer
 if triton is not None:
 
     @triton.jit
-    def _w4_splitk_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, M, N, K, stride_xm, stride_wk, stride_szg, stride_ym,
-                          GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, RESHAPE: tl.constexpr,
-                          DOT_BF16: tl.constexpr):
+    def _w4_splitk_kernel(
+        x_ptr,
+        w_ptr,
+        sz_ptr,
+        y_ptr,
+        M,
+        N,
+        K,
+        stride_xm,
+        stride_wk,
+        stride_szg,
+        stride_ym,
+        GROUP: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        SPLIT_K: tl.constexpr,
+        RESHAPE: tl.constexpr,
+        DOT_BF16: tl.constexpr,
+    ):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         pid_m = tl.program_id(2)
@@ -80,8 +99,7 @@ if triton is not None:
                 q = (w[:, None, :] >> (tl.arange(0, 8) * 4)[None, :, None]) & 0xF
                 q = tl.reshape(q, (BLOCK_K, BLOCK_N))
             else:  # each word loaded by its 8 k rows (same cache line); DRAM still reads each byte once
-                w = tl.load(w_ptr + (offs_k // 8)[:, None] * stride_wk + offs_n[None, :], mask=n_mask[None, :],
-                            other=0)
+                w = tl.load(w_ptr + (offs_k // 8)[:, None] * stride_wk + offs_n[None, :], mask=n_mask[None, :], other=0)
                 q = (w >> ((offs_k % 8) * 4)[:, None]) & 0xF  # (BLOCK_K, BLOCK_N)
             g = k0 // GROUP  # BLOCK_K divides GROUP: one group per tile
             s = tl.load(sz_ptr + g * stride_szg + offs_n * 2, mask=n_mask, other=0.0).to(tl.float32)
@@ -101,11 +119,20 @@ if triton is not None:
 
 # (BLOCK_N, BLOCK_K capped at the group size, SPLIT_K reduced to divide K, RESHAPE unpack, num_warps)
 DEFAULT_CONFIG = (64, 128, 8, False, 4)
-CANDIDATE_CONFIGS = tuple((bn, bk, sk, rs, nw)
-                          for bn, bk, sk, nw in ((32, 128, 8, 4), (64, 128, 4, 4), (64, 128, 8, 4), (128, 128, 4, 4),
-                                                 (128, 128, 8, 8), (256, 128, 2, 8), (16, 128, 1, 4),
-                                                 (32, 128, 1, 4))
-                          for rs in (False, True))
+CANDIDATE_CONFIGS = tuple(
+    (bn, bk, sk, rs, nw)
+    for bn, bk, sk, nw in (
+        (32, 128, 8, 4),
+        (64, 128, 4, 4),
+        (64, 128, 8, 4),
+        (128, 128, 4, 4),
+        (128, 128, 8, 8),
+        (256, 128, 2, 8),
+        (16, 128, 1, 4),
+        (32, 128, 1, 4),
+    )
+    for rs in (False, True)
+)
 
 
 def _fit(config, k: int, group_size: int):
@@ -118,8 +145,9 @@ def _fit(config, k: int, group_size: int):
     return block_n, block_k, split_k
 
 
-def w4_matmul(x: torch.Tensor, qweight_t: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
-              config=None) -> torch.Tensor:
+def w4_matmul(
+    x: torch.Tensor, qweight_t: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, config=None
+) -> torch.Tensor:
     """x (M, K) bf16 contiguous -> (M, N) bf16 through the Triton kernel.
 
     Fixed shapes for a given M, no host sync: safe to capture in a CUDA graph.
@@ -139,10 +167,27 @@ def w4_matmul(x: torch.Tensor, qweight_t: torch.Tensor, scales_and_zeros: torch.
     else:
         y = torch.zeros(m, n, device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(n, block_n), split_k, triton.cdiv(m, block_m))
-    _w4_splitk_kernel[grid](x, qweight_t, scales_and_zeros, y, m, n, k, x.stride(0), qweight_t.stride(0),
-                            scales_and_zeros.stride(0), y.stride(0), GROUP=group_size, BLOCK_M=block_m,
-                            BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, RESHAPE=reshape, DOT_BF16=x.is_cuda,
-                            num_warps=num_warps)
+    _w4_splitk_kernel[grid](
+        x,
+        qweight_t,
+        scales_and_zeros,
+        y,
+        m,
+        n,
+        k,
+        x.stride(0),
+        qweight_t.stride(0),
+        scales_and_zeros.stride(0),
+        y.stride(0),
+        GROUP=group_size,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        SPLIT_K=split_k,
+        RESHAPE=reshape,
+        DOT_BF16=x.is_cuda,
+        num_warps=num_warps,
+    )
     return y if split_k == 1 else y.to(torch.bfloat16)
 
 

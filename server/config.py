@@ -3,6 +3,7 @@
 `Settings` is read once (CLI flags > `JETSERVE_*` environment > `.env` > defaults), frozen, and passed
 down. Nothing else in jetserve reads `os.environ` for configuration.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,11 +18,24 @@ DEMO_MODEL = "smollm2-135m-instruct-gptq-g64"
 
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {
-    "": 1, "b": 1,
-    "k": 1000, "kb": 1000, "ki": 1024, "kib": 1024,
-    "m": 1000**2, "mb": 1000**2, "mi": 1024**2, "mib": 1024**2,
-    "g": 1000**3, "gb": 1000**3, "gi": 1024**3, "gib": 1024**3,
-    "t": 1000**4, "tb": 1000**4, "ti": 1024**4, "tib": 1024**4,
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "ki": 1024,
+    "kib": 1024,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mi": 1024**2,
+    "mib": 1024**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gi": 1024**3,
+    "gib": 1024**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "ti": 1024**4,
+    "tib": 1024**4,
 }
 
 
@@ -50,24 +64,44 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="JETSERVE_", env_file=".env", extra="ignore", frozen=True)
 
-    model: str = Field(DEMO_MODEL, description="Model to serve by default: a name in the model store, an alias, or a path inside the store.")
+    model: str = Field(
+        DEMO_MODEL,
+        description="Model to serve by default: a name in the model store, an alias, or a path inside the store.",
+    )
     model_store: Path = Field(Path("model-store"), description="Directory of models (each an HF folder).")
-    models_config: Optional[Path] = Field(None, description="Optional YAML/JSON file with aliases and per-model settings (max_context, max_batch, pinned, keep_alive).")
+    models_config: Optional[Path] = Field(
+        None,
+        description="Optional YAML/JSON file with aliases and per-model settings (max_context, max_batch, pinned, keep_alive).",
+    )
     host: str = Field("127.0.0.1", description="Address to bind.")
     port: int = Field(8000, ge=0, le=65535, description="Port to bind.")
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda[:N]'.")
     dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="Activation dtype.")
+    lm_head_dtype: Literal["bf16", "int8"] = Field(
+        "bf16",
+        description="A dense lm_head kept in the activation dtype ('bf16') or quantized to int8 per output row at load ('int8': half the head's bytes per decode step, faster at batch 1, not at batch 8; a tied head keeps its bf16 embedding, so RSS grows by the int8 copy, 28 MiB on the demo; see docs/benchmarks.md). A head the checkpoint quantized itself is used as stored.",
+    )
     max_batch_size: int = Field(8, ge=1, le=256, description="Concurrent sequences (KV slots) per model.")
-    max_context: int = Field(2048, ge=16, description="Max tokens per sequence (prompt + generation); sizes the KV cache.")
+    max_context: int = Field(
+        2048, ge=16, description="Max tokens per sequence (prompt + generation); sizes the KV cache."
+    )
     max_queue: int = Field(64, ge=0, description="Waiting requests per model before 429.")
     prefill_chunk: int = Field(256, ge=16, description="Prompt tokens prefilled per engine step (chunked prefill).")
     request_timeout_s: float = Field(300.0, gt=0, description="Per-request wall-clock limit.")
     shutdown_grace_s: float = Field(30.0, ge=0, description="On SIGTERM, time in-flight streams get to finish.")
-    api_keys: Annotated[List[str], NoDecode] = Field(default_factory=list, description="Bearer API keys; empty means no auth. Repeatable flag.")
-    admin_key: Optional[str] = Field(None, description="Key for /admin endpoints (load/unload). Admin endpoints are disabled without it.")
+    api_keys: Annotated[List[str], NoDecode] = Field(
+        default_factory=list, description="Bearer API keys; empty means no auth. Repeatable flag."
+    )
+    admin_key: Optional[str] = Field(
+        None, description="Key for /admin endpoints (load/unload). Admin endpoints are disabled without it."
+    )
     metrics_require_key: bool = Field(False, description="Whether /metrics needs an API key.")
-    memory_budget: str = Field("0.8", description="Memory for models: bytes ('6GiB') or a fraction of total memory ('0.8').")
-    keep_alive_s: float = Field(0.0, ge=0, description="Unload an idle, unpinned model after this many seconds (0 = never).")
+    memory_budget: str = Field(
+        "0.8", description="Memory for models: bytes ('6GiB') or a fraction of total memory ('0.8')."
+    )
+    keep_alive_s: float = Field(
+        0.0, ge=0, description="Unload an idle, unpinned model after this many seconds (0 = never)."
+    )
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest accepted request body.")
     trust_remote_code: bool = Field(False, description="Allow model repos to run their own code (off unless set).")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")

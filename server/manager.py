@@ -27,6 +27,7 @@ much. After a load the manager measures what it really took: process RSS delta a
 `torch.cuda.memory_allocated` delta on GPU. Loads run one at a time in a worker thread (never on the event
 loop) so the deltas are attributable.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -49,8 +50,13 @@ if TYPE_CHECKING:  # models.loader imports torch: imported where used, so import
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "ModelManager", "LoadedModel", "ModelEntry", "ModelNotFoundError", "ModelLoadError",
-    "InsufficientMemoryError", "ModelBusyError",
+    "ModelManager",
+    "LoadedModel",
+    "ModelEntry",
+    "ModelNotFoundError",
+    "ModelLoadError",
+    "InsufficientMemoryError",
+    "ModelBusyError",
 ]
 
 GiB = 1024**3
@@ -59,13 +65,16 @@ GiB = 1024**3
 class InsufficientMemoryError(RuntimeError):
     """The model does not fit in the budget even after evicting every idle, unpinned model. Maps to 507/503."""
 
-    def __init__(self, name: str, needed: int, budget: int, in_use: int, evictable: int,
-                 available: Optional[int] = None):
+    def __init__(
+        self, name: str, needed: int, budget: int, in_use: int, evictable: int, available: Optional[int] = None
+    ):
         self.name, self.needed, self.budget, self.in_use, self.evictable = name, needed, budget, in_use, evictable
         self.available = available
-        msg = (f"model {name!r} needs {needed / GiB:.3f} GiB ({needed} B) but the memory budget is "
-               f"{budget / GiB:.3f} GiB with {in_use / GiB:.3f} GiB in use, of which only "
-               f"{evictable / GiB:.3f} GiB is evictable (idle, unpinned models)")
+        msg = (
+            f"model {name!r} needs {needed / GiB:.3f} GiB ({needed} B) but the memory budget is "
+            f"{budget / GiB:.3f} GiB with {in_use / GiB:.3f} GiB in use, of which only "
+            f"{evictable / GiB:.3f} GiB is evictable (idle, unpinned models)"
+        )
         if available is not None:
             msg += f"; the system reports {available / GiB:.3f} GiB available"
         super().__init__(msg)
@@ -106,7 +115,7 @@ class ModelEntry:
     name: str
     path: str
     aliases: tuple
-    state: str                    # "available" | "loading" | "loaded"
+    state: str  # "available" | "loading" | "loaded"
     pinned: bool
     in_flight: int = 0
     predicted_bytes: Optional[int] = None
@@ -146,6 +155,7 @@ def _import_default_loaders(model_dir: Path) -> None:
     import models.loader  # noqa: F401
     import models.runner  # noqa: F401
     import models.tokenizer  # noqa: F401
+
     models.tokenizer.Tokenizer.from_dir(model_dir)
 
 
@@ -158,9 +168,17 @@ def _default_tokenizer_loader(model_dir: Path, trust_remote_code: bool = False):
 class ModelManager:
     """See module docstring. All public coroutines must be called from one event loop."""
 
-    def __init__(self, settings: Settings, metrics: Any = None, *, engine_factory: Optional[Callable] = None,
-                 runner_loader: Optional[Callable] = None, tokenizer_loader: Optional[Callable] = None,
-                 memory_source: Optional[MemorySource] = None, store: Optional[ModelStore] = None):
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Any = None,
+        *,
+        engine_factory: Optional[Callable] = None,
+        runner_loader: Optional[Callable] = None,
+        tokenizer_loader: Optional[Callable] = None,
+        memory_source: Optional[MemorySource] = None,
+        store: Optional[ModelStore] = None,
+    ):
         self.settings = settings
         self.metrics = metrics
         self.store = store or ModelStore(settings.model_store, settings.models_config)
@@ -170,24 +188,32 @@ class ModelManager:
         self._engine_factory = engine_factory
         # trust_remote_code reaches the runtime only from Settings (off unless the operator sets it)
         trust = settings.trust_remote_code
-        self._runner_loader = runner_loader or functools.partial(_default_runner_loader, trust_remote_code=trust)
+        self._runner_loader = runner_loader or functools.partial(
+            _default_runner_loader, trust_remote_code=trust, lm_head=settings.lm_head_dtype
+        )
         self._default_tokenizer = tokenizer_loader is None
-        self._tokenizer_loader = tokenizer_loader or functools.partial(_default_tokenizer_loader,
-                                                                       trust_remote_code=trust)
+        self._tokenizer_loader = tokenizer_loader or functools.partial(
+            _default_tokenizer_loader, trust_remote_code=trust
+        )
         self.memory_source = memory_source or memory_source_for(self.device)
         self.budget_bytes = parse_memory_budget(settings.memory_budget, self.memory_source.snapshot().total)
         self._loaded: Dict[str, LoadedModel] = {}
         self._loading: Dict[str, asyncio.Future] = {}
-        self._reserved: Dict[str, int] = {}       # predicted bytes of models being loaded
+        self._reserved: Dict[str, int] = {}  # predicted bytes of models being loaded
         self._lock: Optional[asyncio.Lock] = None
-        self._load_serial = threading.Lock()       # one load at a time: measured deltas stay attributable
+        self._load_serial = threading.Lock()  # one load at a time: measured deltas stay attributable
         self._reaper: Optional[asyncio.Task] = None
         self._closed = False
         self._runtime_imported = False
         if metrics is not None:
             metrics.set_memory_budget(self.budget_bytes)
-        logger.info("memory budget %.3f GiB (%s of %s source, device %s)", self.budget_bytes / GiB,
-                    settings.memory_budget, self.memory_source.kind, self.device)
+        logger.info(
+            "memory budget %.3f GiB (%s of %s source, device %s)",
+            self.budget_bytes / GiB,
+            settings.memory_budget,
+            self.memory_source.kind,
+            self.device,
+        )
 
     # ------------------------------------------------------------ helpers
 
@@ -224,8 +250,15 @@ class ModelManager:
         s = self._settings_for(spec)
         try:
             info = inspect_checkpoint(spec.path)
-            fp = predict_footprint(info, max_slots=s.max_batch_size, max_seq=s.max_context,
-                                   dtype=getattr(torch, s.dtype), prefill_chunk=s.prefill_chunk, device=self.device)
+            fp = predict_footprint(
+                info,
+                max_slots=s.max_batch_size,
+                max_seq=s.max_context,
+                dtype=getattr(torch, s.dtype),
+                prefill_chunk=s.prefill_chunk,
+                device=self.device,
+                lm_head=s.lm_head_dtype,
+            )
         except Exception as e:  # any surprise while reading config/headers is a load error, not a crash
             raise ModelLoadError(f"{spec.name}: cannot predict its memory footprint: {e}") from e
         return info, fp
@@ -245,13 +278,19 @@ class ModelManager:
         for spec in self.store.available():
             lm = self._loaded.get(spec.name)
             state = "loaded" if lm else ("loading" if spec.name in self._loading else "available")
-            rows.append(ModelEntry(
-                name=spec.name, path=str(spec.path), aliases=spec.aliases, state=state, pinned=spec.pinned,
-                in_flight=lm.in_flight if lm else 0,
-                predicted_bytes=lm.predicted.total_bytes if lm else None,
-                measured_bytes=lm.measured_bytes if lm else None,
-                loaded_at=lm.loaded_at if lm else None,
-            ))
+            rows.append(
+                ModelEntry(
+                    name=spec.name,
+                    path=str(spec.path),
+                    aliases=spec.aliases,
+                    state=state,
+                    pinned=spec.pinned,
+                    in_flight=lm.in_flight if lm else 0,
+                    predicted_bytes=lm.predicted.total_bytes if lm else None,
+                    measured_bytes=lm.measured_bytes if lm else None,
+                    loaded_at=lm.loaded_at if lm else None,
+                )
+            )
         return rows
 
     # ------------------------------------------------------------ acquire / load
@@ -288,8 +327,9 @@ class ModelManager:
                     fut = asyncio.get_running_loop().create_future()
                     self._loading[spec.name] = fut
                     # the load runs as its own task: a cancelled request never leaves a half-registered model
-                    asyncio.get_running_loop().create_task(self._load_task(spec, victims, fut),
-                                                           name=f"jetserve-load-{spec.name}")
+                    asyncio.get_running_loop().create_task(
+                        self._load_task(spec, victims, fut), name=f"jetserve-load-{spec.name}"
+                    )
             # wait for the (possibly someone else's) load, then take the model under the lock
             await asyncio.shield(fut)
 
@@ -318,8 +358,9 @@ class ModelManager:
         _, fp = self._inspect(spec)  # ModelLoadError
         needed = fp.total_bytes
         in_use = self.used_bytes()
-        idle = sorted((m for m in self._loaded.values() if m.in_flight == 0 and not m.spec.pinned),
-                      key=lambda m: m.last_used)
+        idle = sorted(
+            (m for m in self._loaded.values() if m.in_flight == 0 and not m.spec.pinned), key=lambda m: m.last_used
+        )
         evictable = sum(m.accounted_bytes for m in idle)
         if in_use - evictable + needed > self.budget_bytes:
             raise InsufficientMemoryError(spec.name, needed, self.budget_bytes, in_use, evictable)
@@ -337,9 +378,15 @@ class ModelManager:
         for v in victims:
             del self._loaded[v.name]
         self._reserved[spec.name] = needed
-        logger.info("loading %s: predicted %.1f MiB (weights %.1f, kv %.1f, workspace %.1f)%s", spec.name,
-                    needed / 2**20, fp.weights_bytes / 2**20, fp.kv_cache_bytes / 2**20, fp.workspace_bytes / 2**20,
-                    f"; evicting {[v.name for v in victims]}" if victims else "")
+        logger.info(
+            "loading %s: predicted %.1f MiB (weights %.1f, kv %.1f, workspace %.1f)%s",
+            spec.name,
+            needed / 2**20,
+            fp.weights_bytes / 2**20,
+            fp.kv_cache_bytes / 2**20,
+            fp.workspace_bytes / 2**20,
+            f"; evicting {[v.name for v in victims]}" if victims else "",
+        )
         return victims
 
     def _load_blocking(self, spec: ModelSpec) -> LoadedModel:
@@ -356,8 +403,9 @@ class ModelManager:
             t0 = time.perf_counter()
             before = _process_bytes(self.device, spec.path)
             try:
-                runner = self._runner_loader(spec.path, device=self.device, dtype=s.dtype,
-                                             max_slots=s.max_batch_size, max_seq=s.max_context)
+                runner = self._runner_loader(
+                    spec.path, device=self.device, dtype=s.dtype, max_slots=s.max_batch_size, max_seq=s.max_context
+                )
                 tokenizer = self._tokenizer_loader(spec.path)
                 warm = getattr(runner, "warmup", None)
                 if warm is not None:
@@ -373,15 +421,36 @@ class ModelManager:
             on_step = getattr(self.metrics, "on_step", None)
             on_request = getattr(self.metrics, "on_request_finished", None)
             engine = self._engine_factory(runner, s, name=spec.name, on_step=on_step, on_request=on_request)
-        lm = LoadedModel(name=spec.name, path=spec.path, spec=spec, runner=runner, tokenizer=tokenizer,
-                         engine=engine, info=info, predicted=fp, measured_bytes=measured, load_seconds=load_s,
-                         settings=s)
+        lm = LoadedModel(
+            name=spec.name,
+            path=spec.path,
+            spec=spec,
+            runner=runner,
+            tokenizer=tokenizer,
+            engine=engine,
+            info=info,
+            predicted=fp,
+            measured_bytes=measured,
+            load_seconds=load_s,
+            settings=s,
+        )
         err = (measured - fp.total_bytes) / fp.total_bytes if fp.total_bytes else 0.0
-        logger.info("loaded %s in %.2fs: predicted %.1f MiB, measured %.1f MiB (%+.1f%%)", spec.name, load_s,
-                    fp.total_bytes / 2**20, measured / 2**20, 100 * err)
+        logger.info(
+            "loaded %s in %.2fs: predicted %.1f MiB, measured %.1f MiB (%+.1f%%)",
+            spec.name,
+            load_s,
+            fp.total_bytes / 2**20,
+            measured / 2**20,
+            100 * err,
+        )
         if self.metrics is not None:
-            self.metrics.model_loaded(spec.name, predicted_bytes=fp.total_bytes, measured_bytes=measured,
-                                      load_seconds=load_s, weight_bytes=fp.weights_bytes)
+            self.metrics.model_loaded(
+                spec.name,
+                predicted_bytes=fp.total_bytes,
+                measured_bytes=measured,
+                load_seconds=load_s,
+                weight_bytes=fp.weights_bytes,
+            )
         return lm
 
     # ------------------------------------------------------------ unload / evict
@@ -425,9 +494,14 @@ class ModelManager:
         """Unload idle, unpinned models whose keep_alive has expired. Returns their names."""
         now = time.monotonic() if now is None else now
         async with self.lock:
-            expired = [m for m in self._loaded.values()
-                       if m.in_flight == 0 and not m.spec.pinned and m.settings.keep_alive_s > 0
-                       and now - m.last_used >= m.settings.keep_alive_s]
+            expired = [
+                m
+                for m in self._loaded.values()
+                if m.in_flight == 0
+                and not m.spec.pinned
+                and m.settings.keep_alive_s > 0
+                and now - m.last_used >= m.settings.keep_alive_s
+            ]
             for m in expired:
                 del self._loaded[m.name]
             self._update_memory_metrics()
@@ -453,8 +527,9 @@ class ModelManager:
             try:
                 self.store.resolve(self.settings.model)
             except ModelNotFoundError:
-                logger.warning("default model %r is not in %s: nothing preloaded", self.settings.model,
-                               self.settings.model_store)
+                logger.warning(
+                    "default model %r is not in %s: nothing preloaded", self.settings.model, self.settings.model_store
+                )
             else:
                 await self.load(self.settings.model)
         if self._reaper is None:

@@ -4,6 +4,7 @@
 `Dims` holds the numbers read from one checkpoint's config.json. `models/model.py` builds a transformer
 from the two; nothing else in the runtime knows about a family.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,25 +18,25 @@ class ArchSpec:
 
     name: str
     model_types: Tuple[str, ...]
-    norm: str                      # "rms" | "layer"
-    mlp: str                       # "gated_silu" (gate/up/down) | "relu" (fc1/fc2)
+    norm: str  # "rms" | "layer"
+    mlp: str  # "gated_silu" (gate/up/down) | "relu" (fc1/fc2)
     qkv_bias: bool
     o_bias: bool
     mlp_bias: bool
-    positions: str                 # "rope" | "learned"
+    positions: str  # "rope" | "learned"
     embed: str
     final_norm: str
     lm_head: str
-    layer: str                     # prefix of one block, e.g. "model.layers.{i}."
+    layer: str  # prefix of one block, e.g. "model.layers.{i}."
     q: str
     k: str
     v: str
     o: str
     input_norm: str
     post_norm: str
-    mlp_names: Tuple[str, ...]     # ("gate", "up", "down") names or ("fc1", "fc2") names, relative to `layer`
+    mlp_names: Tuple[str, ...]  # ("gate", "up", "down") names or ("fc1", "fc2") names, relative to `layer`
     pos_embed: Optional[str] = None
-    pos_offset: int = 0            # OPT's learned positions start at index 2
+    pos_offset: int = 0  # OPT's learned positions start at index 2
     parse_dims: Callable[[Dict[str, Any]], "Dims"] = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
 
 
@@ -54,8 +55,8 @@ class Dims:
     norm_eps: float
     tied_embeddings: bool
     rope_theta: float = 10000.0
-    rope_scaling: Optional[Dict[str, Any]] = None   # None, or {"rope_type": "llama3"|"linear", ...}
-    qkv_bias: Optional[bool] = None                 # per-checkpoint override of the family default
+    rope_scaling: Optional[Dict[str, Any]] = None  # None, or {"rope_type": "llama3"|"linear", ...}
+    qkv_bias: Optional[bool] = None  # per-checkpoint override of the family default
     mlp_bias: Optional[bool] = None
 
 

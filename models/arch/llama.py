@@ -1,4 +1,5 @@
 """Llama 2/3 (llama3 RoPE scaling), SmolLM2 (a Llama) and Mistral: RMSNorm, gated SiLU MLP, RoPE, GQA."""
+
 from __future__ import annotations
 
 from typing import Any, Dict
@@ -34,11 +35,24 @@ def llama_dims(cfg: Dict[str, Any]) -> Dims:
 
 def _llama_like(name: str, model_types, qkv_bias: bool, parse) -> ArchSpec:
     return ArchSpec(
-        name=name, model_types=tuple(model_types), norm="rms", mlp="gated_silu",
-        qkv_bias=qkv_bias, o_bias=False, mlp_bias=False, positions="rope",
-        embed="model.embed_tokens", final_norm="model.norm", lm_head="lm_head", layer=LAYER,
-        q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
-        input_norm="input_layernorm", post_norm="post_attention_layernorm",
+        name=name,
+        model_types=tuple(model_types),
+        norm="rms",
+        mlp="gated_silu",
+        qkv_bias=qkv_bias,
+        o_bias=False,
+        mlp_bias=False,
+        positions="rope",
+        embed="model.embed_tokens",
+        final_norm="model.norm",
+        lm_head="lm_head",
+        layer=LAYER,
+        q="self_attn.q_proj",
+        k="self_attn.k_proj",
+        v="self_attn.v_proj",
+        o="self_attn.o_proj",
+        input_norm="input_layernorm",
+        post_norm="post_attention_layernorm",
         mlp_names=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
         parse_dims=parse,
     )

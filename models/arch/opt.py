@@ -1,4 +1,5 @@
 """OPT: pre-LayerNorm, learned positions (offset 2), ReLU fc1/fc2 MLP, biases everywhere, MHA."""
+
 from __future__ import annotations
 
 from typing import Any, Dict
@@ -18,20 +19,42 @@ def opt_dims(cfg: Dict[str, Any]) -> Dims:
         raise UnsupportedArchError(f"OPT activation {cfg.get('activation_function')!r} is not supported")
     heads = int(cfg["num_attention_heads"])
     return Dims(
-        hidden=hidden, layers=int(cfg["num_hidden_layers"]), heads=heads, kv_heads=heads,
-        head_dim=hidden // heads, intermediate=int(cfg["ffn_dim"]), vocab=int(cfg["vocab_size"]),
-        max_position=int(cfg.get("max_position_embeddings", 2048)), norm_eps=1e-5,
+        hidden=hidden,
+        layers=int(cfg["num_hidden_layers"]),
+        heads=heads,
+        kv_heads=heads,
+        head_dim=hidden // heads,
+        intermediate=int(cfg["ffn_dim"]),
+        vocab=int(cfg["vocab_size"]),
+        max_position=int(cfg.get("max_position_embeddings", 2048)),
+        norm_eps=1e-5,
         tied_embeddings=bool(cfg.get("tie_word_embeddings", True)),
-        qkv_bias=bool(cfg.get("enable_bias", True)), mlp_bias=bool(cfg.get("enable_bias", True)),
+        qkv_bias=bool(cfg.get("enable_bias", True)),
+        mlp_bias=bool(cfg.get("enable_bias", True)),
     )
 
 
 OPT = ArchSpec(
-    name="opt", model_types=("opt",), norm="layer", mlp="relu",
-    qkv_bias=True, o_bias=True, mlp_bias=True, positions="learned", pos_offset=2,
-    embed="model.decoder.embed_tokens", pos_embed="model.decoder.embed_positions",
-    final_norm="model.decoder.final_layer_norm", lm_head="lm_head", layer=LAYER,
-    q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.out_proj",
-    input_norm="self_attn_layer_norm", post_norm="final_layer_norm",
-    mlp_names=("fc1", "fc2"), parse_dims=opt_dims,
+    name="opt",
+    model_types=("opt",),
+    norm="layer",
+    mlp="relu",
+    qkv_bias=True,
+    o_bias=True,
+    mlp_bias=True,
+    positions="learned",
+    pos_offset=2,
+    embed="model.decoder.embed_tokens",
+    pos_embed="model.decoder.embed_positions",
+    final_norm="model.decoder.final_layer_norm",
+    lm_head="lm_head",
+    layer=LAYER,
+    q="self_attn.q_proj",
+    k="self_attn.k_proj",
+    v="self_attn.v_proj",
+    o="self_attn.out_proj",
+    input_norm="self_attn_layer_norm",
+    post_norm="final_layer_norm",
+    mlp_names=("fc1", "fc2"),
+    parse_dims=opt_dims,
 )

@@ -1,4 +1,5 @@
 """Qwen2 / Qwen2.5: the Llama block with biases on q, k and v."""
+
 from __future__ import annotations
 
 from dataclasses import replace

@@ -3,6 +3,7 @@
 `evaluate_models(model_dirs, cfg)` returns a JSON-able dict `{"protocol", "environment", "models": [...]}`;
 `models.evaluate.report` turns it into Markdown tables and a PNG chart.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -42,6 +43,7 @@ class EvalConfig:
     threads: Optional[int] = None
     skip_ppl: bool = False
     skip_speed: bool = False
+    lm_head: str = "bf16"  # jetserve runtime only: load_runner's lm_head option
 
 
 def quant_summary(model_dir: Path) -> Dict[str, Any]:
@@ -50,8 +52,11 @@ def quant_summary(model_dir: Path) -> Dict[str, Any]:
     q = cfg.get("quantization_config")
     if not q:
         return {"method": "none", "dtype": cfg.get("dtype") or cfg.get("torch_dtype")}
-    out = {k: q.get(k) for k in ("quant_method", "bits", "group_size", "sym", "desc_act", "zero_point",
-                                 "checkpoint_format") if k in q}
+    out = {
+        k: q.get(k)
+        for k in ("quant_method", "bits", "group_size", "sym", "desc_act", "zero_point", "checkpoint_format")
+        if k in q
+    }
     out["method"] = out.pop("quant_method", q.get("method"))
     rec = Path(model_dir) / "jetserve-quantize.json"
     if rec.is_file():
@@ -66,8 +71,9 @@ def _tokenizer_key(model_dir: Path) -> str:
     return hashlib.sha256(f.read_bytes()).hexdigest() if f.is_file() else str(model_dir)
 
 
-def evaluate_models(model_dirs: List[Path], cfg: EvalConfig, store: Optional[Path] = None,
-                    echo: Callable[[str], None] = print) -> Dict[str, Any]:
+def evaluate_models(
+    model_dirs: List[Path], cfg: EvalConfig, store: Optional[Path] = None, echo: Callable[[str], None] = print
+) -> Dict[str, Any]:
     from transformers import AutoTokenizer
 
     if cfg.threads:
@@ -78,10 +84,21 @@ def evaluate_models(model_dirs: List[Path], cfg: EvalConfig, store: Optional[Pat
     text = text_path.read_text(encoding="utf-8", errors="replace")
     token_cache: Dict[str, List[int]] = {}
     protocol = {
-        "text": cfg.text, "text_file": str(text_path), "ppl_tokens": cfg.ppl_tokens, "max_length": cfg.max_length,
-        "stride": cfg.stride, "new_tokens": cfg.new_tokens, "prompt_tokens": cfg.prompt_tokens,
-        "ttft_prompt_tokens": cfg.ttft_tokens, "runs": cfg.runs, "warmup_runs": cfg.warmup,
-        "runtime": cfg.runtime, "device": str(device), "dtype": cfg.dtype, "batch_size": 1, "decoding": "greedy",
+        "text": cfg.text,
+        "text_file": str(text_path),
+        "ppl_tokens": cfg.ppl_tokens,
+        "max_length": cfg.max_length,
+        "stride": cfg.stride,
+        "new_tokens": cfg.new_tokens,
+        "prompt_tokens": cfg.prompt_tokens,
+        "ttft_prompt_tokens": cfg.ttft_tokens,
+        "runs": cfg.runs,
+        "warmup_runs": cfg.warmup,
+        "runtime": cfg.runtime,
+        "device": str(device),
+        "dtype": cfg.dtype,
+        "batch_size": 1,
+        "decoding": "greedy",
     }
     echo("protocol: " + ", ".join(f"{k}={v}" for k, v in protocol.items()))
     results = []
@@ -97,31 +114,49 @@ def evaluate_models(model_dirs: List[Path], cfg: EvalConfig, store: Optional[Pat
             raise ValueError(f"text {cfg.text} has {len(ids)} tokens, fewer than the {need} this protocol needs")
         release_memory()
         rss_before = rss_bytes()
-        row: Dict[str, Any] = {"name": model_dir.name, "path": str(model_dir), "quant": quant_summary(model_dir),
-                               **disk_bytes(model_dir)}
+        row: Dict[str, Any] = {
+            "name": model_dir.name,
+            "path": str(model_dir),
+            "quant": quant_summary(model_dir),
+            **disk_bytes(model_dir),
+        }
         echo(f"[{model_dir.name}] loading ({cfg.runtime} on {device})")
         with PeakMemory(device) as peak:
             t0 = time.perf_counter()
-            rt = load_runtime(cfg.runtime, model_dir, device, dtype, max_seq=max(cfg.max_length, cfg.ttft_tokens,
-                                                                                  cfg.prompt_tokens + cfg.new_tokens))
+            rt = load_runtime(
+                cfg.runtime,
+                model_dir,
+                device,
+                dtype,
+                max_seq=max(cfg.max_length, cfg.ttft_tokens, cfg.prompt_tokens + cfg.new_tokens),
+                lm_head=cfg.lm_head,
+            )
             row["load_s"] = round(time.perf_counter() - t0, 2)
             row["weights_bytes"] = rt.weights_bytes
             try:
                 if not cfg.skip_ppl:
                     t0 = time.perf_counter()
-                    pr = perplexity(rt.all_logits, ids[:cfg.ppl_tokens], cfg.max_length, cfg.stride)
-                    row.update(ppl=pr.ppl, ppl_scored_tokens=pr.scored_tokens, ppl_windows=pr.windows,
-                               ppl_s=round(time.perf_counter() - t0, 1))
-                    echo(f"[{model_dir.name}] perplexity {pr.ppl:.3f} over {pr.scored_tokens} tokens "
-                         f"({pr.windows} windows, {row['ppl_s']} s)")
+                    pr = perplexity(rt.all_logits, ids[: cfg.ppl_tokens], cfg.max_length, cfg.stride)
+                    row.update(
+                        ppl=pr.ppl,
+                        ppl_scored_tokens=pr.scored_tokens,
+                        ppl_windows=pr.windows,
+                        ppl_s=round(time.perf_counter() - t0, 1),
+                    )
+                    echo(
+                        f"[{model_dir.name}] perplexity {pr.ppl:.3f} over {pr.scored_tokens} tokens "
+                        f"({pr.windows} windows, {row['ppl_s']} s)"
+                    )
                 if not cfg.skip_speed:
-                    prompt = torch.tensor(ids[:cfg.prompt_tokens], dtype=torch.long)
-                    ttft_prompt = torch.tensor(ids[:cfg.ttft_tokens], dtype=torch.long)
+                    prompt = torch.tensor(ids[: cfg.prompt_tokens], dtype=torch.long)
+                    ttft_prompt = torch.tensor(ids[: cfg.ttft_tokens], dtype=torch.long)
                     sp = measure_speed(rt, prompt, ttft_prompt, cfg.new_tokens, cfg.runs, cfg.warmup)
                     row.update(asdict(sp))
-                    echo(f"[{model_dir.name}] decode {sp.decode_tok_s_median:.1f} tok/s "
-                         f"(min {sp.decode_tok_s_min:.1f}, max {sp.decode_tok_s_max:.1f}, {sp.runs} runs), "
-                         f"TTFT({sp.ttft_prompt_tokens}) {sp.ttft_ms_median:.0f} ms")
+                    echo(
+                        f"[{model_dir.name}] decode {sp.decode_tok_s_median:.1f} tok/s "
+                        f"(min {sp.decode_tok_s_min:.1f}, max {sp.decode_tok_s_max:.1f}, {sp.runs} runs), "
+                        f"TTFT({sp.ttft_prompt_tokens}) {sp.ttft_ms_median:.0f} ms"
+                    )
             finally:
                 rt.close()
                 del rt
@@ -136,8 +171,13 @@ def evaluate_models(model_dirs: List[Path], cfg: EvalConfig, store: Optional[Pat
 def environment(device: torch.device) -> Dict[str, Any]:
     from models.quantize.api import tool_versions
 
-    env = {"machine": platform.machine(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-           "platform": platform.platform(), "versions": tool_versions()}
+    env = {
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "versions": tool_versions(),
+    }
     try:
         with open("/proc/cpuinfo") as f:
             env["cpu"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)

@@ -5,6 +5,7 @@
 - TTFT: wall time of prefilling a `ttft_prompt_tokens` prompt plus the argmax of the first token (median of runs).
 - peak memory: process RSS sampled every 5 ms by a thread (CPU) or torch.cuda.max_memory_allocated (CUDA).
 """
+
 from __future__ import annotations
 
 import statistics
@@ -54,15 +55,24 @@ def ttft_once(rt, prompt: torch.Tensor) -> float:
     return time.perf_counter() - t0
 
 
-def measure_speed(rt, prompt: torch.Tensor, ttft_prompt: torch.Tensor, new_tokens: int = 256,
-                  runs: int = 3, warmup: int = 1) -> SpeedResult:
+def measure_speed(
+    rt, prompt: torch.Tensor, ttft_prompt: torch.Tensor, new_tokens: int = 256, runs: int = 3, warmup: int = 1
+) -> SpeedResult:
     for _ in range(warmup):
         decode_once(rt, prompt, min(new_tokens, 32))
         ttft_once(rt, ttft_prompt)
     rates: List[float] = [new_tokens / decode_once(rt, prompt, new_tokens) for _ in range(runs)]
     ttfts = [ttft_once(rt, ttft_prompt) for _ in range(runs)]
-    return SpeedResult(statistics.median(rates), min(rates), max(rates), runs, new_tokens, int(prompt.numel()),
-                       statistics.median(ttfts) * 1e3, int(ttft_prompt.numel()))
+    return SpeedResult(
+        statistics.median(rates),
+        min(rates),
+        max(rates),
+        runs,
+        new_tokens,
+        int(prompt.numel()),
+        statistics.median(ttfts) * 1e3,
+        int(ttft_prompt.numel()),
+    )
 
 
 def rss_bytes() -> int:
@@ -122,5 +132,7 @@ class PeakMemory:
 
 def disk_bytes(model_dir: Path) -> Dict[str, int]:
     files = [p for p in Path(model_dir).rglob("*") if p.is_file()]
-    return {"weights_on_disk": sum(p.stat().st_size for p in files if p.suffix in (".safetensors", ".bin")),
-            "folder_on_disk": sum(p.stat().st_size for p in files)}
+    return {
+        "weights_on_disk": sum(p.stat().st_size for p in files if p.suffix in (".safetensors", ".bin")),
+        "folder_on_disk": sum(p.stat().st_size for p in files),
+    }

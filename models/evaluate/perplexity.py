@@ -5,6 +5,7 @@ scored by an earlier window are scored, so every token after the first is scored
 up to `max_length - stride` tokens of left context. Unlike the HF recipe (which averages per-window mean
 losses weighted by `trg_len`), this sums exact per-token NLLs and divides by the exact count.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,8 +38,13 @@ def windows(n_tokens: int, max_length: int, stride: int) -> Iterator[Tuple[int, 
             break
 
 
-def perplexity(logits_fn: Callable[[torch.Tensor], torch.Tensor], ids: Sequence[int], max_length: int = 2048,
-               stride: int = 512, progress: Callable[[int], None] | None = None) -> PerplexityResult:
+def perplexity(
+    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    ids: Sequence[int],
+    max_length: int = 2048,
+    stride: int = 512,
+    progress: Callable[[int], None] | None = None,
+) -> PerplexityResult:
     """`logits_fn(ids (T,) LongTensor, last) -> (last, vocab)` logits of the window's last `last` positions
     (no cache); only the positions that predict a scored token are asked for."""
     ids_t = torch.as_tensor(list(ids), dtype=torch.long)

@@ -1,4 +1,5 @@
 """Markdown tables, JSON and a PNG chart from `compare.evaluate_models` results."""
+
 from __future__ import annotations
 
 import json
@@ -33,13 +34,20 @@ def markdown(res: Dict[str, Any]) -> str:
     env = res["environment"]
     models = res["models"]
     ref = _ref(models)
-    out = [f"Runtime `{p['runtime']}` on {p['device']} ({env.get('cpu') or env.get('machine')}, "
-           f"{env.get('torch_threads')} torch threads), dtype {p['dtype']}; "
-           + ", ".join(f"{k} {v}" for k, v in env["versions"].items()), ""]
+    out = [
+        f"Runtime `{p['runtime']}` on {p['device']} ({env.get('cpu') or env.get('machine')}, "
+        f"{env.get('torch_threads')} torch threads), dtype {p['dtype']}; "
+        + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
+        "",
+    ]
     if any("ppl" in m for m in models):
-        out += [f"**Perplexity** — first {p['ppl_tokens']} tokens of `{p['text']}`, max_length {p['max_length']}, "
-                f"stride {p['stride']} (sliding window; exact per-token NLL mean)", "",
-                "| model | quantization | perplexity | vs bf16 | scored tokens |", "|---|---|---|---|---|"]
+        out += [
+            f"**Perplexity** — first {p['ppl_tokens']} tokens of `{p['text']}`, max_length {p['max_length']}, "
+            f"stride {p['stride']} (sliding window; exact per-token NLL mean)",
+            "",
+            "| model | quantization | perplexity | vs bf16 | scored tokens |",
+            "|---|---|---|---|---|",
+        ]
         for m in models:
             if "ppl" not in m:
                 continue
@@ -47,28 +55,47 @@ def markdown(res: Dict[str, Any]) -> str:
             out.append(f"| {m['name']} | {_label(m['quant'])} | {m['ppl']:.2f} | {rel} | {m['ppl_scored_tokens']} |")
         out.append("")
     if any("decode_tok_s_median" in m for m in models):
-        out += [f"**Speed** — batch 1, greedy; decode: {p['new_tokens']} new tokens after a {p['prompt_tokens']}-token "
-                f"prompt, median (min–max) of {p['runs']} runs after {p['warmup_runs']} warm-up; TTFT: "
-                f"{p['ttft_prompt_tokens']}-token prompt, median", "",
-                "| model | decode tok/s | min–max | vs bf16 | TTFT (ms) |", "|---|---|---|---|---|"]
+        out += [
+            f"**Speed** — batch 1, greedy; decode: {p['new_tokens']} new tokens after a {p['prompt_tokens']}-token "
+            f"prompt, median (min–max) of {p['runs']} runs after {p['warmup_runs']} warm-up; TTFT: "
+            f"{p['ttft_prompt_tokens']}-token prompt, median",
+            "",
+            "| model | decode tok/s | min–max | vs bf16 | TTFT (ms) |",
+            "|---|---|---|---|---|",
+        ]
         for m in models:
             if "decode_tok_s_median" not in m:
                 continue
-            rel = ("–" if ref is None or m is ref or "decode_tok_s_median" not in ref
-                   else f"{m['decode_tok_s_median'] / ref['decode_tok_s_median']:.2f}x")
-            out.append(f"| {m['name']} | {m['decode_tok_s_median']:.1f} | {m['decode_tok_s_min']:.1f}–"
-                       f"{m['decode_tok_s_max']:.1f} | {rel} | {m['ttft_ms_median']:.0f} |")
+            rel = (
+                "–"
+                if ref is None or m is ref or "decode_tok_s_median" not in ref
+                else f"{m['decode_tok_s_median'] / ref['decode_tok_s_median']:.2f}x"
+            )
+            out.append(
+                f"| {m['name']} | {m['decode_tok_s_median']:.1f} | {m['decode_tok_s_min']:.1f}–"
+                f"{m['decode_tok_s_max']:.1f} | {rel} | {m['ttft_ms_median']:.0f} |"
+            )
         out.append("")
     kind = models[0].get("peak_memory_kind", "") if models else ""
     peak_name = "peak RSS (MiB)" if kind == "process_rss" else "peak CUDA allocated (MiB)"
-    out += ["**Memory** — weights: bytes of the loaded parameters and buffers; peak: "
-            + ("process RSS sampled every 5 ms while loading and measuring (the process also holds Python, torch and "
-               "the tokenized text: compare differences)" if kind == "process_rss"
-               else "torch.cuda.max_memory_allocated") + "; disk: safetensors files", "",
-            f"| model | weights (MiB) | {peak_name} | on disk (MiB) |", "|---|---|---|---|"]
+    out += [
+        "**Memory** — weights: bytes of the loaded parameters and buffers; peak: "
+        + (
+            "process RSS sampled every 5 ms while loading and measuring (the process also holds Python, torch and "
+            "the tokenized text: compare differences)"
+            if kind == "process_rss"
+            else "torch.cuda.max_memory_allocated"
+        )
+        + "; disk: safetensors files",
+        "",
+        f"| model | weights (MiB) | {peak_name} | on disk (MiB) |",
+        "|---|---|---|---|",
+    ]
     for m in models:
-        out.append(f"| {m['name']} | {m['weights_bytes'] / MIB:.1f} | {m['peak_memory_bytes'] / MIB:.0f} | "
-                   f"{m['weights_on_disk'] / MIB:.1f} |")
+        out.append(
+            f"| {m['name']} | {m['weights_bytes'] / MIB:.1f} | {m['peak_memory_bytes'] / MIB:.0f} | "
+            f"{m['weights_on_disk'] / MIB:.1f} |"
+        )
     out.append("")
     return "\n".join(out)
 

@@ -7,6 +7,7 @@
 - `decode(token: LongTensor (1,), pos: int) -> (vocab,) float32` — one token at batch 1 after prefill;
 - `sync()` — wait for the device; `weights_bytes`; `close()`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -81,13 +82,15 @@ class JetserveRuntime:
 
     name = "jetserve"
 
-    def __init__(self, model_dir: Path, device: torch.device, dtype: torch.dtype, max_seq: int):
+    def __init__(self, model_dir: Path, device: torch.device, dtype: torch.dtype, max_seq: int, lm_head: str = "bf16"):
         try:
             from models.loader import load_runner
         except ImportError as e:
             raise RuntimeUnavailable(f"--runtime jetserve needs models.loader.load_runner ({e})") from e
         self.device = device
-        self.runner = load_runner(str(model_dir), device=device, dtype=dtype, max_slots=1, max_seq=max_seq)
+        self.runner = load_runner(
+            str(model_dir), device=device, dtype=dtype, max_slots=1, max_seq=max_seq, lm_head=lm_head
+        )
         self.runner.warmup()
         self.weights_bytes = int(self.runner.memory_report().get("weights_bytes", 0))
         self._slot = 0
@@ -95,8 +98,10 @@ class JetserveRuntime:
     def all_logits(self, ids: torch.Tensor, last: Optional[int] = None) -> torch.Tensor:
         fn = getattr(self.runner, "prefill_logits", None)
         if fn is None:
-            raise RuntimeUnavailable("perplexity with --runtime jetserve needs Runner.prefill_logits(tokens, slot, "
-                                     "start_pos, last) -> (T or last, vocab); this runner does not provide it yet")
+            raise RuntimeUnavailable(
+                "perplexity with --runtime jetserve needs Runner.prefill_logits(tokens, slot, "
+                "start_pos, last) -> (T or last, vocab); this runner does not provide it yet"
+            )
         self.runner.release(self._slot)
         out = fn(ids.to(self.device), self._slot, 0, last=last).float()
         self.runner.release(self._slot)
@@ -120,10 +125,19 @@ class JetserveRuntime:
         del self.runner
 
 
-def load_runtime(kind: str, model_dir: Path, device: torch.device, dtype: torch.dtype,
-                 max_seq: Optional[int] = None):
+def load_runtime(
+    kind: str,
+    model_dir: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    max_seq: Optional[int] = None,
+    lm_head: str = "bf16",
+):
+    """The runtime `kind` for `model_dir`; lm_head="int8" applies to the jetserve runtime only (else ValueError)."""
     if kind == "transformers":
+        if lm_head != "bf16":
+            raise ValueError(f"--lm-head {lm_head} needs --runtime jetserve")
         return TransformersRuntime(model_dir, device, dtype)
     if kind == "jetserve":
-        return JetserveRuntime(model_dir, device, dtype, max_seq or 4096)
+        return JetserveRuntime(model_dir, device, dtype, max_seq or 4096, lm_head=lm_head)
     raise RuntimeUnavailable(f"unknown runtime {kind!r}; choose transformers or jetserve")

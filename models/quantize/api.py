@@ -10,6 +10,7 @@ Contract:
 - Methods: `gptq` (GPTQModel GPTQ, checkpoint format GPTQ v1), `awq` (GPTQModel AWQ, GEMM layout) and
   `rtn` (GPTQModel's round-to-nearest weight-only path, GPTQ v1 layout; the floor for benchmarks).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,8 +35,16 @@ log = logging.getLogger(__name__)
 METHODS = ("gptq", "awq", "rtn")
 SUPPORTED_BITS = {"gptq": (2, 3, 4, 8), "awq": (4,), "rtn": (2, 3, 4, 8)}
 GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "generation_config.json",
+)
 SETTINGS_FILE = "jetserve-quantize.json"
 
 
@@ -76,8 +85,9 @@ class QuantSpec:
                 sym=GPTQ_DEFAULTS["sym"] if self.sym is None else self.sym,
                 desc_act=GPTQ_DEFAULTS["desc_act"] if self.desc_act is None else self.desc_act,
                 damp_percent=GPTQ_DEFAULTS["damp_percent"] if self.damp_percent is None else self.damp_percent,
-                act_group_aware=(GPTQ_DEFAULTS["act_group_aware"] if self.act_group_aware is None
-                                 else self.act_group_aware),
+                act_group_aware=(
+                    GPTQ_DEFAULTS["act_group_aware"] if self.act_group_aware is None else self.act_group_aware
+                ),
                 sink_weight=GPTQ_DEFAULTS["sink_weight"] if self.sink_weight is None else self.sink_weight,
             )
         return self
@@ -85,14 +95,33 @@ class QuantSpec:
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self.resolved())
         if self.method == "awq":
-            for k in ("sym", "desc_act", "damp_percent", "act_group_aware", "static_groups", "true_sequential", "mse",
-                      "sink_weight"):
+            for k in (
+                "sym",
+                "desc_act",
+                "damp_percent",
+                "act_group_aware",
+                "static_groups",
+                "true_sequential",
+                "mse",
+                "sink_weight",
+            ):
                 d.pop(k)
         else:
             d.pop("zero_point")
         if self.method == "rtn":
-            for k in ("desc_act", "damp_percent", "act_group_aware", "static_groups", "true_sequential", "mse",
-                      "sink_weight", "calib", "nsamples", "seqlen", "seed"):
+            for k in (
+                "desc_act",
+                "damp_percent",
+                "act_group_aware",
+                "static_groups",
+                "true_sequential",
+                "mse",
+                "sink_weight",
+                "calib",
+                "nsamples",
+                "seqlen",
+                "seed",
+            ):
                 d.pop(k)
         return d
 
@@ -104,8 +133,13 @@ class QuantSpec:
 # GPTQModel's act_group_aware ordering off, each sample's first (attention-sink) token weighted SINK_WEIGHT times in
 # the Hessians of the q/k/v projections (models/quantize/sink.py).
 SINK_WEIGHT = 128.0
-GPTQ_DEFAULTS: Dict[str, Any] = {"sym": False, "desc_act": False, "damp_percent": 0.01, "act_group_aware": False,
-                                 "sink_weight": SINK_WEIGHT}
+GPTQ_DEFAULTS: Dict[str, Any] = {
+    "sym": False,
+    "desc_act": False,
+    "damp_percent": 0.01,
+    "act_group_aware": False,
+    "sink_weight": SINK_WEIGHT,
+}
 
 
 @dataclass
@@ -117,6 +151,7 @@ class QuantizeResult:
 
 
 # ---------------------------------------------------------------- validation (cheap, before heavy work)
+
 
 def _linear_shapes(src: Path) -> Dict[str, Tuple[int, int]]:
     """name -> (out_features, in_features) of every 2-D `*.weight` in decoder layers, from safetensors headers."""
@@ -158,7 +193,8 @@ def _check_shapes(src: Path, method: str, group_size: int) -> None:
             valid = [s for s in GROUP_SIZES if g % s == 0] + [-1]
             raise QuantizeInputError(
                 f"--group-size {group_size} does not divide in_features={k} of layer {name}; "
-                f"valid group sizes for this model: {', '.join(map(str, valid))}")
+                f"valid group sizes for this model: {', '.join(map(str, valid))}"
+            )
 
 
 def resolve_src(src: str) -> Path:
@@ -173,15 +209,17 @@ def resolve_src(src: str) -> Path:
         from huggingface_hub import snapshot_download
 
         try:
-            return Path(snapshot_download(src, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
-                                                               "*.jinja"]))
+            return Path(
+                snapshot_download(src, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+            )
         except Exception as e:  # network or not-found errors from the hub
             raise QuantizeInputError(f"SRC {src} is not a local folder and the hub download failed: {e}") from e
     raise QuantizeInputError(f"SRC {src} does not exist")
 
 
-def validate(src: str, out: str, spec: QuantSpec, overwrite: bool = False,
-             store: Optional[Path] = None, tokenizer=None) -> Tuple[Path, Optional[List[List[int]]], Dict[str, Any]]:
+def validate(
+    src: str, out: str, spec: QuantSpec, overwrite: bool = False, store: Optional[Path] = None, tokenizer=None
+) -> Tuple[Path, Optional[List[List[int]]], Dict[str, Any]]:
     """Check every input; return (src_dir, calibration samples or None for RTN, calibration info).
 
     Raises QuantizeInputError with one line. Only reads headers, config and the calibration text.
@@ -189,8 +227,10 @@ def validate(src: str, out: str, spec: QuantSpec, overwrite: bool = False,
     if spec.method not in METHODS:
         raise QuantizeInputError(f"unknown method {spec.method!r}; choose one of {', '.join(METHODS)}")
     if spec.bits not in SUPPORTED_BITS[spec.method]:
-        raise QuantizeInputError(f"{spec.method} does not support --bits {spec.bits}; "
-                                 f"supported: {', '.join(map(str, SUPPORTED_BITS[spec.method]))}")
+        raise QuantizeInputError(
+            f"{spec.method} does not support --bits {spec.bits}; "
+            f"supported: {', '.join(map(str, SUPPORTED_BITS[spec.method]))}"
+        )
     r = spec.resolved()
     if r.method == "gptq" and not (0.0 < float(r.damp_percent) < 1.0):
         raise QuantizeInputError(f"--damp-percent must be in (0, 1), got {r.damp_percent}")
@@ -215,9 +255,16 @@ def validate(src: str, out: str, spec: QuantSpec, overwrite: bool = False,
         samples = cut_samples(ids, spec.nsamples, spec.seqlen, spec.seed)
     except CalibrationError as e:
         raise QuantizeInputError(str(e)) from e
-    info = {"data": spec.calib, "file": str(text_path), "file_sha256": _sha256(text_path)[:16],
-            "text_tokens": len(ids), "nsamples": spec.nsamples, "seqlen": spec.seqlen, "seed": spec.seed,
-            "selection": "non-overlapping windows chosen uniformly at random with the seed"}
+    info = {
+        "data": spec.calib,
+        "file": str(text_path),
+        "file_sha256": _sha256(text_path)[:16],
+        "text_tokens": len(ids),
+        "nsamples": spec.nsamples,
+        "seqlen": spec.seqlen,
+        "seed": spec.seed,
+        "selection": "non-overlapping windows chosen uniformly at random with the seed",
+    }
     return src_dir, samples, info
 
 
@@ -231,16 +278,26 @@ def _sha256(p: Path) -> str:
 
 # ---------------------------------------------------------------- heavy work
 
+
 def _gptqmodel_config(spec: QuantSpec, device: str):
     from gptqmodel import QuantizeConfig
     from gptqmodel.quantization.config import AWQConfig, RTNConfig
 
     r = spec.resolved()
     if r.method == "gptq":
-        return QuantizeConfig(bits=r.bits, group_size=r.group_size, sym=r.sym, desc_act=r.desc_act,
-                              damp_percent=r.damp_percent, act_group_aware=r.act_group_aware,
-                              static_groups=r.static_groups, true_sequential=r.true_sequential, mse=r.mse,
-                              device=device, **r.extra)
+        return QuantizeConfig(
+            bits=r.bits,
+            group_size=r.group_size,
+            sym=r.sym,
+            desc_act=r.desc_act,
+            damp_percent=r.damp_percent,
+            act_group_aware=r.act_group_aware,
+            static_groups=r.static_groups,
+            true_sequential=r.true_sequential,
+            mse=r.mse,
+            device=device,
+            **r.extra,
+        )
     if r.method == "awq":
         return AWQConfig(bits=r.bits, group_size=r.group_size, sym=not r.zero_point, device=device, **r.extra)
     return RTNConfig(bits=r.bits, group_size=r.group_size, sym=r.sym, desc_act=False, device=device, **r.extra)
@@ -259,8 +316,14 @@ def tool_versions() -> Dict[str, str]:
     return out
 
 
-def quantize(src: str, out: str, spec: QuantSpec, overwrite: bool = False, store: Optional[Path] = None,
-             device: Optional[str] = None) -> QuantizeResult:
+def quantize(
+    src: str,
+    out: str,
+    spec: QuantSpec,
+    overwrite: bool = False,
+    store: Optional[Path] = None,
+    device: Optional[str] = None,
+) -> QuantizeResult:
     """Validate, quantize through GPTQModel, write OUT atomically. Raises QuantizeInputError on bad input."""
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
     src_dir, samples, calib_info = validate(src, out, spec, overwrite, store)
@@ -299,9 +362,17 @@ def quantize(src: str, out: str, spec: QuantSpec, overwrite: bool = False, store
             f = src_dir / name
             if f.is_file() and not (tmp / name).exists():
                 shutil.copy2(f, tmp / name)
-        record = {"source": str(src), "source_dir": str(src_dir.resolve()), "spec": spec.to_dict(), "settings_hash": spec.settings_hash(),
-                  "calibration": calib_info, "seconds": round(seconds, 1), "device": device,
-                  "versions": tool_versions(), "machine": f"{platform.machine()} {os.cpu_count()} cpus"}
+        record = {
+            "source": str(src),
+            "source_dir": str(src_dir.resolve()),
+            "spec": spec.to_dict(),
+            "settings_hash": spec.settings_hash(),
+            "calibration": calib_info,
+            "seconds": round(seconds, 1),
+            "device": device,
+            "versions": tool_versions(),
+            "machine": f"{platform.machine()} {os.cpu_count()} cpus",
+        }
         (tmp / SETTINGS_FILE).write_text(json.dumps(record, indent=2) + "\n")
         (tmp / "README.md").write_text(model_card(record))
         _check_written(tmp)
@@ -360,14 +431,24 @@ def model_card(record: Dict[str, Any]) -> str:
         "| setting | value |",
         "|---|---|",
     ]
-    lines += [f"| {k} | {v} |" for k, v in s.items() if k != "extra"] + [f"| {k} | {v} |" for k, v in s["extra"].items()]
+    lines += [f"| {k} | {v} |" for k, v in s.items() if k != "extra"] + [
+        f"| {k} | {v} |" for k, v in s["extra"].items()
+    ]
     lines += ["", "## Calibration data", ""]
     if c.get("data") is None:
         lines.append("None: round-to-nearest needs no calibration.")
     else:
-        lines += [f"- text: `{c['data']}` ({c['file']}, sha256 {c['file_sha256']}…, {c['text_tokens']} tokens)",
-                  f"- {c['nsamples']} samples x {c['seqlen']} tokens, seed {c['seed']}: {c['selection']}"]
-    lines += ["", "## Run", "", f"- time taken: {record['seconds']} s on {record['device']} ({record['machine']})",
-              "- tool versions: " + ", ".join(f"{k} {v}" for k, v in record["versions"].items()),
-              f"- settings hash: `{record['settings_hash']}`", ""]
+        lines += [
+            f"- text: `{c['data']}` ({c['file']}, sha256 {c['file_sha256']}…, {c['text_tokens']} tokens)",
+            f"- {c['nsamples']} samples x {c['seqlen']} tokens, seed {c['seed']}: {c['selection']}",
+        ]
+    lines += [
+        "",
+        "## Run",
+        "",
+        f"- time taken: {record['seconds']} s on {record['device']} ({record['machine']})",
+        "- tool versions: " + ", ".join(f"{k} {v}" for k, v in record["versions"].items()),
+        f"- settings hash: `{record['settings_hash']}`",
+        "",
+    ]
     return "\n".join(lines)

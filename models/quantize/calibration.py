@@ -4,6 +4,7 @@ Built-in texts (`c4`, `wiki`, `tiny`, ...) are the `.utf8` files shipped in the 
 (`exllamav2/conversion/standard_cal_data/`). `jetserve demo prepare` copies them to `<store>/data/`; lookups
 try that copy first, then the wheel's files (located by path; exllamav2 is never imported).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -47,11 +48,13 @@ def resolve_text(name_or_path: str, store: Optional[Path] = None) -> Path:
                 return c
         raise CalibrationError(
             f"built-in text {name_or_path!r} not found (looked in {', '.join(map(str, candidates)) or 'nothing'}); "
-            "run `jetserve demo prepare` or pass a text file path")
+            "run `jetserve demo prepare` or pass a text file path"
+        )
     p = Path(name_or_path)
     if not p.is_file():
-        raise CalibrationError(f"calibration text {name_or_path!r} is neither a built-in "
-                               f"({'|'.join(BUILTIN_TEXTS)}) nor an existing file")
+        raise CalibrationError(
+            f"calibration text {name_or_path!r} is neither a built-in ({'|'.join(BUILTIN_TEXTS)}) nor an existing file"
+        )
     return p
 
 
@@ -72,6 +75,7 @@ def cut_samples(ids: Sequence[int], nsamples: int, seqlen: int, seed: int) -> Li
     if n_windows < nsamples:
         raise CalibrationError(
             f"calibration text too short: {len(ids)} tokens hold {n_windows} windows of {seqlen}, "
-            f"need nsamples*seqlen = {nsamples}x{seqlen} = {nsamples * seqlen} tokens")
+            f"need nsamples*seqlen = {nsamples}x{seqlen} = {nsamples * seqlen} tokens"
+        )
     starts = sorted(random.Random(seed).sample(range(n_windows), nsamples))
-    return [list(ids[s * seqlen:(s + 1) * seqlen]) for s in starts]
+    return [list(ids[s * seqlen : (s + 1) * seqlen]) for s in starts]

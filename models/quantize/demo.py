@@ -12,6 +12,7 @@ Steps (each skipped when its output is up to date, so a second run takes seconds
 Caching: the bf16 folder records its origin in `jetserve-demo.json`; each variant's `jetserve-quantize.json` holds
 the settings hash and is rebuilt only when `DEMO_SPECS` (or the base) changes.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -44,10 +45,12 @@ CONVERTER_VERSION = 1
 # on a 2-core CPU (its scale search re-runs each layer ~20 times over the calibration tokens), so the demo AWQ uses
 # 8 x 256. `jetserve quantize` defaults to 64 x 512.
 DEMO_SPECS: Dict[str, QuantSpec] = {
-    "gptq-g64": QuantSpec(method="gptq", bits=4, group_size=64, calib="c4", nsamples=16, seqlen=512, seed=0,
-                          true_sequential=False),
-    "awq-g64": QuantSpec(method="awq", bits=4, group_size=64, zero_point=True, calib="c4", nsamples=8, seqlen=256,
-                         seed=0),
+    "gptq-g64": QuantSpec(
+        method="gptq", bits=4, group_size=64, calib="c4", nsamples=16, seqlen=512, seed=0, true_sequential=False
+    ),
+    "awq-g64": QuantSpec(
+        method="awq", bits=4, group_size=64, zero_point=True, calib="c4", nsamples=8, seqlen=256, seed=0
+    ),
 }
 # Variants of the real model cut to its first layers, each quantized with a DEMO_SPECS entry: the real-weight AWQ
 # check that `make test` can afford (GPTQModel's AWQ costs 15-30 min for all 30 layers on a 2-core CPU).
@@ -65,6 +68,7 @@ class PrepareResult:
 
 
 # ---------------------------------------------------------------- packages
+
 
 def _pkg_dir(module: str, store: Path) -> Optional[Path]:
     spec = importlib.util.find_spec(module)
@@ -105,6 +109,7 @@ def ensure_packages(store: Path, echo: Callable[[str], None] = print) -> Dict[st
 
 # ---------------------------------------------------------------- data
 
+
 def copy_texts(store: Path, src_dir: Optional[Path] = None) -> Path:
     """Copy the built-in .utf8 texts into `<store>/data/` (skips files already there with the same size)."""
     src_dir = src_dir or wheel_data_dir()
@@ -122,6 +127,7 @@ def copy_texts(store: Path, src_dir: Optional[Path] = None) -> Path:
 
 # ---------------------------------------------------------------- bf16 base
 
+
 def _read_json(p: Path) -> Optional[dict]:
     try:
         return json.loads(p.read_text())
@@ -136,8 +142,12 @@ def _origin_gguf(gguf: Path) -> dict:
 
 def _is_valid_bf16(d: Path) -> bool:
     cfg = _read_json(d / "config.json")
-    return bool(cfg) and "quantization_config" not in cfg and any(d.glob("*.safetensors")) \
+    return (
+        bool(cfg)
+        and "quantization_config" not in cfg
+        and any(d.glob("*.safetensors"))
         and (d / "tokenizer.json").is_file()
+    )
 
 
 def convert_gguf(gguf: Path, out: Path) -> None:
@@ -222,16 +232,21 @@ def truncate_layers(base: Path, out: Path, layers: int) -> None:
         tensors = {}
         for f in sorted(base.glob("*.safetensors")):
             tensors.update(load_file(str(f)))
-        kept = {k: v for k, v in tensors.items()
-                if not (k.startswith("model.layers.") and int(k.split(".")[2]) >= layers)}
+        kept = {
+            k: v for k, v in tensors.items() if not (k.startswith("model.layers.") and int(k.split(".")[2]) >= layers)
+        }
         save_file(kept, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         cfg["num_hidden_layers"] = layers
         if isinstance(cfg.get("layer_types"), list):
             cfg["layer_types"] = cfg["layer_types"][:layers]
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         for f in base.iterdir():
-            if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", MARKER) \
-                    and not f.name.endswith(".index.json"):
+            if (
+                f.is_file()
+                and f.suffix != ".safetensors"
+                and f.name not in ("config.json", MARKER)
+                and not f.name.endswith(".index.json")
+            ):
                 shutil.copy2(f, tmp / f.name)
         (tmp / MARKER).write_text(json.dumps(_origin_layers(base, layers), indent=2) + "\n")
         _replace_dir(tmp, out)
@@ -246,6 +261,7 @@ def _origin_layers(base: Path, layers: int) -> dict:
 
 # ---------------------------------------------------------------- variants
 
+
 def variant_is_current(variant: Path, spec: QuantSpec, base: Path) -> bool:
     """Same settings hash and same base origin. A variant quantized by `jetserve quantize` from this very base
     folder with the same settings, but before demo prepare recorded the origin, is adopted (origin recorded)."""
@@ -259,10 +275,15 @@ def variant_is_current(variant: Path, spec: QuantSpec, base: Path) -> bool:
     return rec.get("base_origin") == base_marker
 
 
-def prepare(store: Path, source: Optional[str] = None, name: Optional[str] = None,
-            specs: Optional[Dict[str, QuantSpec]] = None, variants: Optional[List[str]] = None,
-            echo: Callable[[str], None] = print,
-            subsets: Optional[Dict[str, Tuple[str, int]]] = None) -> PrepareResult:
+def prepare(
+    store: Path,
+    source: Optional[str] = None,
+    name: Optional[str] = None,
+    specs: Optional[Dict[str, QuantSpec]] = None,
+    variants: Optional[List[str]] = None,
+    echo: Callable[[str], None] = print,
+    subsets: Optional[Dict[str, Tuple[str, int]]] = None,
+) -> PrepareResult:
     """Make the store ready; idempotent. `source` (local folder or hub id) replaces the GGUF demo base.
 
     `variants` names what to write (default: every `specs` entry); a name in `subsets` (default LAYER_SUBSETS)

@@ -21,6 +21,7 @@ The hook wraps `gptqmodel.quantization.gptq.GPTQ.add_batch`, whose per-sample ca
 (1, tokens, in_features) (batch_size=1, every token kept). The wrapper checks that contract and fails loudly if
 GPTQModel changes it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -51,15 +52,19 @@ def sink_weighted_hessian(weight: float, modules: Tuple[str, ...] = ATTENTION_IN
     cls = getattr(gptq_mod, "GPTQ", None)
     original = getattr(cls, "add_batch", None)
     if original is None or list(inspect.signature(original).parameters)[:3] != ["self", "inp", "out"]:
-        raise SinkWeightingError("gptqmodel.quantization.gptq.GPTQ.add_batch(self, inp, out, ...) not found; "
-                                 "sink weighting supports gptqmodel 7.6")
+        raise SinkWeightingError(
+            "gptqmodel.quantization.gptq.GPTQ.add_batch(self, inp, out, ...) not found; "
+            "sink weighting supports gptqmodel 7.6"
+        )
     row_scale = math.sqrt(weight)
 
     def add_batch(self, inp, out, *args, **kwargs):
         if isinstance(self.module, torch.nn.Linear) and str(getattr(self, "name", "")).endswith(modules):
             if inp.dim() != 3 or inp.shape[0] != 1:
-                raise SinkWeightingError(f"expected per-sample inputs (1, tokens, in_features) for {self.name}, got "
-                                         f"{tuple(inp.shape)}; quantize with batch_size=1")
+                raise SinkWeightingError(
+                    f"expected per-sample inputs (1, tokens, in_features) for {self.name}, got "
+                    f"{tuple(inp.shape)}; quantize with batch_size=1"
+                )
             inp = inp.clone()
             inp[:, 0] *= row_scale  # (1, tokens, in): the sample's first token is the sink
         return original(self, inp, out, *args, **kwargs)

@@ -2,6 +2,7 @@
 
 Writes `<out>/eval.md` (tables), `<out>/eval.json` and `<out>/eval.png` (chart) and prints the tables.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -11,8 +12,12 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("models", nargs="+", metavar="MODEL", help="Model folders, or names in the model store")
-    parser.add_argument("--runtime", choices=("transformers", "jetserve"), default="transformers",
-                        help="transformers (AutoModelForCausalLM) or jetserve (models.loader.load_runner)")
+    parser.add_argument(
+        "--runtime",
+        choices=("transformers", "jetserve"),
+        default="transformers",
+        help="transformers (AutoModelForCausalLM) or jetserve (models.loader.load_runner)",
+    )
     parser.add_argument("--text", default="wiki", help="Evaluation text: wiki | c4 | tiny | PATH (default wiki)")
     parser.add_argument("--ppl-tokens", type=int, default=32768, help="Tokens of the text scored (default 32768)")
     parser.add_argument("--max-length", type=int, default=2048, help="Perplexity window (default 2048)")
@@ -24,10 +29,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="Warm-up runs before timing (default 1)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    parser.add_argument(
+        "--lm-head",
+        choices=("bf16", "int8"),
+        default="bf16",
+        help="jetserve runtime: keep a dense lm_head in --dtype (bf16) or quantize it to int8 "
+        "per-channel at load (default bf16)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--skip-ppl", action="store_true", help="Skip perplexity")
     parser.add_argument("--skip-speed", action="store_true", help="Skip tok/s and TTFT")
-    parser.add_argument("--store", type=Path, default=None, help="Model store (default $JETSERVE_MODEL_STORE or ./model-store)")
+    parser.add_argument(
+        "--store", type=Path, default=None, help="Model store (default $JETSERVE_MODEL_STORE or ./model-store)"
+    )
     parser.add_argument("--out", type=Path, default=Path("eval-results"), help="Output folder (default ./eval-results)")
     parser.add_argument("--name", default="eval", help="File stem of the outputs (default eval)")
 
@@ -47,16 +61,27 @@ def run(args: argparse.Namespace) -> int:
     for m in args.models:
         d = _resolve(m, Path(store))
         if d is None:
-            print(f"jetserve eval: error: model {m!r} is neither a folder with config.json nor a name in {store}",
-                  file=sys.stderr)
+            print(
+                f"jetserve eval: error: model {m!r} is neither a folder with config.json nor a name in {store}",
+                file=sys.stderr,
+            )
             return 2
         dirs.append(d)
-    for flag, v in (("--ppl-tokens", args.ppl_tokens), ("--max-length", args.max_length), ("--stride", args.stride),
-                    ("--max-new-tokens", args.max_new_tokens), ("--prompt-tokens", args.prompt_tokens),
-                    ("--ttft-tokens", args.ttft_tokens), ("--runs", args.runs)):
+    for flag, v in (
+        ("--ppl-tokens", args.ppl_tokens),
+        ("--max-length", args.max_length),
+        ("--stride", args.stride),
+        ("--max-new-tokens", args.max_new_tokens),
+        ("--prompt-tokens", args.prompt_tokens),
+        ("--ttft-tokens", args.ttft_tokens),
+        ("--runs", args.runs),
+    ):
         if v < 1:
             print(f"jetserve eval: error: {flag} must be >= 1, got {v}", file=sys.stderr)
             return 2
+    if args.lm_head != "bf16" and args.runtime != "jetserve":
+        print("jetserve eval: error: --lm-head int8 needs --runtime jetserve", file=sys.stderr)
+        return 2
     if args.stride > args.max_length:
         print("jetserve eval: error: --stride must be <= --max-length", file=sys.stderr)
         return 2
@@ -66,10 +91,24 @@ def run(args: argparse.Namespace) -> int:
     from models.evaluate.runtimes import RuntimeUnavailable
     from models.quantize.calibration import CalibrationError
 
-    cfg = EvalConfig(text=args.text, ppl_tokens=args.ppl_tokens, max_length=args.max_length, stride=args.stride,
-                     new_tokens=args.max_new_tokens, prompt_tokens=args.prompt_tokens, ttft_tokens=args.ttft_tokens,
-                     runs=args.runs, warmup=args.warmup, runtime=args.runtime, device=args.device, dtype=args.dtype,
-                     threads=args.threads, skip_ppl=args.skip_ppl, skip_speed=args.skip_speed)
+    cfg = EvalConfig(
+        text=args.text,
+        ppl_tokens=args.ppl_tokens,
+        max_length=args.max_length,
+        stride=args.stride,
+        new_tokens=args.max_new_tokens,
+        prompt_tokens=args.prompt_tokens,
+        ttft_tokens=args.ttft_tokens,
+        runs=args.runs,
+        warmup=args.warmup,
+        runtime=args.runtime,
+        device=args.device,
+        dtype=args.dtype,
+        threads=args.threads,
+        skip_ppl=args.skip_ppl,
+        skip_speed=args.skip_speed,
+        lm_head=args.lm_head,
+    )
     try:
         res = evaluate_models(dirs, cfg, Path(store), echo=lambda s: print(s, file=sys.stderr))
     except (RuntimeUnavailable, CalibrationError, ValueError) as e:

@@ -1,4 +1,5 @@
 """`jetserve eval` on tiny models: tables, JSON and PNG; both runtimes; bad input refused."""
+
 from __future__ import annotations
 
 import json
@@ -7,8 +8,24 @@ import pytest
 
 from server.cli import main
 
-SMALL = ["--ppl-tokens", "1024", "--max-length", "256", "--stride", "128", "--max-new-tokens", "8", "--runs", "2",
-         "--ttft-tokens", "64", "--prompt-tokens", "8", "--text", "tiny"]
+SMALL = [
+    "--ppl-tokens",
+    "1024",
+    "--max-length",
+    "256",
+    "--stride",
+    "128",
+    "--max-new-tokens",
+    "8",
+    "--runs",
+    "2",
+    "--ttft-tokens",
+    "64",
+    "--prompt-tokens",
+    "8",
+    "--text",
+    "tiny",
+]
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +75,10 @@ def test_runtimes_agree_on_perplexity(tiny_llama_dir, tmp_path, capsys):
     pytest.importorskip("models.loader")
     ppl = {}
     for rt in ("transformers", "jetserve"):
-        assert main(["eval", str(tiny_llama_dir), *SMALL, "--skip-speed", "--runtime", rt,
-                     "--out", str(tmp_path / rt)]) == 0
+        assert (
+            main(["eval", str(tiny_llama_dir), *SMALL, "--skip-speed", "--runtime", rt, "--out", str(tmp_path / rt)])
+            == 0
+        )
         ppl[rt] = json.loads((tmp_path / rt / "eval.json").read_text())["models"][0]["ppl"]
     capsys.readouterr()
     assert ppl["jetserve"] == pytest.approx(ppl["transformers"], rel=0.02)
@@ -70,6 +89,7 @@ def test_eval_bad_inputs(tiny_llama_dir, tmp_path, capsys):
     assert "neither a folder with config.json" in capsys.readouterr().err
     assert main(["eval", str(tiny_llama_dir), "--stride", "600", "--max-length", "512", "--out", str(tmp_path)]) == 2
     assert "--stride must be <= --max-length" in capsys.readouterr().err
-    assert main(["eval", str(tiny_llama_dir), "--text", "tiny", "--ppl-tokens", "100000000", "--out",
-                 str(tmp_path)]) == 2
+    assert (
+        main(["eval", str(tiny_llama_dir), "--text", "tiny", "--ppl-tokens", "100000000", "--out", str(tmp_path)]) == 2
+    )
     assert "fewer than the 100000000 this protocol needs" in capsys.readouterr().err

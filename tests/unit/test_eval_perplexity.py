@@ -1,4 +1,5 @@
 """Sliding-window perplexity: window arithmetic and agreement with a direct per-token computation."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """models.loader.release_freed_heap returns freed C-heap pages to the OS (glibc malloc_trim)."""
+
 from __future__ import annotations
 
 import json

@@ -1,5 +1,6 @@
 """Fused runtime vs transformers on tiny random Llama (GQA), Qwen2 (qkv bias) and OPT (LayerNorm, learned
 positions, ReLU, biases): prefill logits, chunked prefill, and batched decode with slots at different positions."""
+
 from __future__ import annotations
 
 import logging
@@ -9,8 +10,15 @@ import torch
 
 from models.loader import inspect_checkpoint, load_runner, predict_footprint
 
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=256, max_position_embeddings=256)
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=256,
+    max_position_embeddings=256,
+)
 
 
 def _save(model, path):
@@ -20,24 +28,56 @@ def _save(model, path):
 
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory):
-    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig,
-                              OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        OPTConfig,
+        OPTForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     root = tmp_path_factory.mktemp("tiny-archs")
     torch.manual_seed(0)
     out = {}
-    out["llama"] = _save(LlamaForCausalLM(LlamaConfig(**TINY, tie_word_embeddings=True, rope_theta=10000.0)), root / "llama")
-    out["llama3"] = _save(LlamaForCausalLM(LlamaConfig(**{**TINY, "max_position_embeddings": 1024}, tie_word_embeddings=False,
-                                                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                                     "high_freq_factor": 4.0,
-                                                                     "original_max_position_embeddings": 64},
-                                                       rope_theta=500000.0)), root / "llama3")
+    out["llama"] = _save(
+        LlamaForCausalLM(LlamaConfig(**TINY, tie_word_embeddings=True, rope_theta=10000.0)), root / "llama"
+    )
+    out["llama3"] = _save(
+        LlamaForCausalLM(
+            LlamaConfig(
+                **{**TINY, "max_position_embeddings": 1024},
+                tie_word_embeddings=False,
+                rope_scaling={
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 64,
+                },
+                rope_theta=500000.0,
+            )
+        ),
+        root / "llama3",
+    )
     out["qwen2"] = _save(Qwen2ForCausalLM(Qwen2Config(**TINY, tie_word_embeddings=False)), root / "qwen2")
-    opt = OPTForCausalLM(OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
-                                   vocab_size=256, max_position_embeddings=256, word_embed_proj_dim=64))
+    opt = OPTForCausalLM(
+        OPTConfig(
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=256,
+            max_position_embeddings=256,
+            word_embed_proj_dim=64,
+        )
+    )
     out["opt"] = _save(opt, root / "opt")
-    out["gpt2"] = _save(GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=128)),
-                        root / "gpt2")
+    out["gpt2"] = _save(
+        GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=128)), root / "gpt2"
+    )
     return out
 
 
@@ -75,7 +115,7 @@ def test_prefill_and_batched_decode_match_transformers(tiny_dirs, arch, dtype, a
         positions = torch.tensor([len(c) for c in cur])
         logits = runner.decode(nxt, positions, torch.tensor(slots))
         for b in range(3):
-            cur[b] = torch.cat([cur[b], nxt[b:b + 1]])
+            cur[b] = torch.cat([cur[b], nxt[b : b + 1]])
             with torch.no_grad():
                 ref = hf(cur[b][None]).logits[0, -1].float()
             torch.testing.assert_close(logits[b], ref, atol=atol, rtol=0)
@@ -89,7 +129,7 @@ def test_greedy_tokens_match_hf_generate(tiny_dirs):
     runner = load_runner(path, dtype=torch.float32, max_slots=2, max_seq=64)
     prompt = torch.tensor([3, 14, 15, 92, 65, 35])
     with torch.no_grad():
-        ref = hf.generate(prompt[None], max_new_tokens=12, do_sample=False, min_new_tokens=12)[0, len(prompt):]
+        ref = hf.generate(prompt[None], max_new_tokens=12, do_sample=False, min_new_tokens=12)[0, len(prompt) :]
     logits = runner.prefill(prompt, 1, 0)
     toks = []
     pos = len(prompt)

@@ -7,6 +7,7 @@ teacher forcing: at every step our argmax must equal transformers' wherever tran
 the bf16 noise. The prompt is chosen by the references alone so that half of the steps or more have margins above
 twice the logit tolerance: the greedy check then never depends on one CPU's rounding.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,7 +23,18 @@ from models.loader import inspect_checkpoint, load_runner, predict_footprint
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-LINEAR_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "gate_proj", "up_proj", "down_proj", "fc1", "fc2")
+LINEAR_SUFFIXES = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "out_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "fc1",
+    "fc2",
+)
 
 
 def rtn(w: torch.Tensor, group_size: int, sym: bool, act_order: bool, gen: torch.Generator) -> QuantizedWeight:
@@ -56,8 +68,16 @@ def rtn(w: torch.Tensor, group_size: int, sym: bool, act_order: bool, gen: torch
     return QuantizedWeight(q, zeros, scales.half(), g_idx if act_order else None, 4, group_size)
 
 
-def write_rtn_checkpoint(src: Path, dst: Path, method: str, group_size: int = 32, sym: bool = True,
-                         act_order: bool = False, zero_point: bool = True, seed: int = 0) -> Path:
+def write_rtn_checkpoint(
+    src: Path,
+    dst: Path,
+    method: str,
+    group_size: int = 32,
+    sym: bool = True,
+    act_order: bool = False,
+    zero_point: bool = True,
+    seed: int = 0,
+) -> Path:
     """Copy HF folder `src` to `dst` with every block linear stored as GPTQ v1 or AWQ GEMM tensors."""
     dst.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
@@ -79,11 +99,22 @@ def write_rtn_checkpoint(src: Path, dst: Path, method: str, group_size: int = 32
     save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
     cfg = json.loads((Path(src) / "config.json").read_text())
     if method == "gptq":
-        cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": group_size, "sym": sym,
-                                      "desc_act": act_order, "checkpoint_format": "gptq"}
+        cfg["quantization_config"] = {
+            "quant_method": "gptq",
+            "bits": 4,
+            "group_size": group_size,
+            "sym": sym,
+            "desc_act": act_order,
+            "checkpoint_format": "gptq",
+        }
     else:
-        cfg["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": group_size,
-                                      "zero_point": zero_point, "version": "gemm"}
+        cfg["quantization_config"] = {
+            "quant_method": "awq",
+            "bits": 4,
+            "group_size": group_size,
+            "zero_point": zero_point,
+            "version": "gemm",
+        }
     cfg["dtype"] = "float16"
     (dst / "config.json").write_text(json.dumps(cfg, indent=1))
     for p in Path(src).iterdir():
@@ -99,24 +130,35 @@ VARIANTS = {
     "awq_zp": dict(method="awq", zero_point=True),
     "awq_no_zp": dict(method="awq", zero_point=False),
 }
-CASES = [("llama", v) for v in VARIANTS] + [("qwen2", "gptq_act_order"), ("qwen2", "awq_zp"),
-                                            ("opt", "gptq_asym"), ("opt", "awq_no_zp")]
+CASES = [("llama", v) for v in VARIANTS] + [
+    ("qwen2", "gptq_act_order"),
+    ("qwen2", "awq_zp"),
+    ("opt", "gptq_asym"),
+    ("opt", "awq_no_zp"),
+]
 
 
 def _tiny(arch: str):
     from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed({"llama": 0, "qwen2": 1, "opt": 2}[arch])
-    common = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=256,
-                  max_position_embeddings=256)
+    common = dict(
+        hidden_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=256, max_position_embeddings=256
+    )
     if arch == "opt":
         m = OPTForCausalLM(OPTConfig(**common, ffn_dim=256, word_embed_proj_dim=128, init_std=0.1))
     elif arch == "qwen2":
-        m = Qwen2ForCausalLM(Qwen2Config(**common, intermediate_size=256, num_key_value_heads=2,
-                                         tie_word_embeddings=False, initializer_range=0.1))
+        m = Qwen2ForCausalLM(
+            Qwen2Config(
+                **common, intermediate_size=256, num_key_value_heads=2, tie_word_embeddings=False, initializer_range=0.1
+            )
+        )
     else:
-        m = LlamaForCausalLM(LlamaConfig(**common, intermediate_size=256, num_key_value_heads=2,
-                                         tie_word_embeddings=True, initializer_range=0.1))
+        m = LlamaForCausalLM(
+            LlamaConfig(
+                **common, intermediate_size=256, num_key_value_heads=2, tie_word_embeddings=True, initializer_range=0.1
+            )
+        )
     return m.to(torch.float16)
 
 
@@ -128,8 +170,9 @@ def quant_dirs(tmp_path_factory):
         src = root / arch
         _tiny(arch).save_pretrained(src, safe_serialization=True)
         for variant in {v for a, v in CASES if a == arch}:
-            out[(arch, variant)] = write_rtn_checkpoint(src, root / f"{arch}-{variant}", group_size=32,
-                                                        **VARIANTS[variant])
+            out[(arch, variant)] = write_rtn_checkpoint(
+                src, root / f"{arch}-{variant}", group_size=32, **VARIANTS[variant]
+            )
     return out
 
 
@@ -143,12 +186,11 @@ def _prompt_with_clear_margins(hf32, hf16, new_tokens: int = 10, tries: int = 32
     for _ in range(tries):
         prompt = torch.randint(0, hf32.config.vocab_size, (8,), generator=gen)
         with torch.no_grad():
-            ids = hf32.generate(prompt[None], max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                do_sample=False)[0]
+            ids = hf32.generate(prompt[None], max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)[0]
             logits = hf32(ids[None]).logits[0].float()  # (len, vocab)
             bf16_err = (hf16(ids[None]).logits[0].float() - logits).abs().max().item()
         tol = max(0.02 * logits.abs().max().item() + 0.01, 1.5 * bf16_err)
-        top2 = logits[len(prompt) - 1:-1].topk(2, -1).values
+        top2 = logits[len(prompt) - 1 : -1].topk(2, -1).values
         clear = (top2[:, 0] - top2[:, 1]) > 2 * tol + 1e-3
         if int(clear.sum()) >= len(top2) // 2:
             return prompt, ids, logits, tol
@@ -169,9 +211,9 @@ def test_quantized_greedy_and_logits_match_gptqmodel(quant_dirs, arch, variant):
     prompt, ref_ids, ref_logits, tol = _prompt_with_clear_margins(hf, hf16)
     got = [runner.prefill(prompt, 1, 0)]
     for i in range(len(prompt), len(ref_ids) - 1):
-        got.append(runner.decode(ref_ids[i:i + 1], torch.tensor([i]), torch.tensor([1]))[0])
+        got.append(runner.decode(ref_ids[i : i + 1], torch.tensor([i]), torch.tensor([1]))[0])
     got = torch.stack(got)  # predictions after each prefix, like ref_logits[len(prompt)-1:-1]
-    ref = ref_logits[len(prompt) - 1:-1]
+    ref = ref_logits[len(prompt) - 1 : -1]
     err = (got - ref).abs().max().item()
     assert err < tol, f"max |logit diff| {err} (tolerance {tol})"
     top2 = ref.topk(2, -1).values
@@ -188,8 +230,10 @@ def test_quantized_footprint_prediction_matches_loaded(quant_dirs):
     rep = runner.memory_report()
     fp = predict_footprint(info, max_slots=2, max_seq=64, dtype=torch.bfloat16)
     assert fp.kv_cache_bytes == rep["kv_cache_bytes"]
-    assert abs(fp.weights_bytes - rep["weights_bytes"]) <= 0.1 * rep["weights_bytes"], \
-        (fp.weights_bytes, rep["weights_bytes"])
+    assert abs(fp.weights_bytes - rep["weights_bytes"]) <= 0.1 * rep["weights_bytes"], (
+        fp.weights_bytes,
+        rep["weights_bytes"],
+    )
 
 
 def test_unsupported_quant_format_fails_loudly(quant_dirs, tmp_path):
