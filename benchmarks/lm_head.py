@@ -80,7 +80,7 @@ def main(argv=None) -> int:
         "decode_step": {},
     }
     slots = max(args.batches)
-    base = load_runner(args.model, device="cpu", max_slots=slots, max_seq=args.context + 64)
+    base = load_runner(args.model, device="cpu", max_batch_size=slots, max_seq=args.context + 64)
     w = base.model.lm_head.weight.data
     q = Int8Linear.from_dense(w)
     res["head_shape"] = list(w.shape)
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
         res["head"][b] = side_by_side({"bf16": lambda: F.linear(x, w), "int8": lambda: q(x)}, args.blocks, 5)
         print(f"head alone  b{b}: {res['head'][b]}", flush=True)
     if not args.skip_decode:
-        quant = load_runner(args.model, device="cpu", max_slots=slots, max_seq=args.context + 64, lm_head="int8")
+        quant = load_runner(args.model, device="cpu", max_batch_size=slots, max_seq=args.context + 64, lm_head="int8")
         prompt = torch.randint(0, w.shape[0], (args.context,), generator=gen)
         for r in (base, quant):
             for s in range(slots):

@@ -1,6 +1,6 @@
 """Predicted vs measured memory of a model load through the ModelManager.
 
-    .venv/bin/python benchmarks/memory_prediction.py [--models A B] [--max-batch 8] [--max-context 2048]
+    .venv/bin/python benchmarks/memory_prediction.py [--models A B] [--max-batch-size 8] [--max-context 2048]
                                                       [--device cpu|cuda|auto] [--json]
 
 Each model loads in a fresh subprocess (so one load's allocator state cannot hide another's), through
@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODELS = ("smollm2-135m-instruct", "smollm2-135m-instruct-gptq-g64", "smollm2-135m-instruct-awq-g64")
 
 
-def measure_one(store: Path, name: str, max_batch: int, max_context: int, device: str) -> dict:
+def measure_one(store: Path, name: str, max_batch_size: int, max_context: int, device: str) -> dict:
     """Load `name` once through a ModelManager in this process and report the figures."""
     sys.path.insert(0, str(REPO))
     from server.config import Settings
@@ -36,7 +36,7 @@ def measure_one(store: Path, name: str, max_batch: int, max_context: int, device
         model_store=store,
         model=name,
         device=device,
-        max_batch_size=max_batch,
+        max_batch_size=max_batch_size,
         max_context=max_context,
         memory_budget="0.95",
     )
@@ -48,7 +48,7 @@ def measure_one(store: Path, name: str, max_batch: int, max_context: int, device
         out = {
             "model": name,
             "device": mgr.device,
-            "max_batch": max_batch,
+            "max_batch_size": max_batch_size,
             "max_context": max_context,
             "predicted": lm.predicted.as_dict(),
             "measured_bytes": lm.measured_bytes,
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--store", type=Path, default=Path(os.environ.get("JETSERVE_MODEL_STORE", REPO / "model-store")))
     ap.add_argument("--models", nargs="*", default=None, help="default: the SmolLM2 variants present in the store")
-    ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--max-batch-size", type=int, default=8)
     ap.add_argument("--max-context", type=int, default=2048)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--tolerance", type=float, default=0.05)
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     if args.one:
-        print(json.dumps(measure_one(args.store, args.one, args.max_batch, args.max_context, args.device)))
+        print(json.dumps(measure_one(args.store, args.one, args.max_batch_size, args.max_context, args.device)))
         return 0
 
     models = args.models or [m for m in DEFAULT_MODELS if (args.store / m / "config.json").is_file()]
@@ -91,8 +91,8 @@ def main(argv=None) -> int:
             name,
             "--store",
             str(args.store),
-            "--max-batch",
-            str(args.max_batch),
+            "--max-batch-size",
+            str(args.max_batch_size),
             "--max-context",
             str(args.max_context),
             "--device",
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
             print(json.dumps(r))
     else:
         MiB = 2**20
-        print(f"device={results[0]['device']} max_batch={args.max_batch} max_context={args.max_context}")
+        print(f"device={results[0]['device']} max_batch_size={args.max_batch_size} max_context={args.max_context}")
         print(
             f"{'model':36s} {'weights':>9s} {'kv':>9s} {'workspace':>9s} {'predicted':>10s} {'measured':>10s}"
             f" {'error':>7s}"

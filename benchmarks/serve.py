@@ -278,7 +278,9 @@ def main(argv=None) -> int:
         max_batch_size=8,
         max_context=args.max_context,
     )
-    runner = load_runner(model_dir, device=args.device, dtype=torch.bfloat16, max_slots=8, max_seq=args.max_context)
+    runner = load_runner(
+        model_dir, device=args.device, dtype=torch.bfloat16, max_batch_size=8, max_seq=args.max_context
+    )
     runner.warmup()
     tok = Tokenizer.from_dir(model_dir)
     prompt_ids = tok.encode(PROMPT)

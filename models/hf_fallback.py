@@ -1,6 +1,6 @@
 """Transformers fallback runner for architectures without a fused table: batch 1, one dynamic cache per slot.
 
-Same interface as `models.runner.Runner`, but slow: `max_slots` is 1 so the engine never batches, and
+Same interface as `models.runner.Runner`, but slow: `max_batch_size` is 1 so the engine never batches, and
 `decode` runs each row on its own. The loader logs a warning whenever this runner is chosen.
 """
 
@@ -39,7 +39,7 @@ class HFFallbackRunner:
             .eval()
         )
         self.vocab_size = int(self.model.config.vocab_size)
-        self.max_slots, self.max_seq = 1, max_seq
+        self.max_batch_size, self.max_seq = 1, max_seq
         self.eos_token_ids = tuple(eos_token_ids)
         self._caches: Dict[int, Tuple[object, int]] = {}  # slot -> (past_key_values, next position)
 
@@ -47,8 +47,8 @@ class HFFallbackRunner:
     def _forward(self, tokens: torch.Tensor, slot: int, start_pos: int) -> torch.Tensor:
         from transformers import DynamicCache
 
-        if not 0 <= slot < self.max_slots:
-            raise ValueError(f"slot {slot} out of range [0, {self.max_slots})")
+        if not 0 <= slot < self.max_batch_size:
+            raise ValueError(f"slot {slot} out of range [0, {self.max_batch_size})")
         if start_pos + tokens.numel() > self.max_seq:
             raise ValueError(f"positions exceed max_seq={self.max_seq}")
         if start_pos == 0:

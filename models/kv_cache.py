@@ -1,7 +1,7 @@
 """Static KV cache: allocated once, written in place; positions and slot ids are always arguments.
 
-Layout: k and v are each one tensor (layers, max_slots + 1, max_seq, kv_heads, head_dim). The extra
-slot (index `max_slots`, `scratch_slot`) absorbs the writes of padding rows when a decode batch is padded
+Layout: k and v are each one tensor (layers, max_batch_size + 1, max_seq, kv_heads, head_dim). The extra
+slot (index `max_batch_size`, `scratch_slot`) absorbs the writes of padding rows when a decode batch is padded
 to a captured bucket size. `k[i]` / `v[i]` are per-layer views (slots + 1, max_seq, kv_heads, head_dim).
 """
 
@@ -16,7 +16,7 @@ class KVCache:
     def __init__(
         self,
         layers: int,
-        max_slots: int,
+        max_batch_size: int,
         max_seq: int,
         kv_heads: int,
         head_dim: int,
@@ -24,9 +24,9 @@ class KVCache:
         device: torch.device,
         dtype: torch.dtype,
     ):
-        self.layers, self.max_slots, self.max_seq = layers, max_slots, max_seq
+        self.layers, self.max_batch_size, self.max_seq = layers, max_batch_size, max_seq
         self.kv_heads, self.head_dim = kv_heads, head_dim
-        shape = (layers, max_slots + 1, max_seq, kv_heads, head_dim)
+        shape = (layers, max_batch_size + 1, max_seq, kv_heads, head_dim)
         self.k_all = torch.zeros(shape, device=device, dtype=dtype)
         self.v_all = torch.zeros(shape, device=device, dtype=dtype)
         self.k: List[torch.Tensor] = list(self.k_all.unbind(0))
@@ -34,17 +34,17 @@ class KVCache:
 
     @property
     def scratch_slot(self) -> int:
-        return self.max_slots
+        return self.max_batch_size
 
     def nbytes(self) -> int:
         return 2 * self.k_all.numel() * self.k_all.element_size()
 
     @staticmethod
     def predict_bytes(
-        layers: int, max_slots: int, max_seq: int, kv_heads: int, head_dim: int, dtype: torch.dtype
+        layers: int, max_batch_size: int, max_seq: int, kv_heads: int, head_dim: int, dtype: torch.dtype
     ) -> int:
         elem = torch.empty((), dtype=dtype).element_size()
-        return 2 * layers * (max_slots + 1) * max_seq * kv_heads * head_dim * elem
+        return 2 * layers * (max_batch_size + 1) * max_seq * kv_heads * head_dim * elem
 
     def data_ptrs(self) -> tuple:
         """Identity of the storage (tests check the cache is never reallocated)."""

@@ -158,7 +158,7 @@ class Footprint:
     weights_bytes: int
     kv_cache_bytes: int
     workspace_bytes: int
-    max_slots: int
+    max_batch_size: int
     max_seq: int
 
     @property
@@ -211,11 +211,11 @@ def _int8_head_delta(info: CheckpointInfo, dtype: torch.dtype) -> int:
     return int8 - math.prod(dense[1]) * torch.empty((), dtype=dtype).element_size()
 
 
-def workspace_bytes(info: CheckpointInfo, *, max_slots: int, prefill_chunk: int, dtype: torch.dtype) -> int:
+def workspace_bytes(info: CheckpointInfo, *, max_batch_size: int, prefill_chunk: int, dtype: torch.dtype) -> int:
     """Scratch the runner keeps or peaks at: float32 logits for a decode batch, a prefill chunk's activations
     (hidden states, q/k/v, attention output and the MLP's gate/up/act) and `WORKSPACE_CONSTANT_BYTES`."""
     elem = torch.empty((), dtype=dtype).element_size()
-    logits = max_slots * info.vocab * 4
+    logits = max_batch_size * info.vocab * 4
     act = prefill_chunk * (4 * info.hidden + 3 * info.intermediate) * elem
     return logits + act + WORKSPACE_CONSTANT_BYTES
 
@@ -244,7 +244,7 @@ def cuda_runtime_bytes(
 def predict_footprint(
     info: CheckpointInfo,
     *,
-    max_slots: int,
+    max_batch_size: int,
     max_seq: int,
     dtype: torch.dtype = torch.bfloat16,
     prefill_chunk: int = 256,
@@ -262,18 +262,18 @@ def predict_footprint(
     weights = _loaded_weight_bytes(info, dtype)
     if lm_head == "int8":
         weights += _int8_head_delta(info, dtype)
-    kv = KVCache.predict_bytes(info.num_layers, max_slots, max_seq, info.num_kv_heads, info.head_dim, dtype)
-    workspace = workspace_bytes(info, max_slots=max_slots, prefill_chunk=prefill_chunk, dtype=dtype)
+    kv = KVCache.predict_bytes(info.num_layers, max_batch_size, max_seq, info.num_kv_heads, info.head_dim, dtype)
+    workspace = workspace_bytes(info, max_batch_size=max_batch_size, prefill_chunk=prefill_chunk, dtype=dtype)
     if torch.device(device).type == "cuda":
         from .runner import batch_buckets, kv_buckets_cuda
 
         workspace += cuda_runtime_bytes(
             info.vocab,
-            batch_buckets=batch_buckets(max_slots),
+            batch_buckets=batch_buckets(max_batch_size),
             kv_buckets=kv_buckets_cuda(max_seq),
             cublas_workspace=cublas_workspace_bytes(device),
         )
-    return Footprint(weights, kv, workspace, max_slots, max_seq)
+    return Footprint(weights, kv, workspace, max_batch_size, max_seq)
 
 
 class TensorSource(Mapping):
@@ -469,7 +469,7 @@ def load_runner(
     *,
     device: Union[str, torch.device] = "cpu",
     dtype: torch.dtype = torch.bfloat16,
-    max_slots: int = 8,
+    max_batch_size: int = 8,
     max_seq: int = 2048,
     trust_remote_code: bool = False,
     lm_head: str = "bf16",
@@ -496,7 +496,7 @@ def load_runner(
 
         logger.warning(
             "architecture %r (%s) has no fused implementation: running it through transformers at "
-            "batch 1 (slower, max_slots=1)",
+            "batch 1 (slower, max_batch_size=1)",
             info.arch,
             cfg.get("architectures"),
         )
@@ -518,7 +518,7 @@ def load_runner(
     model = build_model(model_dir, spec, dims, info.qcfg, device=device, dtype=dtype, lm_head=lm_head)
     release_freed_heap()  # the unpack/repack temporaries of every layer
     model.init_rope(max_seq, device, dtype)
-    cache = KVCache(dims.layers, max_slots, max_seq, dims.kv_heads, dims.head_dim, device=device, dtype=dtype)
+    cache = KVCache(dims.layers, max_batch_size, max_seq, dims.kv_heads, dims.head_dim, device=device, dtype=dtype)
     logger.info(
         "loaded %s (%s, %s %d-bit g%d) on %s: %d layers, KV cache %.1f MiB for %d slots x %d tokens",
         model_dir.name,
@@ -529,7 +529,7 @@ def load_runner(
         device,
         dims.layers,
         cache.nbytes() / 2**20,
-        max_slots,
+        max_batch_size,
         max_seq,
     )
     return Runner(model, cache, device=device, dtype=dtype, eos_token_ids=eos, info=info)

@@ -29,12 +29,12 @@ KV_BUCKET = 64  # CPU: attention length rounded up to a multiple of this
 CUDA_MIN_KV = 256  # CUDA: smallest captured attention length
 
 
-def batch_buckets(max_slots: int) -> List[int]:
+def batch_buckets(max_batch_size: int) -> List[int]:
     out, b = [], 1
-    while b < max_slots:
+    while b < max_batch_size:
         out.append(b)
         b *= 2
-    out.append(max_slots)
+    out.append(max_batch_size)
     return out
 
 
@@ -64,10 +64,10 @@ class Runner:
         self.model, self.cache, self.info = model, cache, info
         self.device, self.dtype = torch.device(device), dtype
         self.vocab_size = model.dims.vocab
-        self.max_slots, self.max_seq = cache.max_slots, cache.max_seq
+        self.max_batch_size, self.max_seq = cache.max_batch_size, cache.max_seq
         self.eos_token_ids = tuple(eos_token_ids)
         self.use_cuda_graphs = (self.device.type == "cuda") if use_cuda_graphs is None else use_cuda_graphs
-        self._buckets = batch_buckets(self.max_slots)
+        self._buckets = batch_buckets(self.max_batch_size)
         self._kv_buckets = kv_buckets_cuda(self.max_seq) if self.device.type == "cuda" else []
         self._graphs: Dict[Tuple[int, int], tuple] = {}
         self._graph_pool = None
@@ -76,8 +76,8 @@ class Runner:
     def _check_prefill(self, tokens: torch.Tensor, slot: int, start_pos: int) -> torch.Tensor:
         if tokens.dim() != 1 or tokens.numel() == 0:
             raise ValueError(f"prefill tokens must be a non-empty 1-D tensor, got shape {tuple(tokens.shape)}")
-        if not 0 <= slot < self.max_slots:
-            raise ValueError(f"slot {slot} out of range [0, {self.max_slots})")
+        if not 0 <= slot < self.max_batch_size:
+            raise ValueError(f"slot {slot} out of range [0, {self.max_batch_size})")
         if start_pos < 0 or start_pos + tokens.numel() > self.max_seq:
             raise ValueError(f"positions [{start_pos}, {start_pos + tokens.numel()}) exceed max_seq={self.max_seq}")
         return tokens.to(self.device, torch.long, non_blocking=True)
@@ -113,8 +113,8 @@ class Runner:
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """One token each for B sequences: tokens/positions/slots (B,) -> float32 logits (B, vocab)."""
         B = tokens.shape[0]
-        if B > self.max_slots:
-            raise ValueError(f"decode batch {B} > max_slots {self.max_slots}")
+        if B > self.max_batch_size:
+            raise ValueError(f"decode batch {B} > max_batch_size {self.max_batch_size}")
         kv_len = self._kv_len(positions)
         if self.use_cuda_graphs and self._graphs:
             return self._decode_graph(tokens, positions, slots, kv_len or self.max_seq)
@@ -172,8 +172,8 @@ class Runner:
     # --- lifecycle ----------------------------------------------------------------------------------------
     def release(self, slot: int) -> None:
         """The slot may be reused by another sequence; KV entries are overwritten, never reallocated."""
-        if not 0 <= slot < self.max_slots:
-            raise ValueError(f"slot {slot} out of range [0, {self.max_slots})")
+        if not 0 <= slot < self.max_batch_size:
+            raise ValueError(f"slot {slot} out of range [0, {self.max_batch_size})")
 
     @torch.inference_mode()
     def warmup(self) -> None:

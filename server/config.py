@@ -71,7 +71,7 @@ class Settings(BaseSettings):
     model_store: Path = Field(Path("model-store"), description="Directory of models (each an HF folder).")
     models_config: Optional[Path] = Field(
         None,
-        description="Optional YAML/JSON file with aliases and per-model settings (max_context, max_batch, pinned, keep_alive).",
+        description="Optional YAML/JSON file with aliases and per-model settings (max_context, max_batch_size, pinned, keep_alive).",
     )
     host: str = Field("127.0.0.1", description="Address to bind.")
     port: int = Field(8000, ge=0, le=65535, description="Port to bind.")

@@ -15,7 +15,7 @@ await manager.close()                        # closes every engine, frees runner
 `engine_factory(runner, settings, *, name, on_step, on_request)` builds and starts an engine for one model
 (`settings` carries that model's max_context / max_batch_size overrides). The engine must have a blocking
 `close()` (or `shutdown()`); the manager calls it in a worker thread when the model is unloaded.
-`runner_loader(model_dir, *, device, dtype, max_slots, max_seq) -> Runner` defaults to
+`runner_loader(model_dir, *, device, dtype, max_batch_size, max_seq) -> Runner` defaults to
 `models.loader.load_runner`; `tokenizer_loader(model_dir)` defaults to `models.tokenizer.Tokenizer.from_dir`.
 
 Memory accounting: before a load the footprint is predicted from config.json + safetensors headers
@@ -231,8 +231,8 @@ class ModelManager:
         upd: Dict[str, Any] = {}
         if spec.max_context is not None:
             upd["max_context"] = int(spec.max_context)
-        if spec.max_batch is not None:
-            upd["max_batch_size"] = int(spec.max_batch)
+        if spec.max_batch_size is not None:
+            upd["max_batch_size"] = int(spec.max_batch_size)
         if spec.keep_alive_s is not None:
             upd["keep_alive_s"] = float(spec.keep_alive_s)
         return self.settings.model_copy(update=upd) if upd else self.settings
@@ -252,7 +252,7 @@ class ModelManager:
             info = inspect_checkpoint(spec.path)
             fp = predict_footprint(
                 info,
-                max_slots=s.max_batch_size,
+                max_batch_size=s.max_batch_size,
                 max_seq=s.max_context,
                 dtype=getattr(torch, s.dtype),
                 prefill_chunk=s.prefill_chunk,
@@ -404,7 +404,7 @@ class ModelManager:
             before = _process_bytes(self.device, spec.path)
             try:
                 runner = self._runner_loader(
-                    spec.path, device=self.device, dtype=s.dtype, max_slots=s.max_batch_size, max_seq=s.max_context
+                    spec.path, device=self.device, dtype=s.dtype, max_batch_size=s.max_batch_size, max_seq=s.max_context
                 )
                 tokenizer = self._tokenizer_loader(spec.path)
                 warm = getattr(runner, "warmup", None)

@@ -196,8 +196,8 @@ class Metrics:
         self.waiting.labels(s.model).set(s.waiting)
         if s.kv_tokens_total > 0:
             self.kv_usage.labels(s.model).set(s.kv_tokens_used / s.kv_tokens_total)
-        elif s.kv_slots_total > 0:
-            self.kv_usage.labels(s.model).set(s.kv_slots_used / s.kv_slots_total)
+        elif s.max_batch_size > 0:
+            self.kv_usage.labels(s.model).set(s.slots_used / s.max_batch_size)
         if s.batch_size > 0:
             with self._lock:
                 # every forward pass streams all weights once, whatever the batch

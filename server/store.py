@@ -10,7 +10,7 @@ models:
   smollm2-135m-instruct-gptq-g64:
     aliases: [smollm2]
     max_context: 1024     # overrides Settings.max_context (sizes the KV cache)
-    max_batch: 4          # overrides Settings.max_batch_size (KV slots)
+    max_batch_size: 4     # overrides Settings.max_batch_size (KV slots)
     pinned: true          # never evicted
     keep_alive: 10m       # seconds or "30s"/"10m"/"1h"; 0 = never unload when idle
 aliases:
@@ -48,7 +48,7 @@ class ModelSpec:
     path: Path
     aliases: Tuple[str, ...] = ()
     max_context: Optional[int] = None
-    max_batch: Optional[int] = None
+    max_batch_size: Optional[int] = None
     pinned: bool = False
     keep_alive_s: Optional[float] = None
 
@@ -92,7 +92,7 @@ def load_models_config(path: Path) -> Dict[str, Any]:
     return data
 
 
-_ALLOWED_MODEL_KEYS = {"aliases", "max_context", "max_batch", "pinned", "keep_alive"}
+_ALLOWED_MODEL_KEYS = {"aliases", "max_context", "max_batch_size", "pinned", "keep_alive"}
 
 
 class ModelStore:
@@ -106,6 +106,8 @@ class ModelStore:
             data = load_models_config(models_config)
             for name, opts in (data.get("models") or {}).items():
                 opts = dict(opts or {})
+                if "max_batch" in opts:
+                    raise ValueError(f"models config: model {name!r}: 'max_batch' is now 'max_batch_size'")
                 bad = set(opts) - _ALLOWED_MODEL_KEYS
                 if bad:
                     raise ValueError(f"models config: model {name!r} has unknown keys {sorted(bad)}")
@@ -155,7 +157,7 @@ class ModelStore:
             path=path,
             aliases=aliases,
             max_context=opts.get("max_context"),
-            max_batch=opts.get("max_batch"),
+            max_batch_size=opts.get("max_batch_size"),
             pinned=bool(opts.get("pinned", False)),
             keep_alive_s=opts.get("keep_alive"),
         )

@@ -89,7 +89,7 @@ class JetserveRuntime:
             raise RuntimeUnavailable(f"--runtime jetserve needs models.loader.load_runner ({e})") from e
         self.device = device
         self.runner = load_runner(
-            str(model_dir), device=device, dtype=dtype, max_slots=1, max_seq=max_seq, lm_head=lm_head
+            str(model_dir), device=device, dtype=dtype, max_batch_size=1, max_seq=max_seq, lm_head=lm_head
         )
         self.runner.warmup()
         self.weights_bytes = int(self.runner.memory_report().get("weights_bytes", 0))

@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
         model_dir,
         device=args.device,
         dtype=getattr(torch, args.dtype),
-        max_slots=1,
+        max_batch_size=1,
         max_seq=max_seq,
         trust_remote_code=args.trust_remote_code,
     )

@@ -50,7 +50,7 @@ class Engine:
     """Continuous-batching engine over a `models.runner.Runner`.
 
     `settings` supplies max_queue, prefill_chunk and request_timeout_s. Batch size is the runner's
-    `max_slots`; context is the runner's `max_seq`. `on_step(StepStats)` / `on_request(RequestStats)` run on
+    `max_batch_size`; context is the runner's `max_seq`. `on_step(StepStats)` / `on_request(RequestStats)` run on
     the engine thread; `on_step` also gets a `batch_size == 0` record when finishes alone changed occupancy.
     """
 
@@ -65,7 +65,7 @@ class Engine:
     ):
         self.runner = runner
         self.name = name
-        self.max_slots = int(runner.max_slots)
+        self.max_batch_size = int(runner.max_batch_size)
         self.max_seq = int(runner.max_seq)
         self.max_queue = int(settings.max_queue)
         self.request_timeout_s = float(settings.request_timeout_s)
@@ -149,9 +149,9 @@ class Engine:
         with self._cv:
             if not self._accepting:
                 raise EngineStoppedError("the server is shutting down or the model is unloading")
-            if self._num_active >= self.max_slots + self.max_queue:
+            if self._num_active >= self.max_batch_size + self.max_queue:
                 raise QueueFullError(
-                    f"server is at capacity: {self.max_slots} running and {self.max_queue} waiting requests",
+                    f"server is at capacity: {self.max_batch_size} running and {self.max_queue} waiting requests",
                     retry_after_s=1.0,
                 )
             self._num_active += 1
@@ -178,7 +178,7 @@ class Engine:
             "running": self.last_running,
             "waiting": self.last_waiting,
             "active": self._num_active,
-            "max_slots": self.max_slots,
+            "max_batch_size": self.max_batch_size,
             "max_batch_seen": self.max_batch_seen,
             "tokens_generated": self.tokens_generated,
         }
@@ -192,7 +192,7 @@ class Engine:
         logger.info(
             "engine %s started (slots=%d, max_seq=%d, prefill_chunk=%d, max_queue=%d)",
             self.name,
-            self.max_slots,
+            self.max_batch_size,
             self.max_seq,
             self.scheduler.prefill_chunk,
             self.max_queue,
@@ -241,7 +241,7 @@ class Engine:
     def _step(self) -> None:
         t0 = time.perf_counter()
         used = {s.slot for s in self._running}
-        free = [i for i in range(self.max_slots) if i not in used]
+        free = [i for i in range(self.max_batch_size) if i not in used]
         plan = self.scheduler.plan(self._running, list(self._waiting), free)
         for seq, slot in plan.admit:
             self._waiting.remove(seq)
@@ -313,10 +313,10 @@ class Engine:
                     step_duration_s=duration_s,
                     running=len(self._running),
                     waiting=len(self._waiting),
-                    kv_slots_used=len(self._running),
-                    kv_slots_total=self.max_slots,
+                    slots_used=len(self._running),
+                    max_batch_size=self.max_batch_size,
                     kv_tokens_used=kv_tokens,
-                    kv_tokens_total=self.max_slots * self.max_seq,
+                    kv_tokens_total=self.max_batch_size * self.max_seq,
                 ),
             )
 

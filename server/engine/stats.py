@@ -25,10 +25,10 @@ class StepStats:
     step_duration_s: float  # wall time of the step (plan + runner calls + sampling + hand-off)
     running: int  # sequences holding a KV slot after the step
     waiting: int  # requests waiting for a slot after the step
-    kv_slots_used: int  # = running
-    kv_slots_total: int  # runner.max_slots
+    slots_used: int  # = running
+    max_batch_size: int  # runner.max_batch_size
     kv_tokens_used: int = 0  # tokens resident in the KV cache (sum of sequence lengths)
-    kv_tokens_total: int = 0  # max_slots * max_seq
+    kv_tokens_total: int = 0  # max_batch_size * max_seq
 
 
 @dataclass(frozen=True)

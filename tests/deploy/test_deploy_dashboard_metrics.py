@@ -79,8 +79,8 @@ def _feed(metrics) -> None:
             step_duration_s=0.02,
             running=2,
             waiting=1,
-            kv_slots_used=2,
-            kv_slots_total=8,
+            slots_used=2,
+            max_batch_size=8,
             kv_tokens_used=300,
             kv_tokens_total=16384,
         )

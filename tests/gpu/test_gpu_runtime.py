@@ -54,8 +54,8 @@ def ckpts(tmp_path_factory):
 def test_cuda_matches_cpu_runtime(ckpts, name):
     from models.loader import load_runner
 
-    cpu = load_runner(ckpts[name], device="cpu", dtype=torch.bfloat16, max_slots=4, max_seq=512)
-    gpu = load_runner(ckpts[name], device="cuda", dtype=torch.bfloat16, max_slots=4, max_seq=512)
+    cpu = load_runner(ckpts[name], device="cpu", dtype=torch.bfloat16, max_batch_size=4, max_seq=512)
+    gpu = load_runner(ckpts[name], device="cuda", dtype=torch.bfloat16, max_batch_size=4, max_seq=512)
     gpu.warmup()  # captures the decode graphs
     assert gpu._graphs
     g = torch.Generator().manual_seed(0)
@@ -78,7 +78,7 @@ def test_cuda_matches_cpu_runtime(ckpts, name):
 def test_cuda_graph_decode_equals_eager(ckpts):
     from models.loader import load_runner
 
-    r = load_runner(ckpts["gptq_sym"], device="cuda", dtype=torch.bfloat16, max_slots=8, max_seq=512)
+    r = load_runner(ckpts["gptq_sym"], device="cuda", dtype=torch.bfloat16, max_batch_size=8, max_seq=512)
     r.warmup()
     prompt = torch.arange(20)
     for s in range(8):

@@ -52,7 +52,7 @@ def tiny_store(tmp_path_factory, smollm2_dir: Path):
 def footprint(store: Path, name: str) -> int:
     return predict_footprint(
         inspect_checkpoint(store / name),
-        max_slots=SETTINGS["max_batch_size"],
+        max_batch_size=SETTINGS["max_batch_size"],
         max_seq=SETTINGS["max_context"],
         prefill_chunk=SETTINGS["prefill_chunk"],
     ).total_bytes

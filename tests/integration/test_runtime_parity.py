@@ -60,7 +60,7 @@ def test_smollm2_runtime_matches_transformers(model_store, name):
         str(path), **({"device_map": "cpu", "dtype": torch.float32} if quant else {"dtype": torch.bfloat16})
     )
     hf.eval()
-    runner = load_runner(path, dtype=torch.bfloat16, max_slots=2, max_seq=512)
+    runner = load_runner(path, dtype=torch.bfloat16, max_batch_size=2, max_seq=512)
     if quant:
         assert all(type(m).__name__ == "QuantLinear" for m in runner.model.linear_modules())
 

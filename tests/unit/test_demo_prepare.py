@@ -65,7 +65,7 @@ def test_layer_subset_variant_is_the_base_cut_and_cached(tiny_llama_dir, tmp_pat
     assert all(kept[k].equal(full[k]) for k in kept)
     vcfg = json.loads((store / "tiny-rtn-g32-l1" / "config.json").read_text())
     assert vcfg["num_hidden_layers"] == 1 and vcfg["quantization_config"]["group_size"] == 32
-    runner = load_runner(store / "tiny-rtn-g32-l1", max_slots=1, max_seq=32)
+    runner = load_runner(store / "tiny-rtn-g32-l1", max_batch_size=1, max_seq=32)
     assert runner.prefill_logits(torch.tensor([1, 2, 3]), 0, 0).isfinite().all()
     r2 = prepare(
         store,

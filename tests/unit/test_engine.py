@@ -25,9 +25,9 @@ GREEDY = SamplingParams(temperature=0.0)
 
 
 class FakeRunner:
-    def __init__(self, max_slots=4, max_seq=128, decode_delay=0.0, fail_decode_once=False, flat=False):
+    def __init__(self, max_batch_size=4, max_seq=128, decode_delay=0.0, fail_decode_once=False, flat=False):
         self.flat = flat  # uniform logits (for sampling tests)
-        self.max_slots, self.max_seq, self.vocab_size = max_slots, max_seq, VOCAB
+        self.max_batch_size, self.max_seq, self.vocab_size = max_batch_size, max_seq, VOCAB
         self.device = torch.device("cpu")
         self.eos_token_ids = (EOS,)
         self.decode_delay = decode_delay
@@ -45,7 +45,7 @@ class FakeRunner:
         return out
 
     def prefill(self, tokens, slot, start_pos):
-        assert 0 <= slot < self.max_slots and start_pos + tokens.numel() <= self.max_seq
+        assert 0 <= slot < self.max_batch_size and start_pos + tokens.numel() <= self.max_seq
         self.prefills.append((slot, start_pos, tokens.numel()))
         return self._logits(tokens[-1:])[0]
 
@@ -161,7 +161,7 @@ def test_concurrent_requests_are_batched():
 
 
 def test_queue_full_raises_and_fifo():
-    runner = FakeRunner(max_slots=1, decode_delay=0.005)
+    runner = FakeRunner(max_batch_size=1, decode_delay=0.005)
     eng, _, _ = make(runner, max_queue=1)
 
     async def go():
@@ -181,7 +181,7 @@ def test_queue_full_raises_and_fifo():
 
 
 def test_abort_frees_slot_within_a_step():
-    runner = FakeRunner(max_slots=1, decode_delay=0.005)
+    runner = FakeRunner(max_batch_size=1, decode_delay=0.005)
     eng, _, reqs = make(runner)
 
     async def go():
@@ -204,7 +204,7 @@ def test_abort_frees_slot_within_a_step():
 def test_aborts_that_empty_the_engine_are_reported():
     """No step follows the last abort, yet on_step gets the new occupancy (running = waiting = KV = 0, batch 0),
     so the gauges fed from it follow state instead of the last step."""
-    runner = FakeRunner(max_slots=1, decode_delay=0.005)
+    runner = FakeRunner(max_batch_size=1, decode_delay=0.005)
     eng, steps, reqs = make(runner)
 
     async def go():
@@ -219,7 +219,7 @@ def test_aborts_that_empty_the_engine_are_reported():
     assert evs_a[-1].finish_reason == evs_b[-1].finish_reason == "abort"
     assert any(s.running > 0 for s in steps)
     last = steps[-1]
-    assert (last.running, last.waiting, last.kv_slots_used, last.kv_tokens_used) == (0, 0, 0, 0)
+    assert (last.running, last.waiting, last.slots_used, last.kv_tokens_used) == (0, 0, 0, 0)
     assert (last.batch_size, last.num_prefill_tokens, last.num_decode_tokens) == (0, 0, 0)
     assert (eng.stats()["running"], eng.stats()["waiting"]) == (0, 0)
     assert eng.steps == sum(1 for s in steps if s.batch_size > 0)  # the report is not counted as a step
@@ -274,7 +274,7 @@ def test_prefill_fault_fails_one_request_only():
 
 
 def test_decode_fault_errors_after_first_token_and_slot_is_reusable():
-    eng, _, _ = make(FaultyRunner(FakeRunner(max_slots=1), _text))
+    eng, _, _ = make(FaultyRunner(FakeRunner(max_batch_size=1), _text))
     bad = run(collect_submit(eng, _chars(marker("decode") + "a"), 5))  # "a": first token is not EOS
     after = run(collect_submit(eng, [1], 3))  # same slot, new prompt: no fault
     eng.stop()

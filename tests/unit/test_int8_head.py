@@ -89,8 +89,8 @@ def test_int8_linear_module_with_bias_matches_dense():
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # tied and untied heads
 def test_load_runner_int8_head_logits_and_footprint(tiny_dirs, arch):
     path = tiny_dirs[arch]
-    base = load_runner(path, dtype=torch.bfloat16, max_slots=2, max_seq=64)
-    quant = load_runner(path, dtype=torch.bfloat16, max_slots=2, max_seq=64, lm_head="int8")
+    base = load_runner(path, dtype=torch.bfloat16, max_batch_size=2, max_seq=64)
+    quant = load_runner(path, dtype=torch.bfloat16, max_batch_size=2, max_seq=64, lm_head="int8")
     assert isinstance(quant.model.lm_head, Int8Linear) and not isinstance(base.model.lm_head, Int8Linear)
     assert quant.model.embed.dtype == torch.bfloat16  # the input lookup stays exact
     torch.testing.assert_close(quant.model.embed, base.model.embed, atol=0, rtol=0)
@@ -100,7 +100,7 @@ def test_load_runner_int8_head_logits_and_footprint(tiny_dirs, arch):
     assert float((lq - lb).abs().max()) < 0.05 * float(lb.abs().max())
     info = inspect_checkpoint(path)
     rep_b, rep_q = base.memory_report(), quant.memory_report()
-    fp = predict_footprint(info, max_slots=2, max_seq=64, dtype=torch.bfloat16, lm_head="int8")
+    fp = predict_footprint(info, max_batch_size=2, max_seq=64, dtype=torch.bfloat16, lm_head="int8")
     assert fp.weights_bytes == rep_q["weights_bytes"]
     head = TINY["vocab_size"] * TINY["hidden_size"]
     expected = head + TINY["vocab_size"] * 4 - (0 if arch == "llama" else 2 * head)
@@ -109,7 +109,7 @@ def test_load_runner_int8_head_logits_and_footprint(tiny_dirs, arch):
 
 def test_load_runner_rejects_unknown_head_option(tiny_dirs):
     with pytest.raises(ValueError, match="lm_head must be one of"):
-        load_runner(tiny_dirs["llama"], max_slots=1, max_seq=32, lm_head="int4")
+        load_runner(tiny_dirs["llama"], max_batch_size=1, max_seq=32, lm_head="int4")
 
 
 def _rtn_sym4(w: torch.Tensor, group_size: int) -> QuantizedWeight:
@@ -158,7 +158,7 @@ def test_gptq_lm_head_flag_is_read():
 def test_gptq_quantized_lm_head_loads_as_quantlinear(tiny_dirs, tmp_path):
     src = tiny_dirs["qwen2_128"]
     path = _gptq_with_head(src, tmp_path / "gptq-head", store_head=True)
-    runner = load_runner(path, dtype=torch.bfloat16, max_slots=1, max_seq=32, lm_head="int8")
+    runner = load_runner(path, dtype=torch.bfloat16, max_batch_size=1, max_seq=32, lm_head="int8")
     head = runner.model.lm_head
     assert isinstance(head, QuantLinear)  # the checkpoint's own quantization wins over lm_head="int8"
     w = dequantize(_rtn_sym4(load_file(str(src / "model.safetensors"))["lm_head.weight"], 32), torch.float32)
@@ -167,14 +167,14 @@ def test_gptq_quantized_lm_head_loads_as_quantlinear(tiny_dirs, tmp_path):
     tol = 1e-2 * float(ref.abs().max())  # scales are kept in bf16; a wrong layout would miss by ~100%
     torch.testing.assert_close(head.forward_reference(x).float(), ref, atol=tol, rtol=0)
     torch.testing.assert_close(head(x).float(), ref, atol=tol, rtol=0)
-    fp = predict_footprint(inspect_checkpoint(path), max_slots=1, max_seq=32, dtype=torch.bfloat16, lm_head="int8")
+    fp = predict_footprint(inspect_checkpoint(path), max_batch_size=1, max_seq=32, dtype=torch.bfloat16, lm_head="int8")
     assert fp.weights_bytes == runner.memory_report()["weights_bytes"]
 
 
 def test_gptq_lm_head_declared_but_missing_fails_loudly(tiny_dirs, tmp_path):
     path = _gptq_with_head(tiny_dirs["qwen2"], tmp_path / "gptq-no-head", store_head=False)
     with pytest.raises(UnsupportedFormatError, match='"lm_head": true but the checkpoint has no lm_head.qweight'):
-        load_runner(path, max_slots=1, max_seq=32)
+        load_runner(path, max_batch_size=1, max_seq=32)
 
 
 def test_eval_passes_the_head_option_to_the_jetserve_runtime(tiny_dirs, capsys):

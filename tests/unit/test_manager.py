@@ -108,7 +108,7 @@ def store(tmp_path):
 def footprint(store, name, s):
     return predict_footprint(
         inspect_checkpoint(store / name),
-        max_slots=s.max_batch_size,
+        max_batch_size=s.max_batch_size,
         max_seq=s.max_context,
         dtype=getattr(torch, s.dtype),
         prefill_chunk=s.prefill_chunk,
@@ -132,7 +132,11 @@ def mk(store, budget, loader=None, **kw):
 def test_prediction_reads_headers(store):
     s = settings(store, 10**9)
     fp = predict_footprint(
-        inspect_checkpoint(store / "b"), max_slots=2, max_seq=64, dtype=torch.bfloat16, prefill_chunk=s.prefill_chunk
+        inspect_checkpoint(store / "b"),
+        max_batch_size=2,
+        max_seq=64,
+        dtype=torch.bfloat16,
+        prefill_chunk=s.prefill_chunk,
     )
     assert fp.weights_bytes == 2000 * 2  # a float32 tensor in the header, loaded as bfloat16
     assert fp.as_dict() == mk(store, 10**9)[0].predict("b").as_dict()  # what the manager budgets
@@ -156,7 +160,7 @@ def test_acquire_loads_once_and_counts_in_flight(store):
         assert all(lm is lms[0] for lm in lms)
         assert lms[0].in_flight == 0
         assert isinstance(lms[0].engine, FakeEngine) and lms[0].tokenizer == "tok"
-        assert lms[0].runner.kw == dict(device="cpu", dtype="bfloat16", max_slots=2, max_seq=64)
+        assert lms[0].runner.kw == dict(device="cpu", dtype="bfloat16", max_batch_size=2, max_seq=64)
         rows = {r.name: r for r in mgr.list_models()}
         assert rows["a"].state == "loaded" and rows["b"].state == "available"
         await mgr.close()
@@ -301,7 +305,10 @@ def test_per_model_settings_and_aliases(store, tmp_path):
     cfg = tmp_path / "models.json"
     cfg.write_text(
         json.dumps(
-            {"models": {"a": {"aliases": ["x"], "max_context": 32, "max_batch": 1}}, "aliases": {"gpt-4o-mini": "b"}}
+            {
+                "models": {"a": {"aliases": ["x"], "max_context": 32, "max_batch_size": 1}},
+                "aliases": {"gpt-4o-mini": "b"},
+            }
         )
     )
     st = ModelStore(store, cfg)
@@ -311,7 +318,7 @@ def test_per_model_settings_and_aliases(store, tmp_path):
     async def main():
         mgr, _ = mk(store, 10 * 1024**3, models_config=cfg)
         lm = await mgr.load("x")
-        assert lm.runner.kw["max_seq"] == 32 and lm.runner.kw["max_slots"] == 1
+        assert lm.runner.kw["max_seq"] == 32 and lm.runner.kw["max_batch_size"] == 1
         assert lm.settings.max_context == 32 and lm.predicted.max_seq == 32
         await mgr.close()
 
@@ -320,6 +327,10 @@ def test_per_model_settings_and_aliases(store, tmp_path):
     bad.write_text(json.dumps({"models": {"a": {"pinnned": True}}}))
     with pytest.raises(ValueError, match="pinnned"):
         ModelStore(store, bad)
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"models": {"a": {"max_batch": 2}}}))
+    with pytest.raises(ValueError, match="'max_batch' is now 'max_batch_size'"):
+        ModelStore(store, old)
 
 
 def test_cuda_runtime_terms(monkeypatch):

@@ -29,8 +29,8 @@ def feed(m: Metrics) -> None:
             step_duration_s=0.05,
             running=2,
             waiting=3,
-            kv_slots_used=2,
-            kv_slots_total=8,
+            slots_used=2,
+            max_batch_size=8,
             kv_tokens_used=512,
             kv_tokens_total=2048,
         )
@@ -44,8 +44,8 @@ def feed(m: Metrics) -> None:
             step_duration_s=0.05,
             running=2,
             waiting=1,
-            kv_slots_used=2,
-            kv_slots_total=8,
+            slots_used=2,
+            max_batch_size=8,
         )
     )
     m.on_request_finished(
@@ -104,8 +104,8 @@ def test_occupancy_report_without_a_step_zeroes_gauges_and_streams_no_weights():
             step_duration_s=0.0,
             running=0,
             waiting=0,
-            kv_slots_used=0,
-            kv_slots_total=8,
+            slots_used=0,
+            max_batch_size=8,
             kv_tokens_used=0,
             kv_tokens_total=2048,
         )

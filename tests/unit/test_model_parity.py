@@ -92,7 +92,7 @@ def _hf(path, dtype):
 def test_prefill_and_batched_decode_match_transformers(tiny_dirs, arch, dtype, atol):
     path = tiny_dirs[arch]
     hf = _hf(path, dtype)
-    runner = load_runner(path, dtype=dtype, max_slots=4, max_seq=128)
+    runner = load_runner(path, dtype=dtype, max_batch_size=4, max_seq=128)
     assert type(runner).__name__ == "Runner"
     g = torch.Generator().manual_seed(1)
     seqs = [torch.randint(0, 256, (n,), generator=g) for n in (9, 17, 30)]
@@ -126,7 +126,7 @@ def test_prefill_and_batched_decode_match_transformers(tiny_dirs, arch, dtype, a
 def test_greedy_tokens_match_hf_generate(tiny_dirs):
     path = tiny_dirs["llama"]
     hf = _hf(path, torch.float32)
-    runner = load_runner(path, dtype=torch.float32, max_slots=2, max_seq=64)
+    runner = load_runner(path, dtype=torch.float32, max_batch_size=2, max_seq=64)
     prompt = torch.tensor([3, 14, 15, 92, 65, 35])
     with torch.no_grad():
         ref = hf.generate(prompt[None], max_new_tokens=12, do_sample=False, min_new_tokens=12)[0, len(prompt) :]
@@ -142,7 +142,7 @@ def test_greedy_tokens_match_hf_generate(tiny_dirs):
 
 
 def test_kv_cache_allocated_once_and_slots_reused(tiny_dirs):
-    runner = load_runner(tiny_dirs["llama"], dtype=torch.float32, max_slots=2, max_seq=64)
+    runner = load_runner(tiny_dirs["llama"], dtype=torch.float32, max_batch_size=2, max_seq=64)
     ptrs = runner.cache.data_ptrs()
     first = runner.prefill(torch.tensor([1, 2, 3, 4]), 0, 0)
     runner.decode(torch.tensor([5]), torch.tensor([4]), torch.tensor([0]))
@@ -158,9 +158,9 @@ def test_kv_cache_allocated_once_and_slots_reused(tiny_dirs):
 
 def test_unsupported_arch_falls_back_with_warning(tiny_dirs, caplog):
     with caplog.at_level(logging.WARNING, logger="models.loader"):
-        runner = load_runner(tiny_dirs["gpt2"], dtype=torch.float32, max_slots=8, max_seq=64)
+        runner = load_runner(tiny_dirs["gpt2"], dtype=torch.float32, max_batch_size=8, max_seq=64)
     assert any("no fused implementation" in r.getMessage() for r in caplog.records)
-    assert runner.max_slots == 1
+    assert runner.max_batch_size == 1
     hf = _hf(tiny_dirs["gpt2"], torch.float32)
     prompt = torch.tensor([1, 2, 3, 4, 5])
     with torch.no_grad():
@@ -175,8 +175,8 @@ def test_inspect_and_footprint(tiny_dirs):
     assert (info.arch, info.fused, info.num_layers, info.num_kv_heads, info.head_dim) == ("qwen2", True, 2, 2, 16)
     hf = _hf(tiny_dirs["qwen2"], torch.float32)
     assert info.weight_bytes == sum(p.numel() * 4 for p in hf.state_dict().values())  # fp32 checkpoint
-    fp = predict_footprint(info, max_slots=4, max_seq=128, dtype=torch.float32)
-    runner = load_runner(tiny_dirs["qwen2"], dtype=torch.float32, max_slots=4, max_seq=128)
+    fp = predict_footprint(info, max_batch_size=4, max_seq=128, dtype=torch.float32)
+    runner = load_runner(tiny_dirs["qwen2"], dtype=torch.float32, max_batch_size=4, max_seq=128)
     rep = runner.memory_report()
     assert fp.kv_cache_bytes == rep["kv_cache_bytes"]
     assert fp.weights_bytes == rep["weights_bytes"]

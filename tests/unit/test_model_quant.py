@@ -205,7 +205,7 @@ def test_quantized_greedy_and_logits_match_gptqmodel(quant_dirs, arch, variant):
     # float32 is the exact reference of the checkpoint; its bf16 path measures what bf16 rounding alone costs
     hf = AutoModelForCausalLM.from_pretrained(str(path), device_map="cpu", dtype=torch.float32).eval()
     hf16 = AutoModelForCausalLM.from_pretrained(str(path), device_map="cpu", dtype=torch.bfloat16).eval()
-    runner = load_runner(path, dtype=torch.bfloat16, max_slots=2, max_seq=64)
+    runner = load_runner(path, dtype=torch.bfloat16, max_batch_size=2, max_seq=64)
     assert type(runner).__name__ == "Runner"
     assert all(type(m).__name__ in ("QuantLinear", "Concat") for m in runner.model.linear_modules())
     prompt, ref_ids, ref_logits, tol = _prompt_with_clear_margins(hf, hf16)
@@ -226,9 +226,9 @@ def test_quantized_footprint_prediction_matches_loaded(quant_dirs):
     path = quant_dirs[("llama", "gptq_act_order")]
     info = inspect_checkpoint(path)
     assert info.qcfg.method == "gptq" and info.qcfg.desc_act
-    runner = load_runner(path, dtype=torch.bfloat16, max_slots=2, max_seq=64)
+    runner = load_runner(path, dtype=torch.bfloat16, max_batch_size=2, max_seq=64)
     rep = runner.memory_report()
-    fp = predict_footprint(info, max_slots=2, max_seq=64, dtype=torch.bfloat16)
+    fp = predict_footprint(info, max_batch_size=2, max_seq=64, dtype=torch.bfloat16)
     assert fp.kv_cache_bytes == rep["kv_cache_bytes"]
     assert abs(fp.weights_bytes - rep["weights_bytes"]) <= 0.1 * rep["weights_bytes"], (
         fp.weights_bytes,
@@ -246,4 +246,4 @@ def test_unsupported_quant_format_fails_loudly(quant_dirs, tmp_path):
     cfg["quantization_config"] = {"quant_method": "exl2", "bits": 4}
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedFormatError, match="exl2|EXL2"):
-        load_runner(bad, max_slots=1, max_seq=32)
+        load_runner(bad, max_batch_size=1, max_seq=32)
