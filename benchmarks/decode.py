@@ -12,9 +12,14 @@ Rows (medians of --runs; greedy; --threads CPU threads):
 - achieved GB/s (bytes read per decode step / step time) vs a read bandwidth measured here (big tensor sum)
   and a copy bandwidth (read + write);
 - llama.cpp (llama-cpp-python) on the SmolLM2 GGUF when `llama_cpp` is importable (optional peer);
-- loaded memory (RSS growth while loading) vs packed weights + scales + embeddings + KV cache (prediction).
-Prints a Markdown table and writes JSON. The 1-minute load average is recorded: figures taken on a busy
-machine are not comparable.
+- loaded memory (RSS growth while loading) vs packed weights + scales + embeddings + KV cache (prediction);
+- bytes read per step and per token at batch 1 and 8, and the roofline: tok/s if a step only streamed those
+  bytes at the measured read bandwidth, and the achieved fraction;
+- with --profile (default; --no-profile skips it): a torch.profiler table of a few batch-1 and batch-8 decode
+  steps, share of step time and GB/s per op class (OP_CLASSES maps aten op names to classes).
+Prints Markdown tables and writes JSON. The 1-minute load average and the CPU (`lscpu` model name and flags,
+torch's CPU capability) are recorded: figures from a busy machine, or from CPUs with other ISAs (AVX2 vs
+AVX-512), are not comparable.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import importlib.util
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,6 +39,8 @@ from typing import Any, Callable, Dict, List, Optional
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from benchmarks.bandwidth import measure_bandwidth  # noqa: E402
 
 BASE = "smollm2-135m-instruct"
 
@@ -50,6 +58,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-seq", type=int, default=1024)
     p.add_argument("--skip-hf", action="store_true", help="skip the transformers baselines")
+    p.add_argument(
+        "--profile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="per-op profile of batch-1 and batch-8 decode steps (torch.profiler; --no-profile skips it)",
+    )
+    p.add_argument("--profile-steps", type=int, default=5, help="decode steps profiled after 2 warm-up steps")
     p.add_argument("--json", type=Path, default=None, help="write results here")
     p.add_argument("--log-level", default="warning")
 
@@ -63,20 +78,6 @@ def _median_time(fn: Callable[[], Any], runs: int) -> float:
     return statistics.median(ts)
 
 
-def measure_bandwidth(mib: int = 512) -> Dict[str, float]:
-    """CPU memory bandwidth from big tensors: read (sum of a bf16 tensor) and copy (read + write bytes)."""
-    import torch
-
-    n = mib * 2**20
-    a = torch.ones(n // 2, dtype=torch.bfloat16)
-    b = torch.empty_like(a)
-    a.sum()
-    b.copy_(a)
-    t_read = min(_median_time(lambda: a.sum(dtype=torch.float32), 3) for _ in range(2))
-    t_copy = min(_median_time(lambda: b.copy_(a), 3) for _ in range(2))
-    return {"read_GBps": n / t_read / 1e9, "copy_GBps": 2 * n / t_copy / 1e9}
-
-
 def _rss() -> int:
     import psutil
 
@@ -88,6 +89,172 @@ def _prompt(n: int, vocab: int, seed: int = 0):
 
     g = torch.Generator().manual_seed(seed)
     return torch.randint(100, min(vocab, 40000), (n,), generator=g)
+
+
+# Op classes of the decode profile, by aten op name prefix (first match wins). An op inside a classified op
+# (the kernels under SDPA, the casts inside rms_norm) takes the class of its outermost classified ancestor.
+OP_CLASSES = (
+    ("aten::_weight_int4pack_mm", "int4 matmul"),
+    ("aten::_weight_int8pack_mm", "lm_head"),  # the int8 head
+    ("aten::scaled_dot_product_attention", "attention"),
+    ("aten::_scaled_dot_product", "attention"),
+    ("aten::rms_norm", "norms"),
+    ("aten::_fused_rms_norm", "norms"),
+    ("aten::layer_norm", "norms"),
+    ("aten::index_put", "KV writes"),
+    ("aten::_index_put_impl", "KV writes"),
+    ("aten::index_copy", "KV writes"),
+    ("aten::index_select", "KV gather"),  # only of a 4-D tensor (the cache); see _op_class
+)
+PROFILE_CLASSES = ("int4 matmul", "lm_head", "attention", "norms", "KV writes", "KV gather", "rest", "outside ops")
+HEAD_RANGE = "jetserve::lm_head"  # a dense head is an aten::mm like any other matmul: found by its module
+STEP_RANGE = "jetserve::decode_step"
+
+
+def _op_class(ev) -> Optional[str]:
+    if ev.name == HEAD_RANGE:
+        return "lm_head"
+    for prefix, cls in OP_CLASSES:
+        if ev.name.startswith(prefix):
+            if cls == "KV gather":  # the embedding lookup and act-order permutations gather 2-D tensors
+                shapes = ev.input_shapes or [[]]
+                return cls if len(shapes[0]) == 4 else None
+            return cls
+    return None
+
+
+def profile_decode(runner, batch: int, context: int, steps: int = 5, warmup: int = 2) -> Dict[str, Any]:
+    """torch.profiler over `steps` decode steps of `batch` rows at position `context - 1`, after `warmup` steps.
+
+    Returns, per class of PROFILE_CLASSES, the median over the steps of its ms per step (self CPU time of the
+    ops in it; "outside ops" is the Python between them), its share of their sum (`step_ms`, under the
+    profiler), the bytes it reads per step (model buffers; KV at the attention length SDPA saw; KV writes:
+    bytes written) and GB/s."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    steps = max(1, steps)
+    m, dims = runner.model, runner.model.dims
+    slots = torch.arange(batch)
+    pos = torch.full((batch,), context - 1)
+    toks = torch.full((batch,), 5)
+    head = m.lm_head
+    head_forward = head.forward
+
+    def timed_head(*a, **kw):
+        with record_function(HEAD_RANGE):
+            return head_forward(*a, **kw)
+
+    head.forward = timed_head
+    try:
+        for _ in range(warmup):
+            runner.decode(toks, pos, slots)
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            for _ in range(steps):
+                with record_function(STEP_RANGE):
+                    runner.decode(toks, pos, slots)
+    finally:
+        del head.forward  # back to the class's forward
+    attn_len = [context]
+
+    def walk(ev, cls: Optional[str], top: bool, us: Dict[str, float]) -> None:
+        own = cls or _op_class(ev)
+        if own == "attention" and ev.name == "aten::scaled_dot_product_attention" and len(ev.input_shapes) > 1:
+            attn_len[0] = ev.input_shapes[1][-2]  # key (B, kv_heads, kv_len, D)
+        us[own or ("outside ops" if top else "rest")] += ev.self_cpu_time_total
+        for ch in ev.cpu_children:
+            walk(ch, own, False, us)
+
+    per_step, step_us = [], []
+    for ev in prof.events():
+        if ev.name == STEP_RANGE:
+            per_step.append(dict.fromkeys(PROFILE_CLASSES, 0.0))
+            walk(ev, None, True, per_step[-1])
+            step_us.append(ev.cpu_time_total)
+    # per-class median over the steps: one step preempted on a shared CPU does not skew the table
+    us = {c: statistics.median(s[c] for s in per_step) for c in PROFILE_CLASSES}
+    kv = runner.cache.k[0]
+    kv_token = 2 * dims.layers * dims.kv_heads * dims.head_dim * kv.element_size()  # K and V of one position
+    act = torch.empty((), dtype=runner.dtype).element_size()
+    norm_w = m.final_norm.weight.element_size()
+    nbytes = {
+        "int4 matmul": sum(x.weight_bytes() for x in m.linear_modules()),
+        "lm_head": head.weight_bytes(),
+        "attention": batch * attn_len[0] * kv_token,
+        "norms": (2 * dims.layers + 1) * (2 * batch * dims.hidden * act + dims.hidden * norm_w),
+        "KV writes": batch * kv_token,
+        "KV gather": batch * attn_len[0] * kv_token,
+    }
+    total = sum(us.values())
+    classes = {}
+    for c in PROFILE_CLASSES:
+        ms = us[c] / 1e3
+        b = nbytes.get(c, 0)
+        classes[c] = {
+            "share": us[c] / total if total else 0.0,
+            "ms": ms,
+            "bytes": b,
+            "GBps": b / ms / 1e6 if b and ms > 0 else None,
+        }
+    return {
+        "batch": batch,
+        "context": context,
+        "attn_len": int(attn_len[0]),
+        "steps": len(per_step),
+        "step_ms": total / 1e3,
+        "step_range_ms": statistics.median(step_us) / 1e3,  # the steps' own median (= step_ms for 1 or 2 steps)
+        "classes": classes,
+    }
+
+
+def format_profile(p: Dict[str, Any]) -> str:
+    """Markdown table of one `profile_decode` result."""
+    out = ["| op class | share | ms/step | MB read/step | GB/s |", "|---|---|---|---|---|"]
+    for c, v in p["classes"].items():
+        mb = f"{v['bytes'] / 1e6:.2f}" if v["bytes"] else "–"
+        gbs = f"{v['GBps']:.1f}" if v["GBps"] else "–"
+        out.append(f"| {c} | {v['share']:.1%} | {v['ms']:.2f} | {mb} | {gbs} |")
+    return "\n".join(out)
+
+
+def roofline(bytes_per_step: int, batch: int, tok_s: float, read_GBps: float) -> Dict[str, float]:
+    """Tokens/s if every step only streamed its bytes at the measured read bandwidth, and the achieved fraction."""
+    top = batch * read_GBps * 1e9 / bytes_per_step
+    return {
+        "bytes_per_step": bytes_per_step,
+        "bytes_per_token": bytes_per_step / batch,
+        "roofline_tok_s": top,
+        "achieved_fraction": tok_s / top,
+    }
+
+
+ISA_PREFIXES = ("avx", "amx", "fma", "f16c", "asimd", "sve", "bf16", "i8mm")
+
+
+def cpu_info() -> Dict[str, Any]:
+    """`lscpu`'s model name and flags (else /proc/cpuinfo's) and torch's CPU capability (the kernels' ISA)."""
+    import torch
+
+    fields: Dict[str, str] = {}
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        text = ""
+    if not text:
+        try:
+            text = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            text = ""
+    for line in text.splitlines():
+        k, _, v = line.partition(":")
+        fields.setdefault(k.strip().lower(), v.strip())
+    flags = (fields.get("flags") or fields.get("features") or "").split()
+    return {
+        "model_name": fields.get("model name") or "unknown",
+        "flags": flags,
+        "isa_flags": [f for f in flags if f.startswith(ISA_PREFIXES)],
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
 
 
 def bench_ours(model_dir: Path, args) -> Dict[str, Any]:
@@ -132,6 +299,10 @@ def bench_ours(model_dir: Path, args) -> Dict[str, Any]:
     kv_len = 32 + n // 2  # mean attention length during the run
     kv_read = 2 * dims.layers * kv_len * dims.kv_heads * dims.head_dim * 2
     bytes_per_step = lin + head + kv_read
+    profile = {}
+    if getattr(args, "profile", False):
+        for B in (1, 8):
+            profile[f"b{B}"] = profile_decode(runner, B, kv_len, args.profile_steps)
     res = {
         "model": model_dir.name,
         "load_s": load_s,
@@ -141,11 +312,14 @@ def bench_ours(model_dir: Path, args) -> Dict[str, Any]:
         "b8_over_b1": b8 / b1,
         "bytes_per_token_b1": bytes_per_step,
         "achieved_GBps_b1": bytes_per_step * b1 / 1e9,
+        "bytes_per_step_b8": lin + head + 8 * kv_read,
         "memory_report": rep,
         "rss_growth_bytes": rss1 - rss0,
         "predicted": {"weights": fp.weights_bytes, "kv_cache": fp.kv_cache_bytes, "workspace": fp.workspace_bytes},
         "loaded_over_packed_plus_kv": (rss1 - rss0) / (fp.weights_bytes + fp.kv_cache_bytes),
     }
+    if profile:
+        res["profile"] = profile
     runner = None  # free it before the next model loads
     gc.collect()
     return res
@@ -312,6 +486,29 @@ def _fmt_table(r: Dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _add_roofline(res: Dict[str, Any], read_GBps: float) -> None:
+    res["roofline"] = {
+        "b1": roofline(res["bytes_per_token_b1"], 1, res["decode_b1_tok_s"], read_GBps),
+        "b8": roofline(res["bytes_per_step_b8"], 8, res["decode_b8_tok_s"], read_GBps),
+    }
+
+
+def _fmt_roofline(res: Dict[str, Any], read_GBps: float) -> str:
+    out = [
+        f"roofline, {res['model']} (bytes read per step at the run's mean context / {read_GBps:.1f} GB/s read, "
+        "measured here)",
+        "| batch | MB read/step | MB read/token | roofline tok/s | measured tok/s | achieved |",
+        "|---|---|---|---|---|---|",
+    ]
+    for b, tok_s in (("b1", res["decode_b1_tok_s"]), ("b8", res["decode_b8_tok_s"])):
+        x = res["roofline"][b]
+        out.append(
+            f"| {b[1:]} | {x['bytes_per_step'] / 1e6:.1f} | {x['bytes_per_token'] / 1e6:.1f} | "
+            f"{x['roofline_tok_s']:.1f} | {tok_s:.1f} | {x['achieved_fraction']:.0%} |"
+        )
+    return "\n".join(out)
+
+
 def run(args) -> int:
     import logging
 
@@ -332,6 +529,7 @@ def run(args) -> int:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "loadavg_1m_start": os.getloadavg()[0],
+        "cpu": cpu_info(),
     }
 
     def step(key: str, fn: Callable[[], Any]) -> None:
@@ -351,12 +549,29 @@ def run(args) -> int:
             step("hf_bf16", lambda: bench_hf_generate(dense, args))
     step("llama_cpp", lambda: bench_llama_cpp(args))
     r["loadavg_1m_end"] = os.getloadavg()[0]
+    for key in ("ours_gptq", "ours_awq"):
+        if key in r:
+            _add_roofline(r[key], r["bandwidth"]["read_GBps"])
     table = _fmt_table(r)
     print(table)
     print(
         f"\n(threads={r['threads']}, new tokens={args.new_tokens}, medians of {args.runs} runs, "
         f"1-min load average {r['loadavg_1m_start']:.1f} -> {r['loadavg_1m_end']:.1f} on {os.cpu_count()} CPUs)"
     )
+    cpu = r["cpu"]
+    print(
+        f"machine: {cpu['model_name']}, torch CPU capability {cpu['torch_cpu_capability']}, "
+        f"ISA flags: {' '.join(cpu['isa_flags']) or 'none'} (all lscpu flags in the JSON)"
+    )
+    for key in ("ours_gptq", "ours_awq"):
+        if key in r:
+            print("\n" + _fmt_roofline(r[key], r["bandwidth"]["read_GBps"]))
+            for p in r[key].get("profile", {}).values():
+                print(
+                    f"\nper-op profile, {r[key]['model']}, batch {p['batch']}, attention length {p['attn_len']}: "
+                    f"{p['step_ms']:.2f} ms/step under the profiler (per-class medians of {p['steps']} steps)"
+                )
+                print(format_profile(p))
     r["table_md"] = table
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

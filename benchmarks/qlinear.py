@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.bandwidth import measure_bandwidth  # noqa: E402
 from models import kernels  # noqa: E402
 from models.formats import QuantizedWeight  # noqa: E402
 from models.qlinear import QuantLinear  # noqa: E402
@@ -142,12 +143,8 @@ def bench_fusion(
 
 def bench_bandwidth(device: torch.device, shapes: dict, group: int, reps: int, gen: torch.Generator) -> None:
     """Batch-1 achieved GB/s (packed weight + scales bytes / time) against a copy the script measures itself."""
-    nbytes = 1 << 28 if device.type == "cuda" else 1 << 26
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    t_copy = timer(device, lambda: dst.copy_(src), reps)
-    copy_gbs = 2 * nbytes / t_copy / 1e9  # read + write
-    src = dst = None  # free the copy buffers
+    mib = 256 if device.type == "cuda" else 64
+    copy_gbs = measure_bandwidth(device, mib, lambda fn: timer(device, fn, reps))["copy_GBps"]  # read + write
     print(f"\n## batch-1 bandwidth on {device.type}: measured copy {copy_gbs:.1f} GB/s (read+write)")
     print("| layer | bytes | int4 us | GB/s | % of copy |")
     print("|---|---|---|---|---|")
