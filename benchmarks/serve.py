@@ -7,12 +7,16 @@ One run measures, on the same machine and model:
 3. aggregate tok/s and TTFT p50/p95 at 1, 2, 4, 8 concurrent streams;
 4. a server-side probe that is robust to background load: the app in this process streams one request to a
    `curl` client while the engine's steps are timed; the fraction of wall time spent inside engine steps shows
-   how much the HTTP/SSE side delays generation (1.0 = not at all).
+   how much the HTTP/SSE side delays generation (1.0 = not at all);
+5. prefix caching: TTFT of a request whose first `--prefix-tokens` (1,000) prompt tokens repeat the previous
+   request's vs that first request's, against a server with a context large enough; prints first / second
+   (target >= 5). `--prefix-only` runs just this.
 
 Decode tok/s = (completion_tokens - 1) / (time of last token - time of first token), so prefill/TTFT is
 excluded from both sides of the ratio. Requests use greedy decoding with ignore_eos so lengths are fixed.
 
     python benchmarks/serve.py [--model NAME] [--model-store DIR] [--device cpu] [--tokens 64] [--reps 3]
+                               [--prefix-tokens 1000] [--prefix-only]
 """
 
 from __future__ import annotations
@@ -120,6 +124,94 @@ async def concurrency(base: str, model: str, n: int, tokens: int) -> Dict[str, f
         "per_stream_decode_tps": statistics.median(r[1] for r in res),
         "wall_s": wall,
     }
+
+
+async def ttft_request(client, model: str, prompt_ids: List[int]) -> Tuple[float, int]:
+    """(ttft_s, usage cached_tokens) of one streamed greedy completion of 2 tokens from token ids."""
+    body = {
+        "model": model,
+        "prompt": prompt_ids,
+        "max_tokens": 2,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+    }
+    t0 = time.perf_counter()
+    first = None
+    cached = -1
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            d = json.loads(line[6:])
+            if d.get("choices") and first is None:
+                first = time.perf_counter()
+            if d.get("usage"):
+                cached = d["usage"]["prompt_tokens_details"]["cached_tokens"]
+    return first - t0, cached
+
+
+def prefix_cache_ttft(args, env: Dict[str, str]) -> Dict[str, object]:
+    """TTFT of a request sharing its first `args.prefix_tokens` tokens with the previous request vs the first,
+    on a fresh `jetserve serve` whose context holds them; one new shared prefix per rep (no stale hits)."""
+    import httpx
+
+    from models.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(args.model_store / args.model)
+    filler = " ".join(f"Rule {i}: be brief, be polite, never invent facts, cite the manual." for i in range(400))
+    q1, q2 = tok.encode(" First question: what should I do?"), tok.encode(" Second question: how do I reset it?")
+    ctx = -(-(args.prefix_tokens + max(len(q1), len(q2)) + 64) // 256) * 256
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    proc = start_server(argparse.Namespace(**{**vars(args), "max_context": ctx}), port, env)
+    base = f"http://127.0.0.1:{port}"
+    firsts: List[float] = []
+    seconds: List[float] = []
+    cached: List[int] = []
+    try:
+        wait_ready(base, proc)
+
+        async def go():
+            async with httpx.AsyncClient(base_url=base, timeout=600) as c:
+                await ttft_request(c, args.model, tok.encode(PROMPT))  # warm
+                for rep in range(args.reps):
+                    system = tok.encode(f"Session {rep}. {filler}")[: args.prefix_tokens]
+                    t1, c1 = await ttft_request(c, args.model, system + q1)
+                    t2, c2 = await ttft_request(c, args.model, system + q2)
+                    assert c1 < 16, f"the first request of rep {rep} hit the cache ({c1} tokens)"
+                    firsts.append(t1)
+                    seconds.append(t2)
+                    cached.append(c2)
+
+        asyncio.run(go())
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    first, second = statistics.median(firsts), statistics.median(seconds)
+    return {
+        "prefix_tokens": args.prefix_tokens,
+        "ttft_first_s": first,
+        "ttft_second_s": second,
+        "ratio": first / second,
+        "cached_tokens": statistics.median(cached),
+        "firsts": firsts,
+        "seconds": seconds,
+    }
+
+
+def print_prefix(r: Dict[str, object]) -> None:
+    print(
+        f"prefix cache: TTFT first {r['ttft_first_s'] * 1000:.1f} ms, second sharing a {r['prefix_tokens']}-token "
+        f"prefix ({r['cached_tokens']:.0f} tokens cached) {r['ttft_second_s'] * 1000:.1f} ms, "
+        f"ratio {r['ratio']:.1f}x (median of {len(r['firsts'])}; target >= 5)"
+    )
 
 
 def engine_busy_probe(args, tokens: int) -> Dict[str, float]:
@@ -254,6 +346,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-context", type=int, default=512)
     p.add_argument("--streams", default="1,2,4,8")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    p.add_argument("--prefix-tokens", type=int, default=1000, help="shared prompt prefix of the prefix-cache TTFT")
+    p.add_argument("--prefix-only", action="store_true", help="run only the prefix-cache TTFT measurement")
     args = p.parse_args(argv)
     if args.model is None:
         for name in ("smollm2-135m-instruct-gptq-g64", "smollm2-135m-instruct"):
@@ -262,6 +356,13 @@ def main(argv=None) -> int:
                 break
         else:
             p.error(f"no model in {args.model_store}; run `jetserve demo prepare`")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JETSERVE_")}
+    if args.prefix_only:
+        r = prefix_cache_ttft(args, env)
+        print_prefix(r)
+        if args.json:
+            args.json.write_text(json.dumps({"model": args.model, "device": args.device, "prefix_cache": r}, indent=2))
+        return 0
 
     import torch
 
@@ -290,7 +391,6 @@ def main(argv=None) -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JETSERVE_")}
     proc = start_server(args, port, env)
     base = f"http://127.0.0.1:{port}"
     result: Dict[str, object] = {
@@ -344,6 +444,8 @@ def main(argv=None) -> int:
             f"streaming SSE ({probe['sse_tps']:.1f} tok/s) vs {probe['json_engine_busy']:.1%} for the same request "
             f"without streaming ({probe['json_tps']:.1f} tok/s)"
         )
+    result["prefix_cache"] = prefix_cache_ttft(args, env)
+    print_prefix(result["prefix_cache"])
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return 0

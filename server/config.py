@@ -87,6 +87,11 @@ class Settings(BaseSettings):
     )
     max_queue: int = Field(64, ge=0, description="Waiting requests per model before 429.")
     prefill_chunk: int = Field(256, ge=16, description="Prompt tokens prefilled per engine step (chunked prefill).")
+    prefix_caching: bool = Field(
+        True,
+        description="Reuse the KV of a previous request's identical prompt prefix left in a free slot "
+        "(off for the transformers fallback runner).",
+    )
     request_timeout_s: float = Field(300.0, gt=0, description="Per-request wall-clock limit.")
     shutdown_grace_s: float = Field(30.0, ge=0, description="On SIGTERM, time in-flight streams get to finish.")
     api_keys: Annotated[List[str], NoDecode] = Field(

@@ -133,6 +133,12 @@ class Metrics:
         self.generation_tokens = Counter(
             PREFIX + "generation_tokens", "Generated tokens of finished requests.", m, registry=r
         )
+        self.prefix_queries = Counter(
+            PREFIX + "prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", m, registry=r
+        )
+        self.prefix_hits = Counter(
+            PREFIX + "prefix_cache_hits", "Prompt tokens served from the prefix cache (KV reused).", m, registry=r
+        )
         self.success = Counter(
             PREFIX + "request_success",
             "Requests that finished with a finish_reason.",
@@ -211,6 +217,9 @@ class Metrics:
         m = r.model
         self.prompt_tokens.labels(m).inc(r.prompt_tokens)
         self.generation_tokens.labels(m).inc(r.generation_tokens)
+        if r.cached_tokens is not None:  # the request was admitted with prefix caching on
+            self.prefix_queries.labels(m).inc(r.prompt_tokens)
+            self.prefix_hits.labels(m).inc(r.cached_tokens)
         with self._lock:
             self._generated_total += r.generation_tokens
         if r.finish_reason in ("error", "timeout"):
@@ -251,6 +260,8 @@ class Metrics:
         for metric in (
             self.prompt_tokens,
             self.generation_tokens,
+            self.prefix_queries,
+            self.prefix_hits,
             self.ttft,
             self.itl,
             self.e2e,

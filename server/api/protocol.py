@@ -298,11 +298,13 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 # ------------------------------------------------------------------------ responses (dicts)
-def usage_dict(prompt_tokens: int, completion_tokens: int) -> Dict[str, int]:
+def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> Dict[str, Any]:
+    """OpenAI usage; `cached_tokens` counts prompt tokens served from the prefix cache (a part of prompt_tokens)."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 

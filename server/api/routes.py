@@ -178,6 +178,7 @@ class _Decoder:
         self.detok = IncrementalDetokenizer(tokenizer, stop, prompt_ids=prompt_ids)
         self.num_logprobs = num_logprobs
         self.completion_tokens = 0
+        self.cached_tokens = 0  # prompt tokens the engine reused from its prefix cache
         self.finish_reason: Optional[str] = None
         self.error: Optional[APIError] = None
         self.text_len = 0
@@ -196,6 +197,8 @@ class _Decoder:
         for ev in events:
             if self.done:
                 break
+            if ev.cached_tokens is not None:
+                self.cached_tokens = ev.cached_tokens
             if ev.token_id >= 0:
                 self.completion_tokens += 1
                 out.append(self.detok.add(ev.token_id))
@@ -352,7 +355,7 @@ async def _complete(
     text, lps = gen.result()
     if dec.error is not None:
         raise dec.error
-    usage = P.usage_dict(n_prompt, dec.completion_tokens)
+    usage = P.usage_dict(n_prompt, dec.completion_tokens, dec.cached_tokens)
     if chat:
         return P.chat_response(rid, created, model, text, dec.finish_reason, _format_logprobs(True, lps, 0), usage)
     return P.completion_response(rid, created, model, text, dec.finish_reason, _format_logprobs(False, lps, 0), usage)
@@ -392,7 +395,7 @@ async def _stream(
                     created,
                     model,
                     "chat.completion.chunk" if chat else "text_completion",
-                    P.usage_dict(n_prompt, dec.completion_tokens),
+                    P.usage_dict(n_prompt, dec.completion_tokens, dec.cached_tokens),
                 )
             )
         yield "[DONE]"

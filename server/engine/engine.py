@@ -10,6 +10,13 @@ with "stop") -> hand tokens to the requests -> `StepStats`. A failure inside one
 only that request with an error; a failing batched decode or sample finishes the sequences of that batch with
 an error and the engine keeps serving.
 
+Prefix caching (`settings.prefix_caching`, as llama.cpp's server with cache_prompt): the engine remembers, per
+KV slot, the token ids whose KV is valid there (the last occupant's prompt and generated tokens that were
+written). A new request takes the free slot sharing the longest prefix with its prompt and prefills from there
+(always at least its last prompt token, so the first token is sampled from fresh logits). The remembered tokens
+are cut to the reused prefix at admission, extended only after a runner call succeeded, and forgotten when a
+runner call on that slot fails, so stale KV is never reused. Off for runners with `fallback = True`.
+
 Occupancy (running, waiting, KV use) is reported through `on_step` after every step and after every loop
 turn whose finishes (abort, stop, timeout, engine stop or crash) changed it without a step following, so the
 gauges fed from it follow state: they read 0 as soon as the last request is gone, with no further traffic.
@@ -49,9 +56,10 @@ logger = logging.getLogger(__name__)
 class Engine:
     """Continuous-batching engine over a `models.runner.Runner`.
 
-    `settings` supplies max_queue, prefill_chunk and request_timeout_s. Batch size is the runner's
-    `max_batch_size`; context is the runner's `max_seq`. `on_step(StepStats)` / `on_request(RequestStats)` run on
-    the engine thread; `on_step` also gets a `batch_size == 0` record when finishes alone changed occupancy.
+    `settings` supplies max_queue, prefill_chunk, request_timeout_s and prefix_caching (default on). Batch size
+    is the runner's `max_batch_size`; context is the runner's `max_seq`. `on_step(StepStats)` /
+    `on_request(RequestStats)` run on the engine thread; `on_step` also gets a `batch_size == 0` record when
+    finishes alone changed occupancy.
     """
 
     def __init__(
@@ -74,6 +82,10 @@ class Engine:
         self.device = getattr(runner, "device", torch.device("cpu"))
         self.on_step = on_step
         self.on_request = on_request
+        self.prefix_caching = bool(getattr(settings, "prefix_caching", True))
+        if self.prefix_caching and getattr(runner, "fallback", False):
+            logger.info("engine %s: prefix caching is off (the transformers fallback runner cannot reuse KV)", name)
+            self.prefix_caching = False
 
         self._cv = threading.Condition()
         self._inbox: Deque[SequenceState] = deque()
@@ -87,6 +99,7 @@ class Engine:
         self._outbox: List[tuple] = []  # (handle, event) delivered together at the end of each loop turn
         self._running: List[SequenceState] = []
         self._waiting: Deque[SequenceState] = deque()
+        self._slot_tokens: List[List[int]] = [[] for _ in range(self.max_batch_size)]  # valid KV per slot
 
         # Counters readable from any thread (plain ints; torn reads are harmless).
         self.steps = 0
@@ -190,12 +203,13 @@ class Engine:
     # ----------------------------------------------------------------- engine thread
     def _run(self) -> None:
         logger.info(
-            "engine %s started (slots=%d, max_seq=%d, prefill_chunk=%d, max_queue=%d)",
+            "engine %s started (slots=%d, max_seq=%d, prefill_chunk=%d, max_queue=%d, prefix_caching=%s)",
             self.name,
             self.max_batch_size,
             self.max_seq,
             self.scheduler.prefill_chunk,
             self.max_queue,
+            self.prefix_caching,
         )
         try:
             while True:
@@ -242,11 +256,19 @@ class Engine:
         t0 = time.perf_counter()
         used = {s.slot for s in self._running}
         free = [i for i in range(self.max_batch_size) if i not in used]
-        plan = self.scheduler.plan(self._running, list(self._waiting), free)
+        reusable = None
+        if self.prefix_caching:
+            free.sort(key=lambda i: len(self._slot_tokens[i]))  # ties go to the slot caching least
+            reusable = self._reusable
+        plan = self.scheduler.plan(self._running, list(self._waiting), free, reusable)
         for seq, slot in plan.admit:
             self._waiting.remove(seq)
             seq.slot = slot
             seq.admit_time = t0
+            n = plan.cached.get(slot, 0)
+            del self._slot_tokens[slot][n:]  # eviction: only the reused prefix stays valid
+            seq.num_prefilled = n
+            seq.cached_tokens = n if self.prefix_caching else None
             self._running.append(seq)
 
         to_sample: List[SequenceState] = []
@@ -255,12 +277,14 @@ class Engine:
         prefill_seqs = 0
         for seq, start, n in plan.prefill:
             try:
-                ids = torch.tensor(seq.request.prompt_ids[start : start + n], dtype=torch.long)
-                logits = self.runner.prefill(ids, seq.slot, start)
+                chunk = seq.request.prompt_ids[start : start + n]
+                logits = self.runner.prefill(torch.tensor(chunk, dtype=torch.long), seq.slot, start)
             except Exception as e:
                 logger.warning("request %s failed in prefill: %s", seq.request.request_id, e, exc_info=True)
+                self._slot_tokens[seq.slot].clear()  # unknown what was written
                 self._finish(seq, FINISH_ERROR, error=f"prefill failed: {e}", error_code="internal_error")
                 continue
+            self._slot_tokens[seq.slot].extend(chunk)
             seq.num_prefilled += n
             prefill_tokens += n
             prefill_seqs += 1
@@ -277,9 +301,12 @@ class Engine:
             try:
                 logits_parts.append(self.runner.decode(tokens, positions, slots))  # (B, vocab)
                 to_sample.extend(decode)
+                for seq in decode:
+                    self._slot_tokens[seq.slot].append(seq.output_ids[-1])
             except Exception as e:
                 logger.exception("batched decode failed for %d sequences", len(decode))
                 for seq in decode:
+                    self._slot_tokens[seq.slot].clear()  # unknown what was written
                     self._finish(seq, FINISH_ERROR, error=f"decode failed: {e}", error_code="internal_error")
 
         if to_sample:
@@ -296,6 +323,15 @@ class Engine:
         self.max_batch_seen = max(self.max_batch_seen, batch)
         self.recent_batch_sizes.append(batch)
         self._report(batch, prefill_tokens, len(decode), time.perf_counter() - t0)
+
+    def _reusable(self, seq: SequenceState, slot: int) -> int:
+        """Prompt tokens of `seq` whose KV is valid in `slot`: the common prefix, at most prompt_len - 1."""
+        cached, prompt = self._slot_tokens[slot], seq.request.prompt_ids
+        limit = min(len(cached), len(prompt) - 1)
+        n = 0
+        while n < limit and cached[n] == prompt[n]:
+            n += 1
+        return n
 
     def _report(self, batch: int, prefill_tokens: int, decode_tokens: int, duration_s: float) -> None:
         """Record the occupancy now (`last_running` / `last_waiting`) and hand a `StepStats` to `on_step`."""
@@ -383,7 +419,8 @@ class Engine:
                 finish = FINISH_STOP
             elif len(seq.output_ids) >= seq.request.max_tokens or seq.prompt_len + len(seq.output_ids) >= self.max_seq:
                 finish = FINISH_LENGTH
-            ev = TokenEvent(token_id=tok, logprob=lp, top=top, finish_reason=finish)
+            cached = seq.cached_tokens if len(seq.output_ids) == 1 else None
+            ev = TokenEvent(token_id=tok, logprob=lp, top=top, finish_reason=finish, cached_tokens=cached)
             if finish is None:
                 self._outbox.append((seq.handle, ev))
             else:
@@ -431,6 +468,7 @@ class Engine:
                     e2e_latency_s=now - seq.submit_time,
                     inter_token_latencies_s=tuple(seq.itl),
                     error_code=error_code,
+                    cached_tokens=seq.cached_tokens,
                 ),
             )
 

@@ -82,7 +82,8 @@ class TokenEvent:
     A token event has `token_id >= 0`. The last event of every stream has `finish_reason` set; it may also
     carry a token (the one that finished it: EOS or the max_tokens-th) or none (`token_id == -1`: abort,
     timeout, error, or a stop the edge asked for with `RequestHandle.abort(FINISH_STOP)`). `error` /
-    `error_code` are set when finish_reason is "error" or "timeout".
+    `error_code` are set when finish_reason is "error" or "timeout". `cached_tokens` is set on the first token
+    event only: how many prompt tokens were served from the prefix cache instead of prefilled.
     """
 
     token_id: int
@@ -91,6 +92,7 @@ class TokenEvent:
     finish_reason: Optional[str] = None
     error: Optional[str] = None
     error_code: Optional[str] = None
+    cached_tokens: Optional[int] = None
 
 
 class RequestHandle:
@@ -177,6 +179,7 @@ class SequenceState:
         "deadline",
         "generator",
         "finished",
+        "cached_tokens",
     )
 
     def __init__(self, request: GenerationRequest, handle: Any, timeout_s: float):
@@ -194,6 +197,7 @@ class SequenceState:
         self.deadline = self.submit_time + timeout_s
         self.generator: Any = None
         self.finished = False
+        self.cached_tokens: Optional[int] = None  # prompt tokens reused at admission (None: no lookup made)
 
     @property
     def prompt_len(self) -> int:

@@ -45,3 +45,4 @@ class RequestStats:
     e2e_latency_s: float  # submit -> finish
     inter_token_latencies_s: Tuple[float, ...] = field(default_factory=tuple)  # gaps between successive tokens
     error_code: Optional[str] = None  # e.g. "internal_error", "request_timeout" when finish_reason is error/timeout
+    cached_tokens: Optional[int] = None  # prompt tokens whose KV was reused; None: no prefix-cache lookup made

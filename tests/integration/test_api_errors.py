@@ -159,7 +159,9 @@ def test_default_max_tokens_is_rest_of_context(server):
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["choices"][0]["finish_reason"] == "length"
-    assert body["usage"] == {"prompt_tokens": 54, "completion_tokens": 10, "total_tokens": 64}
+    usage = body["usage"]
+    assert 0 <= usage.pop("prompt_tokens_details")["cached_tokens"] <= 53  # a shared server may have cached [100]*k
+    assert usage == {"prompt_tokens": 54, "completion_tokens": 10, "total_tokens": 64}
 
 
 def test_body_too_large_is_413(server):

@@ -407,3 +407,109 @@ def test_constraint_that_allows_nothing_errors_that_request_only():
     assert [(e.token_id, e.finish_reason, e.error_code) for e in bad] == [(-1, "error", "internal_error")]
     assert "grammar" in bad[0].error
     assert [e.token_id for e in ok] == [2, 3, 4]
+
+
+class KVRunner(FakeRunner):
+    """A fake runner whose output depends on the KV it holds: next token = sum of the slot's cached tokens at
+    positions [0, pos] (mod EOS), so reusing stale KV changes the output. Nothing is cleared on release."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.kv = [[-1] * self.max_seq for _ in range(self.max_batch_size)]
+
+    def _next(self, slot, pos):
+        assert all(t >= 0 for t in self.kv[slot][: pos + 1]), "attended to a position never written"
+        return sum(self.kv[slot][: pos + 1]) % EOS
+
+    def prefill(self, tokens, slot, start_pos):
+        super().prefill(tokens, slot, start_pos)
+        self.kv[slot][start_pos : start_pos + tokens.numel()] = tokens.tolist()
+        return self._logits(torch.tensor([self._next(slot, start_pos + tokens.numel() - 1) - 1]))[0]
+
+    def decode(self, tokens, positions, slots):
+        super().decode(tokens, positions, slots)
+        nxt = []
+        for t, p, s in zip(tokens.tolist(), positions.tolist(), slots.tolist()):
+            self.kv[s][p] = t
+            nxt.append(self._next(s, p) - 1)
+        return self._logits(torch.tensor(nxt))
+
+
+def _serial(eng, prompts, max_tokens=4):
+    """Run prompts one after another; return each one's events."""
+
+    async def go():
+        return [
+            await collect(eng.submit(GenerationRequest(p, GREEDY, max_tokens=max_tokens, ignore_eos=True)))
+            for p in prompts
+        ]
+
+    return run(go())
+
+
+def test_prefix_cache_takes_the_slot_with_the_longest_prefix_and_starts_after_it():
+    runner = FakeRunner(max_batch_size=3)
+    eng, _, reqs = make(runner, prefill_chunk=16)
+    a, b, c = [1] * 40, [2] * 40, [3] * 5
+    outs = _serial(eng, [a, b, c, b[:30] + [9] * 10, [3] * 5])
+    eng.stop()
+    # distinct prompts spread over the empty slots; the 4th shares 30 tokens with b (slot 1) and starts there
+    assert [p for p in runner.prefills if p[1] == 0] == [(0, 0, 16), (1, 0, 16), (2, 0, 5)]
+    assert runner.prefills[-2] == (1, 30, 10)
+    # an identical prompt reuses all but its last token, which is prefilled for fresh logits
+    assert runner.prefills[-1] == (2, 4, 1)
+    assert [o[0].cached_tokens for o in outs] == [0, 0, 0, 30, 4]
+    assert all(e.cached_tokens is None for o in outs for e in o[1:])  # first token event only
+    assert [r.cached_tokens for r in reqs] == [0, 0, 0, 30, 4]
+    assert [e.token_id for e in outs[3]] == [10, 11, 12, 13]
+
+
+def test_prefix_cache_resumes_chunked_prefill_after_the_cached_prefix():
+    runner = FakeRunner(max_batch_size=1)
+    eng, _, _ = make(runner, prefill_chunk=16)
+    _serial(eng, [list(range(1, 41)), list(range(1, 41)) + list(range(41, 61))])
+    eng.stop()
+    # the second prompt's first 43 tokens (its 40 + 3 generated-and-written) are reused; 17 left in 2 chunks
+    assert runner.prefills[-2:] == [(0, 43, 16), (0, 59, 1)]
+
+
+def test_prefix_cache_never_serves_stale_kv_after_the_slot_is_reused():
+    prompt_a = list(range(1, 31))
+    prompt_b = prompt_a[:10] + [50] * 20  # shares 10 tokens with a, then overwrites the rest of slot 0
+    prompts = [prompt_a, prompt_b, prompt_a]
+    cached_on = KVRunner(max_batch_size=1)
+    eng, _, reqs = make(cached_on)
+    on = _serial(eng, prompts, max_tokens=6)
+    eng.stop()
+    eng, _, _ = make(KVRunner(max_batch_size=1), prefix_caching=False)
+    off = _serial(eng, prompts, max_tokens=6)
+    eng.stop()
+    assert [r.cached_tokens for r in reqs] == [0, 10, 10]  # the third gets the true common prefix only
+    assert [(st, n) for _, st, n in cached_on.prefills] == [(0, 16), (16, 14), (10, 16), (26, 4), (10, 16), (26, 4)]
+    assert [[e.token_id for e in o] for o in on] == [[e.token_id for e in o] for o in off]
+    assert on[0][0].token_id != on[1][0].token_id  # the model really depends on the KV
+
+
+def test_prefix_cache_forgets_a_slot_whose_write_failed():
+    runner = FakeRunner(max_batch_size=1, fail_decode_once=True)
+    eng, _, reqs = make(runner)
+    first, second = _serial(eng, [[1, 2, 3, 4], [1, 2, 3, 4]])
+    eng.stop()
+    assert first[-1].finish_reason == "error"
+    assert second[0].cached_tokens == 0 and runner.prefills[-1] == (0, 0, 4)
+    assert [e.token_id for e in second] == [5, 6, 7, 8]
+
+
+def test_prefix_cache_off_by_setting_or_for_the_fallback_runner():
+    runner = FakeRunner(max_batch_size=1)
+    eng, _, reqs = make(runner, prefix_caching=False)
+    outs = _serial(eng, [[1, 2, 3], [1, 2, 3]])
+    eng.stop()
+    assert runner.prefills == [(0, 0, 3), (0, 0, 3)]
+    assert outs[1][0].cached_tokens is None and [r.cached_tokens for r in reqs] == [None, None]
+    fallback = FakeRunner(max_batch_size=1)
+    fallback.fallback = True
+    eng, _, _ = make(fallback)
+    _serial(eng, [[1, 2, 3], [1, 2, 3]])
+    eng.stop()
+    assert not eng.prefix_caching and fallback.prefills == [(0, 0, 3), (0, 0, 3)]

@@ -89,7 +89,12 @@ def test_long_prompt_prefilled_in_chunks_through_http(tokenizer):
     with c:
         r = c.post("/v1/completions", json={"prompt": [5] * 100, "max_tokens": 3, "temperature": 0})
         assert r.status_code == 200
-        assert r.json()["usage"] == {"prompt_tokens": 100, "completion_tokens": 3, "total_tokens": 103}
+        assert r.json()["usage"] == {
+            "prompt_tokens": 100,
+            "completion_tokens": 3,
+            "total_tokens": 103,
+            "prompt_tokens_details": {"cached_tokens": 0},
+        }
     assert [n for _, _, n in runner.prefills] == [16] * 6 + [4]
     assert [st for _, st, _ in runner.prefills] == list(range(0, 100, 16))
 

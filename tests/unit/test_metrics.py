@@ -59,6 +59,7 @@ def feed(m: Metrics) -> None:
             ttft_s=0.2,
             e2e_latency_s=0.6,
             inter_token_latencies_s=(0.1, 0.1, 0.1, 0.1),
+            cached_tokens=4,
         )
     )
     m.on_request_finished(
@@ -85,6 +86,8 @@ def test_request_series_exist_at_zero_from_the_load():
     m.model_loaded("smol", predicted_bytes=1, measured_bytes=1, load_seconds=0.1)
     assert g("jetserve:generation_tokens_total", {"model": "smol"}) == 0
     assert g("jetserve:prompt_tokens_total", {"model": "smol"}) == 0
+    assert g("jetserve:prefix_cache_queries_total", {"model": "smol"}) == 0
+    assert g("jetserve:prefix_cache_hits_total", {"model": "smol"}) == 0
     assert g("jetserve:time_to_first_token_seconds_count", {"model": "smol"}) == 0
     for gauge in ("jetserve:num_requests_running", "jetserve:num_requests_waiting", "jetserve:kv_cache_usage_ratio"):
         assert g(gauge, {"model": "smol"}) == 0, gauge
@@ -122,6 +125,9 @@ def test_values_from_stats():
     g = m.registry.get_sample_value
     assert g("jetserve:prompt_tokens_total", {"model": "smol"}) == 17
     assert g("jetserve:generation_tokens_total", {"model": "smol"}) == 5
+    # only "a" was looked up in the prefix cache ("b" has cached_tokens None)
+    assert g("jetserve:prefix_cache_queries_total", {"model": "smol"}) == 10
+    assert g("jetserve:prefix_cache_hits_total", {"model": "smol"}) == 4
     assert g("jetserve:request_success_total", {"model": "smol", "finish_reason": "stop"}) == 1
     assert g("jetserve:request_errors_total", {"model": "smol", "code": "internal_error"}) == 1
     assert g("jetserve:request_errors_total", {"model": "smol", "code": "429"}) == 1

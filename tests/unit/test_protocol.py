@@ -184,7 +184,13 @@ def test_api_bounds_and_sampler_validation_agree(name):
 
 def test_response_builders():
     u = P.usage_dict(3, 4)
-    assert u == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    assert u == {
+        "prompt_tokens": 3,
+        "completion_tokens": 4,
+        "total_tokens": 7,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
+    assert P.usage_dict(3, 4, 2)["prompt_tokens_details"] == {"cached_tokens": 2}
     c = P.chat_chunk("id", 1, "m", {"content": "x"}, None, None, True)
     assert c["usage"] is None and c["choices"][0]["delta"] == {"content": "x"}
     assert "usage" not in P.completion_chunk("id", 1, "m", "x", None, None, False)

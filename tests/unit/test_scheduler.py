@@ -58,3 +58,13 @@ def test_sequence_without_a_token_yet_is_not_decoded():
 def test_bad_chunk():
     with pytest.raises(ValueError):
         Scheduler(0)
+
+
+def test_reusable_prefix_picks_the_best_free_slot_and_starts_prefill_there():
+    held = {0: 3, 1: 40, 2: 40}  # tokens of the waiting prompts reusable per slot
+    waiting = [seq(0, 64), seq(1, 64), seq(2, 64)]
+    plan = Scheduler(256).plan([], waiting, [0, 1, 2], lambda s, slot: held[slot] if s.order < 2 else 0)
+    # ties go to the first listed free slot; a seq with nothing to reuse takes what is left
+    assert [(s.order, slot) for s, slot in plan.admit] == [(0, 1), (1, 2), (2, 0)]
+    assert plan.cached == {1: 40, 2: 40, 0: 0}
+    assert [(s.order, st, n) for s, st, n in plan.prefill] == [(0, 40, 24), (1, 40, 24), (2, 0, 64)]
