@@ -195,7 +195,7 @@ def test_sdk_parse_with_a_pydantic_model(server):
 
     class Item(BaseModel):
         name: str = Field(max_length=20)
-        qty: int
+        qty: int = Field(ge=0, le=99)  # bounded: an unbounded int lets a small model emit digits until max_tokens
 
     class Order(BaseModel):
         items: List[Item] = Field(max_length=3)
