@@ -8,7 +8,7 @@ other layers hold the unpacked codes and dequantize per call (the reference path
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -101,6 +101,19 @@ def _int4_friendly_groups(qw: QuantizedWeight) -> QuantizedWeight:
     return qw
 
 
+def repack_int4(qw: QuantizedWeight, kernel: str, device) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """A 4-bit weight in the named int4 kernel's layout: (packed, scales_and_zeros (groups, out_padded, 2) bf16,
+    input permutation or None). CPU_INT4PACK rows are padded with zeros to a multiple of CPU_N_BLOCK."""
+    q, perm = int4_codes_grouped(qw)  # (out, in) codes, groups contiguous along in
+    sz = int4pack_scales_and_zeros(qw)  # (groups, out, 2)
+    if kernel == kernels.CPU_INT4PACK:
+        pad = -qw.out_features % kernels.CPU_N_BLOCK
+        if pad:  # zero rows; sliced off the output
+            q = torch.cat([q, q.new_zeros(pad, q.shape[1])])
+            sz = torch.cat([sz, sz.new_zeros(sz.shape[0], pad, 2)], dim=1)
+    return kernels.pack_int4(kernel, q, device), sz, perm
+
+
 class QuantLinear(torch.nn.Module):
     """y = x @ W.T + b for a quantized W (out, in). x (..., in) -> (..., out) in the activation dtype."""
 
@@ -175,14 +188,7 @@ class QuantLinear(torch.nn.Module):
             self.register_buffer("scales", qw.scales.to(device=device, dtype=torch.float32))
             self.register_buffer("g_idx", None if qw.g_idx is None else qw.g_idx.to(device))
             return self
-        q, perm = int4_codes_grouped(qw)  # (out, in) codes, groups contiguous along in
-        sz = int4pack_scales_and_zeros(qw)  # (groups, out, 2)
-        if plan.name == kernels.CPU_INT4PACK:
-            pad = -qw.out_features % kernels.CPU_N_BLOCK
-            if pad:  # zero rows; sliced off the output
-                q = torch.cat([q, q.new_zeros(pad, q.shape[1])])
-                sz = torch.cat([sz, sz.new_zeros(sz.shape[0], pad, 2)], dim=1)
-        packed = kernels.pack_int4(plan.name, q, device)
+        packed, sz, perm = repack_int4(qw, plan.name, device)
         self.register_buffer("packed", packed.to(device))
         self.register_buffer("scales_and_zeros", sz.to(device).contiguous())
         # int32 halves the bytes; index_select takes it

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from models import kernels
-from models.formats import QuantizedWeight, dequantize, int4_codes_grouped, int4pack_scales_and_zeros
+from models.formats import QuantizedWeight, dequantize
+from models.qlinear import repack_int4
 
 from test_formats import random_qw
 
@@ -26,14 +27,9 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def to_int4pack(qw: QuantizedWeight, name: str = kernels.CPU_INT4PACK, device="cpu"):
-    """(packed, scales_and_zeros, perm) the way QuantLinear builds them (CPU rows padded to CPU_N_BLOCK)."""
-    q, perm = int4_codes_grouped(qw)
-    sz = int4pack_scales_and_zeros(qw)
-    if name == kernels.CPU_INT4PACK:
-        pad = -q.shape[0] % kernels.CPU_N_BLOCK
-        q = torch.cat([q, q.new_zeros(pad, q.shape[1])])
-        sz = torch.cat([sz, sz.new_zeros(sz.shape[0], pad, 2)], dim=1)
-    return kernels.pack_int4(name, q, device), sz.to(device), None if perm is None else perm.to(device)
+    """(packed, scales_and_zeros, perm) on `device`, exactly as QuantLinear builds them."""
+    packed, sz, perm = repack_int4(qw, name, device)
+    return packed.to(device), sz.to(device), None if perm is None else perm.to(device)
 
 
 def _packer_from_permutation(perm: torch.Tensor):
