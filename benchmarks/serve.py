@@ -10,13 +10,16 @@ One run measures, on the same machine and model:
    how much the HTTP/SSE side delays generation (1.0 = not at all);
 5. prefix caching: TTFT of a request whose first `--prefix-tokens` (1,000) prompt tokens repeat the previous
    request's vs that first request's, against a server with a context large enough; prints first / second
-   (target >= 5). `--prefix-only` runs just this.
+   (target >= 5). `--prefix-only` runs just this;
+6. structured output: decode tok/s of `json_schema` requests (llguidance token masks) vs the same requests
+   unconstrained, at 1 and 8 concurrent streams, interleaved pairs; prints constrained / free (target >= 0.90,
+   a cost of at most 10%). `--structured-only` runs just this.
 
 Decode tok/s = (completion_tokens - 1) / (time of last token - time of first token), so prefill/TTFT is
 excluded from both sides of the ratio. Requests use greedy decoding with ignore_eos so lengths are fixed.
 
     python benchmarks/serve.py [--model NAME] [--model-store DIR] [--device cpu] [--tokens 64] [--reps 3]
-                               [--prefix-tokens 1000] [--prefix-only]
+                               [--prefix-tokens 1000] [--prefix-only] [--structured-only]
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -65,7 +68,9 @@ def engine_decode_tps(engine, prompt_ids: List[int], tokens: int) -> float:
 
 
 # ----------------------------------------------------------------------------- HTTP side
-async def sse_request(client, model: str, tokens: int) -> Tuple[float, float, int, float]:
+async def sse_request(
+    client, model: str, tokens: int, response_format: Optional[dict] = None
+) -> Tuple[float, float, int, float]:
     """(ttft_s, decode_tps, completion_tokens, t_end) of one streamed completion."""
     body = {
         "model": model,
@@ -76,6 +81,8 @@ async def sse_request(client, model: str, tokens: int) -> Tuple[float, float, in
         "ignore_eos": True,
         "stream_options": {"include_usage": True},
     }
+    if response_format is not None:
+        body["response_format"] = response_format
     t0 = time.perf_counter()
     first = last = None
     usage = None
@@ -106,22 +113,28 @@ async def sse_decode_tps(base: str, model: str, tokens: int) -> float:
     return tps
 
 
-async def concurrency(base: str, model: str, n: int, tokens: int) -> Dict[str, float]:
+async def concurrency(
+    base: str, model: str, n: int, tokens: int, response_format: Optional[dict] = None
+) -> Dict[str, float]:
     import httpx
 
     limits = httpx.Limits(max_connections=n + 2)
     async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as c:
         t0 = time.perf_counter()
-        res = await asyncio.gather(*(sse_request(c, model, tokens) for _ in range(n)))
+        res = await asyncio.gather(*(sse_request(c, model, tokens, response_format) for _ in range(n)))
         wall = max(r[3] for r in res) - t0
     ttfts = [r[0] for r in res]
     total = sum(r[2] for r in res)
+    # decode only: tokens after each stream's first, over the time from the last first token to the last token
+    decode_wall = max(r[3] for r in res) - (t0 + max(ttfts))
     return {
         "streams": n,
         "aggregate_tps": total / wall,
         "ttft_p50_s": pct(ttfts, 0.5),
         "ttft_p95_s": pct(ttfts, 0.95),
         "per_stream_decode_tps": statistics.median(r[1] for r in res),
+        "completion_tokens": total,
+        "decode_aggregate_tps": (total - n) / decode_wall,
         "wall_s": wall,
     }
 
@@ -189,11 +202,7 @@ def prefix_cache_ttft(args, env: Dict[str, str]) -> Dict[str, object]:
 
         asyncio.run(go())
     finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
     first, second = statistics.median(firsts), statistics.median(seconds)
     return {
         "prefix_tokens": args.prefix_tokens,
@@ -212,6 +221,62 @@ def print_prefix(r: Dict[str, object]) -> None:
         f"prefix ({r['cached_tokens']:.0f} tokens cached) {r['ttft_second_s'] * 1000:.1f} ms, "
         f"ratio {r['ratio']:.1f}x (median of {len(r['firsts'])}; target >= 5)"
     )
+
+
+# a long free-text field: the grammar stays open for the whole run, so every token is masked and decode lengths
+# match the unconstrained requests (max_tokens ends both)
+STRUCTURED_FORMAT = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "story",
+        "strict": True,
+        "schema": {
+            "type": "object",
+            "properties": {"title": {"type": "string"}, "story": {"type": "string", "minLength": 4000}},
+            "required": ["title", "story"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def structured_cost(base: str, model: str, tokens: int, reps: int, streams: List[int]) -> List[Dict[str, object]]:
+    """Per stream count: aggregate decode tok/s with `STRUCTURED_FORMAT` vs without, from interleaved pairs.
+
+    Aggregate decode tok/s = tokens after each stream's first / time from the last first token to the last
+    token (prefill excluded, as in the batch-1 figure); the ratio is the median of per-pair ratios
+    (same background load within a pair). Every request must reach `tokens` tokens (no early grammar stop)."""
+    rows = []
+    for n in streams:
+        asyncio.run(concurrency(base, model, n, 8, STRUCTURED_FORMAT))  # warm: compiles the grammar
+        free, constrained = [], []
+        for _ in range(reps):
+            f = asyncio.run(concurrency(base, model, n, tokens))
+            c = asyncio.run(concurrency(base, model, n, tokens, STRUCTURED_FORMAT))
+            if c["completion_tokens"] != n * tokens:
+                raise RuntimeError(f"structured requests stopped early: {c['completion_tokens']} of {n * tokens}")
+            free.append(f["decode_aggregate_tps"])
+            constrained.append(c["decode_aggregate_tps"])
+        rows.append(
+            {
+                "streams": n,
+                "free_tps": statistics.median(free),
+                "structured_tps": statistics.median(constrained),
+                "ratio": statistics.median(c / f for c, f in zip(constrained, free)),
+                "free_runs": free,
+                "structured_runs": constrained,
+            }
+        )
+    return rows
+
+
+def print_structured(rows: List[Dict[str, object]]) -> None:
+    for r in rows:
+        print(
+            f"structured output, {r['streams']} stream(s): json_schema {r['structured_tps']:.1f} tok/s vs free text "
+            f"{r['free_tps']:.1f} tok/s aggregate decode, ratio {r['ratio']:.3f} (median of {len(r['free_runs'])} "
+            f"interleaved pairs; target >= 0.90)"
+        )
 
 
 def engine_busy_probe(args, tokens: int) -> Dict[str, float]:
@@ -318,6 +383,18 @@ def start_server(args, port: int, env: Dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=REPO, env=env)
 
 
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def _ints(csv: str) -> List[int]:
+    return [int(x) for x in csv.split(",") if x.strip()]
+
+
 def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 600) -> None:
     import httpx
 
@@ -348,6 +425,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     p.add_argument("--prefix-tokens", type=int, default=1000, help="shared prompt prefix of the prefix-cache TTFT")
     p.add_argument("--prefix-only", action="store_true", help="run only the prefix-cache TTFT measurement")
+    p.add_argument("--structured-only", action="store_true", help="run only the structured-output cost measurement")
+    p.add_argument("--structured-streams", default="1,8", help="stream counts of the structured-output cost")
     args = p.parse_args(argv)
     if args.model is None:
         for name in ("smollm2-135m-instruct-gptq-g64", "smollm2-135m-instruct"):
@@ -362,6 +441,22 @@ def main(argv=None) -> int:
         print_prefix(r)
         if args.json:
             args.json.write_text(json.dumps({"model": args.model, "device": args.device, "prefix_cache": r}, indent=2))
+        return 0
+
+    if args.structured_only:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = start_server(args, port, env)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            wait_ready(base, proc)
+            rows = structured_cost(base, args.model, args.tokens, args.reps, _ints(args.structured_streams))
+        finally:
+            stop_server(proc)
+        print_structured(rows)
+        if args.json:
+            args.json.write_text(json.dumps({"model": args.model, "device": args.device, "structured": rows}, indent=2))
         return 0
 
     import torch
@@ -417,7 +512,7 @@ def main(argv=None) -> int:
             f"ratio {ratio:.3f} (median of {len(eng)} interleaved pairs; target >= 0.95)"
         )
         rows = []
-        for n in [int(x) for x in args.streams.split(",")]:
+        for n in _ints(args.streams):
             row = asyncio.run(concurrency(base, args.model, n, args.tokens))
             rows.append(row)
             print(
@@ -425,17 +520,15 @@ def main(argv=None) -> int:
                 f"p95 {row['ttft_p95_s'] * 1000:.0f} ms, per-stream {row['per_stream_decode_tps']:.1f} tok/s"
             )
         result["concurrency"] = rows
+        result["structured"] = structured_cost(base, args.model, args.tokens, args.reps, _ints(args.structured_streams))
+        print_structured(result["structured"])
         result["loadavg_after"] = os.getloadavg()[0]
         print(
             f"load average (1 min) before {result['loadavg_before']:.1f}, after {result['loadavg_after']:.1f} "
             f"on {os.cpu_count()} CPUs"
         )
     finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
     probe = engine_busy_probe(args, args.tokens * 2)
     if probe:
         result["probe"] = probe
