@@ -1,7 +1,8 @@
 """Transformers fallback runner for architectures without a fused table: batch 1, one dynamic cache per slot.
 
 Same interface as `models.runner.Runner`, but slow: `max_batch_size` is 1 so the engine never batches, and
-`decode` runs each row on its own. The loader logs a warning whenever this runner is chosen.
+`decode` runs each row on its own. The loader logs a warning whenever this runner is chosen. It has no
+`copy_kv` (no shared KV between slots): the engine prefills every member of an n > 1 group on its own.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
 Layout: k and v are each one tensor (layers, max_batch_size + 1, max_seq, kv_heads, head_dim). The extra
 slot (index `max_batch_size`, `scratch_slot`) absorbs the writes of padding rows when a decode batch is padded
 to a captured bucket size. `k[i]` / `v[i]` are per-layer views (slots + 1, max_seq, kv_heads, head_dim).
+
+`copy_prefix(src, dst, n)` copies positions [0, n) of one slot into another in place (shared prefill of an
+n > 1 request group): a slice copy into the same storage, so captured CUDA graphs stay valid.
 """
 
 from __future__ import annotations
@@ -45,6 +48,15 @@ class KVCache:
     ) -> int:
         elem = torch.empty((), dtype=dtype).element_size()
         return 2 * layers * (max_batch_size + 1) * max_seq * kv_heads * head_dim * elem
+
+    def copy_prefix(self, src_slot: int, dst_slot: int, num_tokens: int) -> None:
+        """Copy K and V of positions [0, num_tokens) of `src_slot` into `dst_slot`, all layers, in place.
+
+        The caller checks the bounds (`Runner.copy_kv`); the two slots' ranges never overlap (distinct slots).
+        """
+        n = num_tokens
+        self.k_all[:, dst_slot, :n].copy_(self.k_all[:, src_slot, :n])
+        self.v_all[:, dst_slot, :n].copy_(self.v_all[:, src_slot, :n])
 
     def data_ptrs(self) -> tuple:
         """Identity of the storage (tests check the cache is never reallocated)."""

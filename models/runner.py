@@ -1,8 +1,9 @@
 """Runner: the engine-facing API over a fused `Transformer` and its static `KVCache`.
 
 Contract (docs/architecture.md): `prefill(tokens, slot, start_pos)`, `prefill_logits(...)`,
-`decode(tokens, positions, slots)`, `release(slot)`, `memory_report()`, `warmup()`. The runner never sees
-text and holds no per-request state: the caller owns positions and slot ids.
+`decode(tokens, positions, slots)`, `copy_kv(src_slot, dst_slot, num_tokens)`, `release(slot)`,
+`memory_report()`, `warmup()`. The runner never sees text and holds no per-request state: the caller owns
+positions and slot ids.
 
 Decode attends over the first `kv_len` cache positions, where `kv_len` is a bucket (multiple of
 `KV_BUCKET` on CPU, powers of two from 256 on CUDA) covering max(positions)+1. The bucket is read from
@@ -168,6 +169,20 @@ class Runner:
         self._buckets = sorted(batch_sizes)
         self._kv_buckets = sorted(kv_lens)
         logger.info("captured %d CUDA graphs (batch %s x kv %s)", len(self._graphs), self._buckets, self._kv_buckets)
+
+    # --- shared prefill ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def copy_kv(self, src_slot: int, dst_slot: int, num_tokens: int) -> None:
+        """Make `dst_slot` hold the KV of positions [0, num_tokens) of `src_slot` (an n > 1 group shares one
+        prefill). In place on the static cache (no allocation, CUDA graphs stay valid), queued on the current
+        stream like the prefills around it, so no sync. `src_slot == dst_slot` or `num_tokens == 0` is a no-op."""
+        for name, s in (("src_slot", src_slot), ("dst_slot", dst_slot)):
+            if not 0 <= s < self.max_batch_size:
+                raise ValueError(f"{name} {s} out of range [0, {self.max_batch_size})")
+        if not 0 <= num_tokens <= self.max_seq:
+            raise ValueError(f"num_tokens {num_tokens} out of range [0, {self.max_seq}]")
+        if num_tokens and src_slot != dst_slot:
+            self.cache.copy_prefix(src_slot, dst_slot, num_tokens)
 
     # --- lifecycle ----------------------------------------------------------------------------------------
     def release(self, slot: int) -> None:

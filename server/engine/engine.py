@@ -17,6 +17,22 @@ written). A new request takes the free slot sharing the longest prefix with its 
 are cut to the reused prefix at admission, extended only after a runner call succeeded, and forgotten when a
 runner call on that slot fails, so stale KV is never reused. Off for runners with `fallback = True`.
 
+n > 1 with one shared prefill (`submit_group`): the n requests (same prompt, each with its own params, seed,
+generator, handle and stats) are queued as one group, admitted together and only when n slots are free (FIFO:
+a waiting group blocks the queue behind it). The leader (first request) is prefilled as any request (with prefix
+reuse). Each follower takes a slot without a prefix lookup, waits until the leader's prompt is fully prefilled,
+then gets the leader's KV of the first prompt_len - 1 positions copied into its slot (`runner.copy_kv`, in place,
+run before the step's prefills) and prefills only its last prompt token, so it samples its first token from fresh
+logits with its own generator: with the same params and seed a member's tokens equal those of a lone request.
+Copying only from a slot whose remembered tokens still hold that prompt prefix keeps stale KV out; the follower's
+remembered tokens become the copied prefix and grow as any slot's. If the leader finishes (abort, timeout,
+error) before its prompt is fully prefilled, the first follower still waiting becomes the leader (prefilling the
+whole prompt itself) and the others wait for it; a failed copy makes that follower prefill its whole prompt.
+A follower served by a copy reports its leader's `cached_tokens` on its first `TokenEvent` (what the client sees
+as cached prompt tokens) but records `cached_tokens=None` (no lookup made) and `kv_copied_tokens` in its
+`RequestStats`, so the prefix-cache counters count the group's prompt once. Runners with `fallback = True` or
+without `copy_kv` share nothing: each member is prefilled like a lone request (still admitted as a group).
+
 Occupancy (running, waiting, KV use) is reported through `on_step` after every step and after every loop
 turn whose finishes (abort, stop, timeout, engine stop or crash) changed it without a step following, so the
 gauges fed from it follow state: they read 0 as soon as the last request is gone, with no further traffic.
@@ -29,7 +45,7 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Deque, Dict, List, Optional
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
 
 import torch
 
@@ -86,6 +102,9 @@ class Engine:
         if self.prefix_caching and getattr(runner, "fallback", False):
             logger.info("engine %s: prefix caching is off (the transformers fallback runner cannot reuse KV)", name)
             self.prefix_caching = False
+        # n > 1 groups copy the leader's prompt KV into the followers' slots (module docstring)
+        self.shared_prefill = not getattr(runner, "fallback", False) and callable(getattr(runner, "copy_kv", None))
+        self._logged_unshared = False
 
         self._cv = threading.Condition()
         self._inbox: Deque[SequenceState] = deque()
@@ -147,6 +166,61 @@ class Engine:
     # ----------------------------------------------------------------- event-loop side
     def submit(self, request: GenerationRequest) -> RequestHandle:
         """Queue a request; call from a running event loop. Raises QueueFullError / EngineStoppedError / ValueError."""
+        return self.submit_group([request])[0]
+
+    def submit_group(self, requests: Sequence[GenerationRequest]) -> List[RequestHandle]:
+        """Queue n requests with identical prompt_ids as one group; call from a running event loop.
+
+        Returns one `RequestHandle` per request, in order; each request keeps its own params (the caller sets
+        distinct seeds, e.g. seed + i), generator, stream, abort and `RequestStats`. The prompt is prefilled once
+        (by the first request, the leader) and its KV copied to the others (module docstring). Raises:
+        ValueError when the group is empty or larger than `max_batch_size`, the prompts differ, request ids
+        repeat, or a request fails `submit`'s checks (empty prompt, prompt not shorter than the context,
+        max_tokens < 1); EngineStoppedError when not accepting; QueueFullError when the whole group does not fit
+        in max_batch_size + max_queue (nothing is queued then). A group of one is exactly `submit`.
+        """
+        reqs = list(requests)
+        if not 1 <= len(reqs) <= self.max_batch_size:
+            raise ValueError(f"a group holds 1 to {self.max_batch_size} requests (the batch size), got {len(reqs)}")
+        prompt = list(reqs[0].prompt_ids)
+        if any(list(r.prompt_ids) != prompt for r in reqs[1:]):
+            raise ValueError("all requests of a group must have identical prompt_ids")
+        if len({r.request_id for r in reqs}) != len(reqs):
+            raise ValueError("the requests of a group must have distinct request ids")
+        for r in reqs:
+            self._check(r)
+        loop = asyncio.get_running_loop()
+        seqs = []
+        for r in reqs:
+            timeout = r.timeout_s if r.timeout_s is not None else self.request_timeout_s
+            seq = SequenceState(r, RequestHandle(r, loop, self.abort), timeout)
+            seq.generator = make_generator(r.params.seed, self.device)
+            seqs.append(seq)
+        if len(seqs) > 1:
+            for seq in seqs:
+                seq.group = seqs
+            if self.shared_prefill and len(prompt) > 1:  # a 1-token prompt has no KV to share
+                for seq in seqs[1:]:
+                    seq.leader = seqs[0]
+            elif not self._logged_unshared:
+                self._logged_unshared = True
+                logger.info("engine %s: n > 1 groups prefill every member (the runner cannot copy KV)", self.name)
+        n = len(seqs)
+        with self._cv:
+            if not self._accepting:
+                raise EngineStoppedError("the server is shutting down or the model is unloading")
+            if self._num_active + n > self.max_batch_size + self.max_queue:
+                raise QueueFullError(
+                    f"server is at capacity: {self.max_batch_size} running and {self.max_queue} waiting requests"
+                    + (f" (a group of {n} needs {n} places)" if n > 1 else ""),
+                    retry_after_s=1.0,
+                )
+            self._num_active += n
+            self._inbox.extend(seqs)
+            self._cv.notify()
+        return [seq.handle for seq in seqs]
+
+    def _check(self, request: GenerationRequest) -> None:
         n = len(request.prompt_ids)
         if n == 0:
             raise ValueError("prompt is empty")
@@ -154,23 +228,6 @@ class Engine:
             raise ValueError(f"prompt has {n} tokens; the context holds {self.max_seq} (prompt + at least 1 generated)")
         if request.max_tokens < 1:
             raise ValueError("max_tokens must be >= 1")
-        loop = asyncio.get_running_loop()
-        handle = RequestHandle(request, loop, self.abort)
-        timeout = request.timeout_s if request.timeout_s is not None else self.request_timeout_s
-        seq = SequenceState(request, handle, timeout)
-        seq.generator = make_generator(request.params.seed, self.device)
-        with self._cv:
-            if not self._accepting:
-                raise EngineStoppedError("the server is shutting down or the model is unloading")
-            if self._num_active >= self.max_batch_size + self.max_queue:
-                raise QueueFullError(
-                    f"server is at capacity: {self.max_batch_size} running and {self.max_queue} waiting requests",
-                    retry_after_s=1.0,
-                )
-            self._num_active += 1
-            self._inbox.append(seq)
-            self._cv.notify()
-        return handle
 
     def abort(self, request_id: str, reason: str = FINISH_ABORT) -> None:
         """Stop a request; its slot is freed at the next step boundary. Unknown or finished ids are ignored.
@@ -261,6 +318,8 @@ class Engine:
             free.sort(key=lambda i: len(self._slot_tokens[i]))  # ties go to the slot caching least
             reusable = self._reusable
         plan = self.scheduler.plan(self._running, list(self._waiting), free, reusable)
+        # copies first: a finished leader's slot may be admitted to below, its KV is still intact until prefills
+        copied_tokens = sum(self._copy(seq, src, dst, n) for seq, src, dst, n in plan.copy)
         for seq, slot in plan.admit:
             self._waiting.remove(seq)
             seq.slot = slot
@@ -268,7 +327,8 @@ class Engine:
             n = plan.cached.get(slot, 0)
             del self._slot_tokens[slot][n:]  # eviction: only the reused prefix stays valid
             seq.num_prefilled = n
-            seq.cached_tokens = n if self.prefix_caching else None
+            if seq.leader is None:  # a follower makes no lookup: its KV comes from the leader (cached_tokens None)
+                seq.cached_tokens = n if self.prefix_caching else None
             self._running.append(seq)
 
         to_sample: List[SequenceState] = []
@@ -276,6 +336,8 @@ class Engine:
         prefill_tokens = 0
         prefill_seqs = 0
         for seq, start, n in plan.prefill:
+            if seq.finished or start != seq.num_prefilled:  # a follower whose copy was refused: next step, from 0
+                continue
             try:
                 chunk = seq.request.prompt_ids[start : start + n]
                 logits = self.runner.prefill(torch.tensor(chunk, dtype=torch.long), seq.slot, start)
@@ -322,7 +384,33 @@ class Engine:
         self.steps += 1
         self.max_batch_seen = max(self.max_batch_seen, batch)
         self.recent_batch_sizes.append(batch)
-        self._report(batch, prefill_tokens, len(decode), time.perf_counter() - t0)
+        self._report(batch, prefill_tokens, len(decode), time.perf_counter() - t0, copied_tokens)
+
+    def _copy(self, seq: SequenceState, src: int, dst: int, n: int) -> int:
+        """Serve follower `seq` the leader's prompt KV [0, n) from slot `src`; tokens copied (0: it will prefill
+        its whole prompt itself instead)."""
+        leader, prompt = seq.leader, seq.request.prompt_ids
+        if self._slot_tokens[src][:n] != list(prompt[:n]):  # the leader's KV is gone: never copy stale KV
+            logger.warning("request %s: the leader's KV is no longer resident; prefilling", seq.request.request_id)
+            self._detach(seq)
+            return 0
+        try:
+            self.runner.copy_kv(src, dst, n)
+        except Exception as e:
+            logger.warning("request %s: KV copy failed (%s); prefilling", seq.request.request_id, e, exc_info=True)
+            self._slot_tokens[dst].clear()  # unknown what was written
+            self._detach(seq)
+            return 0
+        self._slot_tokens[dst][:] = prompt[:n]
+        seq.num_prefilled = seq.copied_tokens = n
+        seq.shared_cached_tokens = leader.cached_tokens if leader is not None else None
+        seq.leader = None
+        return n
+
+    def _detach(self, seq: SequenceState) -> None:
+        """A follower holding a slot stops waiting for a leader and prefills its whole prompt from position 0."""
+        seq.leader = None
+        seq.cached_tokens = 0 if self.prefix_caching else None
 
     def _reusable(self, seq: SequenceState, slot: int) -> int:
         """Prompt tokens of `seq` whose KV is valid in `slot`: the common prefix, at most prompt_len - 1."""
@@ -333,7 +421,9 @@ class Engine:
             n += 1
         return n
 
-    def _report(self, batch: int, prefill_tokens: int, decode_tokens: int, duration_s: float) -> None:
+    def _report(
+        self, batch: int, prefill_tokens: int, decode_tokens: int, duration_s: float, copied_tokens: int = 0
+    ) -> None:
         """Record the occupancy now (`last_running` / `last_waiting`) and hand a `StepStats` to `on_step`."""
         self.last_running = len(self._running)
         self.last_waiting = len(self._waiting)
@@ -353,6 +443,7 @@ class Engine:
                     max_batch_size=self.max_batch_size,
                     kv_tokens_used=kv_tokens,
                     kv_tokens_total=self.max_batch_size * self.max_seq,
+                    num_copied_tokens=copied_tokens,
                 ),
             )
 
@@ -419,7 +510,7 @@ class Engine:
                 finish = FINISH_STOP
             elif len(seq.output_ids) >= seq.request.max_tokens or seq.prompt_len + len(seq.output_ids) >= self.max_seq:
                 finish = FINISH_LENGTH
-            cached = seq.cached_tokens if len(seq.output_ids) == 1 else None
+            cached = seq.reported_cached_tokens if len(seq.output_ids) == 1 else None
             ev = TokenEvent(token_id=tok, logprob=lp, top=top, finish_reason=finish, cached_tokens=cached)
             if finish is None:
                 self._outbox.append((seq.handle, ev))
@@ -443,6 +534,8 @@ class Engine:
             self._running.remove(seq)
         elif seq in self._waiting:
             self._waiting.remove(seq)
+        if seq.group is not None and not seq.prefill_done:
+            self._promote(seq)
         if seq.slot is not None:
             try:
                 self.runner.release(seq.slot)
@@ -469,8 +562,23 @@ class Engine:
                     inter_token_latencies_s=tuple(seq.itl),
                     error_code=error_code,
                     cached_tokens=seq.cached_tokens,
+                    kv_copied_tokens=seq.copied_tokens,
                 ),
             )
+
+    def _promote(self, leader: SequenceState) -> None:
+        """`leader` finished before its prompt KV was complete: its first waiting follower becomes the leader."""
+        pending = [f for f in leader.group or () if f.leader is leader and not f.finished]
+        if not pending:
+            return
+        new = pending[0]
+        if new.slot is not None:  # admitted: prefills its whole prompt in its own slot
+            self._detach(new)
+        else:  # still waiting: admitted as a leader, with a prefix lookup
+            new.leader = None
+        for f in pending[1:]:
+            f.leader = new
+        logger.debug("request %s leads its group instead of %s", new.request.request_id, leader.request.request_id)
 
     @staticmethod
     def _safe_callback(fn: Callable[[Any], None], arg: Any) -> None:

@@ -180,6 +180,10 @@ class SequenceState:
         "generator",
         "finished",
         "cached_tokens",
+        "group",
+        "leader",
+        "copied_tokens",
+        "shared_cached_tokens",
     )
 
     def __init__(self, request: GenerationRequest, handle: Any, timeout_s: float):
@@ -198,6 +202,12 @@ class SequenceState:
         self.generator: Any = None
         self.finished = False
         self.cached_tokens: Optional[int] = None  # prompt tokens reused at admission (None: no lookup made)
+        # n > 1 groups (Engine.submit_group): the members, in order, shared by all of them (None: alone)
+        self.group: Optional[List["SequenceState"]] = None
+        # a follower waiting for the KV of its leader's prompt; None once served (or for leaders / lone requests)
+        self.leader: Optional["SequenceState"] = None
+        self.copied_tokens = 0  # prompt tokens whose KV was copied from the leader's slot instead of prefilled
+        self.shared_cached_tokens: Optional[int] = None  # the leader's cached_tokens, reported by a follower
 
     @property
     def prompt_len(self) -> int:
@@ -211,6 +221,11 @@ class SequenceState:
     def seq_len(self) -> int:
         """Tokens whose KV is (or after this step will be) resident."""
         return self.num_prefilled + max(0, len(self.output_ids) - 1)
+
+    @property
+    def reported_cached_tokens(self) -> Optional[int]:
+        """`TokenEvent.cached_tokens` of the first token: a follower served by a KV copy reports its leader's."""
+        return self.shared_cached_tokens if self.copied_tokens else self.cached_tokens
 
     def history(self) -> Sequence[int]:
         return list(self.request.prompt_ids) + self.output_ids

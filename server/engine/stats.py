@@ -29,6 +29,7 @@ class StepStats:
     max_batch_size: int  # runner.max_batch_size
     kv_tokens_used: int = 0  # tokens resident in the KV cache (sum of sequence lengths)
     kv_tokens_total: int = 0  # max_batch_size * max_seq
+    num_copied_tokens: int = 0  # prompt KV positions copied from a group leader's slot this step (not prefilled)
 
 
 @dataclass(frozen=True)
@@ -46,3 +47,6 @@ class RequestStats:
     inter_token_latencies_s: Tuple[float, ...] = field(default_factory=tuple)  # gaps between successive tokens
     error_code: Optional[str] = None  # e.g. "internal_error", "request_timeout" when finish_reason is error/timeout
     cached_tokens: Optional[int] = None  # prompt tokens whose KV was reused; None: no prefix-cache lookup made
+    # a follower of an n > 1 group whose prompt KV was copied from its leader: those tokens (cached_tokens is
+    # then None, so the prefix-cache counters count the group's prompt once, through the leader)
+    kv_copied_tokens: int = 0
