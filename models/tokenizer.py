@@ -85,15 +85,40 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def render_chat(self, messages: List[dict], add_generation_prompt: bool = True) -> str:
-        """The chat template applied to `messages`, as text. ValueError if the model has no chat template."""
+    def chat_template_text(self, with_tools: bool = False) -> str:
+        """The chat template's source ("" without one). A tokenizer with several named templates gives the one
+        `apply_chat_template` uses: "tool_use" when `with_tools` and it exists, else "default"."""
+        t = getattr(self.hf, "chat_template", None)
+        if isinstance(t, dict):
+            return str(t.get("tool_use") if with_tools and "tool_use" in t else t.get("default", ""))
+        return str(t or "")
+
+    def is_special_token(self, text: str) -> bool:
+        """Whether `text` is one of the tokenizer's special tokens (decoding drops those)."""
+        return text in set(getattr(self.hf, "all_special_tokens", ()) or ())
+
+    def render_chat(
+        self, messages: List[dict], add_generation_prompt: bool = True, tools: Optional[List[dict]] = None
+    ) -> str:
+        """The chat template applied to `messages` (and `tools`, OpenAI tool dicts, passed as the template's
+        `tools` variable), as text. ValueError if the model has no chat template or the template fails (a
+        template's `raise_exception` included)."""
         if not self.has_chat_template:
             raise ValueError("this model has no chat template; use the completions endpoint with a plain prompt")
-        return self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+        from jinja2 import TemplateError
 
-    def apply_chat_template(self, messages: List[dict], add_generation_prompt: bool = True) -> List[int]:
+        try:
+            return self.hf.apply_chat_template(
+                messages, tools=tools or None, add_generation_prompt=add_generation_prompt, tokenize=False
+            )
+        except TemplateError as e:
+            raise ValueError(f"the model's chat template failed: {e}") from None
+
+    def apply_chat_template(
+        self, messages: List[dict], add_generation_prompt: bool = True, tools: Optional[List[dict]] = None
+    ) -> List[int]:
         """Token ids of the rendered chat (the template writes its own special tokens, so none are added)."""
-        return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
+        return self.encode(self.render_chat(messages, add_generation_prompt, tools), add_special_tokens=False)
 
 
 class IncrementalDetokenizer:

@@ -2,17 +2,20 @@
 
 `FIELDS` is the one table of the request fields we know: each either works (within the numeric limits of
 `models.sampling.LIMITS`, from which the models' bounds are derived) or is refused with a 400 naming it
-unless it has its neutral value (n > 1, best_of > 1, echo, suffix, logit_bias, tools, ...). Unknown fields
-(clients send many) are ignored; docs/api.md lists the table (`fields_markdown`).
+unless it has its neutral value (n > 1, best_of > 1, echo, suffix, logit_bias, functions, ...). Unknown fields
+(clients send many) are ignored; docs/api.md lists the table (`fields_markdown`). Tool calling (`tools`,
+`tool_choice`, tool messages) is validated here field by field; the rules that need the model's chat template
+or several fields at once live in server/api/tools.py.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from models.sampling import LIMITS
 
@@ -85,18 +88,36 @@ FIELDS: List[FieldRule] = [
         "messages",
         "chat",
         "roles system, developer (as system), user, assistant, tool; content a string "
-        "or text parts; rendered with the model's chat template; a message with "
-        "`tool_calls` is a 400",
+        "or text parts; rendered with the model's chat template; assistant messages may carry "
+        "`tool_calls` (arguments a JSON object string) and tool messages need `tool_call_id` "
+        "(see Tool calling); a template that drops `tool_calls` is a 400",
     ),
     FieldRule("max_completion_tokens", "chat", "as `max_tokens` (wins over it)"),
     FieldRule("logprobs", "chat", "boolean"),
     FieldRule("top_logprobs", "chat", "integer " + str(LIMITS["logprobs"]) + "; needs `logprobs: true`"),
-    FieldRule("parallel_tool_calls", "chat", "boolean; no effect (no tools)"),
+    FieldRule(
+        "parallel_tool_calls",
+        "chat",
+        "boolean, default true; false: at most one tool call (the first; `required` and a named "
+        "function are then forced to exactly one)",
+    ),
     FieldRule("metadata", "chat", "informational, no effect"),
     FieldRule("store", "chat", "boolean; no effect (nothing is stored)"),
     FieldRule("service_tier", "chat", "informational, no effect"),
-    FieldRule("tools", "chat", "empty", _off, "tools are not supported"),
-    FieldRule("tool_choice", "chat", '"none"', lambda v: v in (None, "none"), "tool_choice is not supported"),
+    FieldRule(
+        "tools",
+        "chat",
+        'up to 128 `{"type": "function", "function": {"name", "description", "parameters"}}` with unique '
+        "names (`[a-zA-Z0-9_-]{1,64}`); rendered with the model's chat template (see Tool calling); a model "
+        "whose template has no tool support, or a tool-call format the server cannot parse, is a 400",
+    ),
+    FieldRule(
+        "tool_choice",
+        "chat",
+        '`"none"` (tools not rendered, nothing parsed), `"auto"` (default with tools; calls parsed from the '
+        'text), `"required"` or `{"type": "function", "function": {"name"}}` (forced by a token mask; the '
+        "arguments follow the tool's `parameters` schema); not with a JSON `response_format`",
+    ),
     FieldRule("functions", "chat", "empty", _off, "functions are not supported"),
     FieldRule("function_call", "chat", '"none"', lambda v: v in (None, "none"), "function_call is not supported"),
     FieldRule(
@@ -238,19 +259,107 @@ class ContentPart(BaseModel):
     text: str
 
 
+MAX_TOOLS = 128
+TOOL_CHOICE_SHAPES = '"none", "auto", "required" or {"type": "function", "function": {"name": "..."}} expected'
+_TOOL_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(..., pattern=_TOOL_NAME)
+    description: Optional[str] = None
+    parameters: Optional[Dict[str, Any]] = None  # a JSON schema; omitted means no parameters
+    strict: Optional[bool] = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    function: FunctionDefinition
+
+    @field_validator("type")
+    @classmethod
+    def _function_only(cls, v):
+        if v != "function":
+            raise ValueError(f'only tools of type "function" are supported, got {v!r}')
+        return v
+
+
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(..., min_length=1)
+    arguments: str  # a JSON object, as text (OpenAI's wire format)
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, v):
+        try:
+            ok = isinstance(json.loads(v), dict)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError("arguments must be a JSON object encoded as a string")
+        return v
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: str = Field(..., min_length=1)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: Dict[str, Any]
+
+    @field_validator("function")
+    @classmethod
+    def _has_name(cls, v):
+        if not isinstance(v.get("name"), str) or not v["name"]:
+            raise ValueError('needs {"name": "<a tool name>"}')
+        return v
+
+    @property
+    def name(self) -> str:
+        return self.function["name"]
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Optional[Union[str, List[ContentPart]]] = None
     name: Optional[str] = None
-    tool_calls: Optional[List[Any]] = None
+    tool_calls: Optional[List[ToolCall]] = None
+    tool_call_id: Optional[str] = None
 
-    @field_validator("tool_calls")
-    @classmethod
-    def _no_tool_calls(cls, v):
-        if v:
-            raise ValueError("tool calls are not supported")
-        return v
+    @model_validator(mode="after")
+    def _tool_fields(self):
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages may carry tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id it answers")
+        return self
+
+    def template_message(self) -> Dict[str, Any]:
+        """The message as chat templates expect it: developer as system, content text, tool call arguments as
+        a dict (templates write them with `tojson`), `tool_call_id` on tool messages."""
+        m: Dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            m["tool_calls"] = [
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.function.name, "arguments": json.loads(c.function.arguments)},
+                }
+                for c in self.tool_calls
+            ]
+        if self.role == "tool":
+            m["tool_call_id"] = self.tool_call_id
+            if self.name:
+                m["name"] = self.name
+        return m
 
     def text(self) -> str:
         if self.content is None:
@@ -269,8 +378,8 @@ class ChatCompletionRequest(_SamplingFields):
     metadata: Optional[Any] = None
     store: Optional[bool] = None
     service_tier: Optional[Any] = None
-    tools: Optional[List[Any]] = None
-    tool_choice: Optional[Any] = None
+    tools: Optional[List[Tool]] = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Optional[Union[str, NamedToolChoice]] = None
     functions: Optional[List[Any]] = None
     function_call: Optional[Any] = None
     modalities: Optional[List[str]] = None
@@ -278,6 +387,37 @@ class ChatCompletionRequest(_SamplingFields):
     prediction: Optional[Any] = None
     reasoning_effort: Optional[Any] = None
     web_search_options: Optional[Any] = None
+
+    @field_validator("tools")
+    @classmethod
+    def _unique_names(cls, v):
+        seen = set()
+        for t in v or ():
+            if t.function.name in seen:
+                raise ValueError(f"duplicate tool name {t.function.name!r}")
+            seen.add(t.function.name)
+        return v
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _check_tool_choice(cls, v: Any, info: ValidationInfo):
+        if v is None:
+            return v
+        if isinstance(v, dict):
+            try:
+                v = NamedToolChoice.model_validate(v)
+            except ValidationError:
+                raise ValueError(TOOL_CHOICE_SHAPES) from None
+        elif v not in ("none", "auto", "required"):
+            raise ValueError(TOOL_CHOICE_SHAPES)
+        if v == "none" or v == "auto":
+            return v
+        tools = info.data.get("tools")
+        if "tools" in info.data and not tools:
+            raise ValueError('tool_choice other than "none" or "auto" needs tools')
+        if isinstance(v, NamedToolChoice) and tools and v.name not in {t.function.name for t in tools}:
+            raise ValueError(f"tool_choice names the function {v.name!r}, which is not in tools")
+        return v
 
     @model_validator(mode="after")
     def _check_chat(self):
@@ -293,8 +433,12 @@ class ChatCompletionRequest(_SamplingFields):
     def num_logprobs(self) -> Optional[int]:
         return (self.top_logprobs or 0) if self.logprobs else None
 
-    def template_messages(self) -> List[Dict[str, str]]:
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+    def template_messages(self) -> List[Dict[str, Any]]:
+        return [m.template_message() for m in self.messages]
+
+    def template_tools(self) -> List[Dict[str, Any]]:
+        """The tools as the chat template gets them (OpenAI's shape, unset fields left out)."""
+        return [t.model_dump(exclude_none=True) for t in self.tools or ()]
 
 
 # ------------------------------------------------------------------------ responses (dicts)
@@ -352,11 +496,16 @@ def chat_response(
     rid: str,
     created: int,
     model: str,
-    text: str,
+    text: Optional[str],
     finish_reason: Optional[str],
     logprobs: Optional[dict],
     usage: Dict[str, int],
+    tool_calls: Optional[List[Dict[str, Any]]] = None,
 ) -> Dict[str, Any]:
+    """A chat completion; `tool_calls` (OpenAI tool call dicts) are added to the message when non-empty."""
+    message: Dict[str, Any] = {"role": "assistant", "content": text}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
     return {
         "id": rid,
         "object": "chat.completion",
@@ -365,7 +514,7 @@ def chat_response(
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": text},
+                "message": message,
                 "logprobs": logprobs,
                 "finish_reason": finish_reason,
             }

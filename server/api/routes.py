@@ -29,6 +29,7 @@ from starlette.background import BackgroundTask
 from models.sampling import SamplingParams
 from models.tokenizer import IncrementalDetokenizer
 from server.api import protocol as P
+from server.api import tools as T
 from server.api.errors import APIError, error_body, from_validation_error
 from server.api.structured import constraint_for
 from server.engine.request import (
@@ -127,15 +128,10 @@ def _map_model_error(e: Exception, name: str) -> APIError:
     raise e
 
 
-async def _tokenize(lm: Any, body: Any, chat: bool) -> List[int]:
+async def _tokenize(lm: Any, body: Any, chat: bool, tools: Optional[T.ToolPlan] = None) -> List[int]:
     tok = lm.tokenizer
-    if chat:
-        msgs = body.template_messages()
-        try:
-            ids = await asyncio.to_thread(tok.apply_chat_template, msgs)
-        except ValueError as e:
-            raise APIError(400, str(e), param="messages") from None
-        return ids
+    if chat:  # the chat template, with the tools when the request has a tool plan (400s: see tools.py)
+        return await asyncio.to_thread(T.render_chat_prompt, tok, body, tools, lm.name)
     prompt = body.prompt
     if isinstance(prompt, str):
         return await asyncio.to_thread(tok.encode, prompt)
@@ -171,10 +167,19 @@ def _budget(n_prompt: int, ctx: int, max_tokens: Optional[int], chat: bool) -> i
 
 
 class _Decoder:
-    """Turns a request's TokenEvents into text, logprobs and a finish state."""
+    """Turns a request's TokenEvents into text, logprobs and a finish state; with a `tools` parser (a chat
+    request with tools) `split` turns that text into content and tool calls."""
 
-    def __init__(self, tokenizer: Any, stop: List[str], prompt_ids: List[int], num_logprobs: Optional[int]):
+    def __init__(
+        self,
+        tokenizer: Any,
+        stop: List[str],
+        prompt_ids: List[int],
+        num_logprobs: Optional[int],
+        tools: Optional[T.ToolCallParser] = None,
+    ):
         self.tok = tokenizer
+        self.tools = tools
         self.detok = IncrementalDetokenizer(tokenizer, stop, prompt_ids=prompt_ids)
         self.num_logprobs = num_logprobs
         self.completion_tokens = 0
@@ -220,6 +225,24 @@ class _Decoder:
         self.text_len += len(text)
         return text, lps
 
+    def split(self, text: str) -> Tuple[str, List[Dict[str, Any]]]:
+        """(content, tool call stream deltas) of text `feed` returned; flushes the parser once finished."""
+        if self.tools is None:
+            return text, []
+        content, deltas = self.tools.feed(text)
+        if self.finish_reason is not None:
+            more, last = self.tools.finish()
+            content, deltas = content + more, deltas + last
+        return content, deltas
+
+    @property
+    def tool_calls(self) -> List[Dict[str, Any]]:
+        return self.tools.calls if self.tools is not None else []
+
+    @property
+    def chat_finish_reason(self) -> Optional[str]:
+        return self.tools.finish_reason(self.finish_reason) if self.tools is not None else self.finish_reason
+
 
 def _format_logprobs(chat: bool, lps: List[tuple], offset: int) -> Optional[dict]:
     if not lps:
@@ -241,7 +264,8 @@ async def _generate(request: Request, body: Any, chat: bool):
             lm = await stack.enter_async_context(st.manager.acquire(name))
         except Exception as e:
             raise _map_model_error(e, name) from None
-        prompt_ids = await _tokenize(lm, body, chat)
+        tools = T.plan_tools(body, lm.tokenizer) if chat else None  # None: no tools, or tool_choice "none"
+        prompt_ids = await _tokenize(lm, body, chat, tools)
         engine = lm.engine
         max_tokens = _budget(len(prompt_ids), engine.max_seq, body.max_new_tokens if chat else body.max_tokens, chat)
         num_lp = body.num_logprobs if chat else body.logprobs
@@ -260,6 +284,8 @@ async def _generate(request: Request, body: Any, chat: bool):
         except ValueError as e:
             raise APIError(400, str(e)) from None
         constraint = await constraint_for(lm, body.response_format)  # structured output; None for text
+        if tools is not None and tools.forced:  # tool_choice required / named (never with a JSON format)
+            constraint = await T.tool_constraint(lm, tools)
         req = GenerationRequest(
             prompt_ids=prompt_ids,
             params=params,
@@ -292,7 +318,7 @@ async def _generate(request: Request, body: Any, chat: bool):
 
     st.inflight += 1
     closed = False
-    dec = _Decoder(lm.tokenizer, body.stop_list, prompt_ids, num_lp)
+    dec = _Decoder(lm.tokenizer, body.stop_list, prompt_ids, num_lp, tools.parser() if tools is not None else None)
 
     async def cleanup() -> None:
         nonlocal closed
@@ -357,7 +383,18 @@ async def _complete(
         raise dec.error
     usage = P.usage_dict(n_prompt, dec.completion_tokens, dec.cached_tokens)
     if chat:
-        return P.chat_response(rid, created, model, text, dec.finish_reason, _format_logprobs(True, lps, 0), usage)
+        content, _ = dec.split(text)
+        calls = dec.tool_calls
+        return P.chat_response(
+            rid,
+            created,
+            model,
+            None if calls and not content.strip() else content,
+            dec.chat_finish_reason,
+            _format_logprobs(True, lps, 0),
+            usage,
+            calls,
+        )
     return P.completion_response(rid, created, model, text, dec.finish_reason, _format_logprobs(False, lps, 0), usage)
 
 
@@ -373,14 +410,14 @@ async def _stream(
         async for ev in handle:
             offset = dec.text_len
             text, lps = dec.feed([ev] + handle.ready_events())  # coalesce a backlog into one chunk
-            if text or lps or dec.finish_reason:
+            text, calls = dec.split(text) if chat else (text, [])
+            if text or lps or dec.finish_reason or calls:
                 lp = _format_logprobs(chat, lps, offset)
                 if chat:
-                    yield dumps(
-                        P.chat_chunk(
-                            rid, created, model, {"content": text} if text else {}, dec.finish_reason, lp, include_usage
-                        )
-                    )
+                    delta: Dict[str, Any] = {"content": text} if text else {}
+                    if calls:
+                        delta["tool_calls"] = calls
+                    yield dumps(P.chat_chunk(rid, created, model, delta, dec.chat_finish_reason, lp, include_usage))
                 else:
                     yield dumps(P.completion_chunk(rid, created, model, text, dec.finish_reason, lp, include_usage))
             if dec.error is not None:

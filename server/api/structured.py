@@ -101,18 +101,50 @@ def compile_constraint(tokenizer: Any, vocab: int, schema: dict) -> GrammarConst
     import llguidance
 
     check_schema_size(schema)
+
+    def build() -> str:
+        try:
+            return llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=_JSON_OPTIONS)
+        except ValueError as e:
+            raise ValueError(f"invalid JSON schema: {e}") from None
+
+    return _compiled(tokenizer, vocab, "schema:" + json.dumps(schema, sort_keys=True), build)
+
+
+def json_options() -> dict:
+    """The JSON layout structured output enforces (compact, fixed separators), as llguidance's `x-guidance`
+    schema key: put it in a schema embedded in a Lark grammar (`%json {...}`) to get the same layout there."""
+    return dict(_JSON_OPTIONS)
+
+
+def compile_lark_constraint(tokenizer: Any, vocab: int, lark: str) -> GrammarConstraint:
+    """A fresh constraint for a llguidance Lark grammar (embedded `%json` schemas allowed; run their schemas
+    through `check_schema_size` first); ValueError with llguidance's message when it does not compile.
+    Blocking, cached as `compile_constraint`."""
+    import llguidance
+
+    def build() -> str:
+        try:
+            return llguidance.LLMatcher.grammar_from_lark(lark)
+        except ValueError as e:
+            raise ValueError(f"invalid grammar: {e}") from None
+
+    return _compiled(tokenizer, vocab, "lark:" + lark, build)
+
+
+def _compiled(tokenizer: Any, vocab: int, text: str, build: Any) -> GrammarConstraint:
+    """A copy of the cached matcher for grammar `text`, compiling `build()` (a llguidance grammar) on a miss."""
+    import llguidance
+
     llt = _ll_tokenizer(tokenizer, vocab)
-    key = (id(llt), json.dumps(schema, sort_keys=True))
+    key = (id(llt), text)
     with _lock:
         hit = _grammars.get(key)
         template = hit[1] if hit is not None and hit[0] is llt else None  # an id can be reused after a reload
         if template is not None:
             _grammars.move_to_end(key)
     if template is None:
-        try:
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=_JSON_OPTIONS)
-        except ValueError as e:
-            raise ValueError(f"invalid JSON schema: {e}") from None
+        grammar = build()
         error = llguidance.LLMatcher.validate_grammar(grammar, llt)
         if error:
             raise ValueError(error)

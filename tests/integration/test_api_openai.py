@@ -303,3 +303,22 @@ def test_long_prompt_is_chunked_while_a_stream_keeps_decoding(server):
     assert max(s.num_prefill_tokens for s in steps) <= chunk
     assert len(prefill_steps) >= long.usage.prompt_tokens // chunk
     assert sum(s.num_decode_tokens > 0 for s in prefill_steps) >= len(prefill_steps) - 1
+
+
+def test_tools_on_the_demo_model_are_a_400(server):
+    """SmolLM2's chat template has no tool support: tools are a 400 naming them, never a prompt without them."""
+    import openai
+
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    client = server.openai()
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as ei:
+            client.chat.completions.create(model=server.model, messages=CHAT, tools=[tool], max_tokens=4, stream=stream)
+        err = ei.value.body
+        assert err["param"] == "tools" and err["code"] == "tools_not_supported", err
+        assert "does not render tools" in err["message"] and server.model in err["message"], err
+    # tool_choice "none" does not render the tools: a plain answer, as asked
+    r = client.chat.completions.create(
+        model=server.model, messages=CHAT, tools=[tool], tool_choice="none", max_tokens=4
+    )
+    assert r.choices[0].message.content and r.choices[0].message.tool_calls is None

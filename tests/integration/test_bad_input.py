@@ -256,8 +256,11 @@ UNSUPPORTED = [  # (endpoint, field, a value the server cannot honour): each mus
     ("completions", "echo", True),
     ("completions", "best_of", 2),
     ("completions", "suffix", "end"),
-    ("chat", "tools", [{"type": "function", "function": {"name": "f"}}]),
-    ("chat", "tool_choice", "required"),
+    ("chat", "tools", [{"type": "function", "function": {"name": "f"}}]),  # the tiny template has no tool support
+    ("chat", "tools", [{"type": "retrieval", "function": {"name": "f"}}]),
+    ("chat", "tool_choice", "required"),  # without tools
+    ("chat", "tool_choice", {"type": "function", "function": {"name": "f"}}),
+    ("chat", "messages", [{"role": "tool", "content": "1"}]),  # no tool_call_id
     ("chat", "functions", [{"name": "f"}]),
     ("chat", "function_call", "auto"),
     ("chat", "modalities", ["text", "audio"]),
@@ -307,6 +310,10 @@ def test_neutral_values_are_accepted(http, server):
         ),
     )
     assert r.status_code == 200, r.text
+    # tools with tool_choice "none" are not rendered, so a model without tool support answers
+    tool = {"type": "function", "function": {"name": "f"}}
+    r = http.post("/v1/chat/completions", json=chat(server.model, tools=[tool], tool_choice="none"))
+    assert r.status_code == 200 and "tool_calls" not in r.json()["choices"][0]["message"], r.text
 
 
 def test_server_still_healthy_after_abuse(http, server):

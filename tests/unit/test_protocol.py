@@ -89,8 +89,6 @@ REFUSED_EXAMPLES = {
     "echo": True,
     "best_of": 2,
     "suffix": "tail",
-    "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
-    "tool_choice": "auto",
     "functions": [{"name": "f"}],
     "function_call": "auto",
     "modalities": ["text", "audio"],
@@ -143,11 +141,26 @@ def test_neutral_values_of_refused_fields_are_accepted():
     )
     assert r.response_format.type == "text"
     assert P.CompletionRequest(prompt="x", echo=False, best_of=1, suffix="").best_of == 1
-    with pytest.raises(ValidationError) as ei:
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}
+    r = P.ChatCompletionRequest(
+        messages=[
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "c", "content": "2"},
+        ]
+    )
+    assert r.template_messages() == [
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{**call, "function": {"name": "f", "arguments": {"a": 1}}}],
+        },
+        {"role": "tool", "content": "2", "tool_call_id": "c"},
+    ]
+    with pytest.raises(ValidationError) as ei:  # a tool call without its function
         P.ChatCompletionRequest(
             messages=[{"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function"}]}]
         )
-    assert from_validation_error(ei.value).param == "messages.0.tool_calls"
+    assert from_validation_error(ei.value).param == "messages.0.tool_calls.0.function"
 
 
 def _edges(r):
