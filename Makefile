@@ -11,7 +11,7 @@ STAMP := $(VENV)/.jetserve-installed
 export GPTQMODEL_CPU_WORKERS ?= 2
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: serve test lint install system-deps demo bench clean-venv
+.PHONY: serve test lint install system-deps demo peer bench clean-venv
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,7 +40,11 @@ test: $(STAMP) system-deps lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 	PY=$(PY) bash scripts/isa-matrix.sh
 
-bench: demo
+# the speed peer: llama-cpp-python from the `peer` extra, built from source with CPU flags that work here
+peer: $(STAMP)
+	PY=$(PY) bash scripts/install-llama-cpp.sh
+
+bench: demo peer
 	$(PY) benchmarks/decode.py
 
 clean-venv:

@@ -11,7 +11,8 @@ Rows (medians of --runs; greedy; --threads CPU threads):
 - time to first token for a --prompt-len prompt, ours (GPTQ) vs transformers bf16;
 - achieved GB/s (bytes read per decode step / step time) vs a read bandwidth measured here (big tensor sum)
   and a copy bandwidth (read + write);
-- llama.cpp (llama-cpp-python) on the SmolLM2 GGUF when `llama_cpp` is importable (optional peer);
+- llama.cpp (llama-cpp-python, the `peer` extra that `make bench` builds: `make peer`) on the SmolLM2 GGUF the
+  demo converts from, same prompt, threads and token counts; "not installed" when `llama_cpp` is absent;
 - loaded memory (RSS growth while loading) vs packed weights + scales + embeddings + KV cache (prediction);
 - bytes read per step and per token at batch 1 and 8, and the roofline: tok/s if a step only streamed those
   bytes at the measured read bandwidth, and the achieved fraction;
@@ -480,7 +481,7 @@ def _fmt_table(r: Dict[str, Any]) -> str:
             ]
         )
     elif not lc:
-        rows.append(["llama.cpp", "", "not importable (optional peer)", "", ""])
+        rows.append(["llama.cpp", "", "not installed (`make peer`)", "", ""])
     out = ["| metric | ours | baseline | ratio | target |", "|---|---|---|---|---|"]
     out += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(out)
