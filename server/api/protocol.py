@@ -2,7 +2,7 @@
 
 `FIELDS` is the one table of the request fields we know: each either works (within the numeric limits of
 `models.sampling.LIMITS`, from which the models' bounds are derived) or is refused with a 400 naming it
-unless it has its neutral value (n > 1, best_of > 1, echo, suffix, logit_bias, functions, ...). Unknown fields
+unless it has its neutral value (best_of > 1, echo, suffix, logit_bias, functions, ...). Unknown fields
 (clients send many) are ignored; docs/api.md lists the table (`fields_markdown`). Tool calling (`tools`,
 `tool_choice`, tool messages) is validated here field by field; the rules that need the model's chat template
 or several fields at once live in server/api/tools.py.
@@ -66,7 +66,12 @@ FIELDS: List[FieldRule] = [
     FieldRule("stream_options", "both", "`include_usage`"),
     FieldRule("ignore_eos", "both", "boolean (benchmarks)"),
     FieldRule("user", "both", "string; informational, no effect"),
-    FieldRule("n", "both", "1", lambda v: v == 1, "n > 1 is not supported; send separate requests"),
+    FieldRule(
+        "n",
+        "both",
+        "integer from 1 to the server's `--max-batch-size` (a larger n is a 400 giving the limit); n choices of "
+        "one prompt, prefilled once; with `seed`, choice i samples with seed + i (see n > 1)",
+    ),
     FieldRule("logit_bias", "both", "empty", _off, "logit_bias is not supported"),
     FieldRule(
         "response_format",
@@ -192,7 +197,7 @@ class _SamplingFields(BaseModel):
     presence_penalty: float = _limited("presence_penalty", 0.0)
     frequency_penalty: float = _limited("frequency_penalty", 0.0)
     repetition_penalty: float = _limited("repetition_penalty", 1.0)
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, description="Choices to generate (1 to the server's max batch size).")
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
@@ -452,21 +457,21 @@ def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 
     }
 
 
+def completion_choice(index: int, text: str, finish_reason: Optional[str], logprobs: Optional[dict]) -> Dict[str, Any]:
+    """One entry of a completion's `choices`."""
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
 def completion_response(
-    rid: str,
-    created: int,
-    model: str,
-    text: str,
-    finish_reason: Optional[str],
-    logprobs: Optional[dict],
-    usage: Dict[str, int],
+    rid: str, created: int, model: str, choices: List[Dict[str, Any]], usage: Dict[str, Any]
 ) -> Dict[str, Any]:
+    """A text completion; `choices` are `completion_choice` dicts in index order."""
     return {
         "id": rid,
         "object": "text_completion",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
+        "choices": choices,
         "usage": usage,
     }
 
@@ -479,46 +484,46 @@ def completion_chunk(
     finish_reason: Optional[str],
     logprobs: Optional[dict],
     with_usage: bool,
+    index: int = 0,
 ) -> Dict[str, Any]:
+    """One streamed piece of choice `index`."""
     d = {
         "id": rid,
         "object": "text_completion",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
+        "choices": [completion_choice(index, text, finish_reason, logprobs)],
     }
     if with_usage:
         d["usage"] = None
     return d
 
 
-def chat_response(
-    rid: str,
-    created: int,
-    model: str,
+def chat_choice(
+    index: int,
     text: Optional[str],
     finish_reason: Optional[str],
     logprobs: Optional[dict],
-    usage: Dict[str, int],
     tool_calls: Optional[List[Dict[str, Any]]] = None,
 ) -> Dict[str, Any]:
-    """A chat completion; `tool_calls` (OpenAI tool call dicts) are added to the message when non-empty."""
+    """One entry of a chat completion's `choices`; `tool_calls` (OpenAI tool call dicts) are added to the
+    message when non-empty."""
     message: Dict[str, Any] = {"role": "assistant", "content": text}
     if tool_calls:
         message["tool_calls"] = tool_calls
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def chat_response(
+    rid: str, created: int, model: str, choices: List[Dict[str, Any]], usage: Dict[str, Any]
+) -> Dict[str, Any]:
+    """A chat completion; `choices` are `chat_choice` dicts in index order."""
     return {
         "id": rid,
         "object": "chat.completion",
         "created": created,
         "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": message,
-                "logprobs": logprobs,
-                "finish_reason": finish_reason,
-            }
-        ],
+        "choices": choices,
         "usage": usage,
     }
 
@@ -531,13 +536,15 @@ def chat_chunk(
     finish_reason: Optional[str],
     logprobs: Optional[dict],
     with_usage: bool,
+    index: int = 0,
 ) -> Dict[str, Any]:
+    """One streamed delta of choice `index`."""
     d = {
         "id": rid,
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
+        "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
     }
     if with_usage:
         d["usage"] = None

@@ -1,9 +1,13 @@
-"""OpenAI-compatible routes: parse -> tokenize -> submit to the engine -> detokenize -> format.
+"""OpenAI-compatible routes: parse -> tokenize -> submit to the engine -> format.
 
-No tensors here: token ids come back from the engine thread through each request's `RequestHandle`, and
-`IncrementalDetokenizer` turns them into text (and finds stop strings) at this edge. A stop string ends
-the request in the engine with finish reason "stop" (what its stats record, as the client sees it), so its
-KV slot is freed at the next step.
+No tensors here: token ids come back from the engine thread through each request's `RequestHandle`; what the
+client sees of them (text, stop strings, logprobs, finish reason, tool calls) is decided by the output step,
+server/api/output.py (`ChoiceOutput`, one per choice). A stop string ends that choice's request in the engine
+with finish reason "stop" (what its stats record, as the client sees it), so its KV slot is freed at the next
+step.
+
+n > 1: the n choices are one `Engine.submit_group` (the prompt prefilled once, its KV copied to the others),
+n at most the engine's batch size (else 400 naming `n`); choice i samples with seed + i when `seed` is set.
 
 max_tokens policy: omitted means "the rest of the context"; a prompt that leaves no room, or
 prompt + max_tokens beyond the context, is refused with 400 `context_length_exceeded` giving the numbers
@@ -13,12 +17,13 @@ prompt + max_tokens beyond the context, is refused with 400 `context_length_exce
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
 import time
 from contextlib import AsyncExitStack
-from typing import Any, Dict, List, Optional, Tuple, Type, TypeVar
+from typing import Any, Dict, List, Optional, Type, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -27,22 +32,12 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.background import BackgroundTask
 
 from models.sampling import SamplingParams
-from models.tokenizer import IncrementalDetokenizer
 from server.api import protocol as P
 from server.api import tools as T
 from server.api.errors import APIError, error_body, from_validation_error
+from server.api.output import ChoiceGroup, ChoiceOutput, TokenLogprob, format_logprobs
 from server.api.structured import constraint_for
-from server.engine.request import (
-    FINISH_ABORT,
-    FINISH_LENGTH,
-    FINISH_STOP,
-    FINISH_TIMEOUT,
-    EngineStoppedError,
-    GenerationRequest,
-    QueueFullError,
-    TokenEvent,
-    new_request_id,
-)
+from server.engine.request import EngineStoppedError, GenerationRequest, QueueFullError, new_request_id
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
@@ -166,94 +161,45 @@ def _budget(n_prompt: int, ctx: int, max_tokens: Optional[int], chat: bool) -> i
     return max_tokens
 
 
-class _Decoder:
-    """Turns a request's TokenEvents into text, logprobs and a finish state; with a `tools` parser (a chat
-    request with tools) `split` turns that text into content and tool calls."""
-
-    def __init__(
-        self,
-        tokenizer: Any,
-        stop: List[str],
-        prompt_ids: List[int],
-        num_logprobs: Optional[int],
-        tools: Optional[T.ToolCallParser] = None,
-    ):
-        self.tok = tokenizer
-        self.tools = tools
-        self.detok = IncrementalDetokenizer(tokenizer, stop, prompt_ids=prompt_ids)
-        self.num_logprobs = num_logprobs
-        self.completion_tokens = 0
-        self.cached_tokens = 0  # prompt tokens the engine reused from its prefix cache
-        self.finish_reason: Optional[str] = None
-        self.error: Optional[APIError] = None
-        self.text_len = 0
-
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None or self.error is not None
-
-    def _piece(self, tid: int) -> str:
-        return self.tok.decode([tid], skip_special_tokens=False)
-
-    def feed(self, events: List[TokenEvent]) -> Tuple[str, List[tuple]]:
-        """Consume events; return (new text, [(token_text, logprob, [(top_text, top_logprob)...])])."""
-        out: List[str] = []
-        lps: List[tuple] = []
-        for ev in events:
-            if self.done:
-                break
-            if ev.cached_tokens is not None:
-                self.cached_tokens = ev.cached_tokens
-            if ev.token_id >= 0:
-                self.completion_tokens += 1
-                out.append(self.detok.add(ev.token_id))
-                if self.num_logprobs is not None and ev.logprob is not None:
-                    lps.append((self._piece(ev.token_id), ev.logprob, [(self._piece(t), lp) for t, lp in ev.top]))
-                if self.detok.stopped:
-                    self.finish_reason = FINISH_STOP
-                    break
-            if ev.finish_reason in (FINISH_STOP, FINISH_LENGTH):
-                out.append(self.detok.finish())
-                self.finish_reason = ev.finish_reason
-            elif ev.finish_reason == FINISH_TIMEOUT:
-                self.error = APIError(504, "request timed out", code="request_timeout")
-            elif ev.finish_reason == FINISH_ABORT:
-                self.error = APIError(503, ev.error or "request aborted", code=ev.error_code or "aborted")
-            elif ev.finish_reason is not None:
-                self.error = APIError(500, ev.error or "internal error", code=ev.error_code or "internal_error")
-        text = "".join(out)
-        self.text_len += len(text)
-        return text, lps
-
-    def split(self, text: str) -> Tuple[str, List[Dict[str, Any]]]:
-        """(content, tool call stream deltas) of text `feed` returned; flushes the parser once finished."""
-        if self.tools is None:
-            return text, []
-        content, deltas = self.tools.feed(text)
-        if self.finish_reason is not None:
-            more, last = self.tools.finish()
-            content, deltas = content + more, deltas + last
-        return content, deltas
-
-    @property
-    def tool_calls(self) -> List[Dict[str, Any]]:
-        return self.tools.calls if self.tools is not None else []
-
-    @property
-    def chat_finish_reason(self) -> Optional[str]:
-        return self.tools.finish_reason(self.finish_reason) if self.tools is not None else self.finish_reason
+def _check_n(n: int, max_batch_size: int) -> None:
+    """n choices run as one group in the engine's batch: at most its batch size (400 naming `n`)."""
+    if n > max_batch_size:
+        raise APIError(
+            400,
+            f"n: at most {max_batch_size} choices per request (the server's max batch size), got {n}",
+            param="n",
+            code="invalid_value",
+        )
 
 
-def _format_logprobs(chat: bool, lps: List[tuple], offset: int) -> Optional[dict]:
-    if not lps:
-        return None
-    toks = [t for t, _, _ in lps]
-    vals = [v for _, v, _ in lps]
-    tops = [top for _, _, top in lps]
-    return P.chat_logprobs(toks, vals, tops) if chat else P.completion_logprobs(toks, vals, tops, offset)
+def _choice_params(params: SamplingParams, n: int) -> List[SamplingParams]:
+    """Each choice's sampling params: choice i uses seed + i when a seed is given (so n choices equal n lone
+    requests with seeds seed, seed + 1, ...); without one every choice draws from its own random stream."""
+    if params.seed is None:
+        return [params] * n
+    return [dataclasses.replace(params, seed=params.seed + i) for i in range(n)]
+
+
+async def _constraints(lm: Any, body: Any, tools: Optional[T.ToolPlan], n: int) -> List[Any]:
+    """One fresh constraint per choice (a grammar's state is per request), or None each for free text:
+    structured output (`response_format`), or the forced tool call of tool_choice required / named (never
+    both: plan_tools refuses tools with a JSON format)."""
+    out: List[Any] = []
+    for _ in range(n):
+        c = await constraint_for(lm, body.response_format)
+        if tools is not None and tools.forced:
+            c = await T.tool_constraint(lm, tools)
+        out.append(c)
+    return out
 
 
 async def _generate(request: Request, body: Any, chat: bool):
+    """Parse -> tokenize -> submit the n choices as one engine group -> answer (JSON or SSE).
+
+    Every engine request is ended exactly once (`ChoiceGroup.close` in `cleanup`) whatever happens: after the
+    JSON answer, when the stream ends or the client goes away (the generator's `finally` and the response's
+    background task, whichever runs first), and on any error after submission.
+    """
     st = _state(request)
     if st.draining:
         raise APIError(503, "server is shutting down", code="shutting_down", headers={"Retry-After": "5"})
@@ -264,9 +210,10 @@ async def _generate(request: Request, body: Any, chat: bool):
             lm = await stack.enter_async_context(st.manager.acquire(name))
         except Exception as e:
             raise _map_model_error(e, name) from None
+        engine = lm.engine
+        _check_n(body.n, engine.max_batch_size)
         tools = T.plan_tools(body, lm.tokenizer) if chat else None  # None: no tools, or tool_choice "none"
         prompt_ids = await _tokenize(lm, body, chat, tools)
-        engine = lm.engine
         max_tokens = _budget(len(prompt_ids), engine.max_seq, body.max_new_tokens if chat else body.max_tokens, chat)
         num_lp = body.num_logprobs if chat else body.logprobs
         try:
@@ -283,19 +230,21 @@ async def _generate(request: Request, body: Any, chat: bool):
             ).validate()
         except ValueError as e:
             raise APIError(400, str(e)) from None
-        constraint = await constraint_for(lm, body.response_format)  # structured output; None for text
-        if tools is not None and tools.forced:  # tool_choice required / named (never with a JSON format)
-            constraint = await T.tool_constraint(lm, tools)
-        req = GenerationRequest(
-            prompt_ids=prompt_ids,
-            params=params,
-            max_tokens=max_tokens,
-            request_id=new_request_id("chatcmpl" if chat else "cmpl"),
-            ignore_eos=body.ignore_eos,
-            constraint=constraint,
-        )
+        constraints = await _constraints(lm, body, tools, body.n)
+        rid = new_request_id("chatcmpl" if chat else "cmpl")
+        reqs = [
+            GenerationRequest(
+                prompt_ids=prompt_ids,
+                params=p,
+                max_tokens=max_tokens,
+                request_id=rid if body.n == 1 else f"{rid}-{i}",
+                ignore_eos=body.ignore_eos,
+                constraint=c,
+            )
+            for i, (p, c) in enumerate(zip(_choice_params(params, body.n), constraints))
+        ]
         try:
-            handle = engine.submit(req)
+            handles = engine.submit_group(reqs)
         except QueueFullError as e:
             raise APIError(
                 429,
@@ -316,17 +265,35 @@ async def _generate(request: Request, body: Any, chat: bool):
         await stack.aclose()
         raise
 
-    st.inflight += 1
+    try:
+        group = ChoiceGroup(
+            [
+                ChoiceOutput(
+                    i,
+                    h,
+                    lm.tokenizer,
+                    body.stop_list,
+                    prompt_ids,
+                    num_lp,
+                    tools.parser() if tools is not None else None,
+                )
+                for i, h in enumerate(handles)
+            ]
+        )
+    except BaseException:
+        for h in handles:
+            h.abort()
+        await stack.aclose()
+        raise
+    st.inflight += 1  # HTTP requests, not choices
     closed = False
-    dec = _Decoder(lm.tokenizer, body.stop_list, prompt_ids, num_lp, tools.parser() if tools is not None else None)
 
     async def cleanup() -> None:
         nonlocal closed
         if closed:
             return
         closed = True
-        # no-op when the engine already finished it; a stop string is recorded as "stop", anything else as abort
-        handle.abort(FINISH_STOP if dec.finish_reason == FINISH_STOP else FINISH_ABORT)
+        group.close()  # ends what still runs: "stop" after a stop string, else "abort"
         st.inflight -= 1
         await stack.aclose()
 
@@ -334,14 +301,12 @@ async def _generate(request: Request, body: Any, chat: bool):
     model_name = lm.name
     if body.stream:
         return EventSourceResponse(
-            _stream(
-                handle, dec, chat, req.request_id, created, model_name, body.include_usage, len(prompt_ids), cleanup
-            ),
+            _stream(group, chat, rid, created, model_name, body.include_usage, len(prompt_ids), cleanup),
             sep="\n",
             background=BackgroundTask(cleanup),
         )
     try:
-        return await _complete(request, handle, dec, chat, req.request_id, created, model_name, len(prompt_ids))
+        return await _complete(request, group, chat, rid, created, model_name, len(prompt_ids))
     finally:
         await cleanup()
 
@@ -354,18 +319,21 @@ async def _wait_disconnect(request: Request) -> None:
 
 
 async def _complete(
-    request: Request, handle, dec: _Decoder, chat: bool, rid: str, created: int, model: str, n_prompt: int
+    request: Request, group: ChoiceGroup, chat: bool, rid: str, created: int, model: str, n_prompt: int
 ):
-    async def consume() -> Tuple[str, List[tuple]]:
-        texts: List[str] = []
-        lps: List[tuple] = []
-        async for ev in handle:
-            t, lp = dec.feed([ev])
-            texts.append(t)
-            lps.extend(lp)
-            if dec.done:
-                break
-        return "".join(texts), lps
+    """The JSON answer once every choice is done; the first choice's error is the HTTP error; 499 when the
+    client went away (the caller's cleanup aborts every choice)."""
+    texts: List[List[str]] = [[] for _ in group.choices]
+    lps: List[List[TokenLogprob]] = [[] for _ in group.choices]
+
+    async def consume() -> None:
+        while not group.done:
+            for choice, events in await group.next_events():
+                text, lp = choice.feed(events)
+                texts[choice.index].append(text)
+                lps[choice.index].extend(lp)
+                if choice.error is not None:
+                    return
 
     gen = asyncio.ensure_future(consume())
     watch = asyncio.ensure_future(_wait_disconnect(request))
@@ -373,68 +341,67 @@ async def _complete(
         await asyncio.wait({gen, watch}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watch.cancel()
-    if not gen.done():  # the client went away: abort (frees the slot next step)
-        handle.abort()
+    if not gen.done():  # the client went away
         gen.cancel()
         logger.info("request %s: client disconnected", rid)
         return JSONResponse(error_body("client disconnected", "invalid_request_error", None, "client_closed"), 499)
-    text, lps = gen.result()
-    if dec.error is not None:
-        raise dec.error
-    usage = P.usage_dict(n_prompt, dec.completion_tokens, dec.cached_tokens)
-    if chat:
-        content, _ = dec.split(text)
-        calls = dec.tool_calls
-        return P.chat_response(
-            rid,
-            created,
-            model,
-            None if calls and not content.strip() else content,
-            dec.chat_finish_reason,
-            _format_logprobs(True, lps, 0),
-            usage,
-            calls,
-        )
-    return P.completion_response(rid, created, model, text, dec.finish_reason, _format_logprobs(False, lps, 0), usage)
+    gen.result()
+    if group.error is not None:
+        raise group.error
+    choices = []
+    for c in group.choices:
+        text = "".join(texts[c.index])
+        lp = format_logprobs(chat, lps[c.index], 0)
+        if chat:
+            content, _ = c.split(text)
+            calls = c.tool_calls
+            content = None if calls and not content.strip() else content
+            choices.append(P.chat_choice(c.index, content, c.chat_finish_reason, lp, calls))
+        else:
+            choices.append(P.completion_choice(c.index, text, c.finish_reason, lp))
+    build = P.chat_response if chat else P.completion_response
+    return build(rid, created, model, choices, group.usage(n_prompt))
 
 
 async def _stream(
-    handle, dec: _Decoder, chat: bool, rid: str, created: int, model: str, include_usage: bool, n_prompt: int, cleanup
+    group: ChoiceGroup, chat: bool, rid: str, created: int, model: str, include_usage: bool, n_prompt: int, cleanup
 ):
+    """SSE data: per choice a role chunk (chat), its deltas (a backlog coalesced into one chunk) and its finish
+    chunk, `choices[0].index` naming the choice; then the usage chunk (sums over the choices) and [DONE] once
+    all are done. A choice's error is sent as an error event then [DONE] (the others are aborted)."""
     dumps = json.dumps
     try:
         if chat:
-            yield dumps(
-                P.chat_chunk(rid, created, model, {"role": "assistant", "content": ""}, None, None, include_usage)
-            )
-        async for ev in handle:
-            offset = dec.text_len
-            text, lps = dec.feed([ev] + handle.ready_events())  # coalesce a backlog into one chunk
-            text, calls = dec.split(text) if chat else (text, [])
-            if text or lps or dec.finish_reason or calls:
-                lp = _format_logprobs(chat, lps, offset)
-                if chat:
-                    delta: Dict[str, Any] = {"content": text} if text else {}
-                    if calls:
-                        delta["tool_calls"] = calls
-                    yield dumps(P.chat_chunk(rid, created, model, delta, dec.chat_finish_reason, lp, include_usage))
-                else:
-                    yield dumps(P.completion_chunk(rid, created, model, text, dec.finish_reason, lp, include_usage))
-            if dec.error is not None:
-                yield dumps(dec.error.body())
-                break
-            if dec.done:
-                break
-        if include_usage and dec.error is None:
-            yield dumps(
-                P.usage_chunk(
-                    rid,
-                    created,
-                    model,
-                    "chat.completion.chunk" if chat else "text_completion",
-                    P.usage_dict(n_prompt, dec.completion_tokens, dec.cached_tokens),
-                )
-            )
+            for c in group.choices:
+                delta = {"role": "assistant", "content": ""}
+                yield dumps(P.chat_chunk(rid, created, model, delta, None, None, include_usage, c.index))
+        failed = False
+        while not group.done and not failed:
+            for c, events in await group.next_events():
+                offset = c.text_len
+                text, lps = c.feed(events)
+                text, calls = c.split(text) if chat else (text, [])
+                if text or lps or c.finish_reason or calls:
+                    lp = format_logprobs(chat, lps, offset)
+                    if chat:
+                        delta: Dict[str, Any] = {"content": text} if text else {}
+                        if calls:
+                            delta["tool_calls"] = calls
+                        chunk = P.chat_chunk(
+                            rid, created, model, delta, c.chat_finish_reason, lp, include_usage, c.index
+                        )
+                    else:
+                        chunk = P.completion_chunk(
+                            rid, created, model, text, c.finish_reason, lp, include_usage, c.index
+                        )
+                    yield dumps(chunk)
+                if c.error is not None:
+                    yield dumps(c.error.body())
+                    failed = True
+                    break
+        if include_usage and not failed:
+            obj = "chat.completion.chunk" if chat else "text_completion"
+            yield dumps(P.usage_chunk(rid, created, model, obj, group.usage(n_prompt)))
         yield "[DONE]"
     except Exception as e:  # never let a formatting bug kill the connection silently
         logger.exception("stream %s failed", rid)

@@ -70,10 +70,10 @@ def test_validation_is_400_not_422(server, body, param):
     assert err["type"] == "invalid_request_error"
 
 
-def test_n_greater_than_one_refused_clearly(server):
+def test_n_above_the_batch_size_refused_clearly(server):
     with pytest.raises(openai.BadRequestError) as ei:
-        server.openai().completions.create(model=server.model, prompt=PROMPT, max_tokens=2, n=2)
-    assert "n > 1" in str(ei.value)
+        server.openai().completions.create(model=server.model, prompt=PROMPT, max_tokens=2, n=3)
+    assert ei.value.body["param"] == "n" and "at most 2" in ei.value.body["message"], ei.value.body
 
 
 def test_chat_validation(server):

@@ -249,8 +249,9 @@ def test_unknown_route_and_method(http):
 
 
 UNSUPPORTED = [  # (endpoint, field, a value the server cannot honour): each must be a 400 naming the field
-    ("chat", "n", 2),
-    ("completions", "n", 3),
+    ("chat", "n", 5),  # above the batch size (4)
+    ("completions", "n", 64),
+    ("chat", "n", 0),
     ("chat", "logit_bias", {"50256": -100}),
     ("completions", "logit_bias", {"1": 5}),
     ("completions", "echo", True),

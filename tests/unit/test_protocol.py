@@ -30,7 +30,7 @@ def test_completion_request_defaults_and_stop_forms():
 @pytest.mark.parametrize(
     "kw,param",
     [
-        (dict(n=2), "n"),
+        (dict(n=0), "n"),
         (dict(temperature=-0.1), "temperature"),
         (dict(temperature=2.5), "temperature"),
         (dict(top_p=1.5), "top_p"),
@@ -84,7 +84,6 @@ def test_chat_request():
 
 # one example per refused field: a value the server cannot honour
 REFUSED_EXAMPLES = {
-    "n": 2,
     "logit_bias": {"1": 2.0},
     "echo": True,
     "best_of": 2,
@@ -205,12 +204,86 @@ def test_response_builders():
     }
     assert P.usage_dict(3, 4, 2)["prompt_tokens_details"] == {"cached_tokens": 2}
     c = P.chat_chunk("id", 1, "m", {"content": "x"}, None, None, True)
-    assert c["usage"] is None and c["choices"][0]["delta"] == {"content": "x"}
+    assert c["usage"] is None and c["choices"][0]["delta"] == {"content": "x"} and c["choices"][0]["index"] == 0
     assert "usage" not in P.completion_chunk("id", 1, "m", "x", None, None, False)
+    assert P.chat_chunk("id", 1, "m", {}, "stop", None, False, 2)["choices"][0]["index"] == 2
+    assert P.completion_chunk("id", 1, "m", "x", None, None, False, 1)["choices"][0]["index"] == 1
     lp = P.completion_logprobs(["a", "bc"], [-0.1, -0.2], [[("a", -0.1)], [("bc", -0.2), ("d", -3.0)]], 10)
     assert lp["text_offset"] == [10, 11] and lp["top_logprobs"][1] == {"bc": -0.2, "d": -3.0}
     clp = P.chat_logprobs(["é"], [-0.5], [[("é", -0.5)]])
     assert clp["content"][0]["bytes"] == [195, 169]
+
+
+def test_n_is_accepted_and_choice_builders():
+    assert P.CompletionRequest(prompt="x", n=3).n == 3
+    assert P.ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], n=2).n == 2
+    choices = [P.completion_choice(i, t, "length", None) for i, t in enumerate(("a", "b"))]
+    r = P.completion_response("id", 1, "m", choices, P.usage_dict(3, 4))
+    assert [c["index"] for c in r["choices"]] == [0, 1] and r["choices"][1]["text"] == "b"
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    r = P.chat_response(
+        "id", 1, "m", [P.chat_choice(0, "x", "stop", None), P.chat_choice(1, None, "tool_calls", None, [call])], {}
+    )
+    assert r["choices"][0]["message"] == {"role": "assistant", "content": "x"}
+    assert r["choices"][1]["message"]["tool_calls"] == [call] and r["choices"][1]["index"] == 1
+
+
+class _CharTokenizer:
+    """Token id i is the character chr(ord("a") + i)."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(ord("a") + i) for i in ids)
+
+
+def test_choice_group_merges_fairly_stops_per_choice_and_aborts_once():
+    """Two choices: backlogs are coalesced per choice; a stop string ends its choice at once with "stop"; close()
+    aborts only what still runs, once (server.api.output)."""
+    import asyncio
+
+    from server.api.output import ChoiceGroup, ChoiceOutput
+    from server.engine.request import GenerationRequest, RequestHandle, TokenEvent
+
+    async def main():
+        aborts = []
+        loop = asyncio.get_running_loop()
+        reqs = [GenerationRequest([1, 2], SamplingParams(), 8, request_id=f"r-{i}") for i in range(2)]
+        handles = [RequestHandle(r, loop, lambda rid, why: aborts.append((rid, why))) for r in reqs]
+        tok = _CharTokenizer()
+        group = ChoiceGroup([ChoiceOutput(i, h, tok, ["cd"], [1, 2], None) for i, h in enumerate(handles)])
+        for t in (0, 1):  # "ab" on choice 0
+            handles[0]._queue.put_nowait(TokenEvent(t, cached_tokens=1 if t == 0 else None))
+        handles[1]._queue.put_nowait(TokenEvent(4, cached_tokens=1))  # "e" on choice 1
+        got = {}
+        while len(got) < 2:
+            for c, evs in await group.next_events():
+                got[c.index] = got.get(c.index, []) + list(evs)
+        assert [e.token_id for e in got[0]] == [0, 1] and [e.token_id for e in got[1]] == [4]
+        a, b = group.choices
+        a.feed(got[0]), b.feed(got[1])
+        handles[0]._queue.put_nowait(TokenEvent(2))
+        handles[0]._queue.put_nowait(TokenEvent(3))  # "cd": the stop string
+        text = ""
+        while not a.done:
+            for c, evs in await group.next_events():
+                assert c is a
+                text += c.feed(evs)[0]
+        assert a.finish_reason == "stop" and aborts == [("r-0", "stop")]
+        assert group.usage(2) == P.usage_dict(2, 5, 1)  # 4 tokens of choice 0, 1 of choice 1; the prompt once
+        handles[1]._queue.put_nowait(TokenEvent(5, finish_reason="length"))
+        (c, evs), *rest = await group.next_events()
+        assert c is b and not rest and b.feed(evs)[0] == "f" and b.finish_reason == "length" and group.done
+        assert await group.next_events() == []
+        group.close()
+        group.close()
+        assert aborts == [("r-0", "stop")]  # b had finished: nothing to abort
+        req = GenerationRequest([1], SamplingParams(), 8, request_id="r-2")
+        running = RequestHandle(req, loop, lambda rid, why: aborts.append((rid, why)))
+        lone = ChoiceGroup([ChoiceOutput(0, running, tok, [], [1], None)])
+        lone.close()
+        lone.close()
+        assert aborts[1:] == [("r-2", "abort")]  # still running: aborted, once
+
+    asyncio.run(main())
 
 
 def test_check_bearer_constant_time_semantics():
