@@ -29,8 +29,10 @@ from .tokenizer import config_eos_token_ids
 
 logger = logging.getLogger(__name__)
 
-# load-time options for a dense lm_head: "bf16" keeps it in the model dtype; "int8" quantizes it per output row
-LM_HEAD_DTYPES = ("bf16", "int8")
+# load-time options for a dense lm_head: "bf16" keeps it in the model dtype; "int8" quantizes it per output row;
+# "int4" to 4-bit groups of HEAD_INT4_GROUP_SIZE (round to nearest with a clipping search, the int4 kernel)
+LM_HEAD_DTYPES = ("bf16", "int8", "int4")
+HEAD_INT4_GROUP_SIZE = 32
 
 _ST_DTYPE_BYTES = {
     "F64": 8,
@@ -149,6 +151,9 @@ WORKSPACE_CONSTANT_BYTES = 16 * 1024**2
 # CUDA: measured - predicted stayed at 30.0 +- 0.2 MB over (slots, max_seq) = (8, 2048), (4, 1024), (2, 512)
 # on an H100 (SmolLM2-135M shape, torch 2.11) once cuBLAS workspaces and graph outputs were counted.
 CUDA_CONSTANT_BYTES = 29 * 1024**2
+# CPU, compiled decode (models.compile): process RSS growth of warm-up with compile minus without, 79 MiB on
+# SmolLM2-135M (torch 2.13, 2026-11-30; dynamo/inductor state and the loaded kernels), rounded up
+COMPILE_CONSTANT_BYTES = 96 * 1024**2
 
 
 @dataclass(frozen=True)
@@ -197,18 +202,25 @@ def _loaded_weight_bytes(info: CheckpointInfo, dtype: torch.dtype) -> int:
     return total
 
 
-def _int8_head_delta(info: CheckpointInfo, dtype: torch.dtype) -> int:
-    """Bytes `lm_head="int8"` adds to the loaded weights: int8 codes + float32 scales per row; an untied dense
-    head's `dtype` weight goes, a tied head keeps the embedding for the input lookup; a bias stays in `dtype`.
-    0 for a head the checkpoint quantized."""
+def _quantized_head_delta(info: CheckpointInfo, dtype: torch.dtype, lm_head: str) -> int:
+    """Bytes `lm_head="int8"` / `"int4"` adds to the loaded weights. int8: codes + float32 scales per row; int4:
+    the CPU int4pack layout (rows padded to kernels.CPU_N_BLOCK, half a byte per weight) + bf16 scale/zero pairs
+    per group of HEAD_INT4_GROUP_SIZE. An untied dense head's `dtype` weight goes, a tied head keeps the
+    embedding for the input lookup; a bias stays in `dtype`. 0 for "bf16" or a head the checkpoint quantized."""
     spec = find_arch(info.config) if info.fused else None
-    if spec is None or info.qcfg.lm_head or f"{spec.lm_head}.qweight" in info.tensors:
+    if lm_head == "bf16" or spec is None or info.qcfg.lm_head or f"{spec.lm_head}.qweight" in info.tensors:
         return 0
-    int8 = info.vocab * info.hidden + info.vocab * 4
+    if lm_head == "int8":
+        quant = info.vocab * info.hidden + info.vocab * 4
+    else:
+        from .kernels import CPU_N_BLOCK
+
+        rows = -(-info.vocab // CPU_N_BLOCK) * CPU_N_BLOCK
+        quant = rows * info.hidden // 2 + (info.hidden // HEAD_INT4_GROUP_SIZE) * rows * 2 * 2
     dense = info.tensors.get(f"{spec.lm_head}.weight")
     if dense is None:
-        return int8
-    return int8 - math.prod(dense[1]) * torch.empty((), dtype=dtype).element_size()
+        return quant
+    return quant - math.prod(dense[1]) * torch.empty((), dtype=dtype).element_size()
 
 
 def workspace_bytes(info: CheckpointInfo, *, max_batch_size: int, prefill_chunk: int, dtype: torch.dtype) -> int:
@@ -250,9 +262,10 @@ def predict_footprint(
     prefill_chunk: int = 256,
     device: Union[str, torch.device] = "cpu",
     lm_head: str = "bf16",
+    compile_decode: bool = False,
 ) -> Footprint:
     """Memory `load_runner(info.model_dir, ..., lm_head=lm_head)` plus warmup will take, from config.json and
-    headers only.
+    headers only; `compile_decode` (on CPU) adds `COMPILE_CONSTANT_BYTES` of workspace.
 
     weights: as loaded (float tensors in `dtype`; 4-bit GPTQ/AWQ as int4pack + bf16 scale/zero pairs), checked
     against the runner's own tensors by the unit tests. KV cache: `KVCache.predict_bytes` (the scratch slot
@@ -260,8 +273,7 @@ def predict_footprint(
     measured growth of the process (CPU) or of torch.cuda.memory_allocated by benchmarks/memory_prediction.py.
     """
     weights = _loaded_weight_bytes(info, dtype)
-    if lm_head == "int8":
-        weights += _int8_head_delta(info, dtype)
+    weights += _quantized_head_delta(info, dtype, lm_head)
     kv = KVCache.predict_bytes(info.num_layers, max_batch_size, max_seq, info.num_kv_heads, info.head_dim, dtype)
     workspace = workspace_bytes(info, max_batch_size=max_batch_size, prefill_chunk=prefill_chunk, dtype=dtype)
     if torch.device(device).type == "cuda":
@@ -273,6 +285,8 @@ def predict_footprint(
             kv_buckets=kv_buckets_cuda(max_seq),
             cublas_workspace=cublas_workspace_bytes(device),
         )
+    elif compile_decode:
+        workspace += COMPILE_CONSTANT_BYTES
     return Footprint(weights, kv, workspace, max_batch_size, max_seq)
 
 
@@ -348,7 +362,8 @@ def build_model(
 ) -> Transformer:
     """Meta-device build, then every weight assigned from the mmap'd checkpoint.
 
-    lm_head="int8" quantizes a dense head (tied or not) to `qlinear.Int8Linear`; a tied embedding stays in
+    lm_head="int8" quantizes a dense head (tied or not) to `qlinear.Int8Linear`, "int4" to a 4-bit
+    `QuantLinear` (`quantize_int4_rtn`, groups of HEAD_INT4_GROUP_SIZE); a tied embedding stays in
     `dtype` for the input lookup. A head the checkpoint quantized itself (GPTQ `"lm_head": true`) loads as a
     QuantLinear whatever `lm_head` says; one declared quantized but stored without `.qweight` raises
     UnsupportedFormatError.
@@ -416,8 +431,25 @@ def build_model(
             model_dir.name,
             model.lm_head.weight_bytes() / 2**20,
         )
-    elif lm_head == "int8":
-        logger.info("%s: lm_head=int8 ignored: the checkpoint's head is already quantized", model_dir.name)
+    elif lm_head == "int4" and isinstance(model.lm_head, DenseLinear):
+        from .qlinear import QuantLinear
+
+        dense = model.lm_head
+        model.lm_head = QuantLinear.from_dense(
+            dense.weight.data,
+            None if dense.bias is None else dense.bias.data,
+            group_size=HEAD_INT4_GROUP_SIZE,
+            device=device,
+            dtype=dtype,
+        )
+        logger.info(
+            "%s: lm_head quantized to int4 g%d at load (%.1f MiB)",
+            model_dir.name,
+            HEAD_INT4_GROUP_SIZE,
+            model.lm_head.weight_bytes() / 2**20,
+        )
+    elif lm_head != "bf16":
+        logger.info("%s: lm_head=%s ignored: the checkpoint's head is already quantized", model_dir.name, lm_head)
     leftover = [
         n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t is not None and t.is_meta
     ]
@@ -473,13 +505,14 @@ def load_runner(
     max_seq: int = 2048,
     trust_remote_code: bool = False,
     lm_head: str = "bf16",
+    compile_cache_dir: Optional[Union[str, Path]] = None,
 ):
     """A Runner for `model_dir`: the fused runtime for a supported architecture, else the transformers
     fallback at batch 1 (logged with a warning). Unsupported quantization formats raise
     `models.formats.UnsupportedFormatError` (never a silent fallback).
 
-    lm_head: "bf16" keeps a dense head in `dtype`; "int8" quantizes it per output row at load (see
-    build_model). The transformers fallback ignores it (logged). Other values raise ValueError.
+    lm_head: "bf16" keeps a dense head in `dtype`; "int8" / "int4" quantize it at load (see build_model). The transformers fallback ignores it (logged). Other values raise ValueError.
+    compile_cache_dir: compile the decode step at `warmup()` (CPU; models.compile), caching it there; None: eager.
     """
     from .runner import Runner
 
@@ -502,6 +535,8 @@ def load_runner(
         )
         if lm_head != "bf16":
             logger.warning("lm_head=%s is not applied by the transformers fallback", lm_head)
+        if compile_cache_dir is not None:
+            logger.warning("compiled decode is not applied by the transformers fallback")
         return HFFallbackRunner(
             model_dir,
             device=device,
@@ -532,4 +567,12 @@ def load_runner(
         max_batch_size,
         max_seq,
     )
-    return Runner(model, cache, device=device, dtype=dtype, eos_token_ids=eos, info=info)
+    return Runner(
+        model,
+        cache,
+        device=device,
+        dtype=dtype,
+        eos_token_ids=eos,
+        info=info,
+        compile_cache_dir=None if compile_cache_dir is None else Path(compile_cache_dir),
+    )

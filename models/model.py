@@ -11,7 +11,7 @@ keys/values into a `KVCache` in place; nothing here keeps per-request state. Act
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -130,6 +130,7 @@ class Transformer(nn.Module):
         self.register_buffer("cos", None, persistent=False)
         self.register_buffer("sin", None, persistent=False)
         self._gated = spec.mlp == "gated_silu"
+        self.decode_layer_fn: Optional[Callable[..., torch.Tensor]] = None  # a compiled `decode_layer`, if any
 
     def init_rope(self, max_seq: int, device: torch.device, dtype: torch.dtype) -> None:
         """Precompute cos/sin tables (max_seq, head_dim/2) in the activation dtype (as transformers casts them)."""
@@ -214,28 +215,47 @@ class Transformer(nn.Module):
         self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, cache: KVCache, kv_len: int
     ) -> torch.Tensor:
         """One token for each of B sequences -> float32 logits (B, vocab). Fixed shapes for fixed (B, kv_len)."""
-        B = tokens.shape[0]
-        dims = self.dims
         x = self._embed(tokens, positions)
         cos = sin = None
         if self.cos is not None:
             cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # (B, 1, D/2)
         # (B, 1, 1, kv_len): key j is visible to row b iff j <= positions[b]
         mask = (torch.arange(kv_len, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
-        g = dims.heads // dims.kv_heads
+        layer = self.decode_layer_fn or self.decode_layer
         for i, blk in enumerate(self.blocks):
-            q, k, v = self._qkv(blk, x, cos, sin)
-            kc, vc = cache.k[i], cache.v[i]
-            kc.index_put_((slots, positions), k)
-            vc.index_put_((slots, positions), v)
-            kk = kc[:, :kv_len].index_select(0, slots).transpose(1, 2)  # (B, kv, kv_len, D)
-            vv = vc[:, :kv_len].index_select(0, slots).transpose(1, 2)
-            # GQA without repeating KV: the g query heads of one kv head form a length-g query block
-            qq = q.view(B, dims.kv_heads, g, dims.head_dim)
-            a = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask)  # (B, kv, g, D)
-            x = x + blk.o(a.reshape(B, dims.heads * dims.head_dim))
-            x = x + self._mlp(blk, blk.norm2(x))
+            x = layer(blk, x, cos, sin, mask, slots, positions, cache.k[i], cache.v[i], kv_len)
         return self.head(x)
+
+    def decode_layer(
+        self,
+        blk: Block,
+        x: torch.Tensor,
+        cos: Optional[torch.Tensor],
+        sin: Optional[torch.Tensor],
+        mask: torch.Tensor,
+        slots: torch.Tensor,
+        positions: torch.Tensor,
+        kc: torch.Tensor,
+        vc: torch.Tensor,
+        kv_len: int,
+    ) -> torch.Tensor:
+        """One block of `decode`: x (B, hidden) -> (B, hidden), writing this layer's K/V (kc, vc) in place.
+
+        Everything a layer differs by (its block, its cache tensors) is an argument, so one compiled graph of
+        this function serves every layer (`decode_layer_fn`, see models.compile)."""
+        B = x.shape[0]
+        dims = self.dims
+        g = dims.heads // dims.kv_heads
+        q, k, v = self._qkv(blk, x, cos, sin)
+        kc.index_put_((slots, positions), k)
+        vc.index_put_((slots, positions), v)
+        kk = kc[:, :kv_len].index_select(0, slots).transpose(1, 2)  # (B, kv, kv_len, D)
+        vv = vc[:, :kv_len].index_select(0, slots).transpose(1, 2)
+        # GQA without repeating KV: the g query heads of one kv head form a length-g query block
+        qq = q.view(B, dims.kv_heads, g, dims.head_dim)
+        a = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask)  # (B, kv, g, D)
+        x = x + blk.o(a.reshape(B, dims.heads * dims.head_dim))
+        return x + self._mlp(blk, blk.norm2(x))
 
     def linear_modules(self) -> List[nn.Module]:
         out: List[nn.Module] = []

@@ -114,6 +114,46 @@ def repack_int4(qw: QuantizedWeight, kernel: str, device) -> Tuple[torch.Tensor,
     return kernels.pack_int4(kernel, q, device), sz, perm
 
 
+# clipping ratios `quantize_int4_rtn` tries per group (1.0 = the group's own min/max)
+RTN_CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8)
+
+
+def quantize_int4_rtn(
+    weight: torch.Tensor, group_size: int, clip_ratios: Sequence[float] = RTN_CLIP_RATIOS, rows_per_chunk: int = 4096
+) -> QuantizedWeight:
+    """Asymmetric round-to-nearest 4-bit quantization of a dense weight (out, in), sequential groups of
+    `group_size` along in; for each group the range [min, max] scaled by the clipping ratio with the least
+    squared error. weight ~= (codes - zeros) * scales per group (the GPTQ/AWQ convention of `dequantize`)."""
+    out_f, in_f = weight.shape
+    if in_f % group_size:
+        raise ValueError(f"in_features {in_f} is not a multiple of group_size {group_size}")
+    groups = in_f // group_size
+    codes = torch.empty(out_f, in_f, dtype=torch.uint8)
+    zeros = torch.empty(groups, out_f, dtype=torch.uint8)
+    scales = torch.empty(groups, out_f, dtype=torch.float32)
+    for r0 in range(0, out_f, rows_per_chunk):
+        w = weight[r0 : r0 + rows_per_chunk].float().reshape(-1, groups, group_size)  # (rows, groups, gs)
+        lo, hi = w.amin(-1).clamp(max=0.0), w.amax(-1).clamp(min=0.0)
+        best_err = best_q = best_s = best_z = None
+        for ratio in clip_ratios:
+            s = ((hi - lo) * ratio / 15.0).clamp_min(1e-10)
+            z = torch.round(-lo * ratio / s).clamp(0, 15)
+            q = torch.round(w / s[..., None] + z[..., None]).clamp(0, 15)
+            err = ((q - z[..., None]) * s[..., None] - w).pow(2).sum(-1)  # (rows, groups)
+            if best_err is None:
+                best_err, best_q, best_s, best_z = err, q, s, z
+                continue
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_q = torch.where(better[..., None], q, best_q)
+            best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
+        n = w.shape[0]
+        codes[r0 : r0 + n] = best_q.reshape(n, in_f).to(torch.uint8)
+        scales[:, r0 : r0 + n] = best_s.t()
+        zeros[:, r0 : r0 + n] = best_z.t().to(torch.uint8)
+    return QuantizedWeight(codes, zeros, scales, None, 4, group_size)
+
+
 class QuantLinear(torch.nn.Module):
     """y = x @ W.T + b for a quantized W (out, in). x (..., in) -> (..., out) in the activation dtype."""
 
@@ -197,6 +237,19 @@ class QuantLinear(torch.nn.Module):
         if keep_reference:
             self._reference = qw
         return self
+
+    @classmethod
+    def from_dense(
+        cls,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor] = None,
+        *,
+        group_size: int,
+        device,
+        dtype: torch.dtype = torch.bfloat16,
+    ) -> "QuantLinear":
+        """A 4-bit layer from a dense weight (out, in), quantized at load by `quantize_int4_rtn` (the int4 lm_head)."""
+        return cls.from_quantized(quantize_int4_rtn(weight, group_size), bias, device=device, dtype=dtype)
 
     @classmethod
     def fuse(cls, parts: Sequence["QuantLinear"]) -> Optional["QuantLinear"]:

@@ -10,13 +10,16 @@ Decode attends over the first `kv_len` cache positions, where `kv_len` is a buck
 the positions tensor only when it lives on the host (the engine builds it there), so it is never a device
 sync; for positions already on the GPU the whole cache (`max_seq`) is used.
 
-On CUDA, `warmup()` captures one CUDA graph per (batch bucket 1/2/4/8..., kv bucket); `decode` pads the
+With `compile_cache_dir` set, `warmup()` on CPU compiles the decode step (models.compile; eager with a logged
+reason where it cannot). On CUDA, `warmup()` captures one CUDA graph per (batch bucket 1/2/4/8..., kv bucket); `decode` pads the
 batch to the bucket with the cache's scratch slot and replays. On CPU decode runs eager without padding.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -61,6 +64,7 @@ class Runner:
         eos_token_ids: Tuple[int, ...] = (),
         info=None,
         use_cuda_graphs: Optional[bool] = None,
+        compile_cache_dir: Optional[Path] = None,
     ):
         self.model, self.cache, self.info = model, cache, info
         self.device, self.dtype = torch.device(device), dtype
@@ -72,6 +76,11 @@ class Runner:
         self._kv_buckets = kv_buckets_cuda(self.max_seq) if self.device.type == "cuda" else []
         self._graphs: Dict[Tuple[int, int], tuple] = {}
         self._graph_pool = None
+        # compiled decode (models.compile): requested with a cache dir, done in warmup(); `compiled` says if it is
+        # in use and `compile_note` why not (or how long it took)
+        self.compile_cache_dir = compile_cache_dir
+        self.compiled = False
+        self.compile_note = "off"
 
     # --- prefill ------------------------------------------------------------------------------------------
     def _check_prefill(self, tokens: torch.Tensor, slot: int, start_pos: int) -> torch.Tensor:
@@ -123,6 +132,8 @@ class Runner:
         t = tokens.to(dev, torch.long, non_blocking=True)
         p = positions.to(dev, torch.long, non_blocking=True)
         s = slots.to(dev, torch.long, non_blocking=True)
+        if self.compiled:  # inputs made outside inference mode would miss the compiled graphs' guards: copy
+            p, s = p.clone(), s.clone()
         return self.model.decode(t, p, s, self.cache, kv_len or self.max_seq)
 
     def _decode_graph(self, tokens, positions, slots, kv_len: int) -> torch.Tensor:
@@ -206,6 +217,38 @@ class Runner:
         )
         if self.use_cuda_graphs and dev.type == "cuda":
             self.capture_graphs()
+        if self.compile_cache_dir is not None:
+            self._compile()
+
+    def _compile(self) -> None:
+        """Compile decode (models.compile) and run every graph it needs once: batch 1 and 2 (batch >= 2 is one
+        dynamic graph) x the first two attention-length buckets (then one dynamic graph) and the whole cache."""
+        from .compile import compile_decode
+
+        scratch = self.cache.scratch_slot
+        dev = self.device
+
+        def warm(batch: int, kv_len: int) -> None:
+            self.model.decode(
+                torch.zeros(batch, dtype=torch.long, device=dev),
+                torch.zeros(batch, dtype=torch.long, device=dev),
+                torch.full((batch,), scratch, dtype=torch.long, device=dev),
+                self.cache,
+                kv_len,
+            )
+
+        # the whole cache (kv_len == max_seq) is a graph of its own: slicing all of a dimension specializes
+        kv_lens = sorted({min(self.max_seq, KV_BUCKET), min(self.max_seq, 2 * KV_BUCKET), self.max_seq})
+        batches = [1, 2] if self.max_batch_size > 1 else [1]
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            reason = compile_decode(self.model, warm, batches, kv_lens, self.compile_cache_dir)
+        self.compiled = reason is None
+        if reason is None:
+            self.compile_note = f"compiled in {time.perf_counter() - t0:.1f} s"
+        else:
+            self.compile_note = reason
+            logger.warning("decode stays eager: %s", reason)
 
     def memory_report(self) -> Dict[str, int]:
         m = self.model

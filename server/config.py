@@ -77,9 +77,17 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="Port to bind.")
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda[:N]'.")
     dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="Activation dtype.")
-    lm_head_dtype: Literal["bf16", "int8"] = Field(
+    lm_head_dtype: Literal["bf16", "int8", "int4"] = Field(
         "bf16",
-        description="A dense lm_head kept in the activation dtype ('bf16') or quantized to int8 per output row at load ('int8': half the head's bytes per decode step, faster at batch 1, not at batch 8; a tied head keeps its bf16 embedding, so RSS grows by the int8 copy, 28 MiB on the demo; see docs/benchmarks.md). A head the checkpoint quantized itself is used as stored.",
+        description="A dense lm_head kept in the activation dtype ('bf16') or quantized at load: 'int8' per output row, 'int4' in groups of 32 (round to nearest with a clipping search; a quarter of the bf16 bytes per decode step). A tied head keeps its bf16 embedding for the input lookup, so RSS grows by the quantized copy. Perplexity and speed of each: docs/benchmarks.md. A head the checkpoint quantized itself is used as stored.",
+    )
+    compile_decode: bool = Field(
+        True,
+        description="CPU: compile the decode step with torch.compile at load (one graph shared by all layers; about 25 s cold, a few seconds from the on-disk cache); where no C++ compiler is found, or compiling fails, decode stays eager with a logged reason. Not applied on CUDA (CUDA graphs).",
+    )
+    compile_cache_dir: Optional[Path] = Field(
+        None,
+        description="On-disk cache of the compiled decode (default: .compile-cache in the model store). $TORCHINDUCTOR_CACHE_DIR, when set, wins.",
     )
     max_batch_size: int = Field(8, ge=1, le=256, description="Concurrent sequences (KV slots) per model.")
     max_context: int = Field(

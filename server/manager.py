@@ -137,6 +137,14 @@ def _process_bytes(device: str, model_dir: Path) -> int:
     return process_model_bytes(model_dir)
 
 
+def compile_cache_dir(settings: Settings) -> Optional[Path]:
+    """Where compiled decode steps are cached (None: compile off): `compile_cache_dir`, else .compile-cache in the
+    model store."""
+    if not settings.compile_decode:
+        return None
+    return settings.compile_cache_dir or Path(settings.model_store) / ".compile-cache"
+
+
 def _default_runner_loader(model_dir: Path, *, dtype: str, **kw):
     """models.loader.load_runner with the dtype name turned into a torch.dtype."""
     import torch
@@ -189,7 +197,10 @@ class ModelManager:
         # trust_remote_code reaches the runtime only from Settings (off unless the operator sets it)
         trust = settings.trust_remote_code
         self._runner_loader = runner_loader or functools.partial(
-            _default_runner_loader, trust_remote_code=trust, lm_head=settings.lm_head_dtype
+            _default_runner_loader,
+            trust_remote_code=trust,
+            lm_head=settings.lm_head_dtype,
+            compile_cache_dir=compile_cache_dir(settings),
         )
         self._default_tokenizer = tokenizer_loader is None
         self._tokenizer_loader = tokenizer_loader or functools.partial(
@@ -258,6 +269,7 @@ class ModelManager:
                 prefill_chunk=s.prefill_chunk,
                 device=self.device,
                 lm_head=s.lm_head_dtype,
+                compile_decode=compile_cache_dir(s) is not None,
             )
         except Exception as e:  # any surprise while reading config/headers is a load error, not a crash
             raise ModelLoadError(f"{spec.name}: cannot predict its memory footprint: {e}") from e

@@ -16,6 +16,10 @@
   vocab `TINY_VOCAB` (the tokenizer's length), tied embeddings, max_position 512. Treat it as read-only.
 - `tiny_llama_writer` / `write_tiny_llama(out, tokenizer_src, seed, **overrides)`: more such models; the vocab
   follows `tokenizer_src` (49152 with SmolLM2's folder, as some integration tests pass).
+
+Servers and managers in the suite decode eager: `JETSERVE_COMPILE_DECODE=0` is set here (the default is on) so
+that each of the suite's many loads does not compile; tests/unit/test_compile.py and the tests that ask for it
+turn it on.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ TOKENIZER_FILES = (
 )
 
 TINY_VOCAB = 1024
+
+os.environ.setdefault("JETSERVE_COMPILE_DECODE", "0")
 TINY_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>") + tuple(f"<|reserved_{i}|>" for i in range(3, 17))
 TINY_SYSTEM_PROMPT = "You are a tiny test model."
 # ChatML, as SmolLM2's template: a default system turn when the chat does not start with one.

@@ -133,7 +133,7 @@ def load_runtime(
     max_seq: Optional[int] = None,
     lm_head: str = "bf16",
 ):
-    """The runtime `kind` for `model_dir`; lm_head="int8" applies to the jetserve runtime only (else ValueError)."""
+    """The runtime `kind` for `model_dir`; a quantized lm_head ("int8", "int4") applies to the jetserve runtime only (else ValueError)."""
     if kind == "transformers":
         if lm_head != "bf16":
             raise ValueError(f"--lm-head {lm_head} needs --runtime jetserve")

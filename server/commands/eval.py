@@ -31,10 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     parser.add_argument(
         "--lm-head",
-        choices=("bf16", "int8"),
+        choices=("bf16", "int8", "int4"),  # models.loader.LM_HEAD_DTYPES (no torch import here)
         default="bf16",
-        help="jetserve runtime: keep a dense lm_head in --dtype (bf16) or quantize it to int8 "
-        "per-channel at load (default bf16)",
+        help="jetserve runtime: keep a dense lm_head in --dtype (bf16) or quantize it at load to int8 "
+        "per-channel or int4 groups of 32 (default bf16)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--skip-ppl", action="store_true", help="Skip perplexity")

@@ -87,3 +87,44 @@ def test_smollm2_runtime_matches_transformers(model_store, name):
     decisive = (top2[:, 0] - top2[:, 1]) > max(1.0, err)
     assert int(decisive.sum()) >= 3, f"only {int(decisive.sum())} decisive steps (max err {err:.3f})"
     assert torch.equal(got.argmax(-1)[decisive], ref.argmax(-1)[decisive])
+
+
+def test_compiled_decode_matches_eager_on_the_gptq_demo(model_store, tmp_path):
+    """The default compiled decode (models.compile) against eager decode on the real GPTQ g64 model: the same
+    teacher-forced tokens into two slots, one step compiled and one eager each time; logits within bf16 noise and
+    the same greedy token wherever eager's top-2 margin is decisive."""
+    from models.compile import compile_unavailable
+    from models.loader import load_runner
+
+    if compile_unavailable(torch.device("cpu")):
+        pytest.skip(compile_unavailable(torch.device("cpu")))
+    r = load_runner(
+        _model_dir(model_store, "smollm2-135m-instruct-gptq-g64"),
+        max_batch_size=2,
+        max_seq=256,
+        compile_cache_dir=tmp_path,
+    )
+    r.warmup()
+    assert r.compiled, r.compile_note
+    fn = r.model.decode_layer_fn
+    from models.tokenizer import Tokenizer
+
+    ids = Tokenizer.from_dir(model_store / "smollm2-135m-instruct-gptq-g64").encode(_wiki_text()[:2000])[:80]
+    prompt, forced = torch.tensor(ids[:48]), ids[48:80]
+    for slot in (0, 1):
+        r.prefill(prompt, slot, 0)
+    decisive = 0
+    for i, tok in enumerate(forced):
+        pos = torch.tensor([48 + i])
+        r.model.decode_layer_fn = fn
+        lc = r.decode(torch.tensor([tok]), pos, torch.tensor([0]))[0]
+        r.model.decode_layer_fn = None
+        le = r.decode(torch.tensor([tok]), pos, torch.tensor([1]))[0]
+        r.model.decode_layer_fn = fn
+        span = float(le.max() - le.min())
+        assert float((lc - le).abs().max()) <= 0.03 * span, f"step {i}"
+        top2 = le.topk(2).values
+        if float(top2[0] - top2[1]) > 0.05 * span:
+            decisive += 1
+            assert int(lc.argmax()) == int(le.argmax()), f"step {i}"
+    assert decisive >= 8

@@ -107,9 +107,53 @@ def test_load_runner_int8_head_logits_and_footprint(tiny_dirs, arch):
     assert rep_q["weights_bytes"] - rep_b["weights_bytes"] == expected
 
 
+def test_quantize_int4_rtn_round_trip_and_clip_search():
+    from models.formats import dequantize
+    from models.qlinear import quantize_int4_rtn
+
+    torch.manual_seed(0)
+    w = torch.randn(96, 128) * torch.linspace(0.01, 2.0, 96)[:, None]
+    w[3, 7] = 40.0  # an outlier: clipping trades it for the rest of its group
+    w[5] = 0.0
+    qw = quantize_int4_rtn(w, 32)
+    assert qw.qweight.shape == (96, 128) and qw.scales.shape == (4, 96) and qw.zeros.shape == (4, 96)
+    assert int(qw.qweight.max()) <= 15
+    rec = dequantize(qw).float()
+    err = (rec - w).pow(2).reshape(96, 4, 32).sum(-1)
+    plain_qw = quantize_int4_rtn(w, 32, clip_ratios=(1.0,))
+    plain = dequantize(plain_qw).float()
+    err_plain = (plain - w).pow(2).reshape(96, 4, 32).sum(-1)
+    assert bool((err <= err_plain + 1e-6).all()) and float(err.sum()) < float(err_plain.sum())
+    assert float(rec[5].abs().max()) == 0.0  # zero is exact (zero point on the grid)
+    step = plain_qw.scales.t().repeat_interleave(32, 1).float()  # (out, in) scale of each weight
+    # ratio 1: half a step from rounding, plus at most half a step where the rounded zero point clamps an end
+    assert bool(((plain - w).abs() <= step + 1e-5).all())
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # tied and untied heads
+def test_load_runner_int4_head_logits_and_footprint(tiny_dirs, arch):
+    path = tiny_dirs[arch]
+    base = load_runner(path, dtype=torch.bfloat16, max_batch_size=2, max_seq=64)
+    quant = load_runner(path, dtype=torch.bfloat16, max_batch_size=2, max_seq=64, lm_head="int4")
+    assert isinstance(quant.model.lm_head, QuantLinear) and quant.model.lm_head.group_size == 32
+    torch.testing.assert_close(quant.model.embed, base.model.embed, atol=0, rtol=0)
+    tokens = torch.randint(0, TINY["vocab_size"], (12,), generator=torch.Generator().manual_seed(1))
+    lb = base.prefill(tokens, 0, 0).float()
+    lq = quant.prefill(tokens, 0, 0).float()
+    assert float((lq - lb).abs().max()) < 0.15 * float(lb.abs().max())  # 4-bit: coarser than int8
+    head = quant.model.lm_head
+    x = torch.randn(3, TINY["hidden_size"], dtype=torch.bfloat16)
+    ref = head.forward_reference(x).float() if hasattr(head, "forward_reference") else None
+    if ref is not None:
+        torch.testing.assert_close(head(x).float(), ref, atol=0.02 * float(ref.abs().max()), rtol=0)
+    info = inspect_checkpoint(path)
+    fp = predict_footprint(info, max_batch_size=2, max_seq=64, dtype=torch.bfloat16, lm_head="int4")
+    assert fp.weights_bytes == quant.memory_report()["weights_bytes"]
+
+
 def test_load_runner_rejects_unknown_head_option(tiny_dirs):
     with pytest.raises(ValueError, match="lm_head must be one of"):
-        load_runner(tiny_dirs["llama"], max_batch_size=1, max_seq=32, lm_head="int4")
+        load_runner(tiny_dirs["llama"], max_batch_size=1, max_seq=32, lm_head="fp8")
 
 
 def _rtn_sym4(w: torch.Tensor, group_size: int) -> QuantizedWeight:

@@ -349,10 +349,24 @@ def test_trust_remote_code_reaches_default_loaders_only_from_settings(tmp_path):
     """The default runner and tokenizer loaders get Settings.trust_remote_code (False unless set)."""
     for flag in (False, True):
         mgr = ModelManager(Settings(model_store=tmp_path, trust_remote_code=flag))
-        assert mgr._runner_loader.keywords == {"trust_remote_code": flag, "lm_head": "bf16"}
+        assert mgr._runner_loader.keywords == {
+            "trust_remote_code": flag,
+            "lm_head": "bf16",
+            "compile_cache_dir": None,  # the suite runs with JETSERVE_COMPILE_DECODE=0 (tests/conftest.py)
+        }
         assert mgr._tokenizer_loader.keywords == {"trust_remote_code": flag}
 
 
 def test_lm_head_dtype_reaches_the_default_runner_loader(tmp_path):
-    mgr = ModelManager(Settings(model_store=tmp_path, lm_head_dtype="int8"))
-    assert mgr._runner_loader.keywords["lm_head"] == "int8"
+    for head in ("int8", "int4"):
+        mgr = ModelManager(Settings(model_store=tmp_path, lm_head_dtype=head))
+        assert mgr._runner_loader.keywords["lm_head"] == head
+
+
+def test_compile_settings_reach_the_default_runner_loader(tmp_path):
+    mgr = ModelManager(Settings(model_store=tmp_path, compile_decode=True))
+    assert mgr._runner_loader.keywords["compile_cache_dir"] == tmp_path / ".compile-cache"
+    mgr = ModelManager(Settings(model_store=tmp_path, compile_decode=True, compile_cache_dir=tmp_path / "cc"))
+    assert mgr._runner_loader.keywords["compile_cache_dir"] == tmp_path / "cc"
+    mgr = ModelManager(Settings(model_store=tmp_path, compile_decode=False, compile_cache_dir=tmp_path / "cc"))
+    assert mgr._runner_loader.keywords["compile_cache_dir"] is None
