@@ -31,8 +31,22 @@ logger = logging.getLogger(__name__)
 
 # load-time options for a dense lm_head: "bf16" keeps it in the model dtype; "int8" quantizes it per output row;
 # "int4" to 4-bit groups of HEAD_INT4_GROUP_SIZE (round to nearest with a clipping search, the int4 kernel)
-LM_HEAD_DTYPES = ("bf16", "int8", "int4")
+# "auto": int8 where its CPU kernel runs (see resolve_lm_head), else bf16
+LM_HEAD_DTYPES = ("auto", "bf16", "int8", "int4")
 HEAD_INT4_GROUP_SIZE = 32
+
+
+def resolve_lm_head(lm_head: str, device: Union[str, torch.device], hidden: int) -> str:
+    """The head option a load applies: "auto" is "int8" on CPU where aten._weight_int8pack_mm takes the shape
+    (perplexity +0.18%, decode faster at batch 1; docs/benchmarks.md), else "bf16" (on CUDA int8 would
+    dequantize every step). Other values are returned as given."""
+    if lm_head != "auto":
+        return lm_head
+    from .kernels import INT8_K_MULTIPLE, has_cpu_int8_mm
+
+    cpu = torch.device(device).type == "cpu"
+    return "int8" if cpu and hidden % INT8_K_MULTIPLE == 0 and has_cpu_int8_mm() else "bf16"
+
 
 _ST_DTYPE_BYTES = {
     "F64": 8,
@@ -273,7 +287,7 @@ def predict_footprint(
     measured growth of the process (CPU) or of torch.cuda.memory_allocated by benchmarks/memory_prediction.py.
     """
     weights = _loaded_weight_bytes(info, dtype)
-    weights += _quantized_head_delta(info, dtype, lm_head)
+    weights += _quantized_head_delta(info, dtype, resolve_lm_head(lm_head, device, info.hidden))
     kv = KVCache.predict_bytes(info.num_layers, max_batch_size, max_seq, info.num_kv_heads, info.head_dim, dtype)
     workspace = workspace_bytes(info, max_batch_size=max_batch_size, prefill_chunk=prefill_chunk, dtype=dtype)
     if torch.device(device).type == "cuda":
@@ -511,7 +525,8 @@ def load_runner(
     fallback at batch 1 (logged with a warning). Unsupported quantization formats raise
     `models.formats.UnsupportedFormatError` (never a silent fallback).
 
-    lm_head: "bf16" keeps a dense head in `dtype`; "int8" / "int4" quantize it at load (see build_model). The transformers fallback ignores it (logged). Other values raise ValueError.
+    lm_head: "bf16" keeps a dense head in `dtype`; "int8" / "int4" quantize it at load (see build_model); "auto"
+    picks by device (`resolve_lm_head`). The transformers fallback ignores it (logged). Other values raise ValueError.
     compile_cache_dir: compile the decode step at `warmup()` (CPU; models.compile), caching it there; None: eager.
     """
     from .runner import Runner
@@ -533,7 +548,7 @@ def load_runner(
             info.arch,
             cfg.get("architectures"),
         )
-        if lm_head != "bf16":
+        if lm_head not in ("bf16", "auto"):
             logger.warning("lm_head=%s is not applied by the transformers fallback", lm_head)
         if compile_cache_dir is not None:
             logger.warning("compiled decode is not applied by the transformers fallback")
@@ -550,7 +565,10 @@ def load_runner(
     if spec.name == "mistral" and cfg.get("sliding_window") and max_seq > int(cfg["sliding_window"]):
         logger.warning("mistral sliding_window=%s < max_seq=%d: capping max_seq", cfg["sliding_window"], max_seq)
         max_seq = int(cfg["sliding_window"])
-    model = build_model(model_dir, spec, dims, info.qcfg, device=device, dtype=dtype, lm_head=lm_head)
+    head = resolve_lm_head(lm_head, device, dims.hidden)
+    if head != lm_head:
+        logger.info("%s: lm_head=%s -> %s on %s", model_dir.name, lm_head, head, device)
+    model = build_model(model_dir, spec, dims, info.qcfg, device=device, dtype=dtype, lm_head=head)
     release_freed_heap()  # the unpack/repack temporaries of every layer
     model.init_rope(max_seq, device, dtype)
     cache = KVCache(dims.layers, max_batch_size, max_seq, dims.kv_heads, dims.head_dim, device=device, dtype=dtype)

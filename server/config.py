@@ -77,9 +77,9 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="Port to bind.")
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda[:N]'.")
     dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="Activation dtype.")
-    lm_head_dtype: Literal["bf16", "int8", "int4"] = Field(
-        "bf16",
-        description="A dense lm_head kept in the activation dtype ('bf16') or quantized at load: 'int8' per output row, 'int4' in groups of 32 (round to nearest with a clipping search; a quarter of the bf16 bytes per decode step). A tied head keeps its bf16 embedding for the input lookup, so RSS grows by the quantized copy. Perplexity and speed of each: docs/benchmarks.md. A head the checkpoint quantized itself is used as stored.",
+    lm_head_dtype: Literal["auto", "bf16", "int8", "int4"] = Field(
+        "auto",
+        description="A dense lm_head kept in the activation dtype ('bf16') or quantized at load: 'int8' per output row (perplexity +0.18% on the demo), 'int4' in groups of 32 (round to nearest with a clipping search; perplexity +8%, opt-in only). 'auto': int8 on CPU where its kernel takes the shape, bf16 on CUDA. A tied head keeps its bf16 embedding for the input lookup, so RSS grows by the quantized copy (28 MiB for int8 on the demo). Figures: docs/benchmarks.md. A head the checkpoint quantized itself is used as stored.",
     )
     compile_decode: bool = Field(
         True,

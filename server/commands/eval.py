@@ -31,10 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     parser.add_argument(
         "--lm-head",
-        choices=("bf16", "int8", "int4"),  # models.loader.LM_HEAD_DTYPES (no torch import here)
+        choices=("auto", "bf16", "int8", "int4"),  # models.loader.LM_HEAD_DTYPES (no torch import here)
         default="bf16",
         help="jetserve runtime: keep a dense lm_head in --dtype (bf16) or quantize it at load to int8 "
-        "per-channel or int4 groups of 32 (default bf16)",
+        "per-channel or int4 groups of 32; auto: int8 on CPU, bf16 on CUDA, as `jetserve serve` (default bf16)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--skip-ppl", action="store_true", help="Skip perplexity")
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"jetserve eval: error: {flag} must be >= 1, got {v}", file=sys.stderr)
             return 2
     if args.lm_head != "bf16" and args.runtime != "jetserve":
-        print("jetserve eval: error: --lm-head int8 needs --runtime jetserve", file=sys.stderr)
+        print(f"jetserve eval: error: --lm-head {args.lm_head} needs --runtime jetserve", file=sys.stderr)
         return 2
     if args.stride > args.max_length:
         print("jetserve eval: error: --stride must be <= --max-length", file=sys.stderr)

@@ -18,6 +18,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from server.config import Settings
 from models.loader import inspect_checkpoint, predict_footprint
 
 
@@ -55,6 +56,7 @@ def footprint(store: Path, name: str) -> int:
         max_batch_size=SETTINGS["max_batch_size"],
         max_seq=SETTINGS["max_context"],
         prefill_chunk=SETTINGS["prefill_chunk"],
+        lm_head=Settings.model_fields["lm_head_dtype"].default,  # what the server budgets (the default head)
     ).total_bytes
 
 

@@ -151,6 +151,20 @@ def test_load_runner_int4_head_logits_and_footprint(tiny_dirs, arch):
     assert fp.weights_bytes == quant.memory_report()["weights_bytes"]
 
 
+def test_auto_head_is_int8_on_cpu_and_bf16_on_cuda(tiny_dirs):
+    from models.loader import resolve_lm_head
+
+    assert resolve_lm_head("auto", "cpu", 576) == "int8"
+    assert resolve_lm_head("auto", "cpu", 40) == "bf16"  # the int8 CPU kernel needs in_features % 16 == 0
+    assert resolve_lm_head("auto", "cuda", 576) == "bf16"
+    assert resolve_lm_head("int4", "cuda", 576) == "int4"
+    r = load_runner(tiny_dirs["llama"], dtype=torch.bfloat16, max_batch_size=1, max_seq=32, lm_head="auto")
+    assert isinstance(r.model.lm_head, Int8Linear)
+    info = inspect_checkpoint(tiny_dirs["llama"])
+    fp = predict_footprint(info, max_batch_size=1, max_seq=32, dtype=torch.bfloat16, lm_head="auto")
+    assert fp.weights_bytes == r.memory_report()["weights_bytes"]
+
+
 def test_load_runner_rejects_unknown_head_option(tiny_dirs):
     with pytest.raises(ValueError, match="lm_head must be one of"):
         load_runner(tiny_dirs["llama"], max_batch_size=1, max_seq=32, lm_head="fp8")

@@ -90,7 +90,13 @@ class Loader:
 
 def settings(store: Path, budget: int, **kw) -> Settings:
     base = dict(
-        model_store=store, memory_budget=str(budget), max_batch_size=2, max_context=64, device="cpu", model="none"
+        model_store=store,
+        memory_budget=str(budget),
+        max_batch_size=2,
+        max_context=64,
+        device="cpu",
+        model="none",
+        lm_head_dtype="bf16",  # the budgets below are sized for the headers as stored
     )
     base.update(kw)
     return Settings(**base)
@@ -137,6 +143,7 @@ def test_prediction_reads_headers(store):
         max_seq=64,
         dtype=torch.bfloat16,
         prefill_chunk=s.prefill_chunk,
+        lm_head=s.lm_head_dtype,
     )
     assert fp.weights_bytes == 2000 * 2  # a float32 tensor in the header, loaded as bfloat16
     assert fp.as_dict() == mk(store, 10**9)[0].predict("b").as_dict()  # what the manager budgets
@@ -351,7 +358,7 @@ def test_trust_remote_code_reaches_default_loaders_only_from_settings(tmp_path):
         mgr = ModelManager(Settings(model_store=tmp_path, trust_remote_code=flag))
         assert mgr._runner_loader.keywords == {
             "trust_remote_code": flag,
-            "lm_head": "bf16",
+            "lm_head": "auto",
             "compile_cache_dir": None,  # the suite runs with JETSERVE_COMPILE_DECODE=0 (tests/conftest.py)
         }
         assert mgr._tokenizer_loader.keywords == {"trust_remote_code": flag}
