@@ -19,7 +19,11 @@ Order of operations (HF `generate` order for the warpers, vLLM order for the pen
    in the batch.
 
 Returned log-probabilities are those of the raw model distribution (`log_softmax` of the logits as given,
-before penalties and temperature), as vLLM reports them by default.
+before penalties and temperature), as vLLM reports them by default. They are computed only when a row asks.
+
+Per-step cost: a batch of greedy rows without penalties, mask or logprobs is one argmax over the vocabulary.
+Penalties need per-row token statistics (`TokenCounts`): build them from padded histories, or keep them across
+steps in a `TokenCountsBuffer`, updated by one scatter per step instead of rebuilt from the token lists.
 
 torch is imported inside the functions, so describing a request (`SamplingParams`) does not import torch:
 server/api builds SamplingParams and never imports torch.
@@ -120,13 +124,14 @@ class SamplingParams:
 class SampleOutput:
     """Result of one `sample` call; tensors live on the logits' device.
 
-    tokens: (B,) int64 chosen ids. logprobs: (B,) float32 raw-model log-probability of each chosen id.
+    tokens: (B,) int64 chosen ids. logprobs: (B,) float32 raw-model log-probability of each chosen id, for every
+    row when at least one row asked for logprobs (`SamplingParams.logprobs` not None), else None.
     top_ids / top_logprobs: (B, k) with k = the largest `logprobs` asked in the batch (rows that asked
     for fewer use their first entries), sorted by decreasing logprob; None when no row asked for k > 0.
     """
 
     tokens: torch.Tensor
-    logprobs: torch.Tensor
+    logprobs: Optional[torch.Tensor] = None
     top_ids: Optional[torch.Tensor] = None
     top_logprobs: Optional[torch.Tensor] = None
 
@@ -150,20 +155,97 @@ def _row_tensor(values: Sequence[float], like: torch.Tensor, dtype=None) -> torc
     return torch.tensor(values, dtype=dtype or torch.float32).to(like.device, non_blocking=True).unsqueeze(1)
 
 
-def _history_masks(histories: torch.Tensor, prompt_lens: torch.Tensor, vocab: int):
-    """Seen-anywhere mask and generated-token counts, both (B, V), from (B, L) histories padded with -1."""
+def _as_float32(logits: torch.Tensor) -> torch.Tensor:
+    """`logits` itself when already float32, else a float32 copy."""
     import torch
 
-    b, length = histories.shape
-    valid = histories >= 0  # (B, L)
-    ids = torch.where(valid, histories, torch.full_like(histories, vocab))  # padding -> spare column V
-    seen = torch.zeros(b, vocab + 1, dtype=torch.bool, device=histories.device)
-    seen.scatter_(1, ids, True)
-    pos = torch.arange(length, device=histories.device).unsqueeze(0)  # (1, L)
-    generated = valid & (pos >= prompt_lens.to(histories.device).unsqueeze(1))  # (B, L)
-    counts = torch.zeros(b, vocab + 1, dtype=torch.float32, device=histories.device)
-    counts.scatter_add_(1, ids, generated.to(torch.float32))
-    return seen[:, :vocab], counts[:, :vocab]
+    return logits if logits.dtype == torch.float32 else logits.float()
+
+
+def has_penalty(p: SamplingParams) -> bool:
+    """True when `p` asks for any repetition, presence or frequency penalty."""
+    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+
+@dataclass
+class TokenCounts:
+    """Per-row token statistics the penalties read.
+
+    seen: (B, V) bool, the token occurs in the prompt or among the generated ids. counts: (B, V) float32,
+    occurrences of the token among the generated ids only (exact integers).
+    """
+
+    seen: torch.Tensor
+    counts: torch.Tensor
+
+    @classmethod
+    def from_histories(
+        cls, histories: torch.Tensor, prompt_lens: Optional[Union[torch.Tensor, Sequence[int]]], vocab: int
+    ) -> "TokenCounts":
+        """From (B, L) int64 histories (prompt ids then generated ids, padded with -1) and (B,) counts of leading
+        prompt ids (None: 0, i.e. the whole history counts as generated); on the histories' device."""
+        import torch
+
+        b, length = histories.shape
+        device = histories.device
+        if prompt_lens is None:
+            prompt_lens_t = torch.zeros(b, dtype=torch.long, device=device)
+        else:
+            prompt_lens_t = torch.as_tensor(prompt_lens, dtype=torch.long).to(device)
+        valid = histories >= 0  # (B, L)
+        ids = torch.where(valid, histories, torch.full_like(histories, vocab))  # padding -> spare column V
+        seen = torch.zeros(b, vocab + 1, dtype=torch.bool, device=device)
+        seen.scatter_(1, ids, True)
+        pos = torch.arange(length, device=device).unsqueeze(0)  # (1, L)
+        generated = valid & (pos >= prompt_lens_t.unsqueeze(1))  # (B, L)
+        counts = torch.zeros(b, vocab + 1, dtype=torch.float32, device=device)
+        counts.scatter_add_(1, ids, generated.to(torch.float32))
+        return cls(seen[:, :vocab], counts[:, :vocab])
+
+
+class TokenCountsBuffer:
+    """`TokenCounts` kept across steps for a fixed set of rows (e.g. one per KV slot): a decode step then costs
+    one scatter of the new tokens instead of a rebuild from the token lists.
+
+    `reset(row, prompt, generated)` (re)fills one row, O(V + len), once per sequence; `add(rows, tokens)` counts
+    one more generated token in each of the given distinct rows; `select(rows)` returns those rows'
+    `TokenCounts`, in that order, for `sample`. Memory: (num_rows, V) bool + float32 on `device`, allocated once.
+    """
+
+    def __init__(self, num_rows: int, vocab: int, device: Union[str, torch.device] = "cpu"):
+        import torch
+
+        self.vocab = vocab
+        self.device = torch.device(device)
+        self.seen = torch.zeros(num_rows, vocab, dtype=torch.bool, device=self.device)
+        self.counts = torch.zeros(num_rows, vocab, dtype=torch.float32, device=self.device)
+
+    def reset(self, row: int, prompt: Sequence[int], generated: Sequence[int] = ()) -> None:
+        import torch
+
+        self.seen[row].zero_()
+        self.counts[row].zero_()
+        ids = torch.tensor(list(prompt) + list(generated), dtype=torch.long).to(self.device, non_blocking=True)
+        self.seen[row].scatter_(0, ids, True)
+        if len(generated):
+            gen = ids[len(prompt) :]
+            self.counts[row].scatter_add_(0, gen, torch.ones(gen.shape, dtype=torch.float32, device=self.device))
+
+    def add(self, rows: Sequence[int], tokens: Sequence[int]) -> None:
+        import torch
+
+        if not len(rows):
+            return
+        r = torch.tensor(list(rows), dtype=torch.long).to(self.device, non_blocking=True)
+        t = torch.tensor(list(tokens), dtype=torch.long).to(self.device, non_blocking=True)
+        self.seen[r, t] = True
+        self.counts[r, t] += 1.0  # distinct rows: no (row, token) pair repeats
+
+    def select(self, rows: Sequence[int]) -> TokenCounts:
+        import torch
+
+        r = torch.tensor(list(rows), dtype=torch.long).to(self.device, non_blocking=True)
+        return TokenCounts(self.seen.index_select(0, r), self.counts.index_select(0, r))
 
 
 def apply_penalties(
@@ -171,31 +253,31 @@ def apply_penalties(
     params: Sequence[SamplingParams],
     histories: Optional[torch.Tensor],
     prompt_lens: Optional[Union[torch.Tensor, Sequence[int]]] = None,
+    counts: Optional[TokenCounts] = None,
 ) -> torch.Tensor:
-    """Repetition, frequency and presence penalties; returns (B, V) float32 (the input itself when no row has any).
+    """Repetition, frequency and presence penalties; returns (B, V) float32 (the input itself when it is float32
+    and no row has a penalty, or neither statistics source is given).
 
-    histories: (B, L) int64, each row prompt ids then generated ids, padded with -1. prompt_lens: (B,) count of
-    leading prompt ids per row (None: 0, i.e. the whole history counts as generated).
+    Token statistics come from `counts` (used when given) or from `histories`: (B, L) int64, each row prompt ids
+    then generated ids, padded with -1, with prompt_lens: (B,) count of leading prompt ids per row (None: 0, i.e.
+    the whole history counts as generated). Equal statistics give bit-identical results.
     """
     import torch
 
-    x = logits.float()
-    if histories is None or histories.numel() == 0:
+    x = _as_float32(logits)
+    if counts is None and (histories is None or histories.numel() == 0):
         return x
-    if all(p.repetition_penalty == 1.0 and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0 for p in params):
+    if not any(has_penalty(p) for p in params):
         return x
-    b, v = x.shape
-    if prompt_lens is None:
-        prompt_lens_t = torch.zeros(b, dtype=torch.long, device=x.device)
-    else:
-        prompt_lens_t = torch.as_tensor(prompt_lens, dtype=torch.long).to(x.device)
-    seen, counts = _history_masks(histories.to(x.device, torch.long), prompt_lens_t, v)
+    if counts is None:
+        counts = TokenCounts.from_histories(histories.to(x.device, torch.long), prompt_lens, x.shape[1])
+    seen, n = counts.seen.to(x.device), counts.counts.to(x.device)
     rep = _row_tensor([p.repetition_penalty for p in params], x)
     penalised = torch.where(x > 0, x / rep, x * rep)
     x = torch.where(seen, penalised, x)
     freq = _row_tensor([p.frequency_penalty for p in params], x)
     pres = _row_tensor([p.presence_penalty for p in params], x)
-    x = x - freq * counts - pres * (counts > 0).to(x.dtype)
+    x = x - freq * n - pres * (n > 0).to(x.dtype)
     return x
 
 
@@ -204,7 +286,7 @@ def apply_warpers(logits: torch.Tensor, params: Sequence[SamplingParams]) -> tor
 
     Greedy rows (temperature 0) are left at temperature 1 and unfiltered: their token is the argmax anyway.
     """
-    x = logits.float()
+    x = _as_float32(logits)
     b, v = x.shape
     temps = [p.temperature if p.temperature > 0 else 1.0 for p in params]
     if any(t != 1.0 for t in temps):
@@ -296,16 +378,21 @@ def sample(
     generators: Optional[Sequence[Optional[torch.Generator]]] = None,
     prompt_lens: Optional[Union[torch.Tensor, Sequence[int]]] = None,
     allowed: Optional[torch.Tensor] = None,
+    counts: Optional[TokenCounts] = None,
 ) -> SampleOutput:
     """Choose one token per row.
 
-    logits: (B, V) float; params: B validated SamplingParams; histories: (B, L) int64 prompt+generated ids padded
-    with -1 (needed only for penalties); generators: B entries from `make_generator` (None entries and a None list
-    use the global RNG); prompt_lens: (B,) leading prompt ids in each history (None: 0); allowed: (B, ceil(V/32))
-    int32 packed token mask (`unpack_token_bitmask`; an unconstrained row is all ones, i.e. -1; every row must
-    allow at least one token), on any device: it is copied to the logits' device without waiting. Only allowed
-    tokens can be chosen; the returned logprobs stay those of the unmasked model. Generators must be on the
-    logits' device. No host synchronisation: the result stays on the device.
+    logits: (B, V) float (float32 is used as is, any other dtype is cast once); params: B validated
+    SamplingParams; histories: (B, L) int64 prompt+generated ids padded with -1, with prompt_lens: (B,) leading
+    prompt ids in each history (None: 0), or counts: the rows' `TokenCounts` (used instead of histories when
+    given); either is needed only for penalties, and without both no penalty applies. generators: B entries
+    from `make_generator` (None entries and a None list use the global RNG); allowed: (B, ceil(V/32)) int32
+    packed token mask (`unpack_token_bitmask`; an unconstrained row is all ones, i.e. -1; every row must allow
+    at least one token), on any device: it is copied to the logits' device without waiting. Only allowed tokens
+    can be chosen; logprobs stay those of the unmasked model and are computed only when some row asks
+    (`SampleOutput.logprobs` is None otherwise). All-greedy rows with no penalty, mask or logprobs cost one
+    argmax. Generators must be on the logits' device. The logits are never modified. No host
+    synchronisation: the result stays on the device.
     """
     import torch
 
@@ -318,15 +405,22 @@ def sample(
         generators = [None] * b
     elif len(generators) != b:
         raise ValueError(f"got {len(generators)} generators for {b} rows")
+    if allowed is not None and tuple(allowed.shape) != (b, (v + 31) // 32):
+        raise ValueError(f"allowed must be ({b}, {(v + 31) // 32}) packed int32, got {tuple(allowed.shape)}")
 
-    logits = logits.float()
-    x = apply_penalties(logits, params, histories, prompt_lens)
+    logits = _as_float32(logits)
+    want_lp = any(p.logprobs is not None for p in params)
+    sampled_rows = [i for i, p in enumerate(params) if p.temperature > 0.0]
+    penalties = (counts is not None or (histories is not None and histories.numel() > 0)) and any(
+        has_penalty(p) for p in params
+    )
+    if not sampled_rows and not penalties and allowed is None and not want_lp:
+        return SampleOutput(tokens=logits.argmax(dim=-1))  # fast path: what the general path computes here
+
+    x = apply_penalties(logits, params, histories, prompt_lens, counts) if penalties else logits
     if allowed is not None:
-        if tuple(allowed.shape) != (b, (v + 31) // 32):
-            raise ValueError(f"allowed must be ({b}, {(v + 31) // 32}) packed int32, got {tuple(allowed.shape)}")
         keep = unpack_token_bitmask(allowed.to(logits.device, non_blocking=True), v)
         x = x.masked_fill(~keep, float("-inf"))  # a new tensor: `logits` keeps the raw values for the logprobs
-    sampled_rows = [i for i, p in enumerate(params) if p.temperature > 0.0]
     if not sampled_rows:
         tokens = x.argmax(dim=-1)
     else:
@@ -342,9 +436,12 @@ def sample(
             tokens = x.argmax(dim=-1)
             tokens[torch.tensor(sampled_rows, device=tokens.device)] = drawn
 
+    out = SampleOutput(tokens=tokens)
+    if not want_lp:
+        return out
     # raw-model log-probabilities: logit - logsumexp, without materialising a (B, V) log_softmax
     lse = logits.logsumexp(dim=-1, keepdim=True)  # (B, 1)
-    out = SampleOutput(tokens=tokens, logprobs=(logits.gather(1, tokens.unsqueeze(1)) - lse).squeeze(1))
+    out.logprobs = (logits.gather(1, tokens.unsqueeze(1)) - lse).squeeze(1)
     k = max((p.logprobs or 0) for p in params)
     if k > 0:
         top = logits.topk(k, dim=-1)

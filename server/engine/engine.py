@@ -45,11 +45,11 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from models.sampling import make_generator, sample
+from models.sampling import TokenCountsBuffer, has_penalty, make_generator, sample
 from server.engine.request import (
     FINISH_ABORT,
     FINISH_ERROR,
@@ -119,6 +119,9 @@ class Engine:
         self._running: List[SequenceState] = []
         self._waiting: Deque[SequenceState] = deque()
         self._slot_tokens: List[List[int]] = [[] for _ in range(self.max_batch_size)]  # valid KV per slot
+        # penalty statistics per slot, kept across steps (`_penalty_counts`); allocated on first use
+        self._pen_buf: Optional[TokenCountsBuffer] = None
+        self._pen_rows: Dict[int, Tuple[int, int]] = {}  # slot -> (seq.order, generated ids counted)
 
         # Counters readable from any thread (plain ints; torn reads are harmless).
         self.steps = 0
@@ -452,27 +455,37 @@ class Engine:
         if (len(self._running), len(self._waiting)) != (self.last_running, self.last_waiting):
             self._report(0, 0, 0, 0.0)
 
+    def _penalty_counts(self, seqs: List[SequenceState], penalised: List[bool], logits: torch.Tensor):
+        """The batch's `TokenCounts`, from per-slot statistics kept across steps: a row is rebuilt from the
+        prompt and generated ids only when its slot changed owner or missed a token (first sample, a failed
+        step), so a decode step does no O(history) host work. Rows without penalties may hold stale statistics:
+        their neutral penalties leave their logits unchanged whatever the statistics."""
+        vocab = logits.shape[-1]
+        buf = self._pen_buf
+        if buf is None or buf.vocab != vocab or buf.device != logits.device:
+            buf = self._pen_buf = TokenCountsBuffer(self.max_batch_size, vocab, logits.device)
+            self._pen_rows.clear()
+        for s, pen in zip(seqs, penalised):
+            state = (s.order, len(s.output_ids))
+            if pen and self._pen_rows.get(s.slot) != state:
+                buf.reset(s.slot, s.request.prompt_ids, s.output_ids)
+                self._pen_rows[s.slot] = state
+        return buf.select([s.slot for s in seqs])
+
     def _sample_and_emit(self, seqs: List[SequenceState], logits: torch.Tensor) -> None:
+        """Sample one token per sequence from `logits` (B, V), hand them out and finish the sequences that end.
+        Per-step host work is O(batch), plus the mask of each structured-output row and a one-off rebuild of
+        the penalty statistics of a sequence's first sample (`_penalty_counts`)."""
         params = [s.request.params for s in seqs]
-        need_history = any(
-            p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params
-        )
-        histories = prompt_lens = None
-        if need_history:  # (B, L) prompt+generated ids padded with -1
-            hists = [s.history() for s in seqs]
-            width = max(len(h) for h in hists)
-            histories = torch.full((len(seqs), width), -1, dtype=torch.long)
-            for i, h in enumerate(hists):
-                histories[i, : len(h)] = torch.tensor(h, dtype=torch.long)
-            histories = histories.to(self.device)
-            prompt_lens = [s.prompt_len for s in seqs]
+        penalised = [has_penalty(p) for p in params]
+        counts = self._penalty_counts(seqs, penalised, logits) if any(penalised) else None
         allowed = None
         if any(s.request.constraint is not None for s in seqs):  # structured output: unconstrained rows allow all
             allowed = torch.full((len(seqs), (logits.shape[-1] + 31) // 32), -1, dtype=torch.int32)
             for i, s in enumerate(seqs):
                 if s.request.constraint is not None:
                     s.request.constraint.fill_mask(allowed[i])
-        out = sample(logits.float(), params, histories, [s.generator for s in seqs], prompt_lens, allowed)
+        out = sample(logits, params, generators=[s.generator for s in seqs], allowed=allowed, counts=counts)
         tokens = out.tokens.tolist()  # the one host sync per step: tokens must reach the clients
         want_lp = any(p.logprobs is not None for p in params)
         if want_lp:
@@ -480,6 +493,7 @@ class Engine:
             top_ids = out.top_ids.tolist() if out.top_ids is not None else [[] for _ in seqs]
             top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else [[] for _ in seqs]
         now = time.perf_counter()
+        counted: List[SequenceState] = []  # penalised rows whose statistics take this step's token
         for i, seq in enumerate(seqs):
             tok = int(tokens[i])
             constraint = seq.request.constraint
@@ -492,6 +506,8 @@ class Engine:
                 )
                 continue
             seq.output_ids.append(tok)
+            if penalised[i]:
+                counted.append(seq)
             self.tokens_generated += 1
             if seq.first_token_time is None:
                 seq.first_token_time = now
@@ -516,6 +532,10 @@ class Engine:
                 self._outbox.append((seq.handle, ev))
             else:
                 self._finish(seq, finish, event=ev)
+        if counted:  # after the buffer took the tokens: a row marked current is current
+            self._pen_buf.add([s.slot for s in counted], [s.output_ids[-1] for s in counted])
+            for s in counted:
+                self._pen_rows[s.slot] = (s.order, len(s.output_ids))
 
     def _finish(
         self,

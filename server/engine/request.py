@@ -16,7 +16,7 @@ import itertools
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Protocol, Tuple
 
 if TYPE_CHECKING:  # SamplingParams lives in models/ (no torch needed to describe a request)
     from models.sampling import SamplingParams
@@ -226,6 +226,3 @@ class SequenceState:
     def reported_cached_tokens(self) -> Optional[int]:
         """`TokenEvent.cached_tokens` of the first token: a follower served by a KV copy reports its leader's."""
         return self.shared_cached_tokens if self.copied_tokens else self.cached_tokens
-
-    def history(self) -> Sequence[int]:
-        return list(self.request.prompt_ids) + self.output_ids

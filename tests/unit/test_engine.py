@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from benchmarks.fault_runner import FaultyRunner, marker
-from models.sampling import SamplingParams
+from models.sampling import SamplingParams, apply_penalties
 from server.config import Settings
 from server.engine.engine import Engine
 from server.engine.request import EngineStoppedError, GenerationRequest, QueueFullError
@@ -513,3 +513,91 @@ def test_prefix_cache_off_by_setting_or_for_the_fallback_runner():
     _serial(eng, [[1, 2, 3], [1, 2, 3]])
     eng.stop()
     assert not eng.prefix_caching and fallback.prefills == [(0, 0, 3), (0, 0, 3)]
+
+
+# ---- sampling work per step: penalties kept across steps, logprobs only when asked ----
+
+
+class TableRunner(FakeRunner):
+    """Logits are a fixed random row per last token, so penalties change the greedy path in many ways."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.table = torch.randn(VOCAB, VOCAB, generator=torch.Generator().manual_seed(7)) * 2.0
+
+    def _logits(self, last):
+        return self.table[last.reshape(-1)].clone()
+
+
+def _reference_greedy(table, prompt, params, max_tokens):
+    """The engine's former per-step behaviour: penalties from the full history rebuilt each step, then argmax."""
+    out = []
+    for _ in range(max_tokens):
+        hist = torch.tensor([prompt + out])
+        logits = apply_penalties(table[(prompt + out)[-1]][None], [params], hist, [len(prompt)])
+        out.append(int(logits.argmax(-1)))
+    return out
+
+
+def test_penalties_with_kept_statistics_match_the_rebuilt_history_across_slot_reuse():
+    runner = TableRunner(max_batch_size=2)
+    eng, _, _ = make(runner)
+    variants = [
+        SamplingParams(temperature=0.0, repetition_penalty=1.8),
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=0.0, presence_penalty=1.5, frequency_penalty=0.7),
+        SamplingParams(temperature=0.0, repetition_penalty=0.6, frequency_penalty=-0.4, logprobs=1),
+        SamplingParams(temperature=0.0, presence_penalty=2.0),
+    ]
+    prompts = [[5, 9, 5], [1], [9, 2, 2, 9], [3, 4], [5, 9, 5]]  # the last reuses the first's cached prefix
+
+    async def go():
+        hs = [eng.submit(GenerationRequest(pr, p, max_tokens=12, ignore_eos=True)) for pr, p in zip(prompts, variants)]
+        return await asyncio.gather(*(collect(h) for h in hs))
+
+    outs = run(go())
+    eng.stop()
+    for pr, p, evs in zip(prompts, variants, outs):
+        assert [e.token_id for e in evs] == _reference_greedy(runner.table, pr, p, 12)
+    assert max(runner.decode_batches) == 2  # slots were shared and reused by later requests
+
+
+def test_logprobs_only_for_rows_that_ask():
+    runner = TableRunner()
+    eng, _, _ = make(runner)
+
+    async def go():
+        asks = eng.submit(GenerationRequest([3], SamplingParams(temperature=0.0, logprobs=2), max_tokens=4))
+        plain = eng.submit(GenerationRequest([3], GREEDY, max_tokens=4))
+        return await asyncio.gather(collect(asks), collect(plain))
+
+    asks, plain = run(go())
+    eng.stop()
+    assert [e.token_id for e in asks] == [e.token_id for e in plain]
+    assert all(e.logprob is None and e.top == () for e in plain)
+    last = 3
+    for e in asks:
+        raw = runner.table[last].log_softmax(-1)
+        assert e.logprob == pytest.approx(float(raw[e.token_id]), abs=1e-5)
+        assert [t for t, _ in e.top] == raw.topk(2).indices.tolist()
+        last = e.token_id
+
+
+def test_penalty_statistics_of_a_slot_are_not_inherited_by_its_next_occupant():
+    """The first occupant fails at its first token (no id generated, as the next one at its first sample), so only
+    the owner check, not the token count, tells the kept statistics are someone else's."""
+    runner = TableRunner(max_batch_size=1)
+    eng, _, _ = make(runner)
+    pen = SamplingParams(temperature=0.0, repetition_penalty=3.0)
+    expected = _reference_greedy(runner.table, [12], pen, 6)
+    first = GenerationRequest(expected + [12], pen, max_tokens=4, constraint=ScriptConstraint([0], allow_nothing=True))
+    second = GenerationRequest([12], pen, max_tokens=6, ignore_eos=True)
+
+    async def go():
+        a = await collect(eng.submit(first))
+        return a, await collect(eng.submit(second))
+
+    a, b = run(go())
+    eng.stop()
+    assert a[-1].finish_reason == "error"
+    assert [e.token_id for e in b] == expected  # stale statistics would penalise every one of them

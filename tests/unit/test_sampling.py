@@ -10,6 +10,8 @@ import torch
 from models import sampling
 from models.sampling import (
     SamplingParams,
+    TokenCounts,
+    TokenCountsBuffer,
     apply_penalties,
     apply_warpers,
     make_generator,
@@ -334,7 +336,10 @@ def test_penalties_change_greedy_choice_and_rows_are_independent():
     logits[:, 4] = 1.0
     logits[:, 6] = 0.9
     hist = torch.tensor([[4, 4], [4, 4]])
-    params = [SamplingParams(temperature=0.0, repetition_penalty=2.0), SamplingParams(temperature=0.0)]
+    params = [
+        SamplingParams(temperature=0.0, repetition_penalty=2.0, logprobs=0),
+        SamplingParams(temperature=0.0, logprobs=0),
+    ]
     out = sample(logits, params, hist)
     assert out.tokens.tolist() == [6, 4]
     # logprobs stay those of the raw model distribution
@@ -345,6 +350,76 @@ def test_no_history_no_penalty(rng):
     logits = rand_logits(rng, 2)
     out = apply_penalties(logits, [SamplingParams(repetition_penalty=1.5)] * 2, None)
     assert torch.equal(out, logits)
+
+
+def ref_penalties(row: torch.Tensor, p: SamplingParams, prompt, generated) -> torch.Tensor:
+    """One row of the penalties in plain Python: repetition over prompt+generated, presence/frequency over
+    generated ids only."""
+    x = row.clone()
+    for tok in set(prompt) | set(generated):
+        x[tok] = x[tok] / p.repetition_penalty if x[tok] > 0 else x[tok] * p.repetition_penalty
+    for tok in set(generated):
+        x[tok] -= generated.count(tok) * p.frequency_penalty + p.presence_penalty
+    return x
+
+
+def padded(hists):
+    out = torch.full((len(hists), max(len(h) for h in hists)), -1, dtype=torch.long)
+    for i, h in enumerate(hists):
+        out[i, : len(h)] = torch.tensor(h)
+    return out
+
+
+def test_incremental_counts_match_histories_over_a_multi_step_run(rng):
+    """A TokenCountsBuffer updated one token per step (rows in permuted slots, one slot re-used by a new
+    sequence mid-run) gives bit-identical penalised logits and tokens to statistics rebuilt from the histories,
+    and both match the plain-Python reference."""
+    params = [
+        SamplingParams(temperature=0.0, repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.25),
+        SamplingParams(temperature=0.9, seed=5, repetition_penalty=0.8, frequency_penalty=-0.5),
+        SamplingParams(temperature=0.0),  # no penalty: its row's statistics may be stale, its logits untouched
+        SamplingParams(temperature=0.0, presence_penalty=-1.0),
+    ]
+    prompts = [torch.randint(0, V, (n,), generator=rng).tolist() for n in (7, 1, 4, 12)]
+    generated = [[] for _ in params]
+    slots = [3, 0, 5, 1]  # rows live in arbitrary buffer rows
+    buf = TokenCountsBuffer(6, V)
+    buf.reset(5, [1, 2, 3], [4, 4])  # a stale previous occupant of the no-penalty row's slot
+    for i, slot in enumerate(slots):
+        if i != 2:
+            buf.reset(slot, prompts[i])
+    gens_a = [make_generator(p.seed) for p in params]
+    gens_b = [make_generator(p.seed) for p in params]
+    for step in range(12):
+        if step == 6:  # row 0's sequence ends; a new one takes its slot
+            prompts[0], generated[0] = torch.randint(0, V, (3,), generator=rng).tolist(), []
+            buf.reset(slots[0], prompts[0])
+        logits = rand_logits(rng, 4, scale=1.0)
+        hist, plens = padded([pr + g for pr, g in zip(prompts, generated)]), [len(pr) for pr in prompts]
+        counts = buf.select(slots)
+        old = apply_penalties(logits, params, hist, plens)
+        new = apply_penalties(logits, params, None, counts=counts)
+        assert torch.equal(old, new)
+        for b, p in enumerate(params):
+            torch.testing.assert_close(new[b], ref_penalties(logits[b], p, prompts[b], generated[b]))
+        a = sample(logits, params, hist, gens_a, plens)
+        b_ = sample(logits, params, generators=gens_b, counts=counts)
+        assert torch.equal(a.tokens, b_.tokens)
+        toks = a.tokens.tolist()
+        for g, t in zip(generated, toks):
+            g.append(t)
+        buf.add([s for i, s in enumerate(slots) if i != 2], [t for i, t in enumerate(toks) if i != 2])
+    for i in (0, 1, 3):  # the buffer holds exactly the statistics of the histories
+        ref = TokenCounts.from_histories(padded([prompts[i] + generated[i]]), [len(prompts[i])], V)
+        assert torch.equal(buf.seen[slots[i]], ref.seen[0]) and torch.equal(buf.counts[slots[i]], ref.counts[0])
+
+
+def test_token_counts_buffer_reset_with_generated_ids():
+    buf = TokenCountsBuffer(2, 10)
+    buf.reset(1, [2, 3, 3], [3, 7, 7, 7])
+    ref = TokenCounts.from_histories(torch.tensor([[2, 3, 3, 3, 7, 7, 7]]), [3], 10)
+    assert torch.equal(buf.seen[1], ref.seen[0]) and torch.equal(buf.counts[1], ref.counts[0])
+    assert buf.counts[1, 3] == 1 and buf.counts[1, 7] == 3 and not buf.seen[0].any()
 
 
 # ---- logprobs ----
@@ -378,6 +453,68 @@ def test_mixed_greedy_and_sampled_rows(rng):
     assert torch.equal(out.tokens, logits.argmax(-1))  # top_k=1 and tiny top_p are greedy too
 
 
+# ---- per-step cost: only the work a row asked for ----
+
+
+def test_greedy_fast_path_matches_the_general_path(rng):
+    """All-greedy rows without penalties, mask or logprobs: the tokens equal those of the general path (forced
+    by one row asking for logprobs, or by neutral-penalty statistics) and no logprobs come back."""
+    logits = rand_logits(rng, 8)
+    greedy = [SamplingParams(temperature=0.0)] * 8
+    fast = sample(logits, greedy)
+    assert fast.logprobs is None and fast.top_ids is None and fast.top_logprobs is None
+    assert torch.equal(fast.tokens, logits.argmax(-1))
+    general = sample(logits, [SamplingParams(temperature=0.0, logprobs=0)] + greedy[1:])
+    assert torch.equal(fast.tokens, general.tokens)
+    torch.testing.assert_close(general.logprobs, logits.log_softmax(-1).gather(1, fast.tokens[:, None]).squeeze(1))
+    ones = torch.full((8, (V + 31) // 32), -1, dtype=torch.int32)
+    assert torch.equal(fast.tokens, sample(logits, greedy, allowed=ones).tokens)
+    pen = [SamplingParams(temperature=0.0, repetition_penalty=1.0 + 1e-6)] + greedy[1:]
+    hist = torch.full((8, 1), -1)
+    assert torch.equal(fast.tokens, sample(logits, pen, hist).tokens)  # no token seen: penalty is a no-op
+
+
+def test_non_float32_logits_are_cast_once_and_float32_used_as_is(rng, monkeypatch):
+    logits = rand_logits(rng, 3).to(torch.bfloat16)
+    params = [SamplingParams(temperature=0.0, logprobs=2), SamplingParams(seed=3), SamplingParams(top_k=5, seed=4)]
+    ref = sample(logits.float(), params, generators=[make_generator(p.seed) for p in params])
+    got = sample(logits, params, generators=[make_generator(p.seed) for p in params])
+    for a, b in ((ref.tokens, got.tokens), (ref.logprobs, got.logprobs), (ref.top_ids, got.top_ids)):
+        assert torch.equal(a, b)
+    f32, calls = logits.float(), []
+    real = torch.Tensor.float
+    monkeypatch.setattr(torch.Tensor, "float", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    sample(f32, params, generators=[make_generator(p.seed) for p in params])
+    assert calls == []
+
+
+def test_no_logsumexp_unless_a_row_asks_for_logprobs(rng, monkeypatch):
+    """Neither greedy, sampled, masked nor penalised rows compute the logprob normaliser unless a row asks."""
+    calls = []
+    real_method, real_fn = torch.Tensor.logsumexp, torch.logsumexp
+    monkeypatch.setattr(torch.Tensor, "logsumexp", lambda self, *a, **k: calls.append(1) or real_method(self, *a, **k))
+    monkeypatch.setattr(torch, "logsumexp", lambda *a, **k: calls.append(1) or real_fn(*a, **k))
+    logits = rand_logits(rng, 4)
+    hist = torch.randint(0, V, (4, 6), generator=rng)
+    ones = torch.full((4, (V + 31) // 32), -1, dtype=torch.int32)
+    batches = [
+        [SamplingParams(temperature=0.0)] * 4,
+        [
+            SamplingParams(temperature=0.0),
+            SamplingParams(temperature=0.7),
+            SamplingParams(min_p=0.1),
+            SamplingParams(temperature=0.0, repetition_penalty=1.2, frequency_penalty=0.5),
+        ],
+    ]
+    for params in batches:
+        for kw in ({}, {"allowed": ones}, {"histories": hist, "prompt_lens": [2] * 4}):
+            out = sample(logits, params, **kw)
+            assert out.logprobs is None and out.top_ids is None
+    assert calls == []
+    out = sample(logits, batches[0][:3] + [SamplingParams(temperature=0.0, logprobs=1)])
+    assert calls and out.logprobs.shape == (4,) and out.top_ids.shape == (4, 1)
+
+
 # ---- allowed-token mask (structured output) ----
 
 
@@ -405,7 +542,7 @@ def test_mask_restricts_every_row_and_leaves_logprobs_raw(rng):
     best = logits.argmax(-1).tolist()
     allowed = [set(range(V)) - {best[0]}, {5, 17, 190}, set(range(V)), {best[3], 0}]
     params = [
-        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=0.0, logprobs=0),
         SamplingParams(temperature=1.5, seed=1),
         SamplingParams(temperature=0.0),
         SamplingParams(temperature=1.0, top_p=0.5, seed=2),
@@ -584,3 +721,21 @@ def test_cuda_token_mask_matches_cpu(rng):
         toks = sample(logits.cuda(), params, generators=gens, allowed=allowed).tokens.cpu().tolist()
         assert all(t in r for t, r in zip(toks, rows))
         assert toks[0] == max(rows[0], key=lambda t: float(logits[0, t])) and toks[2] == int(logits[2].argmax())
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_token_counts_buffer_matches_cpu(rng):
+    """Kept penalty statistics on CUDA equal the CPU ones after resets and per-step additions."""
+    v = 5000
+    bufs = [TokenCountsBuffer(3, v, "cpu"), TokenCountsBuffer(3, v, "cuda")]
+    prompts = [torch.randint(0, v, (n,), generator=rng).tolist() for n in (5, 1, 9)]
+    for buf in bufs:
+        for i, p in enumerate(prompts):
+            buf.reset(i, p, p[:2])
+    for _ in range(4):
+        toks = torch.randint(0, v, (2,), generator=rng).tolist()
+        for buf in bufs:
+            buf.add([2, 0], toks)
+    a, b = bufs[0].select([2, 0, 1]), bufs[1].select([2, 0, 1])
+    assert torch.equal(a.seen, b.seen.cpu()) and torch.equal(a.counts, b.counts.cpu())
