@@ -59,6 +59,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-seq", type=int, default=1024)
     p.add_argument("--skip-hf", action="store_true", help="skip the transformers baselines")
+    p.add_argument("--lm-head", default="auto", help="our runtime's lm_head option (default auto, as `jetserve serve`)")
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="compiled decode on CPU, as `jetserve serve` (cache: .compile-cache in the store)",
+    )
     p.add_argument(
         "--profile",
         action=argparse.BooleanOptionalAction,
@@ -263,17 +270,38 @@ def bench_ours(model_dir: Path, args) -> Dict[str, Any]:
     import torch
 
     import models.qlinear  # noqa: F401  (imports are not part of the model's footprint)
-    from models.loader import inspect_checkpoint, load_runner, predict_footprint
+    from models.loader import COMPILE_CONSTANT_BYTES, inspect_checkpoint, load_runner, predict_footprint
 
+    if args.compile:  # the process-wide part of compiling is not this model's memory (as in the model manager)
+        from models.compile import prewarm
+
+        prewarm(model_dir.parent / ".compile-cache")
     gc.collect()
     rss0 = _rss()
     t = time.perf_counter()
-    runner = load_runner(model_dir, device="cpu", dtype=torch.bfloat16, max_batch_size=8, max_seq=args.max_seq)
+    runner = load_runner(
+        model_dir,
+        device="cpu",
+        dtype=torch.bfloat16,
+        max_batch_size=8,
+        max_seq=args.max_seq,
+        lm_head=args.lm_head,
+        compile_cache_dir=model_dir.parent / ".compile-cache" if args.compile else None,
+    )
     load_s = time.perf_counter() - t
+    t = time.perf_counter()
     runner.warmup()
+    warmup_s = time.perf_counter() - t
     rss1 = _rss()
     info = inspect_checkpoint(model_dir)
-    fp = predict_footprint(info, max_batch_size=8, max_seq=args.max_seq, dtype=torch.bfloat16)
+    fp = predict_footprint(
+        info,
+        max_batch_size=8,
+        max_seq=args.max_seq,
+        dtype=torch.bfloat16,
+        lm_head=args.lm_head,
+        compile_decode=runner.compiled,
+    )
     rep = runner.memory_report()
     prompt = _prompt(args.prompt_len, runner.vocab_size)
     ttft = _median_time(lambda: runner.prefill(prompt, 0, 0).argmax(), args.runs)
@@ -307,6 +335,9 @@ def bench_ours(model_dir: Path, args) -> Dict[str, Any]:
     res = {
         "model": model_dir.name,
         "load_s": load_s,
+        "warmup_s": warmup_s,
+        "compile": runner.compile_note,
+        "lm_head": type(runner.model.lm_head).__name__,
         "ttft_s": ttft,
         "decode_b1_tok_s": b1,
         "decode_b8_tok_s": b8,
@@ -317,7 +348,10 @@ def bench_ours(model_dir: Path, args) -> Dict[str, Any]:
         "memory_report": rep,
         "rss_growth_bytes": rss1 - rss0,
         "predicted": {"weights": fp.weights_bytes, "kv_cache": fp.kv_cache_bytes, "workspace": fp.workspace_bytes},
-        "loaded_over_packed_plus_kv": (rss1 - rss0) / (fp.weights_bytes + fp.kv_cache_bytes),
+        # compiled decode adds its measured constant (models.loader.COMPILE_CONSTANT_BYTES) to what loading grows
+        "compile_bytes": COMPILE_CONSTANT_BYTES if runner.compiled else 0,
+        "loaded_over_packed_plus_kv": (rss1 - rss0)
+        / (fp.weights_bytes + fp.kv_cache_bytes + (COMPILE_CONSTANT_BYTES if runner.compiled else 0)),
     }
     if profile:
         res["profile"] = profile
@@ -453,9 +487,9 @@ def _fmt_table(r: Dict[str, Any]) -> str:
         )
         rows.append(
             [
-                "loaded RSS / (packed weights+scales+embeddings+KV)",
+                "loaded RSS / (packed weights+scales+embeddings+KV" + ("+compile)" if g["compile_bytes"] else ")"),
                 f"{g['rss_growth_bytes'] / 2**20:.1f} MiB",
-                f"{(g['predicted']['weights'] + g['predicted']['kv_cache']) / 2**20:.1f} MiB",
+                f"{(g['predicted']['weights'] + g['predicted']['kv_cache'] + g['compile_bytes']) / 2**20:.1f} MiB",
                 f"{g['loaded_over_packed_plus_kv']:.2f}",
                 "within 10%",
             ]
@@ -555,8 +589,13 @@ def run(args) -> int:
             _add_roofline(r[key], r["bandwidth"]["read_GBps"])
     table = _fmt_table(r)
     print(table)
+    g = r["ours_gptq"]
     print(
-        f"\n(threads={r['threads']}, new tokens={args.new_tokens}, medians of {args.runs} runs, "
+        f"\nours: lm_head {args.lm_head} ({g['lm_head']}), decode {g['compile']}; load {g['load_s']:.1f} s, "
+        f"warm-up {g['warmup_s']:.1f} s"
+    )
+    print(
+        f"(threads={r['threads']}, new tokens={args.new_tokens}, medians of {args.runs} runs, "
         f"1-min load average {r['loadavg_1m_start']:.1f} -> {r['loadavg_1m_end']:.1f} on {os.cpu_count()} CPUs)"
     )
     cpu = r["cpu"]

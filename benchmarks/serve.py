@@ -465,6 +465,7 @@ def main(argv=None) -> int:
     from models.tokenizer import Tokenizer
     from server.config import Settings
     from server.engine.engine import Engine
+    from server.manager import compile_cache_dir
 
     model_dir = args.model_store / args.model
     settings = Settings(
@@ -474,8 +475,15 @@ def main(argv=None) -> int:
         max_batch_size=8,
         max_context=args.max_context,
     )
+    # the same runtime options as the server's defaults (lm_head, compiled decode)
     runner = load_runner(
-        model_dir, device=args.device, dtype=torch.bfloat16, max_batch_size=8, max_seq=args.max_context
+        model_dir,
+        device=args.device,
+        dtype=torch.bfloat16,
+        max_batch_size=8,
+        max_seq=args.max_context,
+        lm_head=settings.lm_head_dtype,
+        compile_cache_dir=compile_cache_dir(settings, args.device),
     )
     runner.warmup()
     tok = Tokenizer.from_dir(model_dir)

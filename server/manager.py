@@ -137,10 +137,10 @@ def _process_bytes(device: str, model_dir: Path) -> int:
     return process_model_bytes(model_dir)
 
 
-def compile_cache_dir(settings: Settings) -> Optional[Path]:
-    """Where compiled decode steps are cached (None: compile off): `compile_cache_dir`, else .compile-cache in the
-    model store."""
-    if not settings.compile_decode:
+def compile_cache_dir(settings: Settings, device: str) -> Optional[Path]:
+    """Where compiled decode steps are cached: `compile_cache_dir`, else .compile-cache in the model store; None when
+    compiling is off or the device is not the CPU (CUDA decodes through CUDA graphs)."""
+    if not settings.compile_decode or not str(device).startswith("cpu"):
         return None
     return settings.compile_cache_dir or Path(settings.model_store) / ".compile-cache"
 
@@ -154,7 +154,7 @@ def _default_runner_loader(model_dir: Path, *, dtype: str, **kw):
     return load_runner(model_dir, dtype=getattr(torch, dtype), **kw)
 
 
-def _import_default_loaders(model_dir: Path) -> None:
+def _import_default_loaders(model_dir: Path, compile_cache: Optional[Path] = None) -> None:
     """Import the runtime before a measured load, so module imports are not counted as model memory.
 
     The first tokenizer load imports ~700 transformers modules (~50 MiB); loading the tokenizer once and
@@ -165,6 +165,10 @@ def _import_default_loaders(model_dir: Path) -> None:
     import models.tokenizer  # noqa: F401
 
     models.tokenizer.Tokenizer.from_dir(model_dir)
+    if compile_cache is not None:  # compiling's one-time machinery (models.compile.prewarm) is not a model's
+        from models.compile import prewarm
+
+        prewarm(compile_cache)
 
 
 def _default_tokenizer_loader(model_dir: Path, trust_remote_code: bool = False):
@@ -200,7 +204,7 @@ class ModelManager:
             _default_runner_loader,
             trust_remote_code=trust,
             lm_head=settings.lm_head_dtype,
-            compile_cache_dir=compile_cache_dir(settings),
+            compile_cache_dir=compile_cache_dir(settings, self.device),
         )
         self._default_tokenizer = tokenizer_loader is None
         self._tokenizer_loader = tokenizer_loader or functools.partial(
@@ -269,7 +273,7 @@ class ModelManager:
                 prefill_chunk=s.prefill_chunk,
                 device=self.device,
                 lm_head=s.lm_head_dtype,
-                compile_decode=compile_cache_dir(s) is not None,
+                compile_decode=compile_cache_dir(s, self.device) is not None,
             )
         except Exception as e:  # any surprise while reading config/headers is a load error, not a crash
             raise ModelLoadError(f"{spec.name}: cannot predict its memory footprint: {e}") from e
@@ -407,7 +411,7 @@ class ModelManager:
         info, fp = self._inspect(spec)
         if not self._runtime_imported and self._default_tokenizer:
             try:
-                _import_default_loaders(spec.path)
+                _import_default_loaders(spec.path, compile_cache_dir(self.settings, self.device))
             except Exception:  # a broken tokenizer is reported by the measured load below, as a ModelLoadError
                 logger.debug("pre-import with %s failed", spec.name, exc_info=True)
             self._runtime_imported = True

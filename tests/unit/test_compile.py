@@ -130,3 +130,10 @@ def test_compiled_decode_is_in_the_footprint(tiny_llama_dir):
     eager = predict_footprint(info, max_batch_size=2, max_seq=64)
     compiled = predict_footprint(info, max_batch_size=2, max_seq=64, compile_decode=True)
     assert compiled.workspace_bytes - eager.workspace_bytes == COMPILE_CONSTANT_BYTES
+
+
+def test_prewarm_compiles_once_and_reports_a_missing_compiler(tmp_path, monkeypatch):
+    assert C.prewarm(tmp_path) is None
+    monkeypatch.setattr(C.shutil, "which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    assert "no C++ compiler" in C.prewarm(tmp_path)

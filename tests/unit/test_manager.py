@@ -377,3 +377,8 @@ def test_compile_settings_reach_the_default_runner_loader(tmp_path):
     assert mgr._runner_loader.keywords["compile_cache_dir"] == tmp_path / "cc"
     mgr = ModelManager(Settings(model_store=tmp_path, compile_decode=False, compile_cache_dir=tmp_path / "cc"))
     assert mgr._runner_loader.keywords["compile_cache_dir"] is None
+    from server.manager import compile_cache_dir
+
+    on = Settings(model_store=tmp_path, compile_decode=True)
+    assert compile_cache_dir(on, "cpu") == tmp_path / ".compile-cache"
+    assert compile_cache_dir(on, "cuda:0") is None  # CUDA decodes through CUDA graphs
