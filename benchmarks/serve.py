@@ -465,6 +465,7 @@ def main(argv=None) -> int:
     from models.tokenizer import Tokenizer
     from server.config import Settings
     from server.engine.engine import Engine
+    from models.threads import run_in_fresh_thread
     from server.manager import compile_cache_dir
 
     model_dir = args.model_store / args.model
@@ -475,17 +476,22 @@ def main(argv=None) -> int:
         max_batch_size=8,
         max_context=args.max_context,
     )
+
     # the same runtime options as the server's defaults (lm_head, compiled decode)
-    runner = load_runner(
-        model_dir,
-        device=args.device,
-        dtype=torch.bfloat16,
-        max_batch_size=8,
-        max_seq=args.max_context,
-        lm_head=settings.lm_head_dtype,
-        compile_cache_dir=compile_cache_dir(settings, args.device),
-    )
-    runner.warmup()
+    def load():
+        r = load_runner(
+            model_dir,
+            device=args.device,
+            dtype=torch.bfloat16,
+            max_batch_size=8,
+            max_seq=args.max_context,
+            lm_head=settings.lm_head_dtype,
+            compile_cache_dir=compile_cache_dir(settings, args.device),
+        )
+        r.warmup()
+        return r
+
+    runner = run_in_fresh_thread(load)  # as the model manager loads: the engine thread is the only OpenMP user
     tok = Tokenizer.from_dir(model_dir)
     prompt_ids = tok.encode(PROMPT)
     engine = Engine(runner, settings, name=args.model).start()

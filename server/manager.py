@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Dict, List, Optional, Tuple
 
+from models.threads import run_in_fresh_thread_async
 from server.config import Settings, parse_memory_budget
 from server.store import ModelLoadError, ModelNotFoundError, ModelSpec, ModelStore
 from server.telemetry.memory import MemorySource, memory_source_for, process_model_bytes
@@ -353,7 +354,8 @@ class ModelManager:
         try:
             for v in victims:
                 await self._dispose(v, reason="evicted")
-            lm = await asyncio.to_thread(self._load_blocking, spec)
+            # a thread that exits after the load: the engine thread stays the model's only OpenMP user (models.threads)
+            lm = await run_in_fresh_thread_async(self._load_blocking, spec, name=f"jetserve-load-{spec.name}")
         except BaseException as e:
             async with self.lock:
                 self._loading.pop(spec.name, None)

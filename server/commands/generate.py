@@ -102,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from models.loader import inspect_checkpoint, load_runner
+    from models.threads import run_in_fresh_thread
     from models.tokenizer import Tokenizer
     from server.engine.engine import Engine
     from server.engine.request import GenerationRequest, new_request_id
@@ -129,15 +130,20 @@ def run(args: argparse.Namespace) -> int:
         )
 
     t_load = time.perf_counter()
-    runner = load_runner(
-        model_dir,
-        device=args.device,
-        dtype=getattr(torch, args.dtype),
-        max_batch_size=1,
-        max_seq=max_seq,
-        trust_remote_code=args.trust_remote_code,
-    )
-    runner.warmup()
+
+    def load():
+        r = load_runner(
+            model_dir,
+            device=args.device,
+            dtype=getattr(torch, args.dtype),
+            max_batch_size=1,
+            max_seq=max_seq,
+            trust_remote_code=args.trust_remote_code,
+        )
+        r.warmup()
+        return r
+
+    runner = run_in_fresh_thread(load)  # the engine thread is then the only OpenMP user (models.threads)
     t_load = time.perf_counter() - t_load
     request = GenerationRequest(
         prompt_ids=prompt_ids,

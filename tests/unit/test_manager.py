@@ -81,6 +81,7 @@ class Loader:
     def __call__(self, path, **kw):
         with self.lock:
             self.calls.append(Path(path).name)
+            self.threads = getattr(self, "threads", []) + [threading.current_thread()]
         if self.delay:
             time.sleep(self.delay)
         if self.fail and Path(path).name == self.fail:
@@ -382,3 +383,20 @@ def test_compile_settings_reach_the_default_runner_loader(tmp_path):
     on = Settings(model_store=tmp_path, compile_decode=True)
     assert compile_cache_dir(on, "cpu") == tmp_path / ".compile-cache"
     assert compile_cache_dir(on, "cuda:0") is None  # CUDA decodes through CUDA graphs
+
+
+def test_loads_run_in_a_thread_that_exits(store):
+    """The engine thread must be the model's only OpenMP user (models.threads): the load thread is gone after."""
+
+    async def main():
+        loader = Loader()
+        mgr, _ = mk(store, 10 * 1024**3, loader)
+        async with mgr.acquire("a"):
+            pass
+        (t,) = loader.threads
+        assert t is not threading.main_thread() and t.name == "jetserve-load-a"
+        t.join(5)
+        assert not t.is_alive()
+        await mgr.close()
+
+    asyncio.run(main())
