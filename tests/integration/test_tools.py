@@ -3,7 +3,7 @@ template), driven by the official openai client.
 
 A random model rarely calls a tool by itself, so the calls here are forced (tool_choice "required" or a named
 function): their arguments must validate against the tool's parameters schema, and the full loop (call ->
-tool result with tool_call_id -> answer) must go through. `auto` parsing is covered by tests/unit/test_tools.py;
+tool result with tool_call_id -> answer) must go through. `auto` parsing is covered by tests/unit/test_tool_parser.py;
 a model without tool support (400) by tests/integration/test_bad_input.py (tiny ChatML template) and
 tests/integration/test_api_openai.py (the demo model).
 """
