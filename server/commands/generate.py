@@ -139,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
             max_batch_size=1,
             max_seq=max_seq,
             trust_remote_code=args.trust_remote_code,
+            lm_head=settings.lm_head_dtype,  # the served head; decode stays eager (no compile for one request)
         )
         r.warmup()
         return r
