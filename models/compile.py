@@ -54,6 +54,11 @@ def set_cache_dir(cache_dir: Optional[Path]) -> Path:
     return cache_dir
 
 
+def _failed(e: Exception) -> str:
+    first = str(e).splitlines()[0] if str(e) else ""
+    return f"torch.compile failed ({type(e).__name__}: {first})"
+
+
 def prewarm(cache_dir: Optional[Path]) -> Optional[str]:
     """Pay the process-wide, one-time cost of compiling (dynamo and inductor imports, the C++ toolchain check,
     about 230 MiB of RSS on CPU) by compiling a trivial function, so that a caller measuring a model's memory
@@ -67,7 +72,7 @@ def prewarm(cache_dir: Optional[Path]) -> Optional[str]:
         for n in (1, 2):
             fn(torch.ones(4 * n), n)
     except Exception as e:
-        return f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        return _failed(e)
     return None
 
 
@@ -89,7 +94,7 @@ def compile_decode(
                 warm(b, n)
     except Exception as e:  # inductor/codegen/compiler errors: eager still works
         model.decode_layer_fn = None
-        return f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        return _failed(e)
     logger.info(
         "compiled decode: %d warm-up shapes in %.1f s (cache %s)",
         len(batch_sizes) * len(kv_lens),

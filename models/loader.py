@@ -436,32 +436,17 @@ def build_model(
         if not dims.tied_embeddings:
             logger.warning("%s: no %s weight in the checkpoint; tying it to the embedding", model_dir, head)
         model.lm_head = DenseLinear(model.embed.data)  # tied: shares the embedding storage
-    if lm_head == "int8" and isinstance(model.lm_head, DenseLinear):
-        from .qlinear import Int8Linear
+    if lm_head in ("int8", "int4") and isinstance(model.lm_head, DenseLinear):
+        from .qlinear import Int8Linear, QuantLinear
 
-        dense = model.lm_head
-        model.lm_head = Int8Linear.from_dense(dense.weight.data, None if dense.bias is None else dense.bias.data)
+        w, bias = model.lm_head.weight.data, None if model.lm_head.bias is None else model.lm_head.bias.data
+        if lm_head == "int8":
+            model.lm_head, what = Int8Linear.from_dense(w, bias), "int8 per-channel"
+        else:
+            model.lm_head = QuantLinear.from_dense(w, bias, group_size=HEAD_INT4_GROUP_SIZE, device=device, dtype=dtype)
+            what = f"int4 g{HEAD_INT4_GROUP_SIZE}"
         logger.info(
-            "%s: lm_head quantized to int8 per-channel at load (%.1f MiB)",
-            model_dir.name,
-            model.lm_head.weight_bytes() / 2**20,
-        )
-    elif lm_head == "int4" and isinstance(model.lm_head, DenseLinear):
-        from .qlinear import QuantLinear
-
-        dense = model.lm_head
-        model.lm_head = QuantLinear.from_dense(
-            dense.weight.data,
-            None if dense.bias is None else dense.bias.data,
-            group_size=HEAD_INT4_GROUP_SIZE,
-            device=device,
-            dtype=dtype,
-        )
-        logger.info(
-            "%s: lm_head quantized to int4 g%d at load (%.1f MiB)",
-            model_dir.name,
-            HEAD_INT4_GROUP_SIZE,
-            model.lm_head.weight_bytes() / 2**20,
+            "%s: lm_head quantized to %s at load (%.1f MiB)", model_dir.name, what, model.lm_head.weight_bytes() / 2**20
         )
     elif lm_head != "bf16":
         logger.info("%s: lm_head=%s ignored: the checkpoint's head is already quantized", model_dir.name, lm_head)

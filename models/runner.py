@@ -204,45 +204,35 @@ class Runner:
     @torch.inference_mode()
     def warmup(self) -> None:
         """Touch weight pages and run each code path once; on CUDA capture the decode graphs."""
-        dev = self.device
-        scratch = self.cache.scratch_slot
-        tok = torch.zeros(4, dtype=torch.long)
-        self.model.prefill(tok.to(dev), 0, 0, self.cache)
-        self.model.decode(
-            tok[:1].to(dev),
-            torch.zeros(1, dtype=torch.long, device=dev),
-            torch.full((1,), scratch, dtype=torch.long, device=dev),
-            self.cache,
-            KV_BUCKET if self.max_seq >= KV_BUCKET else self.max_seq,
-        )
-        if self.use_cuda_graphs and dev.type == "cuda":
+        self.model.prefill(torch.zeros(4, dtype=torch.long, device=self.device), 0, 0, self.cache)
+        self._decode_scratch(1, min(KV_BUCKET, self.max_seq))
+        if self.use_cuda_graphs and self.device.type == "cuda":
             self.capture_graphs()
         if self.compile_cache_dir is not None:
             self._compile()
 
-    def _compile(self) -> None:
-        """Compile decode (models.compile) and run every graph it needs once: batch 1 and 2 (batch >= 2 is one
-        dynamic graph) x the first two attention-length buckets (then one dynamic graph) and the whole cache."""
-        from .compile import compile_decode
-
-        scratch = self.cache.scratch_slot
+    def _decode_scratch(self, batch: int, kv_len: int) -> None:
+        """One decode step of `batch` rows at position 0 of the scratch slot, attending over `kv_len` positions."""
         dev = self.device
+        self.model.decode(
+            torch.zeros(batch, dtype=torch.long, device=dev),
+            torch.zeros(batch, dtype=torch.long, device=dev),
+            torch.full((batch,), self.cache.scratch_slot, dtype=torch.long, device=dev),
+            self.cache,
+            kv_len,
+        )
 
-        def warm(batch: int, kv_len: int) -> None:
-            self.model.decode(
-                torch.zeros(batch, dtype=torch.long, device=dev),
-                torch.zeros(batch, dtype=torch.long, device=dev),
-                torch.full((batch,), scratch, dtype=torch.long, device=dev),
-                self.cache,
-                kv_len,
-            )
+    def _compile(self) -> None:
+        """Compile decode (models.compile) and run every graph it needs once (inside `warmup`, so in inference
+        mode): batch 1 and 2 (batch >= 2 is one dynamic graph) x the first two attention-length buckets (then one
+        dynamic graph) and the whole cache."""
+        from .compile import compile_decode
 
         # the whole cache (kv_len == max_seq) is a graph of its own: slicing all of a dimension specializes
         kv_lens = sorted({min(self.max_seq, KV_BUCKET), min(self.max_seq, 2 * KV_BUCKET), self.max_seq})
         batches = [1, 2] if self.max_batch_size > 1 else [1]
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            reason = compile_decode(self.model, warm, batches, kv_lens, self.compile_cache_dir)
+        reason = compile_decode(self.model, self._decode_scratch, batches, kv_lens, self.compile_cache_dir)
         self.compiled = reason is None
         if reason is None:
             self.compile_note = f"compiled in {time.perf_counter() - t0:.1f} s"
