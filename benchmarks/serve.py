@@ -68,24 +68,12 @@ def engine_decode_tps(engine, prompt_ids: List[int], tokens: int) -> float:
 
 
 # ----------------------------------------------------------------------------- HTTP side
-async def sse_request(
-    client, model: str, tokens: int, response_format: Optional[dict] = None
-) -> Tuple[float, float, int, float]:
-    """(ttft_s, decode_tps, completion_tokens, t_end) of one streamed completion."""
-    body = {
-        "model": model,
-        "prompt": PROMPT,
-        "max_tokens": tokens,
-        "temperature": 0,
-        "stream": True,
-        "ignore_eos": True,
-        "stream_options": {"include_usage": True},
-    }
-    if response_format is not None:
-        body["response_format"] = response_format
+async def stream_completion(client, body: dict) -> Tuple[float, Optional[float], Optional[float], dict]:
+    """POST a streamed completion with `body` and read it to [DONE]: (t0, time of the first chunk with choices,
+    time of the last one, the usage chunk's usage)."""
     t0 = time.perf_counter()
     first = last = None
-    usage = None
+    usage: dict = {}
     async with client.stream("POST", "/v1/completions", json=body) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
@@ -99,6 +87,29 @@ async def sse_request(
                 last = now
             if d.get("usage"):
                 usage = d["usage"]
+    return t0, first, last, usage
+
+
+def _greedy_stream(model: str, prompt, tokens: int) -> dict:
+    return {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": tokens,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+async def sse_request(
+    client, model: str, tokens: int, response_format: Optional[dict] = None
+) -> Tuple[float, float, int, float]:
+    """(ttft_s, decode_tps, completion_tokens, t_end) of one streamed completion."""
+    body = _greedy_stream(model, PROMPT, tokens)
+    if response_format is not None:
+        body["response_format"] = response_format
+    t0, first, last, usage = await stream_completion(client, body)
     n = usage["completion_tokens"]
     # chunks may coalesce several tokens; the first chunk carries >= 1 token
     tps = (n - 1) / (last - first) if last > first else float("nan")
@@ -141,29 +152,8 @@ async def concurrency(
 
 async def ttft_request(client, model: str, prompt_ids: List[int]) -> Tuple[float, int]:
     """(ttft_s, usage cached_tokens) of one streamed greedy completion of 2 tokens from token ids."""
-    body = {
-        "model": model,
-        "prompt": prompt_ids,
-        "max_tokens": 2,
-        "temperature": 0,
-        "stream": True,
-        "ignore_eos": True,
-        "stream_options": {"include_usage": True},
-    }
-    t0 = time.perf_counter()
-    first = None
-    cached = -1
-    async with client.stream("POST", "/v1/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            d = json.loads(line[6:])
-            if d.get("choices") and first is None:
-                first = time.perf_counter()
-            if d.get("usage"):
-                cached = d["usage"]["prompt_tokens_details"]["cached_tokens"]
-    return first - t0, cached
+    t0, first, _, usage = await stream_completion(client, _greedy_stream(model, prompt_ids, 2))
+    return first - t0, usage["prompt_tokens_details"]["cached_tokens"] if usage else -1
 
 
 def prefix_cache_ttft(args, env: Dict[str, str]) -> Dict[str, object]:

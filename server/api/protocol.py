@@ -457,6 +457,16 @@ def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 
     }
 
 
+def _body(rid: str, obj: str, created: int, model: str, choices: List[Dict[str, Any]], **usage: Any) -> Dict[str, Any]:
+    """The envelope every response and chunk shares; `usage=` (a dict, or None in a chunk of a stream that will
+    end with a usage chunk) is added only when given."""
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": choices, **usage}
+
+
+def _chunk_usage(with_usage: bool) -> Dict[str, Any]:
+    return {"usage": None} if with_usage else {}
+
+
 def completion_choice(index: int, text: str, finish_reason: Optional[str], logprobs: Optional[dict]) -> Dict[str, Any]:
     """One entry of a completion's `choices`."""
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
@@ -466,14 +476,7 @@ def completion_response(
     rid: str, created: int, model: str, choices: List[Dict[str, Any]], usage: Dict[str, Any]
 ) -> Dict[str, Any]:
     """A text completion; `choices` are `completion_choice` dicts in index order."""
-    return {
-        "id": rid,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": choices,
-        "usage": usage,
-    }
+    return _body(rid, "text_completion", created, model, choices, usage=usage)
 
 
 def completion_chunk(
@@ -487,16 +490,8 @@ def completion_chunk(
     index: int = 0,
 ) -> Dict[str, Any]:
     """One streamed piece of choice `index`."""
-    d = {
-        "id": rid,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [completion_choice(index, text, finish_reason, logprobs)],
-    }
-    if with_usage:
-        d["usage"] = None
-    return d
+    choice = completion_choice(index, text, finish_reason, logprobs)
+    return _body(rid, "text_completion", created, model, [choice], **_chunk_usage(with_usage))
 
 
 def chat_choice(
@@ -518,14 +513,7 @@ def chat_response(
     rid: str, created: int, model: str, choices: List[Dict[str, Any]], usage: Dict[str, Any]
 ) -> Dict[str, Any]:
     """A chat completion; `choices` are `chat_choice` dicts in index order."""
-    return {
-        "id": rid,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": choices,
-        "usage": usage,
-    }
+    return _body(rid, "chat.completion", created, model, choices, usage=usage)
 
 
 def chat_chunk(
@@ -539,20 +527,12 @@ def chat_chunk(
     index: int = 0,
 ) -> Dict[str, Any]:
     """One streamed delta of choice `index`."""
-    d = {
-        "id": rid,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
-    }
-    if with_usage:
-        d["usage"] = None
-    return d
+    choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+    return _body(rid, "chat.completion.chunk", created, model, [choice], **_chunk_usage(with_usage))
 
 
 def usage_chunk(rid: str, created: int, model: str, obj: str, usage: Dict[str, int]) -> Dict[str, Any]:
-    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": usage}
+    return _body(rid, obj, created, model, [], usage=usage)
 
 
 def model_card(name: str, created: Optional[int] = None, **extra: Any) -> Dict[str, Any]:
