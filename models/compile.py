@@ -1,10 +1,16 @@
-"""Compiled decode on CPU: `torch.compile` (inductor) of one transformer layer's decode step.
+"""Compiled decode on CPU: `torch.compile` (inductor) of the decode step, a group of layers at a time.
 
-`Transformer.decode_layer` takes everything a layer differs by (its block, its KV tensors) as arguments, so one
-compiled graph serves all layers: dynamo traces one layer instead of the whole model, which keeps cold and
-warm start-up short. Inductor fuses the small ops between the matmuls (norms, RoPE, residual adds, the gated
-activation, the mask) into generated C++ loops; the int4/int8/dense matmuls and attention stay library
-kernels. Shapes are dynamic: a handful of graphs (batch 1 and batch >= 2, by attention length bucket) cover
+`Transformer.decode_layers` takes everything its layers differ by (their blocks, their KV tensors) as arguments,
+so one compiled graph serves every group of `layer_group(n_layers)` consecutive layers: dynamo traces a few
+layers instead of the whole model, which keeps cold and warm start-up short, and pays its per-call cost (guards,
+wrappers) a few times a step instead of once per layer. When every layer has the same structure (module types,
+tensor shapes and dtypes, settings; `layer_structure`), dynamo's guards on the blocks are skipped: the weights
+are graph inputs and the structure is checked once here, so each call checks only the activations and caches.
+Each model compiles its own copy of the code (`_own_code`): dynamo keeps graphs, guards and its recompile limit
+per code object, so two models in one process never share or crowd out each other's graphs. At batch 1 the final norm and lm_head are a second compiled
+function, where an int8 head runs as one fused dequantize-and-reduce loop (`kernels.int8_linear`).
+Inductor fuses the small ops between the matmuls (norms, RoPE, residual adds, the gated activation, the mask)
+into generated C++ loops; the int4/int8/dense matmuls and attention stay library kernels. Shapes are dynamic: a handful of graphs (batch 1 and batch >= 2, by attention length bucket) cover
 every shape the engine uses, and `compile_decode` triggers them all during warm-up, so serving never compiles.
 
 The compiled artifacts are cached on disk (`cache_dir`, under the model store by default: inductor's FX graph
@@ -15,10 +21,12 @@ CUDA keeps its CUDA graphs of the eager step (compiling there is not measured ye
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import shutil
 import time
+import types
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -27,6 +35,18 @@ import torch
 logger = logging.getLogger(__name__)
 
 CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+LAYER_GROUP = 6  # layers per compiled call (docs/benchmarks.md: fewer calls vs longer cold compiles)
+# inductor's per-call shape and alignment asserts in the generated wrapper: the shapes are dynamo's, guarded
+INDUCTOR_OPTIONS = {"size_asserts": False, "alignment_asserts": False}
+# the head keeps its final norm a buffer of its own: inlined, inductor recomputes it for every vocab row
+HEAD_OPTIONS = dict(INDUCTOR_OPTIONS, realize_opcount_threshold=1)
+
+
+def layer_group(n_layers: int, target: int = LAYER_GROUP) -> int:
+    """Layers per compiled call: the divisor of `n_layers` nearest `target` (the smaller on a tie), so every
+    call runs the same graph."""
+    divisors = [d for d in range(1, n_layers + 1) if n_layers % d == 0]
+    return min(divisors, key=lambda d: (abs(d - target), d))
 
 
 def compile_unavailable(device: torch.device) -> Optional[str]:
@@ -54,6 +74,39 @@ def set_cache_dir(cache_dir: Optional[Path]) -> Path:
     return cache_dir
 
 
+def layer_structure(block: torch.nn.Module) -> str:
+    """Everything about a block that a compiled graph depends on besides its tensors' values: module types,
+    tensor shapes, strides, dtypes and devices, which buffers are None, and plain settings (group size, kernel
+    plan). Blocks with equal structure run the same graph correctly with their own weights."""
+    parts = []
+    for name, mod in block.named_modules():
+        parts.append(f"{name}:{type(mod).__module__}.{type(mod).__qualname__}")
+        for tname, t in itertools.chain(mod._parameters.items(), mod._buffers.items()):
+            meta = None if t is None else (tuple(t.shape), t.stride(), t.dtype, t.device, t.requires_grad)
+            parts.append(f"{name}.{tname}={meta}")
+        for k, v in sorted(vars(mod).items()):
+            if not k.startswith("_") and not isinstance(v, (torch.Tensor, torch.nn.Module)):
+                parts.append(f"{name}.{k}={v!r}")
+    return "\n".join(parts)
+
+
+def _skip_block_guards(entries) -> list:
+    """guard_filter_fn for `Transformer.decode_layers`: drop the guards on its `blocks` argument (kept: the
+    number of blocks, the activations, the caches and everything else)."""
+    return [not e.name.startswith("blocks[") for e in entries]
+
+
+def _own_code(fn: Callable) -> Callable:
+    """`fn` (a function or bound method) running a copy of its code object, for one model's compiled graphs."""
+    func = getattr(fn, "__func__", fn)
+    copy = types.FunctionType(
+        func.__code__.replace(), func.__globals__, func.__name__, func.__defaults__, func.__closure__
+    )
+    copy.__kwdefaults__ = func.__kwdefaults__
+    owner = getattr(fn, "__self__", None)
+    return copy if owner is None else types.MethodType(copy, owner)
+
+
 def _failed(e: Exception) -> str:
     first = str(e).splitlines()[0] if str(e) else ""
     return f"torch.compile failed ({type(e).__name__}: {first})"
@@ -79,24 +132,35 @@ def prewarm(cache_dir: Optional[Path]) -> Optional[str]:
 def compile_decode(
     model, warm: Callable[[int, int], None], batch_sizes: Sequence[int], kv_lens: Sequence[int], cache_dir: Path
 ) -> Optional[str]:
-    """Install a compiled `decode_layer` on `model` and compile its graphs by calling `warm(batch, kv_len)` for
-    every pair given (the caller runs one decode step there). Returns None on success; on any failure the model
-    is left eager and the reason is returned (the caller logs it)."""
+    """Install `model.compiled_decode` (compiled `decode_layers` and batch-1 `head`) and compile their graphs by calling
+    `warm(batch, kv_len)` for every pair given (the caller runs one decode step there). Returns None on success;
+    on any failure the model is left eager and the reason is returned (the caller logs it)."""
+    from .model import CompiledDecode
+
     reason = compile_unavailable(next(model.parameters()).device)
     if reason is not None:
         return reason
     t0 = time.perf_counter()
     try:
         where = set_cache_dir(cache_dir)
-        model.decode_layer_fn = torch.compile(model.decode_layer, dynamic=True)
+        group = layer_group(len(model.blocks), LAYER_GROUP)
+        uniform = len({layer_structure(b) for b in model.blocks}) == 1
+        layer_options = dict(INDUCTOR_OPTIONS, guard_filter_fn=_skip_block_guards) if uniform else INDUCTOR_OPTIONS
+        model.compiled_decode = CompiledDecode(
+            layers=torch.compile(_own_code(model.decode_layers), dynamic=True, options=layer_options),
+            head=torch.compile(_own_code(model.head), dynamic=False, options=HEAD_OPTIONS),
+            group=group,
+        )
         for b in batch_sizes:
             for n in kv_lens:
                 warm(b, n)
     except Exception as e:  # inductor/codegen/compiler errors: eager still works
-        model.decode_layer_fn = None
+        model.compiled_decode = None
         return _failed(e)
     logger.info(
-        "compiled decode: %d warm-up shapes in %.1f s (cache %s)",
+        "compiled decode (%d layers a call, %s): %d warm-up shapes in %.1f s (cache %s)",
+        group,
+        "one layer structure" if uniform else "layers differ in structure: block guards kept",
         len(batch_sizes) * len(kv_lens),
         time.perf_counter() - t0,
         where,

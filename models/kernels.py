@@ -335,8 +335,13 @@ def int8_linear(x2d: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) ->
     """y = x @ (codes * scales[:, None]).T in x's dtype. x2d (N, in), codes int8 (out, in), scales (out,).
 
     CPU: aten._weight_int8pack_mm (x's dtype activations, int8 weights, per-row scales in x's dtype) when
-    `int8_mm_fast_ok`; elsewhere the rows are dequantized to x's dtype and multiplied densely.
+    `int8_mm_fast_ok`; elsewhere the rows are dequantized to x's dtype and multiplied densely. One row under
+    torch.compile: a dequantize-and-reduce expression that inductor fuses into one loop streaming the codes
+    (faster than the library kernel at one row; eager it would materialize the float codes, so never eager).
     """
+    if x2d.shape[0] == 1 and x2d.device.type == "cpu" and torch.compiler.is_compiling():
+        y = (codes.to(torch.float32) * x2d.to(torch.float32)).sum(-1) * scales.to(torch.float32)  # (out,)
+        return y[None].to(x2d.dtype)
     if int8_mm_fast_ok(x2d, codes.shape[1]):
         return torch.ops.aten._weight_int8pack_mm(x2d.contiguous(), codes, scales.to(x2d.dtype))
     return torch.nn.functional.linear(x2d, codes.to(x2d.dtype)) * scales.to(x2d.dtype)

@@ -166,9 +166,9 @@ WORKSPACE_CONSTANT_BYTES = 16 * 1024**2
 # on an H100 (SmolLM2-135M shape, torch 2.11) once cuBLAS workspaces and graph outputs were counted.
 CUDA_CONSTANT_BYTES = 29 * 1024**2
 # CPU, compiled decode (models.compile): RSS growth of warm-up with compile minus without, after
-# `models.compile.prewarm` paid the process-wide part (about 230 MiB, once per process): 22 MiB for the first
-# SmolLM2-135M, 2 MiB for later ones (torch 2.13, 2026-11-30); rounded up
-COMPILE_CONSTANT_BYTES = 24 * 1024**2
+# `models.compile.prewarm` paid the process-wide part (about 230 MiB, once per process): 45-48 MiB for
+# SmolLM2-135M with six layers per compiled call (torch 2.13, docs/benchmarks.md); rounded up
+COMPILE_CONSTANT_BYTES = 48 * 1024**2
 
 
 @dataclass(frozen=True)

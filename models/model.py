@@ -11,7 +11,8 @@ keys/values into a `KVCache` in place; nothing here keeps per-request state. Act
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,17 @@ from .kv_cache import KVCache
 
 _HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 _HAS_RMS = hasattr(F, "rms_norm")
+
+
+@dataclass(frozen=True)
+class CompiledDecode:
+    """The compiled pieces of `Transformer.decode` (built by models.compile): `layers` is a compiled
+    `Transformer.decode_layers`, called once per `group` consecutive blocks (`group` divides the layer count, so
+    every call has the same graph), and `head` a compiled `Transformer.head` used at batch 1."""
+
+    layers: Callable[..., torch.Tensor]
+    head: Callable[[torch.Tensor], torch.Tensor]
+    group: int
 
 
 class DenseLinear(nn.Module):
@@ -130,7 +142,7 @@ class Transformer(nn.Module):
         self.register_buffer("cos", None, persistent=False)
         self.register_buffer("sin", None, persistent=False)
         self._gated = spec.mlp == "gated_silu"
-        self.decode_layer_fn: Optional[Callable[..., torch.Tensor]] = None  # a compiled `decode_layer`, if any
+        self.compiled_decode: Optional[CompiledDecode] = None  # set by models.compile; None: eager decode
 
     def init_rope(self, max_seq: int, device: torch.device, dtype: torch.dtype) -> None:
         """Precompute cos/sin tables (max_seq, head_dim/2) in the activation dtype (as transformers casts them)."""
@@ -221,10 +233,36 @@ class Transformer(nn.Module):
             cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # (B, 1, D/2)
         # (B, 1, 1, kv_len): key j is visible to row b iff j <= positions[b]
         mask = (torch.arange(kv_len, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
-        layer = self.decode_layer_fn or self.decode_layer
-        for i, blk in enumerate(self.blocks):
-            x = layer(blk, x, cos, sin, mask, slots, positions, cache.k[i], cache.v[i], kv_len)
-        return self.head(x)
+        c = self.compiled_decode
+        if c is None:
+            for i, blk in enumerate(self.blocks):
+                x = self.decode_layer(blk, x, cos, sin, mask, slots, positions, cache.k[i], cache.v[i], kv_len)
+            return self.head(x)
+        blocks = tuple(self.blocks)
+        for i in range(0, len(blocks), c.group):
+            j = i + c.group
+            ks, vs = tuple(cache.k[i:j]), tuple(cache.v[i:j])
+            x = c.layers(blocks[i:j], x, cos, sin, mask, slots, positions, ks, vs, kv_len)
+        return c.head(x) if x.shape[0] == 1 else self.head(x)
+
+    def decode_layers(
+        self,
+        blocks: Tuple[Block, ...],
+        x: torch.Tensor,
+        cos: Optional[torch.Tensor],
+        sin: Optional[torch.Tensor],
+        mask: torch.Tensor,
+        slots: torch.Tensor,
+        positions: torch.Tensor,
+        kcs: Tuple[torch.Tensor, ...],
+        vcs: Tuple[torch.Tensor, ...],
+        kv_len: int,
+    ) -> torch.Tensor:
+        """`decode_layer` over consecutive blocks with their cache tensors: the unit models.compile compiles (one
+        call per group of blocks instead of one per block, so dynamo's per-call cost is paid a few times a step)."""
+        for blk, kc, vc in zip(blocks, kcs, vcs):
+            x = self.decode_layer(blk, x, cos, sin, mask, slots, positions, kc, vc, kv_len)
+        return x
 
     def decode_layer(
         self,
@@ -242,7 +280,7 @@ class Transformer(nn.Module):
         """One block of `decode`: x (B, hidden) -> (B, hidden), writing this layer's K/V (kc, vc) in place.
 
         Everything a layer differs by (its block, its cache tensors) is an argument, so one compiled graph of
-        this function serves every layer (`decode_layer_fn`, see models.compile)."""
+        `decode_layers` serves every group of layers (`compiled_decode`, see models.compile)."""
         B = x.shape[0]
         dims = self.dims
         g = dims.heads // dims.kv_heads

@@ -106,7 +106,7 @@ def test_compiled_decode_matches_eager_on_the_gptq_demo(model_store, tmp_path):
     )
     r.warmup()
     assert r.compiled, r.compile_note
-    fn = r.model.decode_layer_fn
+    fn = r.model.compiled_decode
     from models.tokenizer import Tokenizer
 
     ids = Tokenizer.from_dir(model_store / "smollm2-135m-instruct-gptq-g64").encode(_wiki_text()[:2000])[:80]
@@ -116,11 +116,11 @@ def test_compiled_decode_matches_eager_on_the_gptq_demo(model_store, tmp_path):
     decisive = 0
     for i, tok in enumerate(forced):
         pos = torch.tensor([48 + i])
-        r.model.decode_layer_fn = fn
+        r.model.compiled_decode = fn
         lc = r.decode(torch.tensor([tok]), pos, torch.tensor([0]))[0]
-        r.model.decode_layer_fn = None
+        r.model.compiled_decode = None
         le = r.decode(torch.tensor([tok]), pos, torch.tensor([1]))[0]
-        r.model.decode_layer_fn = fn
+        r.model.compiled_decode = fn
         span = float(le.max() - le.min())
         assert float((lc - le).abs().max()) <= 0.03 * span, f"step {i}"
         top2 = le.topk(2).values

@@ -58,3 +58,22 @@ def test_roofline_and_cpu_info():
     info = cpu_info()
     assert info["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert info["model_name"] and set(info["isa_flags"]) <= set(info["flags"])
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_profile_finds_the_compiled_head_and_recompiles_nothing(tiny_llama_dir, tmp_path, batch):
+    from torch._dynamo.utils import counters
+
+    from models.compile import compile_unavailable
+
+    if compile_unavailable(torch.device("cpu")):
+        pytest.skip(compile_unavailable(torch.device("cpu")))
+    r = load_runner(tiny_llama_dir, max_batch_size=2, max_seq=128, lm_head="int8", compile_cache_dir=tmp_path)
+    r.warmup()
+    assert r.compiled, r.compile_note
+    compiled = r.model.compiled_decode
+    graphs = counters["stats"]["unique_graphs"]
+    p = profile_decode(r, batch, context=40, steps=2, warmup=1)
+    assert p["classes"]["lm_head"]["share"] > 0
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert r.model.compiled_decode is compiled and "forward" not in vars(r.model.lm_head)
