@@ -21,6 +21,8 @@ CUDA keeps its CUDA graphs of the eager step (compiling there is not measured ye
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import itertools
 import logging
 import os
@@ -74,10 +76,29 @@ def set_cache_dir(cache_dir: Optional[Path]) -> Path:
     return cache_dir
 
 
+_MODULE_INTERNALS = frozenset(vars(torch.nn.Module()))  # _parameters, _buffers, _modules, hook dicts, training
+
+
+def _describe(v) -> str:
+    """A value's part of `layer_structure`: primitives, dtypes and containers of them by value, dataclasses by
+    their fields; anything else (a tensor or object outside the module's parameters and buffers, which a graph
+    would bake in as a constant) by identity, so that layers holding different ones never count as equal."""
+    if v is None or isinstance(v, (bool, int, float, str, torch.dtype, torch.device, enum.Enum)):
+        return repr(v)
+    if isinstance(v, (tuple, list)):
+        return f"{type(v).__name__}({', '.join(_describe(x) for x in v)})"
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        fields = ", ".join(f"{f.name}={_describe(getattr(v, f.name))}" for f in dataclasses.fields(v))
+        return f"{type(v).__qualname__}({fields})"
+    return f"<{type(v).__qualname__} at {id(v):#x}>"
+
+
 def layer_structure(block: torch.nn.Module) -> str:
-    """Everything about a block that a compiled graph depends on besides its tensors' values: module types,
-    tensor shapes, strides, dtypes and devices, which buffers are None, and plain settings (group size, kernel
-    plan). Blocks with equal structure run the same graph correctly with their own weights."""
+    """Everything about a block that a compiled graph depends on besides its parameters' and buffers' values:
+    module types, tensor shapes, strides, dtypes and devices, which buffers are None, and every other attribute
+    (settings such as group size and kernel plan by value, other objects by identity; see `_describe`). Blocks
+    with equal structure run the same graph correctly with their own weights. Checked once, at compile: blocks
+    must not change structure afterwards."""
     parts = []
     for name, mod in block.named_modules():
         parts.append(f"{name}:{type(mod).__module__}.{type(mod).__qualname__}")
@@ -85,8 +106,11 @@ def layer_structure(block: torch.nn.Module) -> str:
             meta = None if t is None else (tuple(t.shape), t.stride(), t.dtype, t.device, t.requires_grad)
             parts.append(f"{name}.{tname}={meta}")
         for k, v in sorted(vars(mod).items()):
-            if not k.startswith("_") and not isinstance(v, (torch.Tensor, torch.nn.Module)):
-                parts.append(f"{name}.{k}={v!r}")
+            if k not in _MODULE_INTERNALS:
+                parts.append(f"{name}.{k}={_describe(v)}")
+        hooks = sorted(k for k in _MODULE_INTERNALS if k.endswith("hooks") and getattr(mod, k, None))
+        if hooks:
+            parts.append(f"{name}.hooks={hooks}")
     return "\n".join(parts)
 
 

@@ -185,6 +185,17 @@ def test_layer_structure_tells_blocks_apart(tiny_llama_dir):
     b.norm2.eps = a.norm2.eps
     b.up.weight.data = b.up.weight.data.to(torch.bfloat16)
     assert C.layer_structure(a) != C.layer_structure(b)
+    b.up.weight.data = b.up.weight.data.to(a.up.weight.dtype)
+    assert C.layer_structure(a) == C.layer_structure(b)
+    # a tensor outside the parameters and buffers would be a constant of the graph: told apart by identity
+    a.o._table, b.o._table = torch.zeros(3), torch.zeros(3)
+    assert C.layer_structure(a) != C.layer_structure(b)
+    b.o._table = a.o._table
+    assert C.layer_structure(a) == C.layer_structure(b)
+    handle = b.norm1.register_forward_hook(lambda *args: None)
+    assert C.layer_structure(a) != C.layer_structure(b)
+    handle.remove()
+    assert C.layer_structure(a) == C.layer_structure(b)
 
 
 def test_blocks_that_differ_keep_their_guards(tiny_llama_writer, tiny_tokenizer_dir, tmp_path, caplog):
