@@ -7,11 +7,12 @@ wrappers) a few times a step instead of once per layer. When every layer has the
 tensor shapes and dtypes, settings; `layer_structure`), dynamo's guards on the blocks are skipped: the weights
 are graph inputs and the structure is checked once here, so each call checks only the activations and caches.
 Each model compiles its own copy of the code (`_own_code`): dynamo keeps graphs, guards and its recompile limit
-per code object, so two models in one process never share or crowd out each other's graphs. At batch 1 the final norm and lm_head are a second compiled
-function, where an int8 head runs as one fused dequantize-and-reduce loop (`kernels.int8_linear`).
-Inductor fuses the small ops between the matmuls (norms, RoPE, residual adds, the gated activation, the mask)
-into generated C++ loops; the int4/int8/dense matmuls and attention stay library kernels. Shapes are dynamic: a handful of graphs (batch 1 and batch >= 2, by attention length bucket) cover
-every shape the engine uses, and `compile_decode` triggers them all during warm-up, so serving never compiles.
+per code object, so two models in one process never share or crowd out each other's graphs. At batch 1 the final
+norm and lm_head are a second compiled function, where an int8 head runs as one fused dequantize-and-reduce loop
+(`kernels.int8_linear`). Inductor fuses the small ops between the matmuls (norms, RoPE, residual adds, the gated
+activation, the mask) into generated C++ loops; the int4/int8/dense matmuls and attention stay library kernels.
+Shapes are dynamic: a handful of graphs (batch 1 and batch >= 2, by attention length bucket) cover every shape
+the engine uses, and `compile_decode` triggers them all during warm-up, so serving never compiles.
 
 The compiled artifacts are cached on disk (`cache_dir`, under the model store by default: inductor's FX graph
 and AOT autograd caches), so a restart reuses them. Compilation needs a C++ compiler; without one, or when
