@@ -234,11 +234,10 @@ class Transformer(nn.Module):
         # (B, 1, 1, kv_len): key j is visible to row b iff j <= positions[b]
         mask = (torch.arange(kv_len, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
         c = self.compiled_decode
-        if c is None:
-            for i, blk in enumerate(self.blocks):
-                x = self.decode_layer(blk, x, cos, sin, mask, slots, positions, cache.k[i], cache.v[i], kv_len)
-            return self.head(x)
         blocks = tuple(self.blocks)
+        if c is None:
+            x = self.decode_layers(blocks, x, cos, sin, mask, slots, positions, tuple(cache.k), tuple(cache.v), kv_len)
+            return self.head(x)
         for i in range(0, len(blocks), c.group):
             j = i + c.group
             ks, vs = tuple(cache.k[i:j]), tuple(cache.v[i:j])
