@@ -64,6 +64,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-hf", action="store_true", help="skip the transformers baselines")
     p.add_argument("--lm-head", default="auto", help="our runtime's lm_head option (default auto, as `jetserve serve`)")
     p.add_argument(
+        "--cpu-int4",
+        default="auto",
+        choices=("auto", "w4a8", "int4pack"),
+        help="our runtime's CPU int4 kernel (default auto, as `jetserve serve`)",
+    )
+    p.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -106,6 +112,7 @@ def _prompt(n: int, vocab: int, seed: int = 0):
 # (the kernels under SDPA, the casts inside rms_norm) takes the class of its outermost classified ancestor.
 OP_CLASSES = (
     ("aten::_weight_int4pack_mm", "int4 matmul"),
+    ("jetserve_w4a8", "int4 matmul"),  # models/w4a8.py: jetserve_w4a8_<isa>::w4a8_mm
     ("aten::_weight_int8pack_mm", "lm_head"),  # the int8 head
     ("aten::scaled_dot_product_attention", "attention"),
     ("aten::_scaled_dot_product", "attention"),
@@ -300,6 +307,7 @@ def bench_ours(model_dir: Path, args, peer: Optional[LlamaCppPeer] = None) -> Di
         max_seq=args.max_seq,
         lm_head=args.lm_head,
         compile_cache_dir=model_dir.parent / ".compile-cache" if args.compile else None,
+        cpu_int4=args.cpu_int4,
     )
     load_s = time.perf_counter() - t
     t = time.perf_counter()
@@ -314,6 +322,7 @@ def bench_ours(model_dir: Path, args, peer: Optional[LlamaCppPeer] = None) -> Di
         dtype=torch.bfloat16,
         lm_head=args.lm_head,
         compile_decode=runner.compiled,
+        cpu_int4=args.cpu_int4,
     )
     rep = runner.memory_report()
     prompt = _prompt(args.prompt_len, runner.vocab_size)

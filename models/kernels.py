@@ -1,6 +1,8 @@
 """The one place that decides which int4 kernel runs on a device, and logs that choice once.
 
 Kernels:
+- "cpu_w4a8": our C++ W4A8 kernel (models/w4a8.py, models/csrc/w4a8.cpp): int4 codes x int8 activations
+  quantized per row and weight group, exact int32 sums (AVX-512 VNNI or AVX2). The CPU default where it builds.
 - "cpu_int4pack": aten._weight_int4pack_mm_for_cpu (bf16 activations), weights repacked with
   _convert_weight_to_int4pack_for_cpu (out_features padded to a multiple of 64).
 - "cuda_tinygemm": aten._weight_int4pack_mm (sm80+), weights repacked with _convert_weight_to_int4pack.
@@ -31,6 +33,9 @@ import torch
 logger = logging.getLogger(__name__)
 
 CPU_INT4PACK = "cpu_int4pack"
+CPU_W4A8 = "cpu_w4a8"
+# the `cpu_int4` load option: "auto" is CPU_W4A8 where its kernel builds with SIMD, else CPU_INT4PACK (logged)
+CPU_INT4_CHOICES = ("auto", "w4a8", "int4pack")
 CUDA_TINYGEMM = "cuda_tinygemm"
 CUDA_TRITON = "cuda_triton"
 CUDA_KERNELS = (CUDA_TINYGEMM, CUDA_TRITON)
@@ -40,6 +45,7 @@ REFERENCE = "reference"
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 CPU_N_BLOCK = 64  # CPU int4pack rows are padded to this: its layout blocks 64 rows (AVX-512) or fewer
+W4A8_N_BLOCK = 16  # W4A8 rows are padded to this
 
 
 @dataclass(frozen=True)
@@ -52,7 +58,7 @@ class KernelPlan:
 
 
 @functools.lru_cache(maxsize=None)
-def _log_once(device_type: str, name: str, reason: str) -> None:
+def log_once(device_type: str, name: str, reason: str) -> None:
     logger.info("int4 kernel for %s: %s (%s)", device_type, name, reason)
 
 
@@ -68,17 +74,43 @@ def _has_cuda_int4(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
-def device_kernel(device: torch.device, cuda_kernel: Optional[str] = None) -> KernelPlan:
+def _cpu_plan(cpu_int4: str) -> KernelPlan:
+    if cpu_int4 not in CPU_INT4_CHOICES:
+        raise ValueError(f"unknown cpu_int4 kernel {cpu_int4!r}: choose one of {CPU_INT4_CHOICES}")
+    why = None
+    if cpu_int4 in ("auto", "w4a8"):
+        from . import w4a8
+
+        isa = w4a8.native_isa()
+        if isa == "scalar" and cpu_int4 == "auto":
+            why = "W4A8 kernel: no AVX2 or AVX-512 VNNI on this CPU / torch capability"
+        else:
+            ops, built = w4a8.load(isa)
+            if ops is not None:
+                return KernelPlan(CPU_W4A8, None, f"W4A8 C++ kernel, {built} build (int8 activations per group)")
+            why = f"W4A8 kernel unavailable: {built}"
+        if cpu_int4 == "w4a8":
+            raise RuntimeError(f"cpu_int4='w4a8' requested but {why}")
+    if _has_cpu_int4():
+        reason = "int4pack_mm_for_cpu measured faster than dense bf16 at 1..512 tokens"
+        return KernelPlan(CPU_INT4PACK, None, reason if why is None else f"{why}; {reason}")
+    if cpu_int4 == "int4pack":
+        raise RuntimeError("cpu_int4='int4pack' requested but this torch has no _weight_int4pack_mm_for_cpu")
+    return KernelPlan(REFERENCE, 0, f"{why}; no torch int4 kernel on cpu: dequantize + dense matmul")
+
+
+def device_kernel(device: torch.device, cuda_kernel: Optional[str] = None, cpu_int4: str = "auto") -> KernelPlan:
     """The int4 kernel this device would use for a well-shaped 4-bit layer (logged once per device type).
 
-    cuda_kernel picks between CUDA_TINYGEMM (default) and CUDA_TRITON; asking for Triton where it is not
-    installed is an error, never a silent fallback.
+    cuda_kernel picks between CUDA_TINYGEMM (default) and CUDA_TRITON; cpu_int4 (CPU_INT4_CHOICES) between
+    CPU_W4A8 and CPU_INT4PACK. Asking for a kernel that is not available is an error, never a silent fallback;
+    "auto" falls back with the reason logged.
     """
     device = torch.device(device)
     if cuda_kernel not in (None,) + CUDA_KERNELS:
         raise ValueError(f"unknown CUDA int4 kernel {cuda_kernel!r}: choose one of {CUDA_KERNELS}")
-    if device.type == "cpu" and _has_cpu_int4():
-        plan = KernelPlan(CPU_INT4PACK, None, "int4pack_mm_for_cpu measured faster than dense bf16 at 1..512 tokens")
+    if device.type == "cpu":
+        plan = _cpu_plan(cpu_int4)
     elif device.type == "cuda" and cuda_kernel == CUDA_TRITON:
         from . import triton_int4
 
@@ -98,7 +130,7 @@ def device_kernel(device: torch.device, cuda_kernel: Optional[str] = None) -> Ke
             plan = KernelPlan(CUDA_TINYGEMM, None, "tinygemm on sm80+ (layout probe failed: no dense prefill)")
     else:
         plan = KernelPlan(REFERENCE, 0, f"no torch int4 kernel on {device.type}: dequantize + dense matmul")
-    _log_once(device.type, plan.name, plan.reason)
+    log_once(device.type, plan.name, plan.reason)
     return plan
 
 
@@ -109,12 +141,13 @@ def select_kernel(
     in_features: int,
     out_features: int,
     cuda_kernel: Optional[str] = None,
+    cpu_int4: str = "auto",
 ) -> KernelPlan:
     """Kernel for one layer: the device's int4 kernel when the layer's shape allows, else reference.
 
     A layer that cannot use the int4 kernel is logged once per (device, reason) -- never silently.
     """
-    plan = device_kernel(device, cuda_kernel)
+    plan = device_kernel(device, cuda_kernel, cpu_int4)
     if plan.name == REFERENCE:
         return plan
     why = None
@@ -133,7 +166,7 @@ def select_kernel(
     if why is None:
         return plan
     ref = KernelPlan(REFERENCE, 0, f"{why}: dequantize + dense matmul")
-    _log_once(torch.device(device).type, ref.name, ref.reason)
+    log_once(torch.device(device).type, ref.name, ref.reason)
     return ref
 
 
@@ -148,7 +181,8 @@ def cuda_inner_k_tiles(in_features: int) -> int:
 def int4_mm(
     name: str, x2d: torch.Tensor, packed: torch.Tensor, group_size: int, scales_and_zeros: torch.Tensor
 ) -> torch.Tensor:
-    """x2d (M, in) bf16 contiguous -> (M, out_padded) bf16 with the named int4 kernel."""
+    """x2d (M, in) bf16 contiguous -> (M, out_padded) bf16 with the named int4 kernel (not CPU_W4A8, whose
+    scales and zeros are two tensors: QuantLinear calls it directly)."""
     if name == CPU_INT4PACK:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, packed, group_size, scales_and_zeros)
     if name == CUDA_TINYGEMM:

@@ -194,8 +194,9 @@ class Footprint:
         }
 
 
-def _loaded_weight_bytes(info: CheckpointInfo, dtype: torch.dtype) -> int:
-    """Bytes the loaded weights take: float tensors in `dtype`; 4-bit GPTQ/AWQ as int4pack + bf16 scale/zero pairs."""
+def _loaded_weight_bytes(info: CheckpointInfo, dtype: torch.dtype, w4a8: bool = False) -> int:
+    """Bytes the loaded weights take: float tensors in `dtype`; 4-bit GPTQ/AWQ as half a byte a weight + bf16
+    scale/zero pairs (int4pack), or + a float16 scale and a uint8 zero (`w4a8`)."""
     elem = torch.empty((), dtype=dtype).element_size()
     total = 0
     quant = info.qcfg.is_quantized
@@ -204,7 +205,10 @@ def _loaded_weight_bytes(info: CheckpointInfo, dtype: torch.dtype) -> int:
         if quant and name.endswith(".qzeros"):
             continue  # folded into the scale/zero pairs below
         if quant and name.endswith(".scales"):
-            total += 2 * n * elem if info.qcfg.bits == 4 else n * elem + n  # (groups, out, 2) / scales + zero codes
+            if info.qcfg.bits == 4:
+                total += 3 * n if w4a8 else 2 * n * elem  # fp16 scale + uint8 zero / (groups, out, 2) pairs
+            else:
+                total += n * elem + n  # scales + zero codes
         elif quant and name.endswith(".qweight"):
             total += n * 4 if info.qcfg.bits == 4 else n * 32 // info.qcfg.bits  # int4pack: same bytes; else codes
         elif quant and name.endswith(".g_idx"):
@@ -278,16 +282,22 @@ def predict_footprint(
     device: Union[str, torch.device] = "cpu",
     lm_head: str = "bf16",
     compile_decode: bool = False,
+    cpu_int4: str = "auto",
 ) -> Footprint:
     """Memory `load_runner(info.model_dir, ..., lm_head=lm_head)` plus warmup will take, from config.json and
     headers only; `compile_decode` (on CPU) adds `COMPILE_CONSTANT_BYTES` of workspace.
 
-    weights: as loaded (float tensors in `dtype`; 4-bit GPTQ/AWQ as int4pack + bf16 scale/zero pairs), checked
+    weights: as loaded (float tensors in `dtype`; 4-bit GPTQ/AWQ in the CPU kernel's layout), checked
     against the runner's own tensors by the unit tests. KV cache: `KVCache.predict_bytes` (the scratch slot
     included). Workspace: `workspace_bytes`, plus `cuda_runtime_bytes` on a CUDA device; checked against the
     measured growth of the process (CPU) or of torch.cuda.memory_allocated by benchmarks/memory_prediction.py.
     """
-    weights = _loaded_weight_bytes(info, dtype)
+    w4a8 = False
+    if torch.device(device).type == "cpu" and info.qcfg.is_quantized and info.qcfg.bits == 4:
+        from .kernels import CPU_W4A8, device_kernel
+
+        w4a8 = device_kernel(torch.device("cpu"), cpu_int4=cpu_int4).name == CPU_W4A8
+    weights = _loaded_weight_bytes(info, dtype, w4a8)
     weights += _quantized_head_delta(info, dtype, resolve_lm_head(lm_head, device, info.hidden))
     kv = KVCache.predict_bytes(info.num_layers, max_batch_size, max_seq, info.num_kv_heads, info.head_dim, dtype)
     workspace = workspace_bytes(info, max_batch_size=max_batch_size, prefill_chunk=prefill_chunk, dtype=dtype)
@@ -350,6 +360,7 @@ def _make_linear(
     *,
     device: torch.device,
     dtype: torch.dtype,
+    cpu_int4: str = "auto",
 ) -> nn.Module:
     """Dense linear when `prefix.weight` exists, else a QuantLinear in the checkpoint's declared format."""
     bias = src[f"{prefix}.bias"] if f"{prefix}.bias" in src else None
@@ -362,7 +373,7 @@ def _make_linear(
         raise KeyError(f"checkpoint has neither {prefix}.weight nor a quantization config")
     from .qlinear import QuantLinear
 
-    return QuantLinear.from_tensors(src, prefix, qcfg, in_f, out_f, device=device, dtype=dtype)
+    return QuantLinear.from_tensors(src, prefix, qcfg, in_f, out_f, device=device, dtype=dtype, cpu_int4=cpu_int4)
 
 
 def build_model(
@@ -374,6 +385,7 @@ def build_model(
     device: torch.device,
     dtype: torch.dtype,
     lm_head: str = "bf16",
+    cpu_int4: str = "auto",
 ) -> Transformer:
     """Meta-device build, then every weight assigned from the mmap'd checkpoint.
 
@@ -381,7 +393,7 @@ def build_model(
     `QuantLinear` (`quantize_int4_rtn`, groups of HEAD_INT4_GROUP_SIZE); a tied embedding stays in
     `dtype` for the input lookup. A head the checkpoint quantized itself (GPTQ `"lm_head": true`) loads as a
     QuantLinear whatever `lm_head` says; one declared quantized but stored without `.qweight` raises
-    UnsupportedFormatError.
+    UnsupportedFormatError. cpu_int4 picks the CPU int4 kernel (`kernels.CPU_INT4_CHOICES`).
     """
     with torch.device("meta"):
         model = Transformer(spec, dims)
@@ -397,7 +409,7 @@ def build_model(
             norm.bias = param(f"{prefix}.bias")
 
     def lin(prefix: str, in_f: int, out_f: int) -> nn.Module:
-        return _make_linear(src, prefix, qcfg, in_f, out_f, device=device, dtype=dtype)
+        return _make_linear(src, prefix, qcfg, in_f, out_f, device=device, dtype=dtype, cpu_int4=cpu_int4)
 
     model.embed = param(f"{spec.embed}.weight")
     if spec.pos_embed:
@@ -428,7 +440,9 @@ def build_model(
             )
         from .qlinear import QuantLinear
 
-        model.lm_head = QuantLinear.from_tensors(src, head, qcfg, h, dims.vocab, device=device, dtype=dtype)
+        model.lm_head = QuantLinear.from_tensors(
+            src, head, qcfg, h, dims.vocab, device=device, dtype=dtype, cpu_int4=cpu_int4
+        )
         logger.info("%s: lm_head is %d-bit %s from the checkpoint", model_dir.name, qcfg.bits, qcfg.method)
     elif f"{head}.weight" in src or f"{head}.qweight" in src:
         model.lm_head = lin(head, h, dims.vocab)
@@ -506,6 +520,7 @@ def load_runner(
     trust_remote_code: bool = False,
     lm_head: str = "bf16",
     compile_cache_dir: Optional[Union[str, Path]] = None,
+    cpu_int4: str = "auto",
 ):
     """A Runner for `model_dir`: the fused runtime for a supported architecture, else the transformers
     fallback at batch 1 (logged with a warning). Unsupported quantization formats raise
@@ -514,6 +529,7 @@ def load_runner(
     lm_head: "bf16" keeps a dense head in `dtype`; "int8" / "int4" quantize it at load (see build_model); "auto"
     picks by device (`resolve_lm_head`). The transformers fallback ignores it (logged). Other values raise ValueError.
     compile_cache_dir: compile the decode step at `warmup()` (CPU; models.compile), caching it there; None: eager.
+    cpu_int4: the CPU int4 kernel, one of `kernels.CPU_INT4_CHOICES` ("auto": W4A8 where it builds).
     """
     from .runner import Runner
 
@@ -554,7 +570,7 @@ def load_runner(
     head = resolve_lm_head(lm_head, device, dims.hidden)
     if head != lm_head:
         logger.info("%s: lm_head=%s -> %s on %s", model_dir.name, lm_head, head, device)
-    model = build_model(model_dir, spec, dims, info.qcfg, device=device, dtype=dtype, lm_head=head)
+    model = build_model(model_dir, spec, dims, info.qcfg, device=device, dtype=dtype, lm_head=head, cpu_int4=cpu_int4)
     release_freed_heap()  # the unpack/repack temporaries of every layer
     model.init_rope(max_seq, device, dtype)
     cache = KVCache(dims.layers, max_batch_size, max_seq, dims.kv_heads, dims.head_dim, device=device, dtype=dtype)

@@ -175,8 +175,14 @@ class QuantLinear(torch.nn.Module):
         self.dtype = dtype
         self.split_sizes: List[int] = [out_features]  # output widths of the fused parts, in order
         self._reference: Optional[QuantizedWeight] = None
-        # aten int4 op called straight from forward (decode is Python-overhead bound); None: general path
-        if plan.name == kernels.CPU_INT4PACK:
+        # int4 op called straight from forward (decode is Python-overhead bound); None: general path
+        self._w4a8 = plan.name == kernels.CPU_W4A8
+        if self._w4a8:
+            from . import w4a8
+
+            self._aten_int4 = w4a8.load()[0].w4a8_mm.default
+            self.act_block = w4a8.act_block(group_size)
+        elif plan.name == kernels.CPU_INT4PACK:
             self._aten_int4 = torch.ops.aten._weight_int4pack_mm_for_cpu.default
         elif plan.name == kernels.CUDA_TINYGEMM:
             self._aten_int4 = torch.ops.aten._weight_int4pack_mm.default
@@ -196,15 +202,18 @@ class QuantLinear(torch.nn.Module):
         device,
         dtype: torch.dtype = torch.bfloat16,
         keep_reference: bool = False,
+        cpu_int4: str = "auto",
     ) -> "QuantLinear":
         """Build from checkpoint tensors (name -> tensor, e.g. mmap'd safetensors); uses prefix.bias if present.
 
         keep_reference keeps the unpacked QuantizedWeight (CPU) so forward_reference uses the checkpoint's own
-        fp16 scales rather than the bf16 ones the kernel holds (tests only).
+        fp16 scales rather than the bf16 ones the kernel holds (tests only). cpu_int4: kernels.CPU_INT4_CHOICES.
         """
         qw = unpack_linear(tensors, prefix, qcfg, in_features, out_features)
         bias = tensors.get(f"{prefix}.bias")
-        return cls.from_quantized(qw, bias, device=device, dtype=dtype, keep_reference=keep_reference)
+        return cls.from_quantized(
+            qw, bias, device=device, dtype=dtype, keep_reference=keep_reference, cpu_int4=cpu_int4
+        )
 
     @classmethod
     def from_quantized(
@@ -216,10 +225,27 @@ class QuantLinear(torch.nn.Module):
         dtype: torch.dtype = torch.bfloat16,
         keep_reference: bool = False,
         cuda_kernel: Optional[str] = None,
+        cpu_int4: str = "auto",
     ) -> "QuantLinear":
         device = torch.device(device)
         qw = _int4_friendly_groups(qw)
-        plan = kernels.select_kernel(device, qw.bits, qw.group_size, qw.in_features, qw.out_features, cuda_kernel)
+        plan = kernels.select_kernel(
+            device, qw.bits, qw.group_size, qw.in_features, qw.out_features, cuda_kernel, cpu_int4
+        )
+        w4a8_layout = None
+        if plan.name == kernels.CPU_W4A8:
+            from . import w4a8
+
+            q, perm = int4_codes_grouped(qw)
+            try:
+                w4a8_layout = w4a8.pack(q, qw.scales, qw.zeros, qw.group_size) + (perm,)
+            except ValueError as e:
+                if cpu_int4 == "w4a8":
+                    raise
+                plan = kernels.select_kernel(
+                    device, qw.bits, qw.group_size, qw.in_features, qw.out_features, None, "int4pack"
+                )
+                kernels.log_once("cpu", plan.name, f"W4A8 cannot take this layer ({e})")
         self = cls(qw.in_features, qw.out_features, qw.bits, qw.group_size, plan, dtype)
         self.register_buffer("bias", None if bias is None else bias.to(device=device, dtype=dtype))
         if plan.name == kernels.REFERENCE:
@@ -227,6 +253,16 @@ class QuantLinear(torch.nn.Module):
             self.register_buffer("zeros", qw.zeros.to(device))
             self.register_buffer("scales", qw.scales.to(device=device, dtype=torch.float32))
             self.register_buffer("g_idx", None if qw.g_idx is None else qw.g_idx.to(device))
+            return self
+        if w4a8_layout is not None:
+            packed, w4a8_scales, w4a8_zeros, perm = w4a8_layout
+            self.register_buffer("packed", packed)
+            self.register_buffer("w4a8_scales", w4a8_scales)
+            self.register_buffer("w4a8_zeros", w4a8_zeros)
+            self.register_buffer("perm", None if perm is None else perm.to(dtype=torch.int32))
+            self.out_padded = packed.shape[0] * kernels.W4A8_N_BLOCK
+            if keep_reference:
+                self._reference = qw
             return self
         packed, sz, perm = repack_int4(qw, plan.name, device)
         self.register_buffer("packed", packed.to(device))
@@ -248,8 +284,10 @@ class QuantLinear(torch.nn.Module):
         device,
         dtype: torch.dtype = torch.bfloat16,
     ) -> "QuantLinear":
-        """A 4-bit layer from a dense weight (out, in), quantized at load by `quantize_int4_rtn` (the int4 lm_head)."""
-        return cls.from_quantized(quantize_int4_rtn(weight, group_size), bias, device=device, dtype=dtype)
+        """A 4-bit layer from a dense weight (out, in), quantized at load by `quantize_int4_rtn` (the int4 lm_head).
+        On CPU it runs torch's int4pack kernel: its float32 scales may leave float16's range (see w4a8.pack)."""
+        qw = quantize_int4_rtn(weight, group_size)
+        return cls.from_quantized(qw, bias, device=device, dtype=dtype, cpu_int4="int4pack")
 
     @classmethod
     def fuse(cls, parts: Sequence["QuantLinear"]) -> Optional["QuantLinear"]:
@@ -285,6 +323,8 @@ class QuantLinear(torch.nn.Module):
                     return None
             if name == kernels.CPU_INT4PACK and any(p.out_features % kernels.CPU_N_BLOCK for p in parts):
                 return None
+            if name == kernels.CPU_W4A8 and any(p.out_features % kernels.W4A8_N_BLOCK for p in parts):
+                return None
         out = sum(p.out_features for p in parts)
         fused = cls(first.in_features, out, first.bits, first.group_size, first.plan, first.dtype)
         fused.split_sizes = [s for p in parts for s in p.split_sizes]
@@ -297,7 +337,11 @@ class QuantLinear(torch.nn.Module):
             return fused
         out_dim = 1 if name == kernels.CUDA_TRITON else 0  # (in/8, out) vs layouts blocked along out
         fused.register_buffer("packed", torch.cat([p.packed for p in parts], dim=out_dim))
-        fused.register_buffer("scales_and_zeros", torch.cat([p.scales_and_zeros for p in parts], dim=1))
+        if name == kernels.CPU_W4A8:  # (out/16, ...) blocks
+            fused.register_buffer("w4a8_scales", torch.cat([p.w4a8_scales for p in parts]))
+            fused.register_buffer("w4a8_zeros", torch.cat([p.w4a8_zeros for p in parts]))
+        else:
+            fused.register_buffer("scales_and_zeros", torch.cat([p.scales_and_zeros for p in parts], dim=1))
         fused.register_buffer("perm", first.perm)
         fused.out_padded = out
         if all(p._reference is not None for p in parts):
@@ -324,11 +368,14 @@ class QuantLinear(torch.nn.Module):
         perm = bufs["perm"]
         if perm is not None:
             x2d = x2d.index_select(-1, perm)
-        if x2d.dtype != torch.bfloat16:
+        if x2d.dtype != torch.bfloat16 and not (self._w4a8 and x2d.dtype == torch.float32):
             x2d = x2d.to(torch.bfloat16)
         if not x2d.is_contiguous():
             x2d = x2d.contiguous()
-        y = op(x2d, bufs["packed"], self.group_size, bufs["scales_and_zeros"])  # (M, out_padded)
+        if self._w4a8:
+            y = op(x2d, bufs["packed"], bufs["w4a8_scales"], bufs["w4a8_zeros"], self.group_size, self.act_block)
+        else:
+            y = op(x2d, bufs["packed"], self.group_size, bufs["scales_and_zeros"])  # (M, out_padded)
         if self.out_padded != self.out_features:
             y = y[:, : self.out_features]
         if y.dtype != self.dtype:
@@ -350,7 +397,11 @@ class QuantLinear(torch.nn.Module):
                 x2d = x2d.index_select(-1, self.perm)
             x2d = x2d.to(torch.bfloat16).contiguous()
             dense_from = self.plan.dense_min_tokens
-            if dense_from is not None and m >= dense_from:
+            if self._w4a8:
+                y = self._aten_int4(
+                    x2d, self.packed, self.w4a8_scales, self.w4a8_zeros, self.group_size, self.act_block
+                )
+            elif dense_from is not None and m >= dense_from:
                 y = x2d @ kernels.dequant_t(
                     self.plan.name, self.packed, self.scales_and_zeros, self.group_size, self.in_features
                 )
@@ -377,6 +428,15 @@ class QuantLinear(torch.nn.Module):
             return self._dequant_reference()
         if self._reference is not None:
             return dequantize(self._reference)
+        if self._w4a8:
+            from . import w4a8
+
+            codes, s, z = w4a8.unpack(self.packed, self.w4a8_scales, self.w4a8_zeros)
+            g = torch.arange(self.in_features, device=codes.device) // self.group_size
+            w = (codes[: self.out_features].float() - z[g, : self.out_features].t()) * s[g, : self.out_features].t()
+            if self.perm is not None:
+                w = torch.empty_like(w).index_copy_(1, self.perm.long(), w)
+            return w
         codes = kernels.int4pack_codes(self.plan.name, self.packed, self.in_features)
         codes = codes[: self.out_features]  # (out, in)
         sz = self.scales_and_zeros[:, : self.out_features].float()  # (groups, out, 2)

@@ -24,6 +24,7 @@ for cap in $others; do
   echo "== layout tests under ATEN_CPU_CAPABILITY=${cap} (native: ${native})"
   cache=$(mktemp -d)
   ATEN_CPU_CAPABILITY=$cap TORCHINDUCTOR_CACHE_DIR=$cache "$PY" -m pytest -q -p no:cacheprovider \
-    tests/unit/test_kernels.py tests/unit/test_qlinear.py tests/unit/test_formats.py tests/unit/test_model_quant.py
+    tests/unit/test_kernels.py tests/unit/test_qlinear.py tests/unit/test_formats.py tests/unit/test_model_quant.py \
+    tests/unit/test_w4a8.py
   rm -rf "$cache"
 done

@@ -81,6 +81,10 @@ class Settings(BaseSettings):
         "auto",
         description="A dense lm_head kept in the activation dtype ('bf16') or quantized at load: 'int8' per output row (perplexity +0.18% on the demo), 'int4' in groups of 32 (round to nearest with a clipping search; perplexity +8%, opt-in only). 'auto': int8 on CPU where its kernel takes the shape, bf16 on CUDA. A tied head keeps its bf16 embedding for the input lookup, so RSS grows by the quantized copy (28 MiB for int8 on the demo). Figures: docs/benchmarks.md. A head the checkpoint quantized itself is used as stored.",
     )
+    cpu_int4_kernel: Literal["auto", "w4a8", "int4pack"] = Field(
+        "auto",
+        description="CPU kernel for 4-bit GPTQ/AWQ layers. 'w4a8': jetserve's C++ kernel (models/csrc/w4a8.cpp; AVX-512 VNNI or AVX2, compiled on first use into $TORCH_EXTENSIONS_DIR), int4 weights times activations rounded to int8 per row and weight group, exact integer sums. 'int4pack': torch's _weight_int4pack_mm_for_cpu with bf16 activations. 'auto': w4a8 where it builds, else int4pack with the reason logged; asking for w4a8 where it cannot build is an error. Speed and perplexity: docs/benchmarks.md.",
+    )
     compile_decode: bool = Field(
         True,
         description="CPU: compile the decode step with torch.compile at load (one graph per six layers, shared by all of them; about 50 s cold on 2 cores, about 12 s from the on-disk cache); where no C++ compiler is found, or compiling fails, decode stays eager with a logged reason. Not applied on CUDA (CUDA graphs).",

@@ -205,6 +205,7 @@ class ModelManager:
             _default_runner_loader,
             trust_remote_code=trust,
             lm_head=settings.lm_head_dtype,
+            cpu_int4=settings.cpu_int4_kernel,
             compile_cache_dir=compile_cache_dir(settings, self.device),
         )
         self._default_tokenizer = tokenizer_loader is None
@@ -274,6 +275,7 @@ class ModelManager:
                 prefill_chunk=s.prefill_chunk,
                 device=self.device,
                 lm_head=s.lm_head_dtype,
+                cpu_int4=s.cpu_int4_kernel,
                 compile_decode=compile_cache_dir(s, self.device) is not None,
             )
         except Exception as e:  # any surprise while reading config/headers is a load error, not a crash

@@ -82,14 +82,28 @@ class JetserveRuntime:
 
     name = "jetserve"
 
-    def __init__(self, model_dir: Path, device: torch.device, dtype: torch.dtype, max_seq: int, lm_head: str = "bf16"):
+    def __init__(
+        self,
+        model_dir: Path,
+        device: torch.device,
+        dtype: torch.dtype,
+        max_seq: int,
+        lm_head: str = "bf16",
+        cpu_int4: str = "auto",
+    ):
         try:
             from models.loader import load_runner
         except ImportError as e:
             raise RuntimeUnavailable(f"--runtime jetserve needs models.loader.load_runner ({e})") from e
         self.device = device
         self.runner = load_runner(
-            str(model_dir), device=device, dtype=dtype, max_batch_size=1, max_seq=max_seq, lm_head=lm_head
+            str(model_dir),
+            device=device,
+            dtype=dtype,
+            max_batch_size=1,
+            max_seq=max_seq,
+            lm_head=lm_head,
+            cpu_int4=cpu_int4,
         )
         self.runner.warmup()
         self.weights_bytes = int(self.runner.memory_report().get("weights_bytes", 0))
@@ -132,12 +146,16 @@ def load_runtime(
     dtype: torch.dtype,
     max_seq: Optional[int] = None,
     lm_head: str = "bf16",
+    cpu_int4: str = "auto",
 ):
-    """The runtime `kind` for `model_dir`; a quantized lm_head ("int8", "int4") applies to the jetserve runtime only (else ValueError)."""
+    """The runtime `kind` for `model_dir`; a quantized lm_head ("int8", "int4") and a cpu_int4 other than "auto"
+    apply to the jetserve runtime only (else ValueError)."""
     if kind == "transformers":
         if lm_head != "bf16":
             raise ValueError(f"--lm-head {lm_head} needs --runtime jetserve")
+        if cpu_int4 != "auto":
+            raise ValueError(f"--cpu-int4 {cpu_int4} needs --runtime jetserve")
         return TransformersRuntime(model_dir, device, dtype)
     if kind == "jetserve":
-        return JetserveRuntime(model_dir, device, dtype, max_seq or 4096, lm_head=lm_head)
+        return JetserveRuntime(model_dir, device, dtype, max_seq or 4096, lm_head=lm_head, cpu_int4=cpu_int4)
     raise RuntimeUnavailable(f"unknown runtime {kind!r}; choose transformers or jetserve")

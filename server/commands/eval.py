@@ -36,6 +36,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="jetserve runtime: keep a dense lm_head in --dtype (bf16) or quantize it at load to int8 "
         "per-channel or int4 groups of 32; auto: int8 on CPU, bf16 on CUDA, as `jetserve serve` (default bf16)",
     )
+    parser.add_argument(
+        "--cpu-int4",
+        choices=("auto", "w4a8", "int4pack"),  # models.kernels.CPU_INT4_CHOICES (no torch import here)
+        default="auto",
+        help="jetserve runtime on CPU: the int4 kernel (w4a8: int8 activations per group, our C++ kernel; "
+        "int4pack: torch's bf16 kernel); auto: w4a8 where it builds, as `jetserve serve` (default auto)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--skip-ppl", action="store_true", help="Skip perplexity")
     parser.add_argument("--skip-speed", action="store_true", help="Skip tok/s and TTFT")
@@ -79,6 +86,9 @@ def run(args: argparse.Namespace) -> int:
         if v < 1:
             print(f"jetserve eval: error: {flag} must be >= 1, got {v}", file=sys.stderr)
             return 2
+    if args.cpu_int4 != "auto" and args.runtime != "jetserve":
+        print(f"jetserve eval: error: --cpu-int4 {args.cpu_int4} needs --runtime jetserve", file=sys.stderr)
+        return 2
     if args.lm_head != "bf16" and args.runtime != "jetserve":
         print(f"jetserve eval: error: --lm-head {args.lm_head} needs --runtime jetserve", file=sys.stderr)
         return 2
@@ -108,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
         skip_ppl=args.skip_ppl,
         skip_speed=args.skip_speed,
         lm_head=args.lm_head,
+        cpu_int4=args.cpu_int4,
     )
     try:
         res = evaluate_models(dirs, cfg, Path(store), echo=lambda s: print(s, file=sys.stderr))

@@ -14,8 +14,8 @@ from models.loader import load_runner
 @pytest.fixture(scope="module")
 def int4_runner(tiny_llama_dir):
     """The tiny model with each block linear replaced by a random int4 QuantLinear of the same shape."""
-    if kernels.device_kernel(torch.device("cpu")).name != kernels.CPU_INT4PACK:
-        pytest.skip("no CPU int4pack kernel in this torch")
+    if kernels.device_kernel(torch.device("cpu")).name not in (kernels.CPU_INT4PACK, kernels.CPU_W4A8):
+        pytest.skip("no CPU int4 kernel here")
     runner = load_runner(tiny_llama_dir, max_batch_size=8, max_seq=256)
     gen = torch.Generator().manual_seed(0)
     for blk in runner.model.blocks:

@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from models import kernels
 from models.formats import QuantizedWeight, pack_awq, pack_gptq
 from models.loader import inspect_checkpoint, load_runner, predict_footprint
 
@@ -176,12 +177,12 @@ def quant_dirs(tmp_path_factory):
     return out
 
 
-def _prompt_with_clear_margins(hf32, hf16, new_tokens: int = 10, tries: int = 32):
+def _prompt_with_clear_margins(hf32, hf16, new_tokens: int = 10, tries: int = 32, tol_scale: float = 1.0):
     """The first of a fixed series of random prompts whose greedy continuation, by the references alone, has a
     top-2 margin above twice the logit tolerance at half of its steps or more, so the greedy comparison never
     hinges on one CPU's rounding. The tolerance is 2% of the logit range + 0.01, or 1.5x transformers' own bf16
-    error against its float32 logits where bf16 alone is noisier than that (random tiny models are close).
-    Returns (prompt, reference ids, float32 teacher-forced logits, tolerance)."""
+    error against its float32 logits where bf16 alone is noisier than that (random tiny models are close), times
+    `tol_scale`. Returns (prompt, reference ids, float32 teacher-forced logits, tolerance)."""
     gen = torch.Generator().manual_seed(0)
     for _ in range(tries):
         prompt = torch.randint(0, hf32.config.vocab_size, (8,), generator=gen)
@@ -189,7 +190,7 @@ def _prompt_with_clear_margins(hf32, hf16, new_tokens: int = 10, tries: int = 32
             ids = hf32.generate(prompt[None], max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)[0]
             logits = hf32(ids[None]).logits[0].float()  # (len, vocab)
             bf16_err = (hf16(ids[None]).logits[0].float() - logits).abs().max().item()
-        tol = max(0.02 * logits.abs().max().item() + 0.01, 1.5 * bf16_err)
+        tol = max(0.02 * logits.abs().max().item() + 0.01, 1.5 * bf16_err) * tol_scale
         top2 = logits[len(prompt) - 1 : -1].topk(2, -1).values
         clear = (top2[:, 0] - top2[:, 1]) > 2 * tol + 1e-3
         if int(clear.sum()) >= len(top2) // 2:
@@ -197,18 +198,25 @@ def _prompt_with_clear_margins(hf32, hf16, new_tokens: int = 10, tries: int = 32
     raise AssertionError(f"no prompt among {tries} has clear greedy margins: the tiny model is too flat")
 
 
+# W4A8 rounds activations to int8 per block of 8 (up to ~0.2% of a block's max per input): twice the tolerance
+ACT_TOLERANCE = {"int4pack": 1.0, "w4a8": 2.0}
+
+
+@pytest.mark.parametrize("cpu_int4", ["int4pack", "w4a8"])
 @pytest.mark.parametrize("arch,variant", CASES)
-def test_quantized_greedy_and_logits_match_gptqmodel(quant_dirs, arch, variant):
+def test_quantized_greedy_and_logits_match_gptqmodel(quant_dirs, arch, variant, cpu_int4):
     from transformers import AutoModelForCausalLM
 
     path = quant_dirs[(arch, variant)]
     # float32 is the exact reference of the checkpoint; its bf16 path measures what bf16 rounding alone costs
     hf = AutoModelForCausalLM.from_pretrained(str(path), device_map="cpu", dtype=torch.float32).eval()
     hf16 = AutoModelForCausalLM.from_pretrained(str(path), device_map="cpu", dtype=torch.bfloat16).eval()
-    runner = load_runner(path, dtype=torch.bfloat16, max_batch_size=2, max_seq=64)
+    runner = load_runner(path, dtype=torch.bfloat16, max_batch_size=2, max_seq=64, cpu_int4=cpu_int4)
     assert type(runner).__name__ == "Runner"
     assert all(type(m).__name__ in ("QuantLinear", "Concat") for m in runner.model.linear_modules())
-    prompt, ref_ids, ref_logits, tol = _prompt_with_clear_margins(hf, hf16)
+    want = {"int4pack": kernels.CPU_INT4PACK, "w4a8": kernels.CPU_W4A8}[cpu_int4]
+    assert {m.plan.name for m in runner.model.linear_modules() if hasattr(m, "plan")} == {want}
+    prompt, ref_ids, ref_logits, tol = _prompt_with_clear_margins(hf, hf16, tol_scale=ACT_TOLERANCE[cpu_int4])
     got = [runner.prefill(prompt, 1, 0)]
     for i in range(len(prompt), len(ref_ids) - 1):
         got.append(runner.decode(ref_ids[i : i + 1], torch.tensor([i]), torch.tensor([1]))[0])

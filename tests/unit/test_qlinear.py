@@ -65,13 +65,22 @@ CASES = [  # method, bits, sym, act_order, format
 ]
 
 
+CPU_KERNELS = {"int4pack": kernels.CPU_INT4PACK, "w4a8": kernels.CPU_W4A8}
+
+
+def cpu_default() -> str:
+    """The kernel a CPU layer gets with cpu_int4="auto" here (W4A8 where it builds with SIMD)."""
+    return kernels.device_kernel(torch.device("cpu")).name
+
+
 @pytest.mark.parametrize("method,bits,sym,act_order,fmt", CASES)
 @pytest.mark.parametrize("m", [1, 5, 64])
-def test_fast_path_matches_reference(method, bits, sym, act_order, fmt, m, gen):
+@pytest.mark.parametrize("cpu_int4", ["int4pack", "w4a8"])
+def test_fast_path_matches_reference(method, bits, sym, act_order, fmt, m, cpu_int4, gen):
     cfg = qcfg(method, bits, 64, sym, act_order, fmt)
     qw = random_qw(192, 576, bits, 64, act_order=act_order, sym=sym, gen=gen)
-    layer = QuantLinear.from_tensors(checkpoint(qw, cfg), "layer", cfg, 576, 192, device="cpu")
-    assert layer.plan.name == kernels.CPU_INT4PACK
+    layer = QuantLinear.from_tensors(checkpoint(qw, cfg), "layer", cfg, 576, 192, device="cpu", cpu_int4=cpu_int4)
+    assert layer.plan.name == CPU_KERNELS[cpu_int4]
     x = torch.randn(m, 576, generator=gen).to(torch.bfloat16)
     out = layer(x)
     ref = x.float() @ dequantize(qw).t()  # fp16 scales, float32: the checkpoint's own semantics
@@ -101,7 +110,10 @@ def test_compressed_tensors_layer(symmetric, gen):
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     args = QuantizationArgs(num_bits=4, type="int", symmetric=symmetric, strategy="group", group_size=64)
-    state = {"weight": torch.randn(192, 576, generator=gen), "weight_scale": torch.rand(192, 9, generator=gen) * 0.05}
+    state = {
+        "weight": torch.randn(192, 576, generator=gen),
+        "weight_scale": torch.rand(192, 9, generator=gen) * 0.05 + 1e-3,
+    }
     if not symmetric:
         state["weight_zero_point"] = torch.randint(-8, 8, (192, 9), generator=gen).to(torch.int8)
     packed = pq.PackedQuantizationCompressor.compress(state, QuantizationScheme(targets=["Linear"], weights=args))
@@ -125,7 +137,7 @@ def test_compressed_tensors_layer(symmetric, gen):
         }
     )
     layer = QuantLinear.from_tensors({f"l.{k}": v for k, v in packed.items()}, "l", cfg, 576, 192, device="cpu")
-    assert layer.plan.name == kernels.CPU_INT4PACK
+    assert layer.plan.name == cpu_default()
     x = torch.randn(3, 576, generator=gen).to(torch.bfloat16)
     assert rel_err(layer(x), x.float() @ want_w["weight"].float().t()) < 1e-2
 
@@ -138,21 +150,23 @@ def test_wide_groups_split_exactly_for_int4_kernel(group, in_f, want_group, gen)
     if qw.in_features != in_f:  # partial last group: drop the columns past in_f
         qw = QuantizedWeight(qw.qweight[:, :in_f].contiguous(), qw.zeros, qw.scales, None, 4, group)
     layer = QuantLinear.from_tensors(checkpoint(qw, cfg), "layer", cfg, in_f, 128, device="cpu")
-    assert layer.plan.name == kernels.CPU_INT4PACK and layer.group_size == want_group
+    assert layer.plan.name == cpu_default() and layer.group_size == want_group
     assert rel_err(layer.reference_weight(), dequantize(qw)) < 5e-3
     x = torch.randn(4, in_f, generator=gen).to(torch.bfloat16)
     assert rel_err(layer(x), x.float() @ dequantize(qw).t()) < 1e-2
 
 
-def test_odd_out_features_padded_and_bias(gen):
+@pytest.mark.parametrize("cpu_int4,out_f,padded", [("int4pack", 96, 128), ("w4a8", 100, 112)])
+def test_odd_out_features_padded_and_bias(cpu_int4, out_f, padded, gen):
     cfg = qcfg("gptq", group=32)
-    qw = random_qw(96, 64, 4, 32, gen=gen)
-    bias = torch.randn(96, generator=gen).to(torch.float16)
-    layer = QuantLinear.from_tensors(checkpoint(qw, cfg, bias=bias), "layer", cfg, 64, 96, device="cpu")
-    assert layer.out_padded == 128
+    qw = random_qw(out_f, 64, 4, 32, gen=gen)
+    bias = torch.randn(out_f, generator=gen).to(torch.float16)
+    tensors = checkpoint(qw, cfg, bias=bias)
+    layer = QuantLinear.from_tensors(tensors, "layer", cfg, 64, out_f, device="cpu", cpu_int4=cpu_int4)
+    assert layer.plan.name == CPU_KERNELS[cpu_int4] and layer.out_padded == padded
     x = torch.randn(3, 64, generator=gen).to(torch.bfloat16)
     out = layer(x)
-    assert out.shape == (3, 96)
+    assert out.shape == (3, out_f)
     assert rel_err(out, x.float() @ dequantize(qw).t() + bias.float()) < 1e-2
 
 
@@ -160,7 +174,7 @@ def test_dense_prefill_switch(gen):
     """With a dense threshold in the plan, many-token inputs dequantize + dense and still match."""
     cfg = qcfg("gptq", desc_act=True)
     qw = random_qw(128, 256, 4, 64, act_order=True, gen=gen)
-    layer = QuantLinear.from_tensors(checkpoint(qw, cfg), "layer", cfg, 256, 128, device="cpu")
+    layer = QuantLinear.from_tensors(checkpoint(qw, cfg), "layer", cfg, 256, 128, device="cpu", cpu_int4="int4pack")
     layer.plan = kernels.KernelPlan(kernels.CPU_INT4PACK, 16, "test")
     x = torch.randn(32, 256, generator=gen).to(torch.bfloat16)
     assert rel_err(layer(x), x.float() @ dequantize(qw).t()) < 1e-2
@@ -178,32 +192,37 @@ def test_missing_tensor_and_shape_mismatch(gen):
         QuantLinear.from_tensors(t, "layer", cfg, 128, 128, device="cpu")
 
 
-def test_weight_bytes_is_packed_size(gen):
+@pytest.mark.parametrize("cpu_int4,group_col_bytes", [("int4pack", 4), ("w4a8", 3)])
+def test_weight_bytes_is_packed_size(cpu_int4, group_col_bytes, gen):
     cfg = qcfg("gptq", group=64)
     qw = random_qw(1536, 576, 4, 64, gen=gen)
-    layer = QuantLinear.from_tensors(checkpoint(qw, cfg), "layer", cfg, 576, 1536, device="cpu")
+    layer = QuantLinear.from_tensors(checkpoint(qw, cfg), "layer", cfg, 576, 1536, device="cpu", cpu_int4=cpu_int4)
     packed = 1536 * 576 // 2
-    scales_zeros = (576 // 64) * 1536 * 2 * 2  # bf16 scale + zero
+    scales_zeros = (576 // 64) * 1536 * group_col_bytes  # bf16 scale + zero / fp16 scale + uint8 zero
     assert layer.weight_bytes() == packed + scales_zeros
 
 
 # ----------------------------------------------------------------------------------------------- fusion
-def _parts(cfg, outs, in_f, gen, act_order=False, shared_g_idx=True):
+def _parts(cfg, outs, in_f, gen, act_order=False, shared_g_idx=True, cpu_int4="auto"):
     qws = [random_qw(o, in_f, 4, cfg.group_size, act_order=act_order, gen=gen) for o in outs]
     if act_order and shared_g_idx:
         for q in qws[1:]:
             q.g_idx = qws[0].g_idx.clone()
     layers = [
-        QuantLinear.from_tensors(checkpoint(q, cfg, f"p{i}"), f"p{i}", cfg, in_f, q.out_features, device="cpu")
+        QuantLinear.from_tensors(
+            checkpoint(q, cfg, f"p{i}"), f"p{i}", cfg, in_f, q.out_features, device="cpu", cpu_int4=cpu_int4
+        )
         for i, q in enumerate(qws)
     ]
     return qws, layers
 
 
 @pytest.mark.parametrize("act_order", [False, True])
-def test_fuse_qkv_matches_separate(act_order, gen):
+@pytest.mark.parametrize("cpu_int4", ["int4pack", "w4a8"])
+def test_fuse_qkv_matches_separate(act_order, cpu_int4, gen):
     cfg = qcfg("gptq", group=64, desc_act=act_order)
-    qws, layers = _parts(cfg, [576, 192, 192], 576, gen, act_order=act_order)
+    qws, layers = _parts(cfg, [576, 192, 192], 576, gen, act_order=act_order, cpu_int4=cpu_int4)
+    assert {lin.plan.name for lin in layers} == {CPU_KERNELS[cpu_int4]}
     fused = QuantLinear.fuse(layers)
     assert fused is not None and fused.split_sizes == [576, 192, 192] and fused.out_features == 960
     x = torch.randn(4, 576, generator=gen).to(torch.bfloat16)
@@ -223,8 +242,10 @@ def test_fuse_refuses_mismatched_parts(gen):
     _, a = _parts(qcfg("gptq", group=64), [128], 256, gen)
     _, b = _parts(qcfg("gptq", group=32), [128], 256, gen)
     assert QuantLinear.fuse(a + b) is None  # different group sizes
-    _, c = _parts(qcfg("gptq", group=64), [96, 128], 256, gen)
+    _, c = _parts(qcfg("gptq", group=64), [96, 128], 256, gen, cpu_int4="int4pack")
     assert QuantLinear.fuse(c) is None  # CPU layout would hold padding rows inside
+    _, d = _parts(qcfg("gptq", group=64), [100, 128], 256, gen, cpu_int4="w4a8")
+    assert QuantLinear.fuse(d) is None  # the same for W4A8's blocks of 16 rows
 
 
 def test_fuse_reference_path(gen):

@@ -1,0 +1,337 @@
+// W4A8 matmul for CPU decode and prefill: int4 weight codes x int8 activations, int32 dot products.
+//
+// y[m, n] = sum_g s[g, n] * (sum_{b in g} dx[m, b] * sum_{k in b} q[n, k] * xq[m, k] - z[g, n] * c[m, g]),
+// c[m, g] = sum_{b in g} dx[m, b] * sum_{k in b} xq[m, k],
+// with w[n, k] = s[g, n] * (q[n, k] - z[g, n]) (the GPTQ/AWQ convention, weight groups g) and
+// x[m, k] ~= dx[m, b] * xq[m, k] (xq int8, one scale per row and activation block b of `act_block` k inside a
+// weight group, round half to even). Integer sums are exact, so the only difference from a dense matmul on the
+// dequantized weight is the activation rounding; models/w4a8.py holds the plain-PyTorch reference, the packing
+// and the build.
+//
+// Layout (models/w4a8.py `pack`): blocks of 16 output columns.
+//   packed (N/16, K/8, 64) uint8: byte j of block kb holds column j/4; its low nibble is k = 8*kb + j%4 and its
+//     high nibble k = 8*kb + 4 + j%4. So one 64-byte load gives 16 columns x 4 k twice, the operand shape of
+//     AVX-512 VNNI's vpdpbusd (unsigned codes x signed activations, 4 products per int32 lane).
+//   scales (N/16, G, 16) float16, zeros (N/16, G, 16) uint8.
+// The instruction set is chosen at build time (models/w4a8.py passes the flags): AVX-512 VNNI, AVX2 or plain
+// C++. JETSERVE_W4A8_NS names the op namespace so that several builds can be loaded in one process.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define W4A8_AVX512VNNI 1
+#include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define W4A8_AVX2 1
+#include <immintrin.h>
+#endif
+
+#ifndef JETSERVE_W4A8_NS
+#define JETSERVE_W4A8_NS jetserve_w4a8
+#endif
+
+namespace {
+
+constexpr int kCols = 16;  // output columns per block
+constexpr int kBlockK = 8;  // k per 64-byte packed block
+
+// Per-row, per-block int8 quantization of the activations: xq (M, K), dx (M, K / ab), c (M, G).
+template <typename T>
+void quantize_rows(const T* x, int64_t M, int64_t K, int64_t gs, int64_t ab, int8_t* xq, float* dx, float* c) {
+  const int64_t G = K / gs, B = K / ab, per_g = gs / ab;
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      for (int64_t g = 0; g < G; ++g) c[m * G + g] = 0.f;
+      for (int64_t b = 0; b < B; ++b) {
+        const T* xb = x + m * K + b * ab;
+        float amax = 0.f;
+        for (int64_t k = 0; k < ab; ++k) amax = std::max(amax, std::fabs(static_cast<float>(xb[k])));
+        int8_t* qb = xq + m * K + b * ab;
+        if (amax == 0.f) {
+          std::memset(qb, 0, ab);
+          dx[m * B + b] = 0.f;
+          continue;
+        }
+        const float inv = 127.f / amax;
+        int32_t sum = 0;
+        for (int64_t k = 0; k < ab; ++k) {
+          const int32_t v = static_cast<int32_t>(std::nearbyint(static_cast<float>(xb[k]) * inv));
+          qb[k] = static_cast<int8_t>(v);
+          sum += v;
+        }
+        const float d = amax / 127.f;
+        dx[m * B + b] = d;
+        c[m * G + b / per_g] += d * static_cast<float>(sum);
+      }
+    }
+  });
+}
+
+struct Args {
+  const uint8_t* wp;  // this block's packed codes, (K/8, 64)
+  const c10::Half* sc;  // this block's scales, (G, 16)
+  const uint8_t* zp;  // this block's zeros, (G, 16)
+  const int8_t* xq;  // first row of the chunk, row stride K
+  const float* dx;  // (rows, K / ab)
+  const float* c;  // (rows, G)
+  int64_t K, G, gs, ab;
+  float* out;  // (rows, 16) float scratch
+};
+
+inline int32_t load4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+#if defined(W4A8_AVX512VNNI)
+constexpr int kMaxRows = 8;
+
+template <int M>
+void block_rows(const Args& a) {
+  constexpr bool kSplit = M <= 4;  // two dot chains per row where registers allow (vpdpbusd latency)
+  __m512 facc[M], gacc[M];
+  for (int m = 0; m < M; ++m) facc[m] = _mm512_setzero_ps();
+  const __m512i mask = _mm512_set1_epi8(0x0F);
+  const int64_t kb_per_b = a.ab / kBlockK, per_g = a.gs / a.ab, B = a.K / a.ab;
+  for (int64_t g = 0; g < a.G; ++g) {
+    for (int m = 0; m < M; ++m) gacc[m] = _mm512_setzero_ps();
+    for (int64_t bi = g * per_g; bi < (g + 1) * per_g; ++bi) {
+      __m512i lo_acc[M], hi_acc[M];
+      for (int m = 0; m < M; ++m) lo_acc[m] = hi_acc[m] = _mm512_setzero_si512();
+      const uint8_t* wb = a.wp + bi * kb_per_b * 64;
+      const int8_t* xb = a.xq + bi * a.ab;
+      for (int64_t kb = 0; kb < kb_per_b; ++kb) {
+        const __m512i p = _mm512_loadu_si512(wb + kb * 64);
+        const __m512i lo = _mm512_and_si512(p, mask);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(p, 4), mask);
+        for (int m = 0; m < M; ++m) {
+          const int8_t* xk = xb + m * a.K + kb * kBlockK;
+          lo_acc[m] = _mm512_dpbusd_epi32(lo_acc[m], lo, _mm512_set1_epi32(load4(xk)));
+          if (kSplit) {
+            hi_acc[m] = _mm512_dpbusd_epi32(hi_acc[m], hi, _mm512_set1_epi32(load4(xk + 4)));
+          } else {
+            lo_acc[m] = _mm512_dpbusd_epi32(lo_acc[m], hi, _mm512_set1_epi32(load4(xk + 4)));
+          }
+        }
+      }
+      for (int m = 0; m < M; ++m) {
+        const __m512i dot = kSplit ? _mm512_add_epi32(lo_acc[m], hi_acc[m]) : lo_acc[m];
+        gacc[m] = _mm512_fmadd_ps(_mm512_set1_ps(a.dx[m * B + bi]), _mm512_cvtepi32_ps(dot), gacc[m]);
+      }
+    }
+    const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.sc + g * kCols)));
+    const __m512 z =
+        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a.zp + g * kCols))));
+    for (int m = 0; m < M; ++m) {
+      const __m512 t = _mm512_fnmadd_ps(z, _mm512_set1_ps(a.c[m * a.G + g]), gacc[m]);
+      facc[m] = _mm512_fmadd_ps(s, t, facc[m]);
+    }
+  }
+  for (int m = 0; m < M; ++m) _mm512_storeu_ps(a.out + m * kCols, facc[m]);
+}
+
+#elif defined(W4A8_AVX2)
+constexpr int kMaxRows = 4;
+
+template <int M>
+void block_rows(const Args& a) {
+  __m256 facc[M][2], gacc[M][2];
+  for (int m = 0; m < M; ++m) facc[m][0] = facc[m][1] = _mm256_setzero_ps();
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int64_t kb_per_b = a.ab / kBlockK, per_g = a.gs / a.ab, B = a.K / a.ab;
+  for (int64_t g = 0; g < a.G; ++g) {
+    for (int m = 0; m < M; ++m) gacc[m][0] = gacc[m][1] = _mm256_setzero_ps();
+    for (int64_t bi = g * per_g; bi < (g + 1) * per_g; ++bi) {
+      __m256i acc[M][2];
+      for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
+      const uint8_t* wb = a.wp + bi * kb_per_b * 64;
+      const int8_t* xb = a.xq + bi * a.ab;
+      for (int64_t kb = 0; kb < kb_per_b; ++kb) {
+        for (int h = 0; h < 2; ++h) {  // columns 8h .. 8h + 7
+          const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + kb * 64 + h * 32));
+          const __m256i lo = _mm256_and_si256(p, mask);
+          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(p, 4), mask);
+          for (int m = 0; m < M; ++m) {
+            const int8_t* xk = xb + m * a.K + kb * kBlockK;
+            // pairs of u8 x s8 products fit int16: 2 * 15 * 127, twice
+            const __m256i t = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(load4(xk))),
+                                               _mm256_maddubs_epi16(hi, _mm256_set1_epi32(load4(xk + 4))));
+            acc[m][h] = _mm256_add_epi32(acc[m][h], _mm256_madd_epi16(t, ones));
+          }
+        }
+      }
+      for (int m = 0; m < M; ++m) {
+        const __m256 d = _mm256_set1_ps(a.dx[m * B + bi]);
+        for (int h = 0; h < 2; ++h) gacc[m][h] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(acc[m][h]), gacc[m][h]);
+      }
+    }
+    for (int h = 0; h < 2; ++h) {
+      const __m256 s =
+          _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a.sc + g * kCols + h * 8)));
+      const __m256 z = _mm256_cvtepi32_ps(
+          _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(a.zp + g * kCols + h * 8))));
+      for (int m = 0; m < M; ++m) {
+        const __m256 t = _mm256_fnmadd_ps(z, _mm256_set1_ps(a.c[m * a.G + g]), gacc[m][h]);
+        facc[m][h] = _mm256_fmadd_ps(s, t, facc[m][h]);
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+    _mm256_storeu_ps(a.out + m * kCols, facc[m][0]);
+    _mm256_storeu_ps(a.out + m * kCols + 8, facc[m][1]);
+  }
+}
+
+#else
+constexpr int kMaxRows = 4;
+
+template <int M>
+void block_rows(const Args& a) {
+  float facc[M][kCols] = {};
+  const int64_t kb_per_b = a.ab / kBlockK, per_g = a.gs / a.ab, B = a.K / a.ab;
+  for (int64_t g = 0; g < a.G; ++g) {
+    float gacc[M][kCols] = {};
+    for (int64_t bi = g * per_g; bi < (g + 1) * per_g; ++bi) {
+      int32_t acc[M][kCols] = {};
+      for (int64_t kb = 0; kb < kb_per_b; ++kb) {
+        const uint8_t* p = a.wp + (bi * kb_per_b + kb) * 64;
+        for (int m = 0; m < M; ++m) {
+          const int8_t* xk = a.xq + m * a.K + bi * a.ab + kb * kBlockK;
+          for (int j = 0; j < 64; ++j) {
+            const int col = j / 4, kq = j % 4;
+            acc[m][col] += static_cast<int32_t>(p[j] & 15) * xk[kq] + static_cast<int32_t>(p[j] >> 4) * xk[4 + kq];
+          }
+        }
+      }
+      for (int m = 0; m < M; ++m)
+        for (int col = 0; col < kCols; ++col) gacc[m][col] += a.dx[m * B + bi] * static_cast<float>(acc[m][col]);
+    }
+    for (int m = 0; m < M; ++m) {
+      const float cm = a.c[m * a.G + g];
+      for (int col = 0; col < kCols; ++col) {
+        const float s = static_cast<float>(a.sc[g * kCols + col]), z = static_cast<float>(a.zp[g * kCols + col]);
+        facc[m][col] += s * (gacc[m][col] - z * cm);
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m) std::memcpy(a.out + m * kCols, facc[m], sizeof(facc[m]));
+}
+#endif
+
+void run_rows(int rows, const Args& a) {
+  switch (rows) {
+    case 1: return block_rows<1>(a);
+    case 2: return block_rows<2>(a);
+    case 3: return block_rows<3>(a);
+    case 4: return block_rows<4>(a);
+#if defined(W4A8_AVX512VNNI)
+    case 5: return block_rows<5>(a);
+    case 6: return block_rows<6>(a);
+    case 7: return block_rows<7>(a);
+    case 8: return block_rows<8>(a);
+#endif
+  }
+  TORCH_CHECK(false, "w4a8: unsupported row chunk ", rows);
+}
+
+template <typename T>
+void matmul(const T* x, const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& zeros, int64_t M,
+            int64_t K, int64_t gs, int64_t ab, T* y) {
+  const int64_t G = K / gs, B = K / ab;
+  const int64_t blocks = packed.size(0);
+  const int64_t N = blocks * kCols;
+  auto xq = at::empty({M, K}, at::TensorOptions().dtype(at::kChar));
+  auto dxs = at::empty({M * (B + G)}, at::TensorOptions().dtype(at::kFloat));
+  float* dx = dxs.data_ptr<float>();
+  float* c = dx + M * B;
+  quantize_rows(x, M, K, gs, ab, xq.data_ptr<int8_t>(), dx, c);
+  const uint8_t* wp = packed.data_ptr<uint8_t>();
+  const c10::Half* sc = scales.data_ptr<c10::Half>();
+  const uint8_t* zp = zeros.data_ptr<uint8_t>();
+  const int8_t* xqp = xq.data_ptr<int8_t>();
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    float tile[kMaxRows * kCols];
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, M - m0));
+        Args a{wp + b * (K / kBlockK) * 64,
+               sc + b * G * kCols,
+               zp + b * G * kCols,
+               xqp + m0 * K,
+               dx + m0 * B,
+               c + m0 * G,
+               K,
+               G,
+               gs,
+               ab,
+               tile};
+        run_rows(rows, a);
+        for (int r = 0; r < rows; ++r)
+          for (int c = 0; c < kCols; ++c) y[(m0 + r) * N + b * kCols + c] = static_cast<T>(tile[r * kCols + c]);
+      }
+    }
+  });
+}
+
+at::Tensor w4a8_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& zeros,
+                   int64_t group_size, int64_t act_block) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "w4a8_mm: x must be a contiguous (M, K) matrix");
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == 64 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
+              "w4a8_mm: packed must be contiguous (N/16, K/8, 64) uint8");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(group_size > 0 && group_size % kBlockK == 0 && K % group_size == 0,
+              "w4a8_mm: group_size must be a multiple of 8 dividing K");
+  TORCH_CHECK(act_block > 0 && act_block % kBlockK == 0 && group_size % act_block == 0,
+              "w4a8_mm: act_block must be a multiple of 8 dividing group_size");
+  TORCH_CHECK(packed.size(1) * kBlockK == K, "w4a8_mm: packed has K=", packed.size(1) * kBlockK, ", x has ", K);
+  const int64_t G = K / group_size, blocks = packed.size(0);
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.dim() == 3 &&
+                  scales.size(0) == blocks && scales.size(1) == G && scales.size(2) == kCols,
+              "w4a8_mm: scales must be contiguous (N/16, G, 16) float16");
+  TORCH_CHECK(zeros.scalar_type() == at::kByte && zeros.is_contiguous() && zeros.sizes() == scales.sizes(),
+              "w4a8_mm: zeros must be contiguous (N/16, G, 16) uint8");
+  auto y = at::empty({M, blocks * kCols}, x.options());
+  if (M == 0) return y;
+  if (x.scalar_type() == at::kBFloat16) {
+    matmul(x.data_ptr<c10::BFloat16>(), packed, scales, zeros, M, K, group_size, act_block,
+           y.data_ptr<c10::BFloat16>());
+  } else if (x.scalar_type() == at::kFloat) {
+    matmul(x.data_ptr<float>(), packed, scales, zeros, M, K, group_size, act_block, y.data_ptr<float>());
+  } else {
+    TORCH_CHECK(false, "w4a8_mm: x must be bfloat16 or float32, got ", x.scalar_type());
+  }
+  return y;
+}
+
+const char* isa() {
+#if defined(W4A8_AVX512VNNI)
+  return "avx512_vnni";
+#elif defined(W4A8_AVX2)
+  return "avx2";
+#else
+  return "scalar";
+#endif
+}
+
+std::string isa_op() { return isa(); }
+
+}  // namespace
+
+TORCH_LIBRARY(JETSERVE_W4A8_NS, m) {
+  m.def("w4a8_mm(Tensor x, Tensor packed, Tensor scales, Tensor zeros, int group_size, int act_block) -> Tensor");
+  m.def("isa() -> str", [] { return isa_op(); });
+}
+
+TORCH_LIBRARY_IMPL(JETSERVE_W4A8_NS, CPU, m) { m.impl("w4a8_mm", &w4a8_mm); }

@@ -1,0 +1,169 @@
+"""models/w4a8.py and models/csrc/w4a8.cpp: layout round trip, every buildable ISA against the plain-PyTorch
+reference, the reference against the dense product, and the op under torch.compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models import kernels, w4a8
+
+FLAGS = w4a8._cpu_flags()
+ISAS = [
+    pytest.param(
+        "avx512_vnni",
+        marks=pytest.mark.skipif(
+            not {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= FLAGS, reason="CPU has no AVX-512 VNNI"
+        ),
+    ),
+    pytest.param("avx2", marks=pytest.mark.skipif(not {"avx2", "fma", "f16c"} <= FLAGS, reason="CPU has no AVX2")),
+    "scalar",
+]
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    return torch.Generator().manual_seed(torch.seed() % 2**31)
+
+
+def ops_for(isa: str):
+    ops, why = w4a8.load(isa)
+    if ops is None:
+        pytest.skip(f"W4A8 {isa} build unavailable: {why}")
+    return ops
+
+
+def random_layer(n: int, k: int, group: int, gen: torch.Generator):
+    codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    scales = (torch.rand(k // group, n, generator=gen) * 0.02 + 1e-3).half().float()  # exact in float16
+    zeros = torch.randint(0, 16, (k // group, n), generator=gen, dtype=torch.uint8)
+    return codes, scales, zeros
+
+
+def dense(codes, scales, zeros, group):
+    g = torch.arange(codes.shape[1]) // group
+    return (codes.double() - zeros.double()[g].t()) * scales.double()[g].t()  # (N, K)
+
+
+@pytest.mark.parametrize("n,k,group", [(16, 64, 32), (100, 256, 64), (960, 576, 64), (48, 512, 128)])
+def test_pack_unpack_roundtrip(n, k, group, gen):
+    codes, scales, zeros = random_layer(n, k, group, gen)
+    packed, s16, z8 = w4a8.pack(codes, scales, zeros, group)
+    blocks = -(-n // 16)
+    assert packed.shape == (blocks, k // 8, 64) and s16.shape == z8.shape == (blocks, k // group, 16)
+    c, s, z = w4a8.unpack(packed, s16, z8)
+    assert torch.equal(c[:n], codes) and torch.equal(s[:, :n], scales) and torch.equal(z[:, :n], zeros)
+    assert not c[n:].any()  # padding columns are zero codes with zero scales
+
+
+def test_pack_byte_layout():
+    """Byte j of a 64-byte block: column j // 4, low nibble k = j % 4, high nibble k = 4 + j % 4."""
+    codes = torch.zeros(16, 8, dtype=torch.uint8)
+    codes[5, 2] = 7  # column 5, k 2: byte 5 * 4 + 2, low nibble
+    codes[3, 6] = 9  # column 3, k 6: byte 3 * 4 + 2, high nibble
+    packed, _, _ = w4a8.pack(codes, torch.ones(1, 16), torch.zeros(1, 16, dtype=torch.uint8), 8)
+    flat = packed.reshape(64)
+    assert flat[22] == 7 and flat[14] == 9 << 4 and int(flat.count_nonzero()) == 2
+
+
+def test_pack_rejects_what_the_kernel_cannot_take():
+    codes = torch.zeros(16, 64, dtype=torch.uint8)
+    zeros = torch.zeros(2, 16, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="float16"):
+        w4a8.pack(codes, torch.full((2, 16), 1e-9), zeros, 32)  # below float16's normal range
+    with pytest.raises(ValueError, match="float16"):
+        w4a8.pack(codes, torch.full((2, 16), 1e5), zeros, 32)  # above it
+    _, s16, _ = w4a8.pack(codes, torch.full((2, 16), 0.1), zeros, 32)  # inside: rounded to float16
+    assert torch.equal(s16, torch.full((1, 2, 16), 0.1, dtype=torch.float16))
+    with pytest.raises(ValueError, match="group_size"):
+        w4a8.pack(codes, torch.ones(2, 16), zeros, 12)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 21])
+@pytest.mark.parametrize(
+    "n,k,group,block", [(100, 256, 32, 32), (192, 576, 64, 32), (192, 576, 64, 64), (64, 512, 128, 16)]
+)
+def test_kernel_matches_reference(isa, m, n, k, group, block, gen):
+    ops = ops_for(isa)
+    assert ops.isa() == isa
+    codes, scales, zeros = random_layer(n, k, group, gen)
+    packed, s16, z8 = w4a8.pack(codes, scales, zeros, group)
+    x = torch.randn(m, k, generator=gen) * 3
+    x[0, :group] = 0  # a group of zeros: scale 0, no division by zero
+    ref = w4a8.reference(x, codes, scales, zeros, group, block)
+    y32 = ops.w4a8_mm(x, packed, s16, z8, group, block)
+    assert y32.shape == (m, packed.shape[0] * 16) and y32.dtype == torch.float32
+    assert not y32[:, n:].any()
+    # the integer sums are exact; only float32 rounding of the per-group terms differs
+    torch.testing.assert_close(y32[:, :n].double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    xb = x.to(torch.bfloat16)
+    yb = ops.w4a8_mm(xb, packed, s16, z8, group, block)
+    refb = w4a8.reference(xb, codes, scales, zeros, group, block)
+    assert yb.dtype == torch.bfloat16
+    torch.testing.assert_close(yb[:, :n].double(), refb, rtol=2**-8, atol=1e-4 * float(refb.abs().max()))
+
+
+def test_reference_is_close_to_the_dense_product(gen):
+    """The activation rounding (int8 per row and block) costs under 1% of the output for Gaussian inputs (about
+    max|x| / 127 / sqrt(12) relative per input), and smaller blocks cost less."""
+    codes, scales, zeros = random_layer(192, 576, 64, gen)
+    x = torch.randn(8, 576, generator=gen)
+    want = x.double() @ dense(codes, scales, zeros, 64).t()
+    errs = [float((w4a8.reference(x, codes, scales, zeros, 64, b) - want).norm() / want.norm()) for b in (16, 64)]
+    assert errs[0] < errs[1] < 1e-2
+
+
+def test_kernel_input_checks():
+    ops = ops_for("scalar")
+    codes, scales, zeros = random_layer(16, 64, 32, torch.Generator().manual_seed(0))
+    packed, s16, z8 = w4a8.pack(codes, scales, zeros, 32)
+    with pytest.raises(RuntimeError, match="packed has K"):
+        ops.w4a8_mm(torch.randn(2, 128), packed, s16, z8, 32, 32)
+    with pytest.raises(RuntimeError, match="bfloat16 or float32"):
+        ops.w4a8_mm(torch.randn(2, 64).half(), packed, s16, z8, 32, 32)
+    with pytest.raises(RuntimeError, match="float16"):
+        ops.w4a8_mm(torch.randn(2, 64), packed, s16.float(), z8, 32, 32)
+    with pytest.raises(RuntimeError, match="act_block"):
+        ops.w4a8_mm(torch.randn(2, 64), packed, s16, z8, 32, 12)
+    assert ops.w4a8_mm(torch.randn(0, 64), packed, s16, z8, 32, 32).shape == (0, 16)
+
+
+def test_op_under_torch_compile(gen):
+    """The op has a fake implementation, so a compiled graph calls it (as the compiled decode does)."""
+    from models.compile import compile_unavailable
+
+    why = compile_unavailable(torch.device("cpu"))
+    if why:
+        pytest.skip(why)
+    ops = ops_for(w4a8.native_isa())
+    codes, scales, zeros = random_layer(64, 128, 32, gen)
+    packed, s16, z8 = w4a8.pack(codes, scales, zeros, 32)
+
+    def f(x):
+        return torch.nn.functional.silu(ops.w4a8_mm(x * 2, packed, s16, z8, 32, 16))
+
+    x = torch.randn(3, 128, generator=gen).to(torch.bfloat16)
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(x), f(x))
+
+
+def test_cpu_int4_choice():
+    cpu = torch.device("cpu")
+    assert kernels.device_kernel(cpu, cpu_int4="int4pack").name == kernels.CPU_INT4PACK
+    assert kernels.device_kernel(cpu, cpu_int4="w4a8").name == kernels.CPU_W4A8
+    want = kernels.CPU_W4A8 if w4a8.native_isa() != "scalar" else kernels.CPU_INT4PACK
+    assert kernels.device_kernel(cpu, cpu_int4="auto").name == want
+    with pytest.raises(ValueError, match="cpu_int4"):
+        kernels.device_kernel(cpu, cpu_int4="fast")
+
+
+def test_explicit_w4a8_without_a_compiler_is_an_error(monkeypatch):
+    monkeypatch.setattr(w4a8, "build_unavailable", lambda: "no C++ compiler (test)")
+    w4a8.load.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+            kernels.device_kernel(torch.device("cpu"), cpu_int4="w4a8")
+        plan = kernels.device_kernel(torch.device("cpu"), cpu_int4="auto")
+        assert plan.name == kernels.CPU_INT4PACK and "no C++ compiler" in plan.reason
+    finally:
+        w4a8.load.cache_clear()
