@@ -1,8 +1,9 @@
 """The one place that decides which int4 kernel runs on a device, and logs that choice once.
 
 Kernels:
-- "cpu_w4a8": our C++ W4A8 kernel (models/w4a8.py, models/csrc/w4a8.cpp): int4 codes x int8 activations
-  quantized per row and weight group, exact int32 sums (AVX-512 VNNI or AVX2). The CPU default where it builds.
+- "cpu_w4a8": our C++ W4A8 kernel (models/w4a8.py, models/csrc/w4a8.cpp): int4 codes x activations rounded
+  to int8 per row and block of w4a8.ACT_BLOCK inputs, exact int32 sums (AVX-512 VNNI or AVX2). The CPU default
+  where it builds (perplexity +0.04% over int4pack on the demo, docs/benchmarks.md).
 - "cpu_int4pack": aten._weight_int4pack_mm_for_cpu (bf16 activations), weights repacked with
   _convert_weight_to_int4pack_for_cpu (out_features padded to a multiple of 64).
 - "cuda_tinygemm": aten._weight_int4pack_mm (sm80+), weights repacked with _convert_weight_to_int4pack.
@@ -87,7 +88,7 @@ def _cpu_plan(cpu_int4: str) -> KernelPlan:
         else:
             ops, built = w4a8.load(isa)
             if ops is not None:
-                return KernelPlan(CPU_W4A8, None, f"W4A8 C++ kernel, {built} build (int8 activations per group)")
+                return KernelPlan(CPU_W4A8, None, f"W4A8 C++ kernel, {built} build (int8 activation blocks)")
             why = f"W4A8 kernel unavailable: {built}"
         if cpu_int4 == "w4a8":
             raise RuntimeError(f"cpu_int4='w4a8' requested but {why}")
