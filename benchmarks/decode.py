@@ -112,7 +112,7 @@ def _prompt(n: int, vocab: int, seed: int = 0):
 # (the kernels under SDPA, the casts inside rms_norm) takes the class of its outermost classified ancestor.
 OP_CLASSES = (
     ("aten::_weight_int4pack_mm", "int4 matmul"),
-    ("jetserve_w4a8", "int4 matmul"),  # models/w4a8.py: jetserve_w4a8_<isa>::w4a8_mm
+    ("jetserve_w4a8", "int4 matmul"),  # models/w4a8.py: jetserve_w4a8_<isa>::w4a8_mm (w8a8_mm: see _op_class)
     ("aten::_weight_int8pack_mm", "lm_head"),  # the int8 head
     ("aten::scaled_dot_product_attention", "attention"),
     ("aten::_scaled_dot_product", "attention"),
@@ -134,6 +134,8 @@ def _op_class(ev) -> Optional[str]:
         return "lm_head"
     for prefix, cls in OP_CLASSES:
         if ev.name.startswith(prefix):
+            if prefix == "jetserve_w4a8" and ev.name.endswith("w8a8_mm"):
+                return "lm_head"  # the int8 head on the W8A8 path
             if cls == "KV gather":  # the embedding lookup and act-order permutations gather 2-D tensors
                 shapes = ev.input_shapes or [[]]
                 return cls if len(shapes[0]) == 4 else None

@@ -221,7 +221,16 @@ def _loaded_weight_bytes(info: CheckpointInfo, dtype: torch.dtype, w4a8: bool = 
     return total
 
 
-def _quantized_head_delta(info: CheckpointInfo, dtype: torch.dtype, lm_head: str) -> int:
+def w8a8_head(device: Union[str, torch.device], cpu_int4: str, in_features: int) -> bool:
+    """Whether an int8 head runs the W8A8 kernel: on CPU, where the int4 layers run W4A8 (same build)."""
+    if torch.device(device).type != "cpu" or in_features % 4:
+        return False
+    from .kernels import CPU_W4A8, device_kernel
+
+    return device_kernel(torch.device("cpu"), cpu_int4=cpu_int4).name == CPU_W4A8
+
+
+def _quantized_head_delta(info: CheckpointInfo, dtype: torch.dtype, lm_head: str, w8a8: bool = False) -> int:
     """Bytes `lm_head="int8"` / `"int4"` adds to the loaded weights. int8: codes + float32 scales per row; int4:
     the CPU int4pack layout (rows padded to kernels.CPU_N_BLOCK, half a byte per weight) + bf16 scale/zero pairs
     per group of HEAD_INT4_GROUP_SIZE. An untied dense head's `dtype` weight goes, a tied head keeps the
@@ -230,7 +239,8 @@ def _quantized_head_delta(info: CheckpointInfo, dtype: torch.dtype, lm_head: str
     if lm_head == "bf16" or spec is None or info.qcfg.lm_head or f"{spec.lm_head}.qweight" in info.tensors:
         return 0
     if lm_head == "int8":
-        quant = info.vocab * info.hidden + info.vocab * 4
+        rows = -(-info.vocab // 16) * 16 if w8a8 else info.vocab  # W8A8 pads to blocks of 16 rows
+        quant = rows * info.hidden + info.vocab * 4 + (rows * 4 if w8a8 else 0)  # + its per-block scale copy
     else:
         from .kernels import CPU_N_BLOCK
 
@@ -298,7 +308,9 @@ def predict_footprint(
 
         w4a8 = device_kernel(torch.device("cpu"), cpu_int4=cpu_int4).name == CPU_W4A8
     weights = _loaded_weight_bytes(info, dtype, w4a8)
-    weights += _quantized_head_delta(info, dtype, resolve_lm_head(lm_head, device, info.hidden))
+    weights += _quantized_head_delta(
+        info, dtype, resolve_lm_head(lm_head, device, info.hidden), w8a8_head(device, cpu_int4, info.hidden)
+    )
     kv = KVCache.predict_bytes(info.num_layers, max_batch_size, max_seq, info.num_kv_heads, info.head_dim, dtype)
     workspace = workspace_bytes(info, max_batch_size=max_batch_size, prefill_chunk=prefill_chunk, dtype=dtype)
     if torch.device(device).type == "cuda":
@@ -455,7 +467,9 @@ def build_model(
 
         w, bias = model.lm_head.weight.data, None if model.lm_head.bias is None else model.lm_head.bias.data
         if lm_head == "int8":
-            model.lm_head, what = Int8Linear.from_dense(w, bias), "int8 per-channel"
+            w8a8 = w8a8_head(device, cpu_int4, w.shape[1])
+            model.lm_head = Int8Linear.from_dense(w, bias, w8a8=w8a8)
+            what = "int8 per-channel, " + ("W8A8 kernel" if w8a8 else "int8pack kernel")
         else:
             model.lm_head = QuantLinear.from_dense(w, bias, group_size=HEAD_INT4_GROUP_SIZE, device=device, dtype=dtype)
             what = f"int4 g{HEAD_INT4_GROUP_SIZE}"

@@ -464,51 +464,88 @@ class QuantLinear(torch.nn.Module):
 
 class Int8Linear(torch.nn.Module):
     """A dense linear quantized at load time to symmetric int8, one scale per output row (the `lm_head="int8"`
-    option). Holds int8 codes (out, in) + float32 scales (out,); forward runs `kernels.int8_linear`,
-    forward_reference the plain-PyTorch float32 product. The source weight is not kept."""
+    option); forward_reference is the plain-PyTorch float32 product. The source weight is not kept.
 
-    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor] = None):
+    Two CPU kernels: `w8a8=False` holds the codes (out, in) for `kernels.int8_linear` (aten._weight_int8pack_mm,
+    bf16 activations); `w8a8=True` holds them only in `w4a8.pack_int8`'s layout for the W8A8 op (activations
+    rounded to int8 per row and block of w4a8.ACT_BLOCK inputs, exact int32 sums; models/csrc/w4a8.cpp)."""
+
+    def __init__(
+        self, codes: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor] = None, w8a8: bool = False
+    ):
         super().__init__()
         if codes.dtype != torch.int8 or codes.dim() != 2 or scales.shape != (codes.shape[0],):
             raise ValueError(
                 f"Int8Linear needs int8 codes (out, in) and scales (out,), got {codes.dtype} "
                 f"{tuple(codes.shape)} and {tuple(scales.shape)}"
             )
-        self.register_buffer("codes", codes.contiguous())
+        self.out_features, self.in_features = codes.shape
+        self.w8a8 = w8a8
+        if w8a8:
+            from . import w4a8
+
+            ops, why = w4a8.load()
+            if ops is None:
+                raise RuntimeError(f"the W8A8 head needs the W4A8 kernel build: {why}")
+            packed, block_scales = w4a8.pack_int8(codes, scales)
+            self.register_buffer("w8a8_packed", packed)
+            self.register_buffer("w8a8_scales", block_scales)
+            self._op = ops.w8a8_mm.default
+            self.act_block = w4a8.act_block(self.in_features)
+        else:
+            self.register_buffer("codes", codes.contiguous())
         self.register_buffer("scales", scales.float())
         self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
-        self.out_features, self.in_features = codes.shape
         # the kernel takes scales in the activation dtype: one cast at load, not one per call
         self._scales_cast: Dict[torch.dtype, torch.Tensor] = {}
 
     @classmethod
-    def from_dense(cls, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> "Int8Linear":
+    def from_dense(cls, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, w8a8: bool = False) -> "Int8Linear":
         codes, scales = kernels.quantize_int8_per_channel(weight)
-        return cls(codes.to(weight.device), scales.to(weight.device), bias)
+        return cls(codes.to(weight.device), scales.to(weight.device), bias, w8a8=w8a8)
+
+    def int8_codes(self) -> torch.Tensor:
+        """The (out, in) int8 codes, whichever layout holds them."""
+        if not self.w8a8:
+            return self.codes
+        blocks, quads, _ = self.w8a8_packed.shape
+        c = self.w8a8_packed.reshape(blocks, quads, 16, 4).permute(0, 2, 1, 3)  # (block, col, quad, k in quad)
+        c = c.reshape(blocks * 16, quads * 4)[: self.out_features]
+        return (c.to(torch.int16) - 128).to(torch.int8)
 
     def _scales_for(self, dtype: torch.dtype) -> torch.Tensor:
         s = self._scales_cast.get(dtype)
-        if s is None or s.device != self.codes.device:
+        if s is None or s.device != self.scales.device:
             s = self._scales_cast[dtype] = self.scales.to(dtype)
         return s
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features)
-        y = kernels.int8_linear(x2d, self.codes, self._scales_for(x2d.dtype))
+        if self.w8a8:
+            xk = x2d if x2d.dtype in (torch.bfloat16, torch.float32) else x2d.to(torch.bfloat16)
+            bufs = self._buffers
+            y = self._op(xk.contiguous(), bufs["w8a8_packed"], bufs["w8a8_scales"], self.act_block)
+            if y.shape[1] != self.out_features:
+                y = y[:, : self.out_features]
+            y = y.to(x2d.dtype)
+        else:
+            y = kernels.int8_linear(x2d, self.codes, self._scales_for(x2d.dtype))
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features)
-        y = kernels.int8_linear_reference(x2d, self.codes, self.scales)
+        y = kernels.int8_linear_reference(x2d, self.int8_codes(), self.scales)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def weight_bytes(self) -> int:
-        n = self.codes.numel() + self.scales.numel() * self.scales.element_size()
-        return n + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
+        return sum(b.numel() * b.element_size() for b in self.buffers()) + (
+            0 if self.bias is None else self.bias.numel() * self.bias.element_size()
+        )
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, int8 per-channel"
+        kernel = "W8A8" if self.w8a8 else "int8pack"
+        return f"in={self.in_features}, out={self.out_features}, int8 per-channel, {kernel}"

@@ -96,6 +96,7 @@ def load(isa: Optional[str] = None) -> Tuple[Optional[object], str]:
         )
         ops = getattr(torch.ops, ns)
         torch.library.register_fake(f"{ns}::w4a8_mm")(_fake_mm)
+        torch.library.register_fake(f"{ns}::w8a8_mm")(_fake_mm8)
     except Exception as e:  # compiler or loader errors: the caller falls back and logs why
         first = str(e).splitlines()[0] if str(e) else ""
         return None, f"building the W4A8 kernel failed ({type(e).__name__}: {first})"
@@ -112,6 +113,37 @@ def act_block(group_size: int) -> int:
 
 def _fake_mm(x, packed, scales, zeros, group_size, act_block):
     return x.new_empty(x.shape[0], packed.shape[0] * COLS)
+
+
+def _fake_mm8(x, packed, scales, act_block):
+    return x.new_empty(x.shape[0], packed.shape[0] * COLS)
+
+
+def pack_int8(codes: torch.Tensor, scales: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel int8 weight codes (N, K) in -127..127 and scales (N,) -> (packed (N'/16, K/4, 64) uint8 holding
+    code + 128, byte j of a 64-byte block = column j // 4, input j % 4; scales (N'/16, 16) float32), N' = N rounded
+    up to 16 with zero columns. The `w8a8_mm` op's layout (the int8 lm_head)."""
+    n, k = codes.shape
+    if k % 4:
+        raise ValueError(f"W8A8 needs K % 4 == 0, got K={k}")
+    pad = -n % COLS
+    c = codes.to(torch.int16) + 128
+    s = scales.float()
+    if pad:
+        c = torch.cat([c, c.new_full((pad, k), 128)])
+        s = torch.cat([s, s.new_zeros(pad)])
+    blocks = (n + pad) // COLS
+    c = c.to(torch.uint8).reshape(blocks, COLS, k // 4, 4).permute(0, 2, 1, 3)  # (block, quad, col, k in quad)
+    return c.reshape(blocks, k // 4, 64).contiguous(), s.reshape(blocks, COLS).contiguous()
+
+
+def reference_w8(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, block: int) -> torch.Tensor:
+    """Plain-PyTorch W8A8: x (M, K), int8 codes (N, K), scales (N,), activation blocks of `block` -> (M, N) float64."""
+    xq, dx = quantize_activations(x, block)
+    m, k = x.shape
+    xq = xq.double().reshape(m, k // block, block)
+    dots = torch.einsum("mbk,nbk->mbn", xq, codes.double().reshape(codes.shape[0], k // block, block))
+    return (dots * dx.double()[..., None]).sum(1) * scales.double()
 
 
 def pack(

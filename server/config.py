@@ -83,7 +83,7 @@ class Settings(BaseSettings):
     )
     cpu_int4_kernel: Literal["auto", "w4a8", "int4pack"] = Field(
         "auto",
-        description="CPU kernel for 4-bit GPTQ/AWQ layers. 'w4a8': jetserve's C++ kernel (models/csrc/w4a8.cpp; AVX-512 VNNI or AVX2, compiled on first use into $TORCH_EXTENSIONS_DIR), int4 weights times activations rounded to int8 per row and block of 8 inputs, exact integer sums (perplexity +0.04% over int4pack on the demo). 'int4pack': torch's _weight_int4pack_mm_for_cpu with bf16 activations. 'auto': w4a8 where it builds, else int4pack with the reason logged; asking for w4a8 where it cannot build is an error. Speed and perplexity: docs/benchmarks.md.",
+        description="CPU kernel for 4-bit GPTQ/AWQ layers. 'w4a8': jetserve's C++ kernel (models/csrc/w4a8.cpp; AVX-512 VNNI or AVX2, compiled on first use into $TORCH_EXTENSIONS_DIR), int4 weights times activations rounded to int8 per row and block of 8 inputs, exact integer sums (perplexity +0.04% over int4pack on the demo). 'int4pack': torch's _weight_int4pack_mm_for_cpu with bf16 activations. 'auto': w4a8 where it builds, else int4pack with the reason logged; asking for w4a8 where it cannot build is an error. The int8 lm_head follows: the same kernel's W8A8 path where the int4 layers run w4a8, else torch's _weight_int8pack_mm. Speed and perplexity: docs/benchmarks.md.",
     )
     compile_decode: bool = Field(
         True,

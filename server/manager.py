@@ -155,11 +155,14 @@ def _default_runner_loader(model_dir: Path, *, dtype: str, **kw):
     return load_runner(model_dir, dtype=getattr(torch, dtype), **kw)
 
 
-def _import_default_loaders(model_dir: Path, compile_cache: Optional[Path] = None) -> None:
+def _import_default_loaders(
+    model_dir: Path, compile_cache: Optional[Path] = None, device: str = "cpu", cpu_int4: str = "auto"
+) -> None:
     """Import the runtime before a measured load, so module imports are not counted as model memory.
 
     The first tokenizer load imports ~700 transformers modules (~50 MiB); loading the tokenizer once and
-    dropping it pays that before the baseline is taken.
+    dropping it pays that before the baseline is taken. On CPU the int4 kernel is chosen here too, which builds
+    or loads the W4A8 extension (torch's cpp_extension machinery) once per process.
     """
     import models.loader  # noqa: F401
     import models.runner  # noqa: F401
@@ -170,6 +173,12 @@ def _import_default_loaders(model_dir: Path, compile_cache: Optional[Path] = Non
         from models.compile import prewarm
 
         prewarm(compile_cache)
+    if device == "cpu":
+        import torch
+
+        from models.kernels import device_kernel
+
+        device_kernel(torch.device("cpu"), cpu_int4=cpu_int4)
 
 
 def _default_tokenizer_loader(model_dir: Path, trust_remote_code: bool = False):
@@ -415,7 +424,9 @@ class ModelManager:
         info, fp = self._inspect(spec)
         if not self._runtime_imported and self._default_tokenizer:
             try:
-                _import_default_loaders(spec.path, compile_cache_dir(self.settings, self.device))
+                _import_default_loaders(
+                    spec.path, compile_cache_dir(self.settings, self.device), self.device, s.cpu_int4_kernel
+                )
             except Exception:  # a broken tokenizer is reported by the measured load below, as a ModelLoadError
                 logger.debug("pre-import with %s failed", spec.name, exc_info=True)
             self._runtime_imported = True

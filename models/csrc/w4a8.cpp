@@ -86,6 +86,7 @@ struct Args {
   const float* c;  // (rows, G)
   int64_t K, G, gs, ab;
   float* out;  // (rows, 16) float scratch
+  const float* fs;  // W8: this block's 16 per-column scales
 };
 
 inline int32_t load4(const int8_t* p) {
@@ -141,6 +142,31 @@ void block_rows(const Args& a) {
   for (int m = 0; m < M; ++m) _mm512_storeu_ps(a.out + m * kCols, facc[m]);
 }
 
+// W8: packed codes are c + 128 (uint8), so the int32 dot is off by 128 * sum(xq), taken out with c[m].
+template <int M>
+void block_rows_w8(const Args& a) {
+  __m512 gacc[M];
+  for (int m = 0; m < M; ++m) gacc[m] = _mm512_setzero_ps();
+  const int64_t q_per_b = a.ab / 4, B = a.K / a.ab;
+  for (int64_t bi = 0; bi < B; ++bi) {
+    __m512i acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_si512();
+    const uint8_t* wb = a.wp + bi * q_per_b * 64;
+    const int8_t* xb = a.xq + bi * a.ab;
+    for (int64_t q = 0; q < q_per_b; ++q) {
+      const __m512i p = _mm512_loadu_si512(wb + q * 64);
+      for (int m = 0; m < M; ++m)
+        acc[m] = _mm512_dpbusd_epi32(acc[m], p, _mm512_set1_epi32(load4(xb + m * a.K + q * 4)));
+    }
+    for (int m = 0; m < M; ++m)
+      gacc[m] = _mm512_fmadd_ps(_mm512_set1_ps(a.dx[m * B + bi]), _mm512_cvtepi32_ps(acc[m]), gacc[m]);
+  }
+  const __m512 s = _mm512_loadu_ps(a.fs);
+  const __m512 off = _mm512_set1_ps(128.f);
+  for (int m = 0; m < M; ++m)
+    _mm512_storeu_ps(a.out + m * kCols, _mm512_mul_ps(s, _mm512_fnmadd_ps(off, _mm512_set1_ps(a.c[m]), gacc[m])));
+}
+
 #elif defined(W4A8_AVX2)
 constexpr int kMaxRows = 4;
 
@@ -194,6 +220,40 @@ void block_rows(const Args& a) {
   }
 }
 
+// W8: codes back to signed (xor 0x80); |x| x sign(c, x) keeps vpmaddubsw's pairs within int16 (2 * 127 * 127).
+template <int M>
+void block_rows_w8(const Args& a) {
+  __m256 gacc[M][2];
+  for (int m = 0; m < M; ++m) gacc[m][0] = gacc[m][1] = _mm256_setzero_ps();
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int64_t q_per_b = a.ab / 4, B = a.K / a.ab;
+  for (int64_t bi = 0; bi < B; ++bi) {
+    __m256i acc[M][2];
+    for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
+    const uint8_t* wb = a.wp + bi * q_per_b * 64;
+    const int8_t* xb = a.xq + bi * a.ab;
+    for (int64_t q = 0; q < q_per_b; ++q) {
+      for (int h = 0; h < 2; ++h) {
+        const __m256i c =
+            _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + q * 64 + h * 32)), flip);
+        for (int m = 0; m < M; ++m) {
+          const __m256i xv = _mm256_set1_epi32(load4(xb + m * a.K + q * 4));
+          const __m256i t = _mm256_maddubs_epi16(_mm256_abs_epi8(xv), _mm256_sign_epi8(c, xv));
+          acc[m][h] = _mm256_add_epi32(acc[m][h], _mm256_madd_epi16(t, ones));
+        }
+      }
+    }
+    for (int m = 0; m < M; ++m) {
+      const __m256 d = _mm256_set1_ps(a.dx[m * B + bi]);
+      for (int h = 0; h < 2; ++h) gacc[m][h] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(acc[m][h]), gacc[m][h]);
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int h = 0; h < 2; ++h)
+      _mm256_storeu_ps(a.out + m * kCols + h * 8, _mm256_mul_ps(_mm256_loadu_ps(a.fs + h * 8), gacc[m][h]));
+}
+
 #else
 constexpr int kMaxRows = 4;
 
@@ -228,27 +288,54 @@ void block_rows(const Args& a) {
   }
   for (int m = 0; m < M; ++m) std::memcpy(a.out + m * kCols, facc[m], sizeof(facc[m]));
 }
+
+template <int M>
+void block_rows_w8(const Args& a) {
+  float gacc[M][kCols] = {};
+  const int64_t q_per_b = a.ab / 4, B = a.K / a.ab;
+  for (int64_t bi = 0; bi < B; ++bi) {
+    int32_t acc[M][kCols] = {};
+    for (int64_t q = 0; q < q_per_b; ++q) {
+      const uint8_t* p = a.wp + (bi * q_per_b + q) * 64;
+      for (int m = 0; m < M; ++m) {
+        const int8_t* xk = a.xq + m * a.K + bi * a.ab + q * 4;
+        for (int j = 0; j < 64; ++j) acc[m][j / 4] += static_cast<int32_t>(static_cast<int8_t>(p[j] ^ 0x80)) * xk[j % 4];
+      }
+    }
+    for (int m = 0; m < M; ++m)
+      for (int col = 0; col < kCols; ++col) gacc[m][col] += a.dx[m * B + bi] * static_cast<float>(acc[m][col]);
+  }
+  for (int m = 0; m < M; ++m)
+    for (int col = 0; col < kCols; ++col) a.out[m * kCols + col] = a.fs[col] * gacc[m][col];
+}
 #endif
 
-void run_rows(int rows, const Args& a) {
+template <int M>
+void rows_for(int bits, const Args& a) {
+  if (bits == 8) return block_rows_w8<M>(a);
+  block_rows<M>(a);
+}
+
+void run_rows(int bits, int rows, const Args& a) {
   switch (rows) {
-    case 1: return block_rows<1>(a);
-    case 2: return block_rows<2>(a);
-    case 3: return block_rows<3>(a);
-    case 4: return block_rows<4>(a);
+    case 1: return rows_for<1>(bits, a);
+    case 2: return rows_for<2>(bits, a);
+    case 3: return rows_for<3>(bits, a);
+    case 4: return rows_for<4>(bits, a);
 #if defined(W4A8_AVX512VNNI)
-    case 5: return block_rows<5>(a);
-    case 6: return block_rows<6>(a);
-    case 7: return block_rows<7>(a);
-    case 8: return block_rows<8>(a);
+    case 5: return rows_for<5>(bits, a);
+    case 6: return rows_for<6>(bits, a);
+    case 7: return rows_for<7>(bits, a);
+    case 8: return rows_for<8>(bits, a);
 #endif
   }
   TORCH_CHECK(false, "w4a8: unsupported row chunk ", rows);
 }
 
+// bits 4: scales (N/16, G, 16) float16 and zeros (N/16, G, 16) uint8; bits 8: scales (N/16, 16) float32, gs = K.
 template <typename T>
-void matmul(const T* x, const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& zeros, int64_t M,
-            int64_t K, int64_t gs, int64_t ab, T* y) {
+void matmul(int bits, const T* x, const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& zeros,
+            int64_t M, int64_t K, int64_t gs, int64_t ab, T* y) {
   const int64_t G = K / gs, B = K / ab;
   const int64_t blocks = packed.size(0);
   const int64_t N = blocks * kCols;
@@ -258,17 +345,19 @@ void matmul(const T* x, const at::Tensor& packed, const at::Tensor& scales, cons
   float* c = dx + M * B;
   quantize_rows(x, M, K, gs, ab, xq.data_ptr<int8_t>(), dx, c);
   const uint8_t* wp = packed.data_ptr<uint8_t>();
-  const c10::Half* sc = scales.data_ptr<c10::Half>();
-  const uint8_t* zp = zeros.data_ptr<uint8_t>();
+  const c10::Half* sc = bits == 4 ? scales.data_ptr<c10::Half>() : nullptr;
+  const uint8_t* zp = bits == 4 ? zeros.data_ptr<uint8_t>() : nullptr;
+  const float* fs = bits == 8 ? scales.data_ptr<float>() : nullptr;
+  const int64_t block_bytes = K * bits / 8 * kCols;
   const int8_t* xqp = xq.data_ptr<int8_t>();
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     float tile[kMaxRows * kCols];
     for (int64_t b = b0; b < b1; ++b) {
       for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
         const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, M - m0));
-        Args a{wp + b * (K / kBlockK) * 64,
-               sc + b * G * kCols,
-               zp + b * G * kCols,
+        Args a{wp + b * block_bytes,
+               bits == 4 ? sc + b * G * kCols : nullptr,
+               bits == 4 ? zp + b * G * kCols : nullptr,
                xqp + m0 * K,
                dx + m0 * B,
                c + m0 * G,
@@ -276,8 +365,9 @@ void matmul(const T* x, const at::Tensor& packed, const at::Tensor& scales, cons
                G,
                gs,
                ab,
-               tile};
-        run_rows(rows, a);
+               tile,
+               bits == 8 ? fs + b * kCols : nullptr};
+        run_rows(bits, rows, a);
         for (int r = 0; r < rows; ++r)
           for (int c = 0; c < kCols; ++c) y[(m0 + r) * N + b * kCols + c] = static_cast<T>(tile[r * kCols + c]);
       }
@@ -305,12 +395,35 @@ at::Tensor w4a8_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   auto y = at::empty({M, blocks * kCols}, x.options());
   if (M == 0) return y;
   if (x.scalar_type() == at::kBFloat16) {
-    matmul(x.data_ptr<c10::BFloat16>(), packed, scales, zeros, M, K, group_size, act_block,
+    matmul(4, x.data_ptr<c10::BFloat16>(), packed, scales, zeros, M, K, group_size, act_block,
            y.data_ptr<c10::BFloat16>());
   } else if (x.scalar_type() == at::kFloat) {
-    matmul(x.data_ptr<float>(), packed, scales, zeros, M, K, group_size, act_block, y.data_ptr<float>());
+    matmul(4, x.data_ptr<float>(), packed, scales, zeros, M, K, group_size, act_block, y.data_ptr<float>());
   } else {
     TORCH_CHECK(false, "w4a8_mm: x must be bfloat16 or float32, got ", x.scalar_type());
+  }
+  return y;
+}
+
+at::Tensor w8a8_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t act_block) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "w8a8_mm: x must be a contiguous (M, K) matrix");
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == 64 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
+              "w8a8_mm: packed must be contiguous (N/16, K/4, 64) uint8");
+  const int64_t M = x.size(0), K = x.size(1), blocks = packed.size(0);
+  TORCH_CHECK(packed.size(1) * 4 == K, "w8a8_mm: packed has K=", packed.size(1) * 4, ", x has ", K);
+  TORCH_CHECK(act_block > 0 && act_block % 4 == 0 && K % act_block == 0,
+              "w8a8_mm: act_block must be a multiple of 4 dividing K");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.dim() == 2 &&
+                  scales.size(0) == blocks && scales.size(1) == kCols,
+              "w8a8_mm: scales must be contiguous (N/16, 16) float32");
+  auto y = at::empty({M, blocks * kCols}, x.options());
+  if (M == 0) return y;
+  if (x.scalar_type() == at::kBFloat16) {
+    matmul(8, x.data_ptr<c10::BFloat16>(), packed, scales, scales, M, K, K, act_block, y.data_ptr<c10::BFloat16>());
+  } else if (x.scalar_type() == at::kFloat) {
+    matmul(8, x.data_ptr<float>(), packed, scales, scales, M, K, K, act_block, y.data_ptr<float>());
+  } else {
+    TORCH_CHECK(false, "w8a8_mm: x must be bfloat16 or float32, got ", x.scalar_type());
   }
   return y;
 }
@@ -331,7 +444,11 @@ std::string isa_op() { return isa(); }
 
 TORCH_LIBRARY(JETSERVE_W4A8_NS, m) {
   m.def("w4a8_mm(Tensor x, Tensor packed, Tensor scales, Tensor zeros, int group_size, int act_block) -> Tensor");
+  m.def("w8a8_mm(Tensor x, Tensor packed, Tensor scales, int act_block) -> Tensor");
   m.def("isa() -> str", [] { return isa_op(); });
 }
 
-TORCH_LIBRARY_IMPL(JETSERVE_W4A8_NS, CPU, m) { m.impl("w4a8_mm", &w4a8_mm); }
+TORCH_LIBRARY_IMPL(JETSERVE_W4A8_NS, CPU, m) {
+  m.impl("w4a8_mm", &w4a8_mm);
+  m.impl("w8a8_mm", &w8a8_mm);
+}

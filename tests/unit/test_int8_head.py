@@ -87,11 +87,16 @@ def test_int8_linear_module_with_bias_matches_dense():
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # tied and untied heads
-def test_load_runner_int8_head_logits_and_footprint(tiny_dirs, arch):
+@pytest.mark.parametrize("cpu_int4", ["auto", "int4pack"])
+def test_load_runner_int8_head_logits_and_footprint(tiny_dirs, arch, cpu_int4):
+    """The int8 head loads with the W8A8 kernel where the int4 layers run W4A8 (cpu_int4 auto here), else with
+    int8pack; logits close to the bf16 head, and the footprint predicted exactly."""
     path = tiny_dirs[arch]
     base = load_runner(path, dtype=torch.bfloat16, max_batch_size=2, max_seq=64)
-    quant = load_runner(path, dtype=torch.bfloat16, max_batch_size=2, max_seq=64, lm_head="int8")
+    quant = load_runner(path, dtype=torch.bfloat16, max_batch_size=2, max_seq=64, lm_head="int8", cpu_int4=cpu_int4)
     assert isinstance(quant.model.lm_head, Int8Linear) and not isinstance(base.model.lm_head, Int8Linear)
+    w8a8 = quant.model.lm_head.w8a8
+    assert w8a8 == (kernels.device_kernel(torch.device("cpu"), cpu_int4=cpu_int4).name == kernels.CPU_W4A8)
     assert quant.model.embed.dtype == torch.bfloat16  # the input lookup stays exact
     torch.testing.assert_close(quant.model.embed, base.model.embed, atol=0, rtol=0)
     tokens = torch.randint(0, TINY["vocab_size"], (12,), generator=torch.Generator().manual_seed(1))
@@ -100,10 +105,12 @@ def test_load_runner_int8_head_logits_and_footprint(tiny_dirs, arch):
     assert float((lq - lb).abs().max()) < 0.05 * float(lb.abs().max())
     info = inspect_checkpoint(path)
     rep_b, rep_q = base.memory_report(), quant.memory_report()
-    fp = predict_footprint(info, max_batch_size=2, max_seq=64, dtype=torch.bfloat16, lm_head="int8")
+    fp = predict_footprint(info, max_batch_size=2, max_seq=64, dtype=torch.bfloat16, lm_head="int8", cpu_int4=cpu_int4)
     assert fp.weights_bytes == rep_q["weights_bytes"]
     head = TINY["vocab_size"] * TINY["hidden_size"]
-    expected = head + TINY["vocab_size"] * 4 - (0 if arch == "llama" else 2 * head)
+    rows = -(-TINY["vocab_size"] // 16) * 16 if w8a8 else TINY["vocab_size"]
+    quant_bytes = rows * TINY["hidden_size"] + TINY["vocab_size"] * 4 + (rows * 4 if w8a8 else 0)
+    expected = quant_bytes - (0 if arch == "llama" else 2 * head)
     assert rep_q["weights_bytes"] - rep_b["weights_bytes"] == expected
 
 

@@ -168,3 +168,44 @@ def test_explicit_w4a8_without_a_compiler_is_an_error(monkeypatch):
         assert plan.name == kernels.CPU_INT4PACK and "no C++ compiler" in plan.reason
     finally:
         w4a8.load.cache_clear()
+
+
+# ------------------------------------------------------------------ W8A8: the int8 lm_head on the same path
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 21])
+@pytest.mark.parametrize("n,k,block", [(100, 64, 8), (48, 576, 8), (32, 128, 32)])
+def test_w8_kernel_matches_reference(isa, m, n, k, block, gen):
+    ops = ops_for(isa)
+    codes, scales = kernels.quantize_int8_per_channel(torch.randn(n, k, generator=gen))
+    codes[0, :4] = torch.tensor([-127, 127, -127, 127], dtype=torch.int8)  # the ends of the code range
+    packed, s = w4a8.pack_int8(codes, scales)
+    x = torch.randn(m, k, generator=gen) * 3
+    x[-1, :block] = 0
+    ref = w4a8.reference_w8(x, codes, scales, block)
+    y = ops.w8a8_mm(x, packed, s, block)
+    assert y.shape == (m, -(-n // 16) * 16) and not y[:, n:].any()
+    torch.testing.assert_close(y[:, :n].double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    yb = ops.w8a8_mm(x.to(torch.bfloat16), packed, s, block)
+    refb = w4a8.reference_w8(x.to(torch.bfloat16), codes, scales, block)
+    torch.testing.assert_close(yb[:, :n].double(), refb, rtol=2**-8, atol=1e-4 * float(refb.abs().max()))
+
+
+def test_int8_linear_w8a8_matches_its_reference(gen):
+    from models.qlinear import Int8Linear
+
+    if w4a8.load()[0] is None:
+        pytest.skip(w4a8.load()[1])
+    w = torch.randn(100, 64, generator=gen)
+    bias = torch.randn(100, generator=gen)
+    fast, plain = Int8Linear.from_dense(w, bias, w8a8=True), Int8Linear.from_dense(w, bias)
+    assert torch.equal(fast.int8_codes(), plain.int8_codes())  # the packed layout holds the same codes
+    assert "codes" not in dict(fast.named_buffers())  # one copy of the weight, not two
+    x = torch.randn(5, 64, generator=gen)
+    codes = fast.int8_codes()
+    want = w4a8.reference_w8(x, codes, fast.scales, w4a8.act_block(64)) + bias.double()
+    torch.testing.assert_close(fast(x).double(), want, rtol=1e-5, atol=1e-4)
+    dense = x @ w.t() + bias
+    assert float((fast(x) - dense).norm() / dense.norm()) < 1e-2
+    assert float((fast.forward_reference(x) - plain.forward_reference(x)).abs().max()) == 0.0
