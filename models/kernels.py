@@ -12,7 +12,8 @@ Kernels:
 - "reference": dequantize to the activation dtype, then a dense matmul (2/3/8-bit, odd group sizes,
   devices without an int4 kernel).
 - int8 per-channel (the `lm_head="int8"` option): `int8_linear`, aten._weight_int8pack_mm on CPU, with
-  `int8_linear_reference` as its plain-PyTorch reference.
+  `int8_linear_reference` as its plain-PyTorch reference; where the int4 layers run CPU_W4A8, `Int8Linear` runs
+  the same C++ kernel's W8A8 path instead (`w4a8_mm`'s twin `w8a8_mm`, reference `w4a8.reference_w8`).
 
 Prefill policy: `KernelPlan.dense_min_tokens` is the token count from which dequantize-then-dense beats the
 int4 kernel. On this CPU the int4 kernel won at every size measured (1..512 tokens, see
