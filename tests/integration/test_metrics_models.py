@@ -64,10 +64,16 @@ def footprint(store: Path, name: str) -> int:
 def srv(start_server, tiny_store):
     store, cfg = tiny_store
     fa, fb, fc, fbig = (footprint(store, n) for n in ("tiny-a", "tiny-b", "tiny-c", "tiny-big"))
-    # a model counts max(predicted, measured); tiny models measure up to ~20% above prediction (fixed overheads),
-    # so: the pinned a plus one more fit, three never do, and the big one never fits next to a
-    budget = int(2.3 * max(fa, fb, fc))
-    assert fbig > budget - fa and 3 * min(fa, fb, fc) > budget
+    # a model counts max(predicted, measured), and what a tiny model's load measures in a long test process
+    # varies (20% to 65% over its prediction seen, heap and thread state): so the budget is set from what the
+    # pinned a counts once loaded, plus room for one more model (b or c by prediction), never two, never the big
+    probe_budget = int(10 * max(fa, fb, fc))
+    with start_server(
+        model_store=store, model="tiny-a", models_config=cfg, memory_budget=str(probe_budget), **SETTINGS
+    ) as probe:
+        a_counted = probe.app.state.manager.used_bytes()
+    budget = a_counted + int(1.5 * max(fb, fc))
+    assert fbig > budget - a_counted and a_counted + fb + fc > budget
     with start_server(
         model_store=store, model="tiny-a", models_config=cfg, memory_budget=str(budget), admin_key=ADMIN, **SETTINGS
     ) as s:
