@@ -222,10 +222,13 @@ def _loaded_weight_bytes(info: CheckpointInfo, dtype: torch.dtype, w4a8: bool = 
 
 
 def w8a8_head(device: Union[str, torch.device], cpu_int4: str, in_features: int) -> bool:
-    """Whether an int8 head runs the W8A8 kernel: on CPU, where the int4 layers run W4A8 (same build)."""
-    if torch.device(device).type != "cpu" or in_features % 4:
-        return False
+    """Whether an int8 head runs the W8A8 kernel: on CPU, where the int4 layers run W4A8 (same build), and where
+    its activation blocks divide the input width."""
     from .kernels import CPU_W4A8, device_kernel
+    from .w4a8 import ACT_BLOCK
+
+    if torch.device(device).type != "cpu" or in_features % ACT_BLOCK:
+        return False
 
     return device_kernel(torch.device("cpu"), cpu_int4=cpu_int4).name == CPU_W4A8
 
