@@ -72,11 +72,14 @@ def build_unavailable() -> Optional[str]:
     return None
 
 
-@functools.lru_cache(maxsize=None)
 def load(isa: Optional[str] = None) -> Tuple[Optional[object], str]:
     """(the op namespace, "isa") for `isa` (default `native_isa()`), building it on first use; (None, why) if
     it cannot be built or loaded. Cached per process."""
-    isa = isa or native_isa()
+    return _load(isa or native_isa())
+
+
+@functools.lru_cache(maxsize=None)
+def _load(isa: str) -> Tuple[Optional[object], str]:
     if isa not in ISA_FLAGS:
         raise ValueError(f"unknown W4A8 build {isa!r}: choose one of {tuple(ISA_FLAGS)}")
     why = build_unavailable()
