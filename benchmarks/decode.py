@@ -70,6 +70,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="our runtime's CPU int4 kernel (default auto, as `jetserve serve`)",
     )
     p.add_argument(
+        "--cpu-attention",
+        default="auto",
+        choices=("auto", "inplace", "sdpa"),
+        help="our runtime's CPU decode attention (default auto, as `jetserve serve`)",
+    )
+    p.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -112,7 +118,8 @@ def _prompt(n: int, vocab: int, seed: int = 0):
 # (the kernels under SDPA, the casts inside rms_norm) takes the class of its outermost classified ancestor.
 OP_CLASSES = (
     ("aten::_weight_int4pack_mm", "int4 matmul"),
-    ("jetserve_w4a8", "int4 matmul"),  # models/w4a8.py: jetserve_w4a8_<isa>::w4a8_mm (w8a8_mm: see _op_class)
+    # models/w4a8.py's extension: jetserve_w4a8_<isa>::w4a8_mm (w8a8_mm, decode_attention: see _op_class)
+    ("jetserve_w4a8", "int4 matmul"),
     ("aten::_weight_int8pack_mm", "lm_head"),  # the int8 head
     ("aten::scaled_dot_product_attention", "attention"),
     ("aten::_scaled_dot_product", "attention"),
@@ -136,6 +143,8 @@ def _op_class(ev) -> Optional[str]:
         if ev.name.startswith(prefix):
             if prefix == "jetserve_w4a8" and ev.name.endswith("w8a8_mm"):
                 return "lm_head"  # the int8 head on the W8A8 path
+            if prefix == "jetserve_w4a8" and ev.name.endswith("decode_attention"):
+                return "attention"  # the in-place decode attention (models/attention.py)
             if cls == "KV gather":  # the embedding lookup and act-order permutations gather 2-D tensors
                 shapes = ev.input_shapes or [[]]
                 return cls if len(shapes[0]) == 4 else None
@@ -212,7 +221,7 @@ def profile_decode(runner, batch: int, context: int, steps: int = 5, warmup: int
         "attention": batch * attn_len[0] * kv_token,
         "norms": (2 * dims.layers + 1) * (2 * batch * dims.hidden * act + dims.hidden * norm_w),
         "KV writes": batch * kv_token,
-        "KV gather": batch * attn_len[0] * kv_token,
+        "KV gather": batch * attn_len[0] * kv_token if us["KV gather"] else 0,  # none with the in-place kernel
     }
     total = sum(us.values())
     classes = {}
@@ -310,6 +319,7 @@ def bench_ours(model_dir: Path, args, peer: Optional[LlamaCppPeer] = None) -> Di
         lm_head=args.lm_head,
         compile_cache_dir=model_dir.parent / ".compile-cache" if args.compile else None,
         cpu_int4=args.cpu_int4,
+        cpu_attention=args.cpu_attention,
     )
     load_s = time.perf_counter() - t
     t = time.perf_counter()
@@ -380,6 +390,7 @@ def bench_ours(model_dir: Path, args, peer: Optional[LlamaCppPeer] = None) -> Di
         "warmup_s": warmup_s,
         "compile": runner.compile_note,
         "lm_head": type(runner.model.lm_head).__name__,
+        "attention": "inplace" if runner.model.decode_attention is not None else "sdpa",
         "ttft_s": ttft,
         "decode_b1_tok_s": b1,
         "decode_b8_tok_s": b8,

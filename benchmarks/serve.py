@@ -477,6 +477,7 @@ def main(argv=None) -> int:
             max_seq=args.max_context,
             lm_head=settings.lm_head_dtype,
             cpu_int4=settings.cpu_int4_kernel,
+            cpu_attention=settings.cpu_attention_kernel,
             compile_cache_dir=compile_cache_dir(settings, args.device),
         )
         r.warmup()

@@ -538,6 +538,7 @@ def load_runner(
     lm_head: str = "bf16",
     compile_cache_dir: Optional[Union[str, Path]] = None,
     cpu_int4: str = "auto",
+    cpu_attention: str = "auto",
 ):
     """A Runner for `model_dir`: the fused runtime for a supported architecture, else the transformers
     fallback at batch 1 (logged with a warning). Unsupported quantization formats raise
@@ -547,8 +548,14 @@ def load_runner(
     picks by device (`resolve_lm_head`). The transformers fallback ignores it (logged). Other values raise ValueError.
     compile_cache_dir: compile the decode step at `warmup()` (CPU; models.compile), caching it there; None: eager.
     cpu_int4: the CPU int4 kernel, one of `kernels.CPU_INT4_CHOICES` ("auto": W4A8 where it builds).
+    cpu_attention: the CPU decode attention, one of `attention.CPU_ATTENTION_CHOICES` ("auto": the in-place
+    kernel where it builds); CUDA always runs SDPA.
     """
+    from .attention import CPU_ATTENTION_CHOICES, cpu_attention_op
     from .runner import Runner
+
+    if cpu_attention not in CPU_ATTENTION_CHOICES:
+        raise ValueError(f"cpu_attention must be one of {CPU_ATTENTION_CHOICES}, got {cpu_attention!r}")
 
     if lm_head not in LM_HEAD_DTYPES:
         raise ValueError(f"lm_head must be one of {LM_HEAD_DTYPES}, got {lm_head!r}")
@@ -571,6 +578,8 @@ def load_runner(
             logger.warning("lm_head=%s is not applied by the transformers fallback", lm_head)
         if compile_cache_dir is not None:
             logger.warning("compiled decode is not applied by the transformers fallback")
+        if cpu_attention == "inplace":
+            logger.warning("cpu_attention=inplace is not applied by the transformers fallback")
         return HFFallbackRunner(
             model_dir,
             device=device,
@@ -589,6 +598,8 @@ def load_runner(
         logger.info("%s: lm_head=%s -> %s on %s", model_dir.name, lm_head, head, device)
     model = build_model(model_dir, spec, dims, info.qcfg, device=device, dtype=dtype, lm_head=head, cpu_int4=cpu_int4)
     release_freed_heap()  # the unpack/repack temporaries of every layer
+    if device.type == "cpu":
+        model.decode_attention = cpu_attention_op(cpu_attention)[0]
     model.init_rope(max_seq, device, dtype)
     cache = KVCache(dims.layers, max_batch_size, max_seq, dims.kv_heads, dims.head_dim, device=device, dtype=dtype)
     logger.info(

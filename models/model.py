@@ -6,7 +6,8 @@ keys/values into a `KVCache` in place; nothing here keeps per-request state. Act
 
 - `prefill(tokens (T,), slot, start_pos, cache)`: one sequence, T new tokens at [start_pos, start_pos+T).
 - `decode(tokens (B,), positions (B,), slots (B,), cache, kv_len)`: one new token for each of B sequences,
-  attention over the first `kv_len` cache positions with a mask built from `positions` (fixed shapes).
+  each attending over its first positions[b] + 1 cache positions: in place with the CPU kernel, or over the
+  first `kv_len` with a mask built from `positions` (fixed shapes; models.attention).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .arch import ArchSpec, Dims, rope_inv_freq
+from .attention import AttentionOp, decode_mask
+from .attention import reference as attention_reference
 from .kv_cache import KVCache
 
 _HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
@@ -143,6 +146,8 @@ class Transformer(nn.Module):
         self.register_buffer("sin", None, persistent=False)
         self._gated = spec.mlp == "gated_silu"
         self.compiled_decode: Optional[CompiledDecode] = None  # set by models.compile; None: eager decode
+        # set by the loader (models.attention): the in-place CPU kernel; None: gather + SDPA (`attention.reference`)
+        self.decode_attention: Optional[AttentionOp] = None
 
     def init_rope(self, max_seq: int, device: torch.device, dtype: torch.dtype) -> None:
         """Precompute cos/sin tables (max_seq, head_dim/2) in the activation dtype (as transformers casts them)."""
@@ -231,8 +236,7 @@ class Transformer(nn.Module):
         cos = sin = None
         if self.cos is not None:
             cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # (B, 1, D/2)
-        # (B, 1, 1, kv_len): key j is visible to row b iff j <= positions[b]
-        mask = (torch.arange(kv_len, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
+        mask = None if self.decode_attention is not None else decode_mask(positions, kv_len)  # (B, 1, 1, kv_len)
         c = self.compiled_decode
         blocks = tuple(self.blocks)
         if c is None:
@@ -250,7 +254,7 @@ class Transformer(nn.Module):
         x: torch.Tensor,
         cos: Optional[torch.Tensor],
         sin: Optional[torch.Tensor],
-        mask: torch.Tensor,
+        mask: Optional[torch.Tensor],
         slots: torch.Tensor,
         positions: torch.Tensor,
         kcs: Tuple[torch.Tensor, ...],
@@ -269,7 +273,7 @@ class Transformer(nn.Module):
         x: torch.Tensor,
         cos: Optional[torch.Tensor],
         sin: Optional[torch.Tensor],
-        mask: torch.Tensor,
+        mask: Optional[torch.Tensor],
         slots: torch.Tensor,
         positions: torch.Tensor,
         kc: torch.Tensor,
@@ -279,18 +283,17 @@ class Transformer(nn.Module):
         """One block of `decode`: x (B, hidden) -> (B, hidden), writing this layer's K/V (kc, vc) in place.
 
         Everything a layer differs by (its block, its cache tensors) is an argument, so one compiled graph of
-        `decode_layers` serves every group of layers (`compiled_decode`, see models.compile)."""
+        `decode_layers` serves every group of layers (`compiled_decode`, see models.compile). `mask` is None
+        when the in-place kernel runs (it reads positions[b] + 1 keys of each row's slot itself)."""
         B = x.shape[0]
         dims = self.dims
-        g = dims.heads // dims.kv_heads
-        q, k, v = self._qkv(blk, x, cos, sin)
+        q, k, v = self._qkv(blk, x, cos, sin)  # q (B, heads, D)
         kc.index_put_((slots, positions), k)
         vc.index_put_((slots, positions), v)
-        kk = kc[:, :kv_len].index_select(0, slots).transpose(1, 2)  # (B, kv, kv_len, D)
-        vv = vc[:, :kv_len].index_select(0, slots).transpose(1, 2)
-        # GQA without repeating KV: the g query heads of one kv head form a length-g query block
-        qq = q.view(B, dims.kv_heads, g, dims.head_dim)
-        a = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask)  # (B, kv, g, D)
+        if self.decode_attention is not None:
+            a = self.decode_attention(q, kc, vc, slots, positions, dims.head_dim**-0.5)
+        else:
+            a = attention_reference(q, kc, vc, slots, mask, kv_len)
         x = x + blk.o(a.reshape(B, dims.heads * dims.head_dim))
         return x + self._mlp(blk, blk.norm2(x))
 

@@ -27,7 +27,8 @@ COLS = 16  # output columns per packed block
 BLOCK_K = 8  # k per 64-byte packed block
 FP16_MIN_NORMAL = 2.0**-14
 ACT_BLOCK = 8  # activation quantization block (inputs), capped at the weight group size; docs/benchmarks.md
-SOURCE = Path(__file__).parent / "csrc" / "w4a8.cpp"
+# one extension: the W4A8/W8A8 matmuls and the in-place decode attention (models/attention.py)
+SOURCES = tuple(Path(__file__).parent / "csrc" / f for f in ("w4a8.cpp", "decode_attention.cpp"))
 ISA_FLAGS = {
     "avx512_vnni": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"],
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
@@ -91,7 +92,7 @@ def _load(isa: str) -> Tuple[Optional[object], str]:
 
         cpp_extension.load(
             name=ns,
-            sources=[str(SOURCE)],
+            sources=[str(p) for p in SOURCES],
             extra_cflags=["-O3", "-fopenmp", f"-DJETSERVE_W4A8_NS={ns}"] + ISA_FLAGS[isa],
             extra_ldflags=["-lgomp"],  # torch's own libgomp.so.1 (already loaded): one OpenMP pool
             is_python_module=False,
@@ -100,6 +101,7 @@ def _load(isa: str) -> Tuple[Optional[object], str]:
         ops = getattr(torch.ops, ns)
         torch.library.register_fake(f"{ns}::w4a8_mm")(_fake_mm)
         torch.library.register_fake(f"{ns}::w8a8_mm")(_fake_mm8)
+        torch.library.register_fake(f"{ns}::decode_attention")(_fake_attention)
     except Exception as e:  # compiler or loader errors: the caller falls back and logs why
         first = str(e).splitlines()[0] if str(e) else ""
         return None, f"building the W4A8 kernel failed ({type(e).__name__}: {first})"
@@ -120,6 +122,10 @@ def _fake_mm(x, packed, scales, zeros, group_size, act_block):
 
 def _fake_mm8(x, packed, scales, act_block):
     return x.new_empty(x.shape[0], packed.shape[0] * COLS)
+
+
+def _fake_attention(q, kc, vc, slots, positions, scale):
+    return q.new_empty(q.shape)
 
 
 def pack_int8(codes: torch.Tensor, scales: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

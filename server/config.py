@@ -85,6 +85,10 @@ class Settings(BaseSettings):
         "auto",
         description="CPU kernel for 4-bit GPTQ/AWQ layers. 'w4a8': jetserve's C++ kernel (models/csrc/w4a8.cpp; AVX-512 VNNI or AVX2, compiled on first use into $TORCH_EXTENSIONS_DIR), int4 weights times activations rounded to int8 per row and block of 8 inputs, exact integer sums (perplexity +0.04% over int4pack on the demo). 'int4pack': torch's _weight_int4pack_mm_for_cpu with bf16 activations. 'auto': w4a8 where it builds, else int4pack with the reason logged; asking for w4a8 where it cannot build is an error. The int8 lm_head follows: the same kernel's W8A8 path where the int4 layers run w4a8, else torch's _weight_int8pack_mm. Speed and perplexity: docs/benchmarks.md.",
     )
+    cpu_attention_kernel: Literal["auto", "inplace", "sdpa"] = Field(
+        "auto",
+        description="CPU decode attention. 'inplace': jetserve's C++ kernel (models/csrc/decode_attention.cpp, built with the w4a8 kernel), where each sequence reads its own keys and values where they lie in the KV cache, exactly as many as its position. 'sdpa': copy the batch's cache slots out, then torch's scaled_dot_product_attention over a masked length bucket. 'auto': inplace where the C++ extension builds with AVX2 or AVX-512, else sdpa with the reason logged; asking for inplace where it cannot build is an error. CUDA always runs sdpa (inside its CUDA graphs). Speed: docs/benchmarks.md.",
+    )
     compile_decode: bool = Field(
         True,
         description="CPU: compile the decode step with torch.compile at load (one graph per six layers, shared by all of them; about 50 s cold on 2 cores, about 12 s from the on-disk cache); where no C++ compiler is found, or compiling fails, decode stays eager with a logged reason. Not applied on CUDA (CUDA graphs).",

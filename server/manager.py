@@ -156,13 +156,17 @@ def _default_runner_loader(model_dir: Path, *, dtype: str, **kw):
 
 
 def _import_default_loaders(
-    model_dir: Path, compile_cache: Optional[Path] = None, device: str = "cpu", cpu_int4: str = "auto"
+    model_dir: Path,
+    compile_cache: Optional[Path] = None,
+    device: str = "cpu",
+    cpu_int4: str = "auto",
+    cpu_attention: str = "auto",
 ) -> None:
     """Import the runtime before a measured load, so module imports are not counted as model memory.
 
     The first tokenizer load imports ~700 transformers modules (~50 MiB); loading the tokenizer once and
-    dropping it pays that before the baseline is taken. On CPU the int4 kernel is chosen here too, which builds
-    or loads the W4A8 extension (torch's cpp_extension machinery) once per process.
+    dropping it pays that before the baseline is taken. On CPU the int4 kernel and the decode attention are
+    chosen here too, which builds or loads the C++ extension (torch's cpp_extension machinery) once per process.
     """
     import models.loader  # noqa: F401
     import models.runner  # noqa: F401
@@ -176,9 +180,11 @@ def _import_default_loaders(
     if device == "cpu":
         import torch
 
+        from models.attention import cpu_attention_op
         from models.kernels import device_kernel
 
         device_kernel(torch.device("cpu"), cpu_int4=cpu_int4)
+        cpu_attention_op(cpu_attention)
 
 
 def _default_tokenizer_loader(model_dir: Path, trust_remote_code: bool = False):
@@ -215,6 +221,7 @@ class ModelManager:
             trust_remote_code=trust,
             lm_head=settings.lm_head_dtype,
             cpu_int4=settings.cpu_int4_kernel,
+            cpu_attention=settings.cpu_attention_kernel,
             compile_cache_dir=compile_cache_dir(settings, self.device),
         )
         self._default_tokenizer = tokenizer_loader is None
@@ -425,7 +432,11 @@ class ModelManager:
         if not self._runtime_imported and self._default_tokenizer:
             try:
                 _import_default_loaders(
-                    spec.path, compile_cache_dir(self.settings, self.device), self.device, s.cpu_int4_kernel
+                    spec.path,
+                    compile_cache_dir(self.settings, self.device),
+                    self.device,
+                    s.cpu_int4_kernel,
+                    s.cpu_attention_kernel,
                 )
             except Exception:  # a broken tokenizer is reported by the measured load below, as a ModelLoadError
                 logger.debug("pre-import with %s failed", spec.name, exc_info=True)

@@ -141,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
             trust_remote_code=args.trust_remote_code,
             lm_head=settings.lm_head_dtype,  # the served head; decode stays eager (no compile for one request)
             cpu_int4=settings.cpu_int4_kernel,
+            cpu_attention=settings.cpu_attention_kernel,
         )
         r.warmup()
         return r

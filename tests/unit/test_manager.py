@@ -361,6 +361,7 @@ def test_trust_remote_code_reaches_default_loaders_only_from_settings(tmp_path):
             "trust_remote_code": flag,
             "lm_head": "auto",
             "cpu_int4": "auto",
+            "cpu_attention": "auto",
             "compile_cache_dir": None,  # the suite runs with JETSERVE_COMPILE_DECODE=0 (tests/conftest.py)
         }
         assert mgr._tokenizer_loader.keywords == {"trust_remote_code": flag}

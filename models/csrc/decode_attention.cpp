@@ -1,0 +1,249 @@
+// Decode attention on CPU that reads each sequence's keys and values in place in the static KV cache.
+//
+// out[b, h] = sum_{t <= positions[b]} softmax_t(scale * q[b, h] . K[slots[b], t, h / g]) V[slots[b], t, h / g]
+// for q (B, H, D) and the cache's per-layer K and V (S, T, KVH, D), g = H / KVH query heads per KV head (GQA).
+// Row b attends over exactly positions[b] + 1 keys: no gathered copy of the cache, no mask, no padding to a
+// length bucket. Work is split over (row, KV head, chunk of keys) so that batch 1 also keeps every thread busy
+// (flash-decoding): each chunk keeps its running max, sum of exponentials and weighted sum of values in float32,
+// and a second pass merges the chunks. models/attention.py holds the plain-PyTorch reference.
+//
+// The loops are written for the compiler's vectorizer (`omp simd`); exp is a polynomial so it vectorizes too.
+// Built into the same extension as w4a8.cpp (models/w4a8.py `load`), under the same op namespace.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#ifndef JETSERVE_W4A8_NS
+#define JETSERVE_W4A8_NS jetserve_w4a8
+#endif
+
+namespace {
+
+constexpr int64_t kMinChunk = 32;  // keys per task at least (a task's fixed cost is a few hundred ns)
+constexpr int64_t kMaxHead = 256;  // head_dim bound of the stack buffers
+constexpr int64_t kMaxGroup = 16;  // query heads per KV head bound
+
+// 2^x for x <= 0 (x >= -126 after the clamp): Cephes' exp2f polynomial on [-0.5, 0.5], relative error ~2e-7.
+inline float exp2_neg(float x) {
+  x = std::max(x, -126.f);
+  const float n = std::floor(x + 0.5f);
+  const float f = x - n;
+  float p = 1.535336188319500e-4f;
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof(float));
+  return p * two_n;
+}
+
+// DC: the head_dim when known at compile time (the common sizes, so loops unroll), else 0 and D at run time
+template <typename T, int64_t DC>
+inline void load_row(const T* src, float* dst, int64_t D) {
+  const int64_t n = DC ? DC : D;
+#pragma omp simd
+  for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<float>(src[d]);
+}
+
+struct Shape {
+  int64_t B, H, KVH, D, g, T;
+  int64_t sQ;      // q's row stride (elements); its heads are D apart
+  int64_t sS, sT;  // cache strides of a slot and a position (elements); a KV head is D apart, d is 1 apart
+};
+
+// One task: row b, KV head kh, keys [t0, t1) -> per query head j of the group: running max m, sum l (of
+// 2^(s - m)) and acc[D] (sum of 2^(s - m) v), written to part[j * (D + 2) ...] as (m, l, acc).
+// DC and GC: head_dim and group size when known at compile time (then the loops unroll and the group's
+// accumulators stay in registers), else 0 and taken from `s`.
+template <typename T, int64_t DC, int64_t GC>
+void chunk(const Shape& s, const float* qf, const T* kbase, const T* vbase, int64_t t0, int64_t t1, float* part,
+           float* scores) {
+  const int64_t D = DC ? DC : s.D, g = GC ? GC : s.g, n = t1 - t0;
+  float row[kMaxHead];
+  for (int64_t t = 0; t < n; ++t) {
+    load_row<T, DC>(kbase + (t0 + t) * s.sT, row, D);
+    for (int64_t j = 0; j < g; ++j) {
+      const float* qj = qf + j * D;
+      float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t d = 0; d < D; ++d) dot += qj[d] * row[d];
+      scores[j * n + t] = dot;
+    }
+  }
+  float ml[2 * kMaxGroup];
+  for (int64_t j = 0; j < g; ++j) {
+    float* sj = scores + j * n;
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t < n; ++t) m = std::max(m, sj[t]);
+    float l = 0.f;
+#pragma omp simd reduction(+ : l)
+    for (int64_t t = 0; t < n; ++t) {
+      sj[t] = exp2_neg(sj[t] - m);
+      l += sj[t];
+    }
+    ml[2 * j] = m;
+    ml[2 * j + 1] = l;
+  }
+  float acc[(GC ? GC : kMaxGroup) * (DC ? DC : kMaxHead)];
+  std::fill(acc, acc + g * D, 0.f);
+  for (int64_t t = 0; t < n; ++t) {
+    load_row<T, DC>(vbase + (t0 + t) * s.sT, row, D);
+    for (int64_t j = 0; j < g; ++j) {
+      const float p = scores[j * n + t];
+      float* aj = acc + j * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) aj[d] += p * row[d];
+    }
+  }
+  for (int64_t j = 0; j < g; ++j) {
+    float* pj = part + j * (D + 2);
+    pj[0] = ml[2 * j];
+    pj[1] = ml[2 * j + 1];
+    std::copy(acc + j * D, acc + (j + 1) * D, pj + 2);
+  }
+}
+
+template <typename T, int64_t DC>
+void chunk_g(const Shape& s, const float* qf, const T* kb, const T* vb, int64_t t0, int64_t t1, float* part,
+             float* scores) {
+  switch (s.g) {
+    case 1: return chunk<T, DC, 1>(s, qf, kb, vb, t0, t1, part, scores);
+    case 2: return chunk<T, DC, 2>(s, qf, kb, vb, t0, t1, part, scores);
+    case 3: return chunk<T, DC, 3>(s, qf, kb, vb, t0, t1, part, scores);
+    case 4: return chunk<T, DC, 4>(s, qf, kb, vb, t0, t1, part, scores);
+    case 5: return chunk<T, DC, 5>(s, qf, kb, vb, t0, t1, part, scores);
+    case 6: return chunk<T, DC, 6>(s, qf, kb, vb, t0, t1, part, scores);
+    case 7: return chunk<T, DC, 7>(s, qf, kb, vb, t0, t1, part, scores);
+    case 8: return chunk<T, DC, 8>(s, qf, kb, vb, t0, t1, part, scores);
+    default: return chunk<T, DC, 0>(s, qf, kb, vb, t0, t1, part, scores);
+  }
+}
+
+template <typename T>
+void attend(const Shape& s, const T* q, const T* kc, const T* vc, const int64_t* slots, const int64_t* positions,
+            double scale, T* out) {
+  const int64_t B = s.B, KVH = s.KVH, D = s.D, g = s.g;
+  int64_t longest = 0;
+  for (int64_t b = 0; b < B; ++b) longest = std::max(longest, positions[b] + 1);
+  // chunks per (row, KV head): enough tasks for every thread, none shorter than kMinChunk keys
+  const int64_t threads = at::get_num_threads();
+  const int64_t want = (2 * threads + B * KVH - 1) / (B * KVH);
+  const int64_t splits = std::max<int64_t>(1, std::min(want, (longest + kMinChunk - 1) / kMinChunk));
+  const int64_t clen = (longest + splits - 1) / splits;
+  const int64_t part_size = g * (D + 2);
+  std::vector<float> parts(B * KVH * splits * part_size);
+  const float qscale = static_cast<float>(scale * 1.4426950408889634);  // log2(e): softmax in base 2
+  at::parallel_for(0, B * KVH * splits, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores(g * clen);
+    float qf[kMaxGroup * kMaxHead];
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / (KVH * splits), kh = (i / splits) % KVH, c = i % splits;
+      const int64_t len = positions[b] + 1;
+      const int64_t t0 = c * clen, t1 = std::min(len, t0 + clen);
+      float* part = parts.data() + i * part_size;
+      if (t0 >= t1) {  // this row is shorter than the chunk's start: an empty partial
+        for (int64_t j = 0; j < g; ++j) {
+          part[j * (D + 2)] = -std::numeric_limits<float>::infinity();
+          part[j * (D + 2) + 1] = 0.f;
+        }
+        continue;
+      }
+      for (int64_t j = 0; j < g; ++j) {
+        const T* qj = q + b * s.sQ + (kh * g + j) * D;
+        for (int64_t d = 0; d < D; ++d) qf[j * D + d] = static_cast<float>(qj[d]) * qscale;
+      }
+      const int64_t off = slots[b] * s.sS + kh * D;
+      switch (D) {
+        case 64: chunk_g<T, 64>(s, qf, kc + off, vc + off, t0, t1, part, scores.data()); break;
+        case 128: chunk_g<T, 128>(s, qf, kc + off, vc + off, t0, t1, part, scores.data()); break;
+        default: chunk<T, 0, 0>(s, qf, kc + off, vc + off, t0, t1, part, scores.data());
+      }
+    }
+  });
+  // merge the chunks of each (row, query head)
+  at::parallel_for(0, B * KVH * g, 16, [&](int64_t i0, int64_t i1) {
+    float acc[kMaxHead];
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t bk = i / g, j = i % g;  // bk = b * KVH + kh
+      const float* first = parts.data() + bk * splits * part_size + j * (D + 2);
+      float m = -std::numeric_limits<float>::infinity();
+      for (int64_t c = 0; c < splits; ++c) m = std::max(m, first[c * part_size]);
+      float l = 0.f;
+      std::fill(acc, acc + D, 0.f);
+      for (int64_t c = 0; c < splits; ++c) {
+        const float* p = first + c * part_size;
+        if (p[1] == 0.f) continue;
+        const float w = exp2_neg(p[0] - m);
+        l += w * p[1];
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) acc[d] += w * p[2 + d];
+      }
+      const float inv = 1.f / l;
+      T* o = out + i * D;  // (b, kh * g + j) is row-major index b * H + kh * g + j = i
+      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(acc[d] * inv);
+    }
+  });
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& slots,
+                            const at::Tensor& positions, double scale) {
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2),
+              "decode_attention: q must be (B, H, D) with each row's heads contiguous");
+  TORCH_CHECK(kc.dim() == 4 && kc.sizes() == vc.sizes() && kc.strides() == vc.strides(),
+              "decode_attention: k and v caches must be (S, T, KVH, D) tensors of one shape and layout");
+  TORCH_CHECK(kc.scalar_type() == q.scalar_type() && vc.scalar_type() == q.scalar_type(),
+              "decode_attention: q and the caches must have one dtype");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), S = kc.size(0), T = kc.size(1), KVH = kc.size(2);
+  TORCH_CHECK(kc.size(3) == D, "decode_attention: head_dim of q (", D, ") and the cache (", kc.size(3), ") differ");
+  TORCH_CHECK(kc.stride(3) == 1 && kc.stride(2) == D, "decode_attention: each cache position must be contiguous");
+  TORCH_CHECK(KVH > 0 && H % KVH == 0 && H / KVH <= kMaxGroup && D <= kMaxHead,
+              "decode_attention: needs H % KVH == 0, H / KVH <= ", kMaxGroup, " and head_dim <= ", kMaxHead);
+  TORCH_CHECK(slots.dim() == 1 && positions.dim() == 1 && slots.size(0) == B && positions.size(0) == B &&
+                  slots.scalar_type() == at::kLong && positions.scalar_type() == at::kLong,
+              "decode_attention: slots and positions must be (B,) int64");
+  auto sl = slots.contiguous(), ps = positions.contiguous();
+  const int64_t* sp = sl.data_ptr<int64_t>();
+  const int64_t* pp = ps.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(sp[b] >= 0 && sp[b] < S, "decode_attention: slot ", sp[b], " out of range [0, ", S, ")");
+    TORCH_CHECK(pp[b] >= 0 && pp[b] < T, "decode_attention: position ", pp[b], " out of range [0, ", T, ")");
+  }
+  auto out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  if (B == 0) return out;
+  const Shape s{B, H, KVH, D, H / KVH, T, q.stride(0), kc.stride(0), kc.stride(1)};
+  if (q.scalar_type() == at::kBFloat16) {
+    attend(s, q.data_ptr<c10::BFloat16>(), kc.data_ptr<c10::BFloat16>(), vc.data_ptr<c10::BFloat16>(), sp, pp, scale,
+           out.data_ptr<c10::BFloat16>());
+  } else if (q.scalar_type() == at::kFloat) {
+    attend(s, q.data_ptr<float>(), kc.data_ptr<float>(), vc.data_ptr<float>(), sp, pp, scale, out.data_ptr<float>());
+  } else if (q.scalar_type() == at::kHalf) {
+    attend(s, q.data_ptr<c10::Half>(), kc.data_ptr<c10::Half>(), vc.data_ptr<c10::Half>(), sp, pp, scale,
+           out.data_ptr<c10::Half>());
+  } else {
+    TORCH_CHECK(false, "decode_attention: q must be bfloat16, float16 or float32, got ", q.scalar_type());
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(JETSERVE_W4A8_NS, m) {
+  m.def("decode_attention(Tensor q, Tensor kc, Tensor vc, Tensor slots, Tensor positions, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(JETSERVE_W4A8_NS, CPU, m) { m.impl("decode_attention", &decode_attention); }
