@@ -24,6 +24,10 @@
 #include <limits>
 #include <vector>
 
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #ifndef JETSERVE_W4A8_NS
 #define JETSERVE_W4A8_NS jetserve_w4a8
 #endif
@@ -66,6 +70,61 @@ struct Shape {
   int64_t sS, sT;  // cache strides of a slot and a position (elements); a KV head is D apart, d is 1 apart
 };
 
+#if defined(__AVX512F__) || defined(__AVX2__)
+// q . k for 4 keys at a time: each (key, head) dot product is a vector of partial sums, and the 4 keys' vectors
+// are reduced together (a transpose-and-add) instead of one horizontal sum each. Returns the keys done (a
+// multiple of 4); the caller finishes the rest.
+#if defined(__AVX512F__)
+constexpr int64_t kLanes = 16;
+using VecF = __m512;
+inline VecF vload(const float* p) { return _mm512_loadu_ps(p); }
+inline VecF vfma(VecF a, VecF b, VecF c) { return _mm512_fmadd_ps(a, b, c); }
+inline VecF vzero() { return _mm512_setzero_ps(); }
+inline __m128 reduce4(VecF a, VecF b, VecF c, VecF d) {
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));  // a02 b02 a13 b13
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  const __m512d abd = _mm512_castps_pd(ab), cdd = _mm512_castps_pd(cd);  // pairs moved as 64-bit units
+  const __m512 abcd = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(abd, cdd)),
+                                    _mm512_castpd_ps(_mm512_unpackhi_pd(abd, cdd)));
+  // each 128-bit lane now holds (a, b, c, d) partial sums: add the four lanes
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(abcd),
+                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(abcd), 1)));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+#else
+constexpr int64_t kLanes = 8;
+using VecF = __m256;
+inline VecF vload(const float* p) { return _mm256_loadu_ps(p); }
+inline VecF vfma(VecF a, VecF b, VecF c) { return _mm256_fmadd_ps(a, b, c); }
+inline VecF vzero() { return _mm256_setzero_ps(); }
+inline __m128 reduce4(VecF a, VecF b, VecF c, VecF d) {
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));  // per 128-bit half: a b c d
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+#endif
+
+template <typename T, int64_t DC, int64_t GC>
+int64_t scores4(const Shape& s, const float* qf, const T* k, int64_t n, float* scores) {
+  const int64_t g = GC ? GC : s.g;
+  constexpr int64_t C = DC / kLanes;
+  float rows[4][DC];
+  int64_t t = 0;
+  for (; t + 4 <= n; t += 4) {
+    for (int r = 0; r < 4; ++r) load_row<T, DC>(k + (t + r) * s.sT, rows[r], DC);
+    for (int64_t j = 0; j < g; ++j) {
+      const float* qj = qf + j * DC;
+      VecF acc[4] = {vzero(), vzero(), vzero(), vzero()};
+      for (int64_t c = 0; c < C; ++c) {
+        const VecF qv = vload(qj + c * kLanes);
+        for (int r = 0; r < 4; ++r) acc[r] = vfma(qv, vload(rows[r] + c * kLanes), acc[r]);
+      }
+      _mm_storeu_ps(scores + j * n + t, reduce4(acc[0], acc[1], acc[2], acc[3]));
+    }
+  }
+  return t;
+}
+#endif
+
 // One task: row b, KV head kh, keys [t0, t1) -> per query head j of the group: running max m, sum l (of
 // 2^(s - m)) and acc[D] (sum of 2^(s - m) v), written to part[j * (D + 2) ...] as (m, l, acc).
 // DC and GC: head_dim and group size when known at compile time (then the loops unroll and the group's
@@ -75,7 +134,11 @@ void chunk(const Shape& s, const float* qf, const T* kbase, const T* vbase, int6
            float* scores) {
   const int64_t D = DC ? DC : s.D, g = GC ? GC : s.g, n = t1 - t0;
   float row[kMaxHead];
-  for (int64_t t = 0; t < n; ++t) {
+  int64_t t = 0;
+#if defined(__AVX512F__) || defined(__AVX2__)
+  if constexpr (DC > 0 && DC % kLanes == 0) t = scores4<T, DC, GC>(s, qf, kbase + t0 * s.sT, n, scores);
+#endif
+  for (; t < n; ++t) {
     load_row<T, DC>(kbase + (t0 + t) * s.sT, row, D);
     for (int64_t j = 0; j < g; ++j) {
       const float* qj = qf + j * D;

@@ -45,9 +45,10 @@ namespace {
 constexpr int kCols = 16;  // output columns per block
 constexpr int kBlockK = 8;  // k per 64-byte packed block
 
-// Rounds one block of 8 activations to int8 (scale max|x| / 127, round half to even): returns the block's
-// scale and writes the codes to q and their sum to *sum. The vector versions compute exactly what the scalar
-// loop of `quantize_rows` computes (IEEE division and multiplication, round to nearest even).
+// Rounds one block of `ab` activations (a multiple of 8) to int8 (scale max|x| / 127, round half to even):
+// returns the block's scale and writes the codes to q and their sum to *sum. The vector versions compute
+// exactly what the scalar loop of `quantize_rows` computes (IEEE division and multiplication, round to nearest
+// even).
 #if defined(W4A8_AVX512VNNI) || defined(W4A8_AVX2)
 inline __m256 load8(const float* x) { return _mm256_loadu_ps(x); }
 inline __m256 load8(const c10::BFloat16* x) {
@@ -56,24 +57,28 @@ inline __m256 load8(const c10::BFloat16* x) {
 }
 
 template <typename T>
-inline float quantize8(const T* x, int8_t* q, int32_t* sum) {
-  const __m256 v = load8(x);
-  __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.f), v);
+inline float quantize_block(const T* x, int64_t ab, int8_t* q, int32_t* sum) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 a = _mm256_setzero_ps();
+  for (int64_t k = 0; k < ab; k += 8) a = _mm256_max_ps(a, _mm256_andnot_ps(sign, load8(x + k)));
   a = _mm256_max_ps(a, _mm256_permute_ps(a, 0xB1));  // swap neighbours
   a = _mm256_max_ps(a, _mm256_permute_ps(a, 0x4E));  // swap pairs
   a = _mm256_max_ps(a, _mm256_permute2f128_ps(a, a, 0x01));  // swap halves: every lane holds max|x|
   const float amax = _mm256_cvtss_f32(a);
   if (amax == 0.f) {
-    std::memset(q, 0, 8);
+    std::memset(q, 0, ab);
     *sum = 0;
     return 0.f;
   }
-  const __m256 r = _mm256_round_ps(_mm256_mul_ps(v, _mm256_div_ps(_mm256_set1_ps(127.f), a)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256i qi = _mm256_cvtps_epi32(r);
-  const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(qi), _mm256_extracti128_si256(qi, 1));  // 8 x int16
-  _mm_storel_epi64(reinterpret_cast<__m128i*>(q), _mm_packs_epi16(w, w));
-  __m128i t = _mm_madd_epi16(w, _mm_set1_epi16(1));  // 4 x int32
+  const __m256 inv = _mm256_div_ps(_mm256_set1_ps(127.f), a);
+  __m128i t = _mm_setzero_si128();
+  for (int64_t k = 0; k < ab; k += 8) {
+    const __m256 r = _mm256_round_ps(_mm256_mul_ps(load8(x + k), inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256i qi = _mm256_cvtps_epi32(r);
+    const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(qi), _mm256_extracti128_si256(qi, 1));  // 8 x int16
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(q + k), _mm_packs_epi16(w, w));
+    t = _mm_add_epi32(t, _mm_madd_epi16(w, _mm_set1_epi16(1)));  // 4 x int32
+  }
   t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
   t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
   *sum = _mm_cvtsi128_si32(t);
@@ -92,9 +97,9 @@ void quantize_rows(const T* x, int64_t M, int64_t K, int64_t gs, int64_t ab, int
         const T* xb = x + m * K + b * ab;
         int8_t* qb = xq + m * K + b * ab;
 #if defined(W4A8_AVX512VNNI) || defined(W4A8_AVX2)
-        if (ab == 8) {
+        if (ab % 8 == 0) {
           int32_t sum;
-          const float d = quantize8(xb, qb, &sum);
+          const float d = quantize_block(xb, ab, qb, &sum);
           dx[m * B + b] = d;
           c[m * G + b / per_g] += d * static_cast<float>(sum);
           continue;
