@@ -193,8 +193,11 @@ class Transformer(nn.Module):
         return qk[:, : dims.heads], qk[:, dims.heads :], v
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        """Final norm + lm_head: (N, hidden) -> float32 logits (N, vocab)."""
-        return self.lm_head(self.final_norm(x)).float()
+        """Final norm + lm_head: (N, hidden) -> float32 logits (N, vocab). A head with `forward_float` (the int8
+        head) writes float32 itself."""
+        h = self.final_norm(x)
+        to_float = getattr(self.lm_head, "forward_float", None)
+        return to_float(h) if to_float is not None else self.lm_head(h).float()
 
     # --- entry points -------------------------------------------------------------------------------------
     def prefill(self, tokens: torch.Tensor, slot: int, start_pos: int, cache: KVCache) -> torch.Tensor:

@@ -520,16 +520,25 @@ class Int8Linear(torch.nn.Module):
         return s
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward(x, False)
+
+    def forward_float(self, x: torch.Tensor) -> torch.Tensor:
+        """`forward` with float32 output (logits): the W8A8 kernel writes float32 itself, no cast of the output."""
+        return self._forward(x, True)
+
+    def _forward(self, x: torch.Tensor, float_out: bool) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features)
         if self.w8a8:
             xk = x2d if x2d.dtype in (torch.bfloat16, torch.float32) else x2d.to(torch.bfloat16)
             bufs = self._buffers
-            y = self._op(xk.contiguous(), bufs["w8a8_packed"], bufs["w8a8_scales"], self.act_block)
+            y = self._op(xk.contiguous(), bufs["w8a8_packed"], bufs["w8a8_scales"], self.act_block, float_out)
             if y.shape[1] != self.out_features:
                 y = y[:, : self.out_features]
-            y = y.to(x2d.dtype)
+            y = y.to(torch.float32 if float_out else x2d.dtype)
         else:
             y = kernels.int8_linear(x2d, self.codes, self._scales_for(x2d.dtype))
+            if float_out:
+                y = y.float()
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)

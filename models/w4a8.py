@@ -120,8 +120,8 @@ def _fake_mm(x, packed, scales, zeros, group_size, act_block):
     return x.new_empty(x.shape[0], packed.shape[0] * COLS)
 
 
-def _fake_mm8(x, packed, scales, act_block):
-    return x.new_empty(x.shape[0], packed.shape[0] * COLS)
+def _fake_mm8(x, packed, scales, act_block, float_out=False):
+    return x.new_empty(x.shape[0], packed.shape[0] * COLS, dtype=torch.float32 if float_out else x.dtype)
 
 
 def _fake_attention(q, kc, vc, slots, positions, scale):

@@ -383,9 +383,10 @@ void run_rows(int bits, int rows, const Args& a) {
 }
 
 // bits 4: scales (N/16, G, 16) float16 and zeros (N/16, G, 16) uint8; bits 8: scales (N/16, 16) float32, gs = K.
-template <typename T>
+// y (M, N) in the activation dtype T, or float32 (Y = float) for logits.
+template <typename T, typename Y>
 void matmul(int bits, const T* x, const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& zeros,
-            int64_t M, int64_t K, int64_t gs, int64_t ab, T* y) {
+            int64_t M, int64_t K, int64_t gs, int64_t ab, Y* y) {
   const int64_t G = K / gs, B = K / ab;
   const int64_t blocks = packed.size(0);
   const int64_t N = blocks * kCols;
@@ -419,7 +420,7 @@ void matmul(int bits, const T* x, const at::Tensor& packed, const at::Tensor& sc
                bits == 8 ? fs + b * kCols : nullptr};
         run_rows(bits, rows, a);
         for (int r = 0; r < rows; ++r)
-          for (int c = 0; c < kCols; ++c) y[(m0 + r) * N + b * kCols + c] = static_cast<T>(tile[r * kCols + c]);
+          for (int c = 0; c < kCols; ++c) y[(m0 + r) * N + b * kCols + c] = static_cast<Y>(tile[r * kCols + c]);
       }
     }
   });
@@ -455,7 +456,8 @@ at::Tensor w4a8_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   return y;
 }
 
-at::Tensor w8a8_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t act_block) {
+at::Tensor w8a8_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t act_block,
+                   bool float_out) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "w8a8_mm: x must be a contiguous (M, K) matrix");
   TORCH_CHECK(packed.dim() == 3 && packed.size(2) == 64 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
               "w8a8_mm: packed must be contiguous (N/16, K/4, 64) uint8");
@@ -466,14 +468,16 @@ at::Tensor w8a8_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.dim() == 2 &&
                   scales.size(0) == blocks && scales.size(1) == kCols,
               "w8a8_mm: scales must be contiguous (N/16, 16) float32");
-  auto y = at::empty({M, blocks * kCols}, x.options());
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
+              "w8a8_mm: x must be bfloat16 or float32, got ", x.scalar_type());
+  auto y = at::empty({M, blocks * kCols}, float_out ? x.options().dtype(at::kFloat) : x.options());
   if (M == 0) return y;
-  if (x.scalar_type() == at::kBFloat16) {
+  if (x.scalar_type() == at::kBFloat16 && !float_out) {
     matmul(8, x.data_ptr<c10::BFloat16>(), packed, scales, scales, M, K, K, act_block, y.data_ptr<c10::BFloat16>());
-  } else if (x.scalar_type() == at::kFloat) {
-    matmul(8, x.data_ptr<float>(), packed, scales, scales, M, K, K, act_block, y.data_ptr<float>());
+  } else if (x.scalar_type() == at::kBFloat16) {
+    matmul(8, x.data_ptr<c10::BFloat16>(), packed, scales, scales, M, K, K, act_block, y.data_ptr<float>());
   } else {
-    TORCH_CHECK(false, "w8a8_mm: x must be bfloat16 or float32, got ", x.scalar_type());
+    matmul(8, x.data_ptr<float>(), packed, scales, scales, M, K, K, act_block, y.data_ptr<float>());
   }
   return y;
 }
@@ -494,7 +498,7 @@ std::string isa_op() { return isa(); }
 
 TORCH_LIBRARY(JETSERVE_W4A8_NS, m) {
   m.def("w4a8_mm(Tensor x, Tensor packed, Tensor scales, Tensor zeros, int group_size, int act_block) -> Tensor");
-  m.def("w8a8_mm(Tensor x, Tensor packed, Tensor scales, int act_block) -> Tensor");
+  m.def("w8a8_mm(Tensor x, Tensor packed, Tensor scales, int act_block, bool float_out=False) -> Tensor");
   m.def("isa() -> str", [] { return isa_op(); });
 }
 
