@@ -77,3 +77,30 @@ def test_profile_finds_the_compiled_head_and_recompiles_nothing(tiny_llama_dir, 
     assert p["classes"]["lm_head"]["share"] > 0
     assert counters["stats"]["unique_graphs"] == graphs
     assert r.model.compiled_decode is compiled and "forward" not in vars(r.model.lm_head)
+
+
+def test_ttft_against_transformers_alternates_round_by_round(tiny_llama_dir):
+    """`make bench` times transformers bf16's TTFT between ours, round by round in one process, and the table
+    reports the median of the per-round speed-ups."""
+    import argparse
+
+    from benchmarks.decode import HFPrefill, _fmt_table, add_arguments, bench_ours
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(
+        ["--runs", "3", "--new-tokens", "4", "--prompt-len", "16", "--max-seq", "64", "--no-compile", "--no-profile"]
+    )
+    hf = HFPrefill(tiny_llama_dir, args.prompt_len)
+    try:
+        res = bench_ours(tiny_llama_dir, args, hf_ttft=hf)
+    finally:
+        hf.close()
+    alt = res.pop("hf_bf16_ttft")
+    rounds = alt["rounds"]
+    assert len(rounds["ours_ttft_s"]) == len(rounds["hf_bf16_ttft_s"]) == 3
+    speedups = sorted(h / o for o, h in zip(rounds["ours_ttft_s"], rounds["hf_bf16_ttft_s"]))
+    assert alt["ttft_speedup_median"] == pytest.approx(speedups[1])
+    bandwidth = {"read_GBps": 10.0, "copy_GBps": 5.0}
+    table = _fmt_table({"args": {"prompt_len": 16}, "ours_gptq": res, "hf_bf16_ttft": alt, "bandwidth": bandwidth})
+    assert "transformers bf16 rounds alternated" in table and f"{alt['ttft_speedup_median']:.2f}x" in table
