@@ -37,6 +37,7 @@ namespace {
 constexpr int64_t kMinChunk = 32;  // keys per task at least (a task's fixed cost is a few hundred ns)
 constexpr int64_t kMaxHead = 256;  // head_dim bound of the stack buffers
 constexpr int64_t kMaxGroup = 16;  // query heads per KV head bound
+constexpr int64_t kAhead = 16;  // keys prefetched ahead (each row's K and V are KVH * D apart: strided reads)
 
 // 2^x for x <= 0 (x >= -126 after the clamp): Cephes' exp2f polynomial on [-0.5, 0.5], relative error ~2e-7.
 inline float exp2_neg(float x) {
@@ -110,7 +111,13 @@ int64_t scores4(const Shape& s, const float* qf, const T* k, int64_t n, float* s
   float rows[4][DC];
   int64_t t = 0;
   for (; t + 4 <= n; t += 4) {
-    for (int r = 0; r < 4; ++r) load_row<T, DC>(k + (t + r) * s.sT, rows[r], DC);
+    for (int r = 0; r < 4; ++r) {
+      if (t + r + kAhead < n) {
+        const char* ahead = reinterpret_cast<const char*>(k + (t + r + kAhead) * s.sT);
+        for (int64_t b = 0; b < static_cast<int64_t>(DC * sizeof(T)); b += 64) __builtin_prefetch(ahead + b);
+      }
+      load_row<T, DC>(k + (t + r) * s.sT, rows[r], DC);
+    }
     for (int64_t j = 0; j < g; ++j) {
       const float* qj = qf + j * DC;
       VecF acc[4] = {vzero(), vzero(), vzero(), vzero()};
@@ -165,6 +172,10 @@ void chunk(const Shape& s, const float* qf, const T* kbase, const T* vbase, int6
   float acc[(GC ? GC : kMaxGroup) * (DC ? DC : kMaxHead)];
   std::fill(acc, acc + g * D, 0.f);
   for (int64_t t = 0; t < n; ++t) {
+    if (t + kAhead < n) {
+      const char* ahead = reinterpret_cast<const char*>(vbase + (t0 + t + kAhead) * s.sT);
+      for (int64_t b = 0; b < static_cast<int64_t>(D * sizeof(T)); b += 64) __builtin_prefetch(ahead + b);
+    }
     load_row<T, DC>(vbase + (t0 + t) * s.sT, row, D);
     for (int64_t j = 0; j < g; ++j) {
       const float p = scores[j * n + t];
