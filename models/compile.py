@@ -11,8 +11,10 @@ per code object, so two models in one process never share or crowd out each othe
 norm and lm_head are a second compiled function, where an int8 head runs as one fused dequantize-and-reduce loop
 (`kernels.int8_linear`). Inductor fuses the small ops between the matmuls (norms, RoPE, residual adds, the gated
 activation, the mask) into generated C++ loops; the int4/int8/dense matmuls and attention stay library kernels.
-Shapes are dynamic: a handful of graphs (batch 1 and batch >= 2, by attention length bucket) cover every shape
-the engine uses, and `compile_decode` triggers them all during warm-up, so serving never compiles.
+Shapes are dynamic where they vary (dynamo's automatic dynamic shapes): a dimension becomes symbolic once two
+warm-up calls differ in it, i.e. the batch (batch 1 and batch >= 2 are two graphs) and, on the SDPA attention path,
+the attention length; the caches and weights keep static shapes, so a call checks fewer guards (docs/benchmarks.md). `compile_decode` triggers every graph the engine uses during
+warm-up, so serving never compiles.
 
 The compiled artifacts are cached on disk (`cache_dir`, under the model store by default: inductor's FX graph
 and AOT autograd caches), so a restart reuses them. Compilation needs a C++ compiler; without one, or when
@@ -172,7 +174,7 @@ def compile_decode(
         uniform = len({layer_structure(b) for b in model.blocks}) == 1
         layer_options = dict(INDUCTOR_OPTIONS, guard_filter_fn=_skip_block_guards) if uniform else INDUCTOR_OPTIONS
         model.compiled_decode = CompiledDecode(
-            layers=torch.compile(_own_code(model.decode_layers), dynamic=True, options=layer_options),
+            layers=torch.compile(_own_code(model.decode_layers), dynamic=None, options=layer_options),
             head=torch.compile(_own_code(model.head), dynamic=False, options=HEAD_OPTIONS),
             group=group,
         )

@@ -14,14 +14,16 @@ from models.loader import load_runner
 pytestmark = pytest.mark.skipif(C.compile_unavailable(torch.device("cpu")) is not None, reason="no C++ compiler")
 
 
-@pytest.fixture(scope="module")
-def compiled_runner(tiny_llama_dir, tmp_path_factory):
+@pytest.fixture(scope="module", params=["inplace", "sdpa"])
+def compiled_runner(request, tiny_llama_dir, tmp_path_factory):
+    """Both decode attentions: the in-place kernel (no attention length in the graph) and SDPA over a bucket."""
     r = load_runner(
         tiny_llama_dir,
         dtype=torch.float32,
         max_batch_size=4,
         max_seq=192,
         compile_cache_dir=tmp_path_factory.mktemp("compile-cache"),
+        cpu_attention=request.param,
     )
     r.warmup()
     assert r.compiled, r.compile_note
