@@ -24,6 +24,9 @@ import torch.nn.functional as F
 logger = logging.getLogger(__name__)
 
 CPU_ATTENTION_CHOICES = ("auto", "inplace", "sdpa")
+# the kernel's bounds (kMaxGroup, kMaxHead in models/csrc/decode_attention.cpp)
+MAX_GROUP = 16  # query heads per KV head
+MAX_HEAD_DIM = 256
 
 # the attention op's signature: (q (B, H, D), kc, vc (S, T, KVH, D), slots (B,), positions (B,), scale) -> (B, H, D)
 AttentionOp = Callable[..., torch.Tensor]
@@ -79,5 +82,21 @@ def cpu_attention_op(choice: str = "auto") -> Tuple[Optional[AttentionOp], str]:
         why = f"in-place kernel unavailable: {built}"
     if choice == "inplace":
         raise RuntimeError(f"cpu_attention='inplace' requested but {why}")
+    _log_once("sdpa", why)
+    return None, why
+
+
+def decode_attention_for(choice: str, heads: int, kv_heads: int, head_dim: int) -> Tuple[Optional[AttentionOp], str]:
+    """`cpu_attention_op(choice)` for a model with these attention shapes: SDPA (logged) where the kernel's bounds
+    (MAX_GROUP query heads per KV head, MAX_HEAD_DIM) exclude them under "auto", an error under "inplace"."""
+    op, reason = cpu_attention_op(choice)
+    if op is None or (heads // kv_heads <= MAX_GROUP and head_dim <= MAX_HEAD_DIM):
+        return op, reason
+    why = (
+        f"in-place kernel takes at most {MAX_GROUP} query heads per KV head and head_dim {MAX_HEAD_DIM}; "
+        f"this model has {heads // kv_heads} and {head_dim}"
+    )
+    if choice == "inplace":
+        raise ValueError(f"cpu_attention='inplace' requested but the {why}")
     _log_once("sdpa", why)
     return None, why

@@ -551,12 +551,11 @@ def load_runner(
     cpu_attention: the CPU decode attention, one of `attention.CPU_ATTENTION_CHOICES` ("auto": the in-place
     kernel where it builds); CUDA always runs SDPA.
     """
-    from .attention import CPU_ATTENTION_CHOICES, cpu_attention_op
+    from .attention import CPU_ATTENTION_CHOICES, decode_attention_for
     from .runner import Runner
 
     if cpu_attention not in CPU_ATTENTION_CHOICES:
         raise ValueError(f"cpu_attention must be one of {CPU_ATTENTION_CHOICES}, got {cpu_attention!r}")
-
     if lm_head not in LM_HEAD_DTYPES:
         raise ValueError(f"lm_head must be one of {LM_HEAD_DTYPES}, got {lm_head!r}")
     model_dir = Path(model_dir)
@@ -599,7 +598,9 @@ def load_runner(
     model = build_model(model_dir, spec, dims, info.qcfg, device=device, dtype=dtype, lm_head=head, cpu_int4=cpu_int4)
     release_freed_heap()  # the unpack/repack temporaries of every layer
     if device.type == "cpu":
-        model.decode_attention = cpu_attention_op(cpu_attention)[0]
+        model.decode_attention = decode_attention_for(cpu_attention, dims.heads, dims.kv_heads, dims.head_dim)[0]
+    elif cpu_attention == "inplace":
+        logger.warning("cpu_attention=inplace applies on CPU only; %s runs SDPA", device)
     model.init_rope(max_seq, device, dtype)
     cache = KVCache(dims.layers, max_batch_size, max_seq, dims.kv_heads, dims.head_dim, device=device, dtype=dtype)
     logger.info(

@@ -35,8 +35,9 @@
 namespace {
 
 constexpr int64_t kMinChunk = 32;  // keys per task at least (a task's fixed cost is a few hundred ns)
-constexpr int64_t kMaxHead = 256;  // head_dim bound of the stack buffers
-constexpr int64_t kMaxGroup = 16;  // query heads per KV head bound
+// bounds of the stack buffers, mirrored by models/attention.py (MAX_HEAD_DIM, MAX_GROUP)
+constexpr int64_t kMaxHead = 256;  // head_dim
+constexpr int64_t kMaxGroup = 16;  // query heads per KV head
 constexpr int64_t kAhead = 16;  // keys prefetched ahead (each row's K and V are KVH * D apart: strided reads)
 
 // 2^x for x <= 0 (x >= -126 after the clamp): Cephes' exp2f polynomial on [-0.5, 0.5], relative error ~2e-7.

@@ -178,3 +178,24 @@ def test_cpu_attention_choice(monkeypatch):
             attention.cpu_attention_op("inplace")
     finally:
         w4a8._load.cache_clear()
+
+
+def test_shapes_outside_the_kernel_bounds_run_sdpa():
+    """A model with more query heads per KV head (or a wider head) than the kernel's buffers: SDPA under "auto"
+    (logged), an error under "inplace"; the constants match the C++ bounds (the kernel rejects one past them)."""
+    assert attention.decode_attention_for("auto", 32, 8, 128)[0] is not None or w4a8.native_isa() == "scalar"
+    op, why = attention.decode_attention_for("auto", 2 * attention.MAX_GROUP, 1, 64)
+    assert op is None and "query heads per KV head" in why
+    assert attention.decode_attention_for("auto", 4, 4, attention.MAX_HEAD_DIM * 2)[0] is None
+    with pytest.raises(ValueError, match="head_dim"):
+        attention.decode_attention_for("inplace", 4, 4, attention.MAX_HEAD_DIM * 2)
+    op = op_for("scalar")
+    g = attention.MAX_GROUP
+    kc = torch.zeros(1, 4, 1, 16)
+    s, p = torch.tensor([0]), torch.tensor([1])
+    assert op(torch.zeros(1, g, 16), kc, kc, s, p, 1.0).shape == (1, g, 16)
+    with pytest.raises(RuntimeError, match="H / KVH <= 16"):
+        op(torch.zeros(1, g + 1, 16), kc, kc, s, p, 1.0)
+    big = torch.zeros(1, 4, 1, attention.MAX_HEAD_DIM + 8)
+    with pytest.raises(RuntimeError, match="head_dim <= 256"):
+        op(torch.zeros(1, 1, attention.MAX_HEAD_DIM + 8), big, big, s, p, 1.0)
