@@ -5,8 +5,9 @@ Contract (docs/architecture.md): `prefill(tokens, slot, start_pos)`, `prefill_lo
 `memory_report()`, `warmup()`. The runner never sees text and holds no per-request state: the caller owns
 positions and slot ids.
 
-Decode attends over the first `kv_len` cache positions, where `kv_len` is a bucket (multiple of
-`KV_BUCKET` on CPU, powers of two from 256 on CUDA) covering max(positions)+1. The bucket is read from
+Decode with SDPA attends over the first `kv_len` cache positions, where `kv_len` is a bucket (multiple of
+`KV_BUCKET` on CPU, powers of two from 256 on CUDA) covering max(positions)+1; the in-place CPU attention
+(models.attention) needs no bucket. The bucket is read from
 the positions tensor only when it lives on the host (the engine builds it there), so it is never a device
 sync; for positions already on the GPU the whole cache (`max_seq`) is used.
 
@@ -125,7 +126,8 @@ class Runner:
         B = tokens.shape[0]
         if B > self.max_batch_size:
             raise ValueError(f"decode batch {B} > max_batch_size {self.max_batch_size}")
-        kv_len = self._kv_len(positions)
+        # the in-place CPU attention reads each row's length from `positions` itself: no bucket to compute
+        kv_len = None if self.model.decode_attention is not None else self._kv_len(positions)
         if self.use_cuda_graphs and self._graphs:
             return self._decode_graph(tokens, positions, slots, kv_len or self.max_seq)
         dev = self.device

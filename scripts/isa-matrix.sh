@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Reruns the tests that touch packed int4 layouts under every other torch CPU capability this CPU can run
-# (ATEN_CPU_CAPABILITY), so a layout assumption cannot pass on one ISA and fail on another. `--info` only
+# Reruns the tests that touch packed int4 layouts and our C++ kernels under every other torch CPU capability this
+# CPU can run (ATEN_CPU_CAPABILITY), so a layout or kernel assumption cannot pass on one ISA and fail on another. `--info` only
 # prints the CPU and torch's capability (CI's first line). Each run gets a fresh inductor cache: inductor's
 # cache key ignores ATEN_CPU_CAPABILITY, and GPTQModel's compiled dequantizer from another ISA crashes.
 set -euo pipefail
@@ -25,6 +25,6 @@ for cap in $others; do
   cache=$(mktemp -d)
   ATEN_CPU_CAPABILITY=$cap TORCHINDUCTOR_CACHE_DIR=$cache "$PY" -m pytest -q -p no:cacheprovider \
     tests/unit/test_kernels.py tests/unit/test_qlinear.py tests/unit/test_formats.py tests/unit/test_model_quant.py \
-    tests/unit/test_w4a8.py
+    tests/unit/test_w4a8.py tests/unit/test_attention.py
   rm -rf "$cache"
 done
