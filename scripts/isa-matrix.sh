@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Reruns the tests that touch packed int4 layouts and our C++ kernels under every other torch CPU capability this
-# CPU can run (ATEN_CPU_CAPABILITY), so a layout or kernel assumption cannot pass on one ISA and fail on another. `--info` only
-# prints the CPU and torch's capability (CI's first line). Each run gets a fresh inductor cache: inductor's
-# cache key ignores ATEN_CPU_CAPABILITY, and GPTQModel's compiled dequantizer from another ISA crashes.
+# CPU can run (ATEN_CPU_CAPABILITY), so a layout or kernel assumption cannot pass on one ISA and fail on another.
+# `--info` only prints the CPU and torch's capability (CI's first line). Each run gets a fresh inductor cache:
+# inductor's cache key ignores ATEN_CPU_CAPABILITY, and GPTQModel's compiled dequantizer from another ISA crashes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
