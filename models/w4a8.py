@@ -8,6 +8,8 @@ in plain PyTorch; the parity tests hold the kernel to it.
 The kernel is compiled on first use for the instruction set torch runs with (`torch.backends.cpu`; AVX-512 VNNI,
 AVX2 or plain C++) into torch's extension cache ($TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions),
 and loaded from there afterwards. Without a C++ compiler or ninja, `load` says why and the caller falls back.
+This module owns the build of the whole extension: it also holds the int8 head's `w8a8_mm` and the in-place
+decode attention (models/attention.py, models/csrc/decode_attention.cpp).
 """
 
 from __future__ import annotations
