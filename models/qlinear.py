@@ -468,7 +468,7 @@ class Int8Linear(torch.nn.Module):
 
     Two CPU kernels: `w8a8=False` holds the codes (out, in) for `kernels.int8_linear` (aten._weight_int8pack_mm,
     bf16 activations); `w8a8=True` holds them only in `w4a8.pack_int8`'s layout for the W8A8 op (activations
-    rounded to int8 per row and block of w4a8.ACT_BLOCK inputs, exact int32 sums; models/csrc/w4a8.cpp)."""
+    rounded to int8 per row and block of `w4a8.head_act_block` inputs, exact int32 sums; models/csrc/w4a8.cpp)."""
 
     def __init__(
         self, codes: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor] = None, w8a8: bool = False
@@ -491,7 +491,7 @@ class Int8Linear(torch.nn.Module):
             self.register_buffer("w8a8_packed", packed)
             self.register_buffer("w8a8_scales", block_scales)
             self._op = ops.w8a8_mm.default
-            self.act_block = w4a8.act_block(self.in_features)
+            self.act_block = w4a8.head_act_block(self.in_features)
         else:
             self.register_buffer("codes", codes.contiguous())
         self.register_buffer("scales", scales.float())

@@ -29,6 +29,7 @@ COLS = 16  # output columns per packed block
 BLOCK_K = 8  # k per 64-byte packed block
 FP16_MIN_NORMAL = 2.0**-14
 ACT_BLOCK = 8  # activation quantization block (inputs), capped at the weight group size; docs/benchmarks.md
+HEAD_ACT_BLOCK = 64  # the W8A8 head's activation block where it divides the input width; docs/benchmarks.md
 # one extension: the W4A8/W8A8 matmuls and the in-place decode attention (models/attention.py)
 SOURCES = tuple(Path(__file__).parent / "csrc" / f for f in ("w4a8.cpp", "decode_attention.cpp"))
 ISA_FLAGS = {
@@ -111,6 +112,11 @@ def _load(isa: str) -> Tuple[Optional[object], str]:
     if built != isa:
         return None, f"the W4A8 build for {isa} compiled the {built} path (compiler flags ignored?)"
     return ops, isa
+
+
+def head_act_block(in_features: int) -> int:
+    """The activation block of the W8A8 head (`w8a8_mm`) for this input width."""
+    return HEAD_ACT_BLOCK if in_features % HEAD_ACT_BLOCK == 0 else ACT_BLOCK
 
 
 def act_block(group_size: int) -> int:
