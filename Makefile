@@ -1,7 +1,7 @@
 # The two commands in the README:
 #   make serve   -> installs into .venv, prepares the served demo model (bf16 + GPTQ g64), serves it on 127.0.0.1:8000
 #   make test    -> installs into .venv (with dev extras), prepares GPTQ g64 and AWQ g64 of the first 2 layers
-#                   (awq-g64-l2), runs the suite, then reruns the int4-layout tests under the other CPU ISAs
+#                   (awq-g64-l2), runs the suite, then reruns the int4-layout and kernel tests under the other CPU ISAs
 # GPTQModel's AWQ of the whole model takes 7-30 min on a 2-core CPU even at 8 x 256 calibration tokens, so only
 # `make demo` (and `make bench`) write the whole awq-g64 variant.
 PYTHON ?= python3
