@@ -8,6 +8,8 @@ For every unit test module (autouse, undone after the module):
   installs. Each file is a few hundred KB of seeded sentences mixing English words, made-up words (thousands
   of distinct ones) and words in other scripts (accents, CJK, Cyrillic, Arabic, Hebrew, Thai, emoji), so
   byte-level tokenizers split characters across tokens.
+
+`isa`: every build of our C++ extension (models/w4a8.py) this CPU can run; a test that takes it runs once per build.
 """
 
 from __future__ import annotations
@@ -16,6 +18,24 @@ import random
 from pathlib import Path
 
 import pytest
+
+
+def _extension_isas() -> list:
+    from models.w4a8 import _cpu_flags
+
+    flags = _cpu_flags()
+    vnni = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
+    return [
+        pytest.param("avx512_vnni", marks=pytest.mark.skipif(not vnni <= flags, reason="CPU has no AVX-512 VNNI")),
+        pytest.param("avx2", marks=pytest.mark.skipif(not {"avx2", "fma", "f16c"} <= flags, reason="CPU has no AVX2")),
+        "scalar",
+    ]
+
+
+@pytest.fixture(params=_extension_isas())
+def isa(request) -> str:
+    return request.param
+
 
 _ENGLISH = (
     "the of and to in is was for on that with as by at from his her their this which are were be has have had "

@@ -8,18 +8,6 @@ import torch
 
 from models import kernels, w4a8
 
-FLAGS = w4a8._cpu_flags()
-ISAS = [
-    pytest.param(
-        "avx512_vnni",
-        marks=pytest.mark.skipif(
-            not {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= FLAGS, reason="CPU has no AVX-512 VNNI"
-        ),
-    ),
-    pytest.param("avx2", marks=pytest.mark.skipif(not {"avx2", "fma", "f16c"} <= FLAGS, reason="CPU has no AVX2")),
-    "scalar",
-]
-
 
 @pytest.fixture
 def gen() -> torch.Generator:
@@ -79,7 +67,6 @@ def test_pack_rejects_what_the_kernel_cannot_take():
         w4a8.pack(codes, torch.ones(2, 16), zeros, 12)
 
 
-@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("m", [1, 3, 8, 9, 21])
 @pytest.mark.parametrize(
     "n,k,group,block",
@@ -174,7 +161,6 @@ def test_explicit_w4a8_without_a_compiler_is_an_error(monkeypatch):
 # ------------------------------------------------------------------ W8A8: the int8 lm_head on the same path
 
 
-@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("m", [1, 3, 8, 9, 21])
 @pytest.mark.parametrize("n,k,block", [(100, 64, 8), (48, 576, 8), (32, 128, 32)])
 def test_w8_kernel_matches_reference(isa, m, n, k, block, gen):
