@@ -7,8 +7,9 @@
 // (flash-decoding): each chunk keeps its running max, sum of exponentials and weighted sum of values in float32,
 // and a second pass merges the chunks. models/attention.py holds the plain-PyTorch reference.
 //
-// The loops are written for the compiler's vectorizer (`omp simd`); exp is a polynomial so it vectorizes too.
-// Built into the same extension as w4a8.cpp (models/w4a8.py `load`), under the same op namespace.
+// q . k takes 4 keys at a time with AVX-512 or AVX2 intrinsics (`scores4`); the other loops are written for the
+// compiler's vectorizer (`omp simd`), and exp is a polynomial so it vectorizes too. Built into the same extension
+// as w4a8.cpp (models/w4a8.py `load`), under the same op namespace.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -34,7 +35,7 @@
 
 namespace {
 
-constexpr int64_t kMinChunk = 32;  // keys per task at least (a task's fixed cost is a few hundred ns)
+constexpr int64_t kMinChunk = 32;  // keys per task at least, when batch 1 splits a row's keys over the threads
 // bounds of the stack buffers, mirrored by models/attention.py (MAX_HEAD_DIM, MAX_GROUP)
 constexpr int64_t kMaxHead = 256;  // head_dim
 constexpr int64_t kMaxGroup = 16;  // query heads per KV head
