@@ -70,16 +70,12 @@ def cpu_attention_op(choice: str = "auto") -> Tuple[Optional[AttentionOp], str]:
         return None, "requested"
     from . import w4a8
 
-    isa = w4a8.native_isa()
-    if isa == "scalar" and choice == "auto":
-        why = "in-place kernel: no AVX2 or AVX-512 on this CPU / torch capability"
-    else:
-        ops, built = w4a8.load(isa)
-        if ops is not None:
-            reason = f"in-place C++ kernel, {built} build"
-            _log_once("inplace", reason)
-            return ops.decode_attention.default, reason
-        why = f"in-place kernel unavailable: {built}"
+    ops, built = w4a8.load_for(requested=choice == "inplace")
+    if ops is not None:
+        reason = f"in-place C++ kernel, {built} build"
+        _log_once("inplace", reason)
+        return ops.decode_attention.default, reason
+    why = f"in-place kernel: {built}"
     if choice == "inplace":
         raise RuntimeError(f"cpu_attention='inplace' requested but {why}")
     _log_once("sdpa", why)

@@ -83,14 +83,10 @@ def _cpu_plan(cpu_int4: str) -> KernelPlan:
     if cpu_int4 in ("auto", "w4a8"):
         from . import w4a8
 
-        isa = w4a8.native_isa()
-        if isa == "scalar" and cpu_int4 == "auto":
-            why = "W4A8 kernel: no AVX2 or AVX-512 VNNI on this CPU / torch capability"
-        else:
-            ops, built = w4a8.load(isa)
-            if ops is not None:
-                return KernelPlan(CPU_W4A8, None, f"W4A8 C++ kernel, {built} build (int8 activation blocks)")
-            why = f"W4A8 kernel unavailable: {built}"
+        ops, built = w4a8.load_for(requested=cpu_int4 == "w4a8")
+        if ops is not None:
+            return KernelPlan(CPU_W4A8, None, f"W4A8 C++ kernel, {built} build (int8 activation blocks)")
+        why = f"W4A8 kernel: {built}"
         if cpu_int4 == "w4a8":
             raise RuntimeError(f"cpu_int4='w4a8' requested but {why}")
     if _has_cpu_int4():

@@ -82,6 +82,17 @@ def load(isa: Optional[str] = None) -> Tuple[Optional[object], str]:
     return _load(isa or native_isa())
 
 
+def load_for(requested: bool) -> Tuple[Optional[object], str]:
+    """The build a kernel choice takes: `load()` when the kernel was asked for by name (`requested`, where even the
+    plain C++ build serves), else (an "auto" choice) only where torch and the CPU run AVX2 or AVX-512 VNNI;
+    (None, why) otherwise."""
+    isa = native_isa()
+    if isa == "scalar" and not requested:
+        return None, "no AVX2 or AVX-512 VNNI on this CPU / torch capability"
+    ops, built = load(isa)
+    return (ops, built) if ops is not None else (None, f"unavailable: {built}")
+
+
 @functools.lru_cache(maxsize=None)
 def _load(isa: str) -> Tuple[Optional[object], str]:
     if isa not in ISA_FLAGS:

@@ -67,6 +67,13 @@ inline void load_row(const T* src, float* dst, int64_t D) {
   for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<float>(src[d]);
 }
 
+// the cache lines of one row of D values, kAhead keys before it is read
+template <typename T>
+inline void prefetch_row(const T* row, int64_t D) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t b = 0; b < static_cast<int64_t>(D * sizeof(T)); b += 64) __builtin_prefetch(p + b);
+}
+
 struct Shape {
   int64_t B, H, KVH, D, g, T;
   int64_t sQ;      // q's row stride (elements); its heads are D apart
@@ -114,10 +121,7 @@ int64_t scores4(const Shape& s, const float* qf, const T* k, int64_t n, float* s
   int64_t t = 0;
   for (; t + 4 <= n; t += 4) {
     for (int r = 0; r < 4; ++r) {
-      if (t + r + kAhead < n) {
-        const char* ahead = reinterpret_cast<const char*>(k + (t + r + kAhead) * s.sT);
-        for (int64_t b = 0; b < static_cast<int64_t>(DC * sizeof(T)); b += 64) __builtin_prefetch(ahead + b);
-      }
+      if (t + r + kAhead < n) prefetch_row(k + (t + r + kAhead) * s.sT, DC);
       load_row<T, DC>(k + (t + r) * s.sT, rows[r], DC);
     }
     for (int64_t j = 0; j < g; ++j) {
@@ -174,10 +178,7 @@ void chunk(const Shape& s, const float* qf, const T* kbase, const T* vbase, int6
   float acc[(GC ? GC : kMaxGroup) * (DC ? DC : kMaxHead)];
   std::fill(acc, acc + g * D, 0.f);
   for (int64_t t = 0; t < n; ++t) {
-    if (t + kAhead < n) {
-      const char* ahead = reinterpret_cast<const char*>(vbase + (t0 + t + kAhead) * s.sT);
-      for (int64_t b = 0; b < static_cast<int64_t>(D * sizeof(T)); b += 64) __builtin_prefetch(ahead + b);
-    }
+    if (t + kAhead < n) prefetch_row(vbase + (t0 + t + kAhead) * s.sT, D);
     load_row<T, DC>(vbase + (t0 + t) * s.sT, row, D);
     for (int64_t j = 0; j < g; ++j) {
       const float p = scores[j * n + t];

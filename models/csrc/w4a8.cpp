@@ -45,10 +45,28 @@ namespace {
 constexpr int kCols = 16;  // output columns per block
 constexpr int kBlockK = 8;  // k per 64-byte packed block
 
-// Rounds one block of `ab` activations (a multiple of 8) to int8 (scale max|x| / 127, round half to even):
-// returns the block's scale and writes the codes to q and their sum to *sum. The vector versions compute
-// exactly what the scalar loop of `quantize_rows` computes (IEEE division and multiplication, round to nearest
-// even).
+// Rounds one block of `ab` activations to int8 (scale max|x| / 127, round half to even): returns the block's
+// scale and writes the codes to q and their sum to *sum. The scalar version is the definition; the vector one
+// (blocks that are a multiple of 8, AVX-512 and AVX2 builds) computes exactly the same (IEEE division and
+// multiplication, round to nearest even).
+template <typename T>
+inline float quantize_block_scalar(const T* x, int64_t ab, int8_t* q, int32_t* sum) {
+  float amax = 0.f;
+  for (int64_t k = 0; k < ab; ++k) amax = std::max(amax, std::fabs(static_cast<float>(x[k])));
+  *sum = 0;
+  if (amax == 0.f) {
+    std::memset(q, 0, ab);
+    return 0.f;
+  }
+  const float inv = 127.f / amax;
+  for (int64_t k = 0; k < ab; ++k) {
+    const int32_t v = static_cast<int32_t>(std::nearbyint(static_cast<float>(x[k]) * inv));
+    q[k] = static_cast<int8_t>(v);
+    *sum += v;
+  }
+  return amax / 127.f;
+}
+
 #if defined(W4A8_AVX512VNNI) || defined(W4A8_AVX2)
 inline __m256 load8(const float* x) { return _mm256_loadu_ps(x); }
 inline __m256 load8(const c10::BFloat16* x) {
@@ -58,6 +76,7 @@ inline __m256 load8(const c10::BFloat16* x) {
 
 template <typename T>
 inline float quantize_block(const T* x, int64_t ab, int8_t* q, int32_t* sum) {
+  if (ab % 8) return quantize_block_scalar(x, ab, q, sum);
   const __m256 sign = _mm256_set1_ps(-0.f);
   __m256 a = _mm256_setzero_ps();
   for (int64_t k = 0; k < ab; k += 8) a = _mm256_max_ps(a, _mm256_andnot_ps(sign, load8(x + k)));
@@ -84,6 +103,11 @@ inline float quantize_block(const T* x, int64_t ab, int8_t* q, int32_t* sum) {
   *sum = _mm_cvtsi128_si32(t);
   return amax / 127.f;
 }
+#else
+template <typename T>
+inline float quantize_block(const T* x, int64_t ab, int8_t* q, int32_t* sum) {
+  return quantize_block_scalar(x, ab, q, sum);
+}
 #endif
 
 // Per-row, per-block int8 quantization of the activations: xq (M, K), dx (M, K / ab), c (M, G).
@@ -96,30 +120,8 @@ void quantize_rows(const T* x, int64_t M, int64_t K, int64_t gs, int64_t ab, int
       for (int64_t b = 0; b < B; ++b) {
         const T* xb = x + m * K + b * ab;
         int8_t* qb = xq + m * K + b * ab;
-#if defined(W4A8_AVX512VNNI) || defined(W4A8_AVX2)
-        if (ab % 8 == 0) {
-          int32_t sum;
-          const float d = quantize_block(xb, ab, qb, &sum);
-          dx[m * B + b] = d;
-          c[m * G + b / per_g] += d * static_cast<float>(sum);
-          continue;
-        }
-#endif
-        float amax = 0.f;
-        for (int64_t k = 0; k < ab; ++k) amax = std::max(amax, std::fabs(static_cast<float>(xb[k])));
-        if (amax == 0.f) {
-          std::memset(qb, 0, ab);
-          dx[m * B + b] = 0.f;
-          continue;
-        }
-        const float inv = 127.f / amax;
-        int32_t sum = 0;
-        for (int64_t k = 0; k < ab; ++k) {
-          const int32_t v = static_cast<int32_t>(std::nearbyint(static_cast<float>(xb[k]) * inv));
-          qb[k] = static_cast<int8_t>(v);
-          sum += v;
-        }
-        const float d = amax / 127.f;
+        int32_t sum;
+        const float d = quantize_block(xb, ab, qb, &sum);
         dx[m * B + b] = d;
         c[m * G + b / per_g] += d * static_cast<float>(sum);
       }
