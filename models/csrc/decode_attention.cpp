@@ -7,9 +7,10 @@
 // (flash-decoding): each chunk keeps its running max, sum of exponentials and weighted sum of values in float32,
 // and a second pass merges the chunks. models/attention.py holds the plain-PyTorch reference.
 //
-// q . k takes 4 keys at a time with AVX-512 or AVX2 intrinsics (`scores4`); the other loops are written for the
-// compiler's vectorizer (`omp simd`), and exp is a polynomial so it vectorizes too. Built into the same extension
-// as w4a8.cpp (models/w4a8.py `load`), under the same op namespace.
+// q . k takes 4 keys at a time and the softmax 16 (AVX-512) or 8 (AVX2) scores at a time with intrinsics
+// (`scores4`, `softmax_part`; exp is a polynomial); the value loop is written for the compiler's vectorizer
+// (`omp simd`). The cache may have any strides whose head_dim is contiguous. Built into the same extension as
+// w4a8.cpp (models/w4a8.py `load`), under the same op namespace.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -77,7 +78,7 @@ inline void prefetch_row(const T* row, int64_t D) {
 struct Shape {
   int64_t B, H, KVH, D, g, T;
   int64_t sQ;      // q's row stride (elements); its heads are D apart
-  int64_t sS, sT;  // cache strides of a slot and a position (elements); a KV head is D apart, d is 1 apart
+  int64_t sS, sT, sH;  // cache strides of a slot, a position and a KV head (elements); d is 1 apart
 };
 
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -113,6 +114,57 @@ inline __m128 reduce4(VecF a, VecF b, VecF c, VecF d) {
 }
 #endif
 
+#if defined(__AVX512F__)
+inline VecF vset1(float x) { return _mm512_set1_ps(x); }
+inline void vstore(float* p, VecF x) { _mm512_storeu_ps(p, x); }
+inline VecF vmax(VecF a, VecF b) { return _mm512_max_ps(a, b); }
+inline VecF vadd(VecF a, VecF b) { return _mm512_add_ps(a, b); }
+inline VecF vsub(VecF a, VecF b) { return _mm512_sub_ps(a, b); }
+inline VecF vmul(VecF a, VecF b) { return _mm512_mul_ps(a, b); }
+inline VecF vfloor(VecF x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC); }
+inline VecF vpow2i(VecF n) {  // 2^n for integral n in [-126, 0]
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+}
+inline float hmax(VecF x) { return _mm512_reduce_max_ps(x); }
+inline float hsum(VecF x) { return _mm512_reduce_add_ps(x); }
+#else
+inline VecF vset1(float x) { return _mm256_set1_ps(x); }
+inline void vstore(float* p, VecF x) { _mm256_storeu_ps(p, x); }
+inline VecF vmax(VecF a, VecF b) { return _mm256_max_ps(a, b); }
+inline VecF vadd(VecF a, VecF b) { return _mm256_add_ps(a, b); }
+inline VecF vsub(VecF a, VecF b) { return _mm256_sub_ps(a, b); }
+inline VecF vmul(VecF a, VecF b) { return _mm256_mul_ps(a, b); }
+inline VecF vfloor(VecF x) { return _mm256_floor_ps(x); }
+inline VecF vpow2i(VecF n) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
+inline float hmax(VecF x) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+inline float hsum(VecF x) {
+  __m128 m = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_add_ss(m, _mm_movehdup_ps(m)));
+}
+#endif
+
+// exp2_neg on a vector: the same clamp, polynomial and exponent bits
+inline VecF vexp2_neg(VecF x) {
+  x = vmax(x, vset1(-126.f));
+  const VecF n = vfloor(vadd(x, vset1(0.5f)));
+  const VecF f = vsub(x, n);
+  VecF p = vset1(1.535336188319500e-4f);
+  p = vfma(p, f, vset1(1.339887440266574e-3f));
+  p = vfma(p, f, vset1(9.618437357674640e-3f));
+  p = vfma(p, f, vset1(5.550332471162809e-2f));
+  p = vfma(p, f, vset1(2.402264791363012e-1f));
+  p = vfma(p, f, vset1(6.931472028550421e-1f));
+  p = vfma(p, f, vset1(1.f));
+  return vmul(p, vpow2i(n));
+}
+
 template <typename T, int64_t DC, int64_t GC>
 int64_t scores4(const Shape& s, const float* qf, const T* k, int64_t n, float* scores) {
   const int64_t g = GC ? GC : s.g;
@@ -138,6 +190,38 @@ int64_t scores4(const Shape& s, const float* qf, const T* k, int64_t n, float* s
 }
 #endif
 
+// scores s[0, n) -> 2^(s - m) in place; ml = (m, sum of them), m = max s.
+inline void softmax_part(float* sj, int64_t n, float* ml) {
+  float m = -std::numeric_limits<float>::infinity();
+  int64_t t = 0;
+#if defined(__AVX512F__) || defined(__AVX2__)
+  if (n >= kLanes) {
+    VecF mv = vload(sj);
+    for (t = kLanes; t + kLanes <= n; t += kLanes) mv = vmax(mv, vload(sj + t));
+    m = hmax(mv);
+  }
+#endif
+  for (; t < n; ++t) m = std::max(m, sj[t]);
+  float l = 0.f;
+  t = 0;
+#if defined(__AVX512F__) || defined(__AVX2__)
+  const VecF mv = vset1(m);
+  VecF lv = vzero();
+  for (; t + kLanes <= n; t += kLanes) {
+    const VecF e = vexp2_neg(vsub(vload(sj + t), mv));
+    vstore(sj + t, e);
+    lv = vadd(lv, e);
+  }
+  l = hsum(lv);
+#endif
+  for (; t < n; ++t) {
+    sj[t] = exp2_neg(sj[t] - m);
+    l += sj[t];
+  }
+  ml[0] = m;
+  ml[1] = l;
+}
+
 // One task: row b, KV head kh, keys [t0, t1) -> per query head j of the group: running max m, sum l (of
 // 2^(s - m)) and acc[D] (sum of 2^(s - m) v), written to part[j * (D + 2) ...] as (m, l, acc).
 // DC and GC: head_dim and group size when known at compile time (then the loops unroll and the group's
@@ -162,19 +246,7 @@ void chunk(const Shape& s, const float* qf, const T* kbase, const T* vbase, int6
     }
   }
   float ml[2 * kMaxGroup];
-  for (int64_t j = 0; j < g; ++j) {
-    float* sj = scores + j * n;
-    float m = -std::numeric_limits<float>::infinity();
-    for (int64_t t = 0; t < n; ++t) m = std::max(m, sj[t]);
-    float l = 0.f;
-#pragma omp simd reduction(+ : l)
-    for (int64_t t = 0; t < n; ++t) {
-      sj[t] = exp2_neg(sj[t] - m);
-      l += sj[t];
-    }
-    ml[2 * j] = m;
-    ml[2 * j + 1] = l;
-  }
+  for (int64_t j = 0; j < g; ++j) softmax_part(scores + j * n, n, ml + 2 * j);
   float acc[(GC ? GC : kMaxGroup) * (DC ? DC : kMaxHead)];
   std::fill(acc, acc + g * D, 0.f);
   for (int64_t t = 0; t < n; ++t) {
@@ -244,7 +316,7 @@ void attend(const Shape& s, const T* q, const T* kc, const T* vc, const int64_t*
         const T* qj = q + b * s.sQ + (kh * g + j) * D;
         for (int64_t d = 0; d < D; ++d) qf[j * D + d] = static_cast<float>(qj[d]) * qscale;
       }
-      const int64_t off = slots[b] * s.sS + kh * D;
+      const int64_t off = slots[b] * s.sS + kh * s.sH;
       switch (D) {
         case 64: chunk_g<T, 64>(s, qf, kc + off, vc + off, t0, t1, part, scores.data()); break;
         case 128: chunk_g<T, 128>(s, qf, kc + off, vc + off, t0, t1, part, scores.data()); break;
@@ -287,7 +359,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kc, const at:
               "decode_attention: q and the caches must have one dtype");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), S = kc.size(0), T = kc.size(1), KVH = kc.size(2);
   TORCH_CHECK(kc.size(3) == D, "decode_attention: head_dim of q (", D, ") and the cache (", kc.size(3), ") differ");
-  TORCH_CHECK(kc.stride(3) == 1 && kc.stride(2) == D, "decode_attention: each cache position must be contiguous");
+  TORCH_CHECK(kc.stride(3) == 1, "decode_attention: each cache row (head_dim) must be contiguous");
   TORCH_CHECK(KVH > 0 && H % KVH == 0 && H / KVH <= kMaxGroup && D <= kMaxHead,
               "decode_attention: needs H % KVH == 0, H / KVH <= ", kMaxGroup, " and head_dim <= ", kMaxHead);
   TORCH_CHECK(slots.dim() == 1 && positions.dim() == 1 && slots.size(0) == B && positions.size(0) == B &&
@@ -302,7 +374,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kc, const at:
   }
   auto out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   if (B == 0) return out;
-  const Shape s{B, H, KVH, D, H / KVH, T, q.stride(0), kc.stride(0), kc.stride(1)};
+  const Shape s{B, H, KVH, D, H / KVH, T, q.stride(0), kc.stride(0), kc.stride(1), kc.stride(2)};
   if (q.scalar_type() == at::kBFloat16) {
     attend(s, q.data_ptr<c10::BFloat16>(), kc.data_ptr<c10::BFloat16>(), vc.data_ptr<c10::BFloat16>(), sp, pp, scale,
            out.data_ptr<c10::BFloat16>());

@@ -13,6 +13,8 @@
 //     high nibble k = 8*kb + 4 + j%4. So one 64-byte load gives 16 columns x 4 k twice, the operand shape of
 //     AVX-512 VNNI's vpdpbusd (unsigned codes x signed activations, 4 products per int32 lane).
 //   scales (N/16, G, 16) float16, zeros (N/16, G, 16) uint8.
+// The rounded activations are block-major, xq (K / act_block, M, act_block): one block of every row lies together,
+// so a kernel walks all its rows with one pointer. Rounding and the matmul run in one OpenMP team (`two_phases`).
 // The instruction set is chosen at build time (models/w4a8.py passes the flags): AVX-512 VNNI, AVX2 or plain
 // C++. JETSERVE_W4A8_NS names the op namespace so that several builds can be loaded in one process.
 
@@ -27,6 +29,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define W4A8_AVX512VNNI 1
@@ -110,33 +116,81 @@ inline float quantize_block(const T* x, int64_t ab, int8_t* q, int32_t* sum) {
 }
 #endif
 
-// Per-row, per-block int8 quantization of the activations: xq (M, K), dx (M, K / ab), c (M, G).
+#if defined(W4A8_AVX512VNNI)
+inline __m512 load16(const float* x) { return _mm512_loadu_ps(x); }
+inline __m512 load16(const c10::BFloat16* x) {
+  const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+}
+
+// Two adjacent blocks of 8, as quantize_block rounds them (one block per 256-bit half): codes to q0 and q1,
+// scales to d[0..1], code sums to sum[0..1].
 template <typename T>
-void quantize_rows(const T* x, int64_t M, int64_t K, int64_t gs, int64_t ab, int8_t* xq, float* dx, float* c) {
-  const int64_t G = K / gs, B = K / ab, per_g = gs / ab;
-  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) {
-      for (int64_t g = 0; g < G; ++g) c[m * G + g] = 0.f;
-      for (int64_t b = 0; b < B; ++b) {
-        const T* xb = x + m * K + b * ab;
-        int8_t* qb = xq + m * K + b * ab;
-        int32_t sum;
-        const float d = quantize_block(xb, ab, qb, &sum);
-        dx[m * B + b] = d;
-        c[m * G + b / per_g] += d * static_cast<float>(sum);
+inline void quantize_pair8(const T* x, int8_t* q0, int8_t* q1, float* d, int32_t* sum) {
+  const __m512 v = load16(x);
+  __m512 a = _mm512_abs_ps(v);
+  a = _mm512_max_ps(a, _mm512_permute_ps(a, 0xB1));  // swap neighbours
+  a = _mm512_max_ps(a, _mm512_permute_ps(a, 0x4E));  // swap pairs
+  a = _mm512_max_ps(a, _mm512_shuffle_f32x4(a, a, 0xB1));  // swap 128-bit halves: each lane holds its block's max
+  const __mmask16 nz = _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_NEQ_OQ);
+  const __m512 inv = _mm512_maskz_div_ps(nz, _mm512_set1_ps(127.f), a);
+  const __m512i qi = _mm512_cvt_roundps_epi32(_mm512_mul_ps(v, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m128i b = _mm512_cvtsepi32_epi8(qi);
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(q0), b);
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(q1), _mm_unpackhi_epi64(b, b));
+  __m512i t = _mm512_add_epi32(qi, _mm512_shuffle_epi32(qi, _MM_PERM_BADC));
+  t = _mm512_add_epi32(t, _mm512_shuffle_epi32(t, _MM_PERM_CDAB));
+  t = _mm512_add_epi32(t, _mm512_shuffle_i32x4(t, t, 0xB1));
+  sum[0] = _mm_cvtsi128_si32(_mm512_castsi512_si128(t));
+  sum[1] = _mm_cvtsi128_si32(_mm512_extracti32x4_epi32(t, 2));
+  d[0] = _mm512_cvtss_f32(a) / 127.f;
+  d[1] = _mm_cvtss_f32(_mm512_extractf32x4_ps(a, 2)) / 127.f;
+}
+#endif
+
+// Rounds the activations of tasks [t0, t1), task i = (group i / M, row i % M), into the block-major layout the
+// kernels read: xq (B, M, ab) int8, dx (B, M) and c (G, M) float32 (B = K / ab blocks, G = K / gs groups).
+template <typename T>
+void quantize_tasks(const T* x, int64_t M, int64_t K, int64_t gs, int64_t ab, int8_t* xq, float* dx, float* c,
+                    int64_t t0, int64_t t1) {
+  const int64_t per_g = gs / ab;
+  for (int64_t i = t0; i < t1; ++i) {
+    const int64_t g = i / M, m = i % M;
+    float cs = 0.f;
+    int64_t b = g * per_g;
+    const int64_t end = b + per_g;
+#if defined(W4A8_AVX512VNNI)
+    if (ab == 8) {
+      for (; b + 2 <= end; b += 2) {
+        float d[2];
+        int32_t sum[2];
+        quantize_pair8(x + m * K + b * 8, xq + (b * M + m) * 8, xq + ((b + 1) * M + m) * 8, d, sum);
+        dx[b * M + m] = d[0];
+        dx[(b + 1) * M + m] = d[1];
+        cs += d[0] * static_cast<float>(sum[0]);
+        cs += d[1] * static_cast<float>(sum[1]);
       }
     }
-  });
+#endif
+    for (; b < end; ++b) {
+      int32_t sum;
+      const float d = quantize_block(x + m * K + b * ab, ab, xq + (b * M + m) * ab, &sum);
+      dx[b * M + m] = d;
+      cs += d * static_cast<float>(sum);
+    }
+    c[g * M + m] = cs;
+  }
 }
 
 struct Args {
   const uint8_t* wp;  // this block's packed codes, (K/8, 64)
   const c10::Half* sc;  // this block's scales, (G, 16)
   const uint8_t* zp;  // this block's zeros, (G, 16)
-  const int8_t* xq;  // first row of the chunk, row stride K
-  const float* dx;  // (rows, K / ab)
-  const float* c;  // (rows, G)
+  const int8_t* xq;  // the chunk's first row in block 0; row m of block b at xq + (b * ld + m) * ab
+  const float* dx;  // the chunk's first row: dx[b * ld + m]
+  const float* c;  // the chunk's first row: c[g * ld + m]
   int64_t K, G, gs, ab;
+  int64_t ld;  // rows of the whole layout (quantize_tasks's M)
   float* out;  // (rows, 16) float scratch
   const float* fs;  // W8: this block's 16 per-column scales
 };
@@ -150,26 +204,28 @@ inline int32_t load4(const int8_t* p) {
 #if defined(W4A8_AVX512VNNI)
 constexpr int kMaxRows = 8;
 
-template <int M>
+// KB: k-blocks of 8 per activation block when known at compile time (the default act_block 8: KB = 1), else 0
+template <int M, int KB>
 void block_rows(const Args& a) {
   constexpr bool kSplit = M <= 4;  // two dot chains per row where registers allow (vpdpbusd latency)
   __m512 facc[M], gacc[M];
   for (int m = 0; m < M; ++m) facc[m] = _mm512_setzero_ps();
   const __m512i mask = _mm512_set1_epi8(0x0F);
-  const int64_t kb_per_b = a.ab / kBlockK, per_g = a.gs / a.ab, B = a.K / a.ab;
+  const int64_t kb_per_b = KB ? KB : a.ab / kBlockK, ab = kb_per_b * kBlockK, per_g = a.gs / ab;
+  const uint8_t* wb = a.wp;
+  const int8_t* xb = a.xq;
+  const float* db = a.dx;
   for (int64_t g = 0; g < a.G; ++g) {
     for (int m = 0; m < M; ++m) gacc[m] = _mm512_setzero_ps();
-    for (int64_t bi = g * per_g; bi < (g + 1) * per_g; ++bi) {
+    for (int64_t bi = 0; bi < per_g; ++bi, xb += a.ld * ab, db += a.ld) {
       __m512i lo_acc[M], hi_acc[M];
       for (int m = 0; m < M; ++m) lo_acc[m] = hi_acc[m] = _mm512_setzero_si512();
-      const uint8_t* wb = a.wp + bi * kb_per_b * 64;
-      const int8_t* xb = a.xq + bi * a.ab;
-      for (int64_t kb = 0; kb < kb_per_b; ++kb) {
-        const __m512i p = _mm512_loadu_si512(wb + kb * 64);
+      for (int64_t kb = 0; kb < kb_per_b; ++kb, wb += 64) {
+        const __m512i p = _mm512_loadu_si512(wb);
         const __m512i lo = _mm512_and_si512(p, mask);
         const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(p, 4), mask);
         for (int m = 0; m < M; ++m) {
-          const int8_t* xk = xb + m * a.K + kb * kBlockK;
+          const int8_t* xk = xb + m * ab + kb * kBlockK;
           lo_acc[m] = _mm512_dpbusd_epi32(lo_acc[m], lo, _mm512_set1_epi32(load4(xk)));
           if (kSplit) {
             hi_acc[m] = _mm512_dpbusd_epi32(hi_acc[m], hi, _mm512_set1_epi32(load4(xk + 4)));
@@ -180,14 +236,14 @@ void block_rows(const Args& a) {
       }
       for (int m = 0; m < M; ++m) {
         const __m512i dot = kSplit ? _mm512_add_epi32(lo_acc[m], hi_acc[m]) : lo_acc[m];
-        gacc[m] = _mm512_fmadd_ps(_mm512_set1_ps(a.dx[m * B + bi]), _mm512_cvtepi32_ps(dot), gacc[m]);
+        gacc[m] = _mm512_fmadd_ps(_mm512_set1_ps(db[m]), _mm512_cvtepi32_ps(dot), gacc[m]);
       }
     }
     const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.sc + g * kCols)));
     const __m512 z =
         _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a.zp + g * kCols))));
     for (int m = 0; m < M; ++m) {
-      const __m512 t = _mm512_fnmadd_ps(z, _mm512_set1_ps(a.c[m * a.G + g]), gacc[m]);
+      const __m512 t = _mm512_fnmadd_ps(z, _mm512_set1_ps(a.c[g * a.ld + m]), gacc[m]);
       facc[m] = _mm512_fmadd_ps(s, t, facc[m]);
     }
   }
@@ -200,18 +256,19 @@ void block_rows_w8(const Args& a) {
   __m512 gacc[M];
   for (int m = 0; m < M; ++m) gacc[m] = _mm512_setzero_ps();
   const int64_t q_per_b = a.ab / 4, B = a.K / a.ab;
-  for (int64_t bi = 0; bi < B; ++bi) {
+  const uint8_t* wb = a.wp;
+  const int8_t* xb = a.xq;
+  const float* db = a.dx;
+  for (int64_t bi = 0; bi < B; ++bi, xb += a.ld * a.ab, db += a.ld) {
     __m512i acc[M];
     for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_si512();
-    const uint8_t* wb = a.wp + bi * q_per_b * 64;
-    const int8_t* xb = a.xq + bi * a.ab;
-    for (int64_t q = 0; q < q_per_b; ++q) {
-      const __m512i p = _mm512_loadu_si512(wb + q * 64);
+    for (int64_t q = 0; q < q_per_b; ++q, wb += 64) {
+      const __m512i p = _mm512_loadu_si512(wb);
       for (int m = 0; m < M; ++m)
-        acc[m] = _mm512_dpbusd_epi32(acc[m], p, _mm512_set1_epi32(load4(xb + m * a.K + q * 4)));
+        acc[m] = _mm512_dpbusd_epi32(acc[m], p, _mm512_set1_epi32(load4(xb + m * a.ab + q * 4)));
     }
     for (int m = 0; m < M; ++m)
-      gacc[m] = _mm512_fmadd_ps(_mm512_set1_ps(a.dx[m * B + bi]), _mm512_cvtepi32_ps(acc[m]), gacc[m]);
+      gacc[m] = _mm512_fmadd_ps(_mm512_set1_ps(db[m]), _mm512_cvtepi32_ps(acc[m]), gacc[m]);
   }
   const __m512 s = _mm512_loadu_ps(a.fs);
   const __m512 off = _mm512_set1_ps(128.f);
@@ -222,27 +279,28 @@ void block_rows_w8(const Args& a) {
 #elif defined(W4A8_AVX2)
 constexpr int kMaxRows = 4;
 
-template <int M>
+template <int M, int KB>
 void block_rows(const Args& a) {
   __m256 facc[M][2], gacc[M][2];
   for (int m = 0; m < M; ++m) facc[m][0] = facc[m][1] = _mm256_setzero_ps();
   const __m256i mask = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
-  const int64_t kb_per_b = a.ab / kBlockK, per_g = a.gs / a.ab, B = a.K / a.ab;
+  const int64_t kb_per_b = KB ? KB : a.ab / kBlockK, ab = kb_per_b * kBlockK, per_g = a.gs / ab;
+  const uint8_t* wb = a.wp;
+  const int8_t* xb = a.xq;
+  const float* db = a.dx;
   for (int64_t g = 0; g < a.G; ++g) {
     for (int m = 0; m < M; ++m) gacc[m][0] = gacc[m][1] = _mm256_setzero_ps();
-    for (int64_t bi = g * per_g; bi < (g + 1) * per_g; ++bi) {
+    for (int64_t bi = 0; bi < per_g; ++bi, xb += a.ld * ab, db += a.ld) {
       __m256i acc[M][2];
       for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
-      const uint8_t* wb = a.wp + bi * kb_per_b * 64;
-      const int8_t* xb = a.xq + bi * a.ab;
-      for (int64_t kb = 0; kb < kb_per_b; ++kb) {
+      for (int64_t kb = 0; kb < kb_per_b; ++kb, wb += 64) {
         for (int h = 0; h < 2; ++h) {  // columns 8h .. 8h + 7
-          const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + kb * 64 + h * 32));
+          const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + h * 32));
           const __m256i lo = _mm256_and_si256(p, mask);
           const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(p, 4), mask);
           for (int m = 0; m < M; ++m) {
-            const int8_t* xk = xb + m * a.K + kb * kBlockK;
+            const int8_t* xk = xb + m * ab + kb * kBlockK;
             // pairs of u8 x s8 products fit int16: 2 * 15 * 127, twice
             const __m256i t = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(load4(xk))),
                                                _mm256_maddubs_epi16(hi, _mm256_set1_epi32(load4(xk + 4))));
@@ -251,7 +309,7 @@ void block_rows(const Args& a) {
         }
       }
       for (int m = 0; m < M; ++m) {
-        const __m256 d = _mm256_set1_ps(a.dx[m * B + bi]);
+        const __m256 d = _mm256_set1_ps(db[m]);
         for (int h = 0; h < 2; ++h) gacc[m][h] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(acc[m][h]), gacc[m][h]);
       }
     }
@@ -261,7 +319,7 @@ void block_rows(const Args& a) {
       const __m256 z = _mm256_cvtepi32_ps(
           _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(a.zp + g * kCols + h * 8))));
       for (int m = 0; m < M; ++m) {
-        const __m256 t = _mm256_fnmadd_ps(z, _mm256_set1_ps(a.c[m * a.G + g]), gacc[m][h]);
+        const __m256 t = _mm256_fnmadd_ps(z, _mm256_set1_ps(a.c[g * a.ld + m]), gacc[m][h]);
         facc[m][h] = _mm256_fmadd_ps(s, t, facc[m][h]);
       }
     }
@@ -280,24 +338,24 @@ void block_rows_w8(const Args& a) {
   const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
   const __m256i ones = _mm256_set1_epi16(1);
   const int64_t q_per_b = a.ab / 4, B = a.K / a.ab;
-  for (int64_t bi = 0; bi < B; ++bi) {
+  const uint8_t* wb = a.wp;
+  const int8_t* xb = a.xq;
+  const float* db = a.dx;
+  for (int64_t bi = 0; bi < B; ++bi, xb += a.ld * a.ab, db += a.ld) {
     __m256i acc[M][2];
     for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
-    const uint8_t* wb = a.wp + bi * q_per_b * 64;
-    const int8_t* xb = a.xq + bi * a.ab;
-    for (int64_t q = 0; q < q_per_b; ++q) {
+    for (int64_t q = 0; q < q_per_b; ++q, wb += 64) {
       for (int h = 0; h < 2; ++h) {
-        const __m256i c =
-            _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + q * 64 + h * 32)), flip);
+        const __m256i c = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + h * 32)), flip);
         for (int m = 0; m < M; ++m) {
-          const __m256i xv = _mm256_set1_epi32(load4(xb + m * a.K + q * 4));
+          const __m256i xv = _mm256_set1_epi32(load4(xb + m * a.ab + q * 4));
           const __m256i t = _mm256_maddubs_epi16(_mm256_abs_epi8(xv), _mm256_sign_epi8(c, xv));
           acc[m][h] = _mm256_add_epi32(acc[m][h], _mm256_madd_epi16(t, ones));
         }
       }
     }
     for (int m = 0; m < M; ++m) {
-      const __m256 d = _mm256_set1_ps(a.dx[m * B + bi]);
+      const __m256 d = _mm256_set1_ps(db[m]);
       for (int h = 0; h < 2; ++h) gacc[m][h] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(acc[m][h]), gacc[m][h]);
     }
   }
@@ -309,10 +367,10 @@ void block_rows_w8(const Args& a) {
 #else
 constexpr int kMaxRows = 4;
 
-template <int M>
+template <int M, int KB>
 void block_rows(const Args& a) {
   float facc[M][kCols] = {};
-  const int64_t kb_per_b = a.ab / kBlockK, per_g = a.gs / a.ab, B = a.K / a.ab;
+  const int64_t kb_per_b = a.ab / kBlockK, per_g = a.gs / a.ab;
   for (int64_t g = 0; g < a.G; ++g) {
     float gacc[M][kCols] = {};
     for (int64_t bi = g * per_g; bi < (g + 1) * per_g; ++bi) {
@@ -320,7 +378,7 @@ void block_rows(const Args& a) {
       for (int64_t kb = 0; kb < kb_per_b; ++kb) {
         const uint8_t* p = a.wp + (bi * kb_per_b + kb) * 64;
         for (int m = 0; m < M; ++m) {
-          const int8_t* xk = a.xq + m * a.K + bi * a.ab + kb * kBlockK;
+          const int8_t* xk = a.xq + (bi * a.ld + m) * a.ab + kb * kBlockK;
           for (int j = 0; j < 64; ++j) {
             const int col = j / 4, kq = j % 4;
             acc[m][col] += static_cast<int32_t>(p[j] & 15) * xk[kq] + static_cast<int32_t>(p[j] >> 4) * xk[4 + kq];
@@ -328,10 +386,10 @@ void block_rows(const Args& a) {
         }
       }
       for (int m = 0; m < M; ++m)
-        for (int col = 0; col < kCols; ++col) gacc[m][col] += a.dx[m * B + bi] * static_cast<float>(acc[m][col]);
+        for (int col = 0; col < kCols; ++col) gacc[m][col] += a.dx[bi * a.ld + m] * static_cast<float>(acc[m][col]);
     }
     for (int m = 0; m < M; ++m) {
-      const float cm = a.c[m * a.G + g];
+      const float cm = a.c[g * a.ld + m];
       for (int col = 0; col < kCols; ++col) {
         const float s = static_cast<float>(a.sc[g * kCols + col]), z = static_cast<float>(a.zp[g * kCols + col]);
         facc[m][col] += s * (gacc[m][col] - z * cm);
@@ -350,12 +408,12 @@ void block_rows_w8(const Args& a) {
     for (int64_t q = 0; q < q_per_b; ++q) {
       const uint8_t* p = a.wp + (bi * q_per_b + q) * 64;
       for (int m = 0; m < M; ++m) {
-        const int8_t* xk = a.xq + m * a.K + bi * a.ab + q * 4;
+        const int8_t* xk = a.xq + (bi * a.ld + m) * a.ab + q * 4;
         for (int j = 0; j < 64; ++j) acc[m][j / 4] += static_cast<int32_t>(static_cast<int8_t>(p[j] ^ 0x80)) * xk[j % 4];
       }
     }
     for (int m = 0; m < M; ++m)
-      for (int col = 0; col < kCols; ++col) gacc[m][col] += a.dx[m * B + bi] * static_cast<float>(acc[m][col]);
+      for (int col = 0; col < kCols; ++col) gacc[m][col] += a.dx[bi * a.ld + m] * static_cast<float>(acc[m][col]);
   }
   for (int m = 0; m < M; ++m)
     for (int col = 0; col < kCols; ++col) a.out[m * kCols + col] = a.fs[col] * gacc[m][col];
@@ -365,7 +423,8 @@ void block_rows_w8(const Args& a) {
 template <int M>
 void rows_for(int bits, const Args& a) {
   if (bits == 8) return block_rows_w8<M>(a);
-  block_rows<M>(a);
+  if (a.ab == kBlockK) return block_rows<M, 1>(a);
+  block_rows<M, 0>(a);
 }
 
 void run_rows(int bits, int rows, const Args& a) {
@@ -384,6 +443,28 @@ void run_rows(int bits, int rows, const Args& a) {
   TORCH_CHECK(false, "w4a8: unsupported row chunk ", rows);
 }
 
+// Runs first(i0, i1) over [0, n1), then, once all of it is done, second(i0, i1) over [0, n2), in static chunks
+// per thread. With OpenMP both phases share one team (one fork and a barrier, not two forks).
+template <typename F1, typename F2>
+void two_phases(int64_t n1, int64_t n2, const F1& first, const F2& second) {
+#ifdef _OPENMP
+  const int64_t nth = std::min<int64_t>(at::get_num_threads(), std::max(n1, n2));
+  if (nth > 1 && !omp_in_parallel()) {
+#pragma omp parallel num_threads(nth)
+    {
+      const int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
+      const int64_t c1 = (n1 + n - 1) / n, c2 = (n2 + n - 1) / n;
+      if (t * c1 < n1) first(t * c1, std::min(n1, (t + 1) * c1));
+#pragma omp barrier
+      if (t * c2 < n2) second(t * c2, std::min(n2, (t + 1) * c2));
+    }
+    return;
+  }
+#endif
+  at::parallel_for(0, n1, 1, first);
+  at::parallel_for(0, n2, 1, second);
+}
+
 // bits 4: scales (N/16, G, 16) float16 and zeros (N/16, G, 16) uint8; bits 8: scales (N/16, 16) float32, gs = K.
 // y (M, N) in the activation dtype T, or float32 (Y = float) for logits.
 template <typename T, typename Y>
@@ -392,18 +473,18 @@ void matmul(int bits, const T* x, const at::Tensor& packed, const at::Tensor& sc
   const int64_t G = K / gs, B = K / ab;
   const int64_t blocks = packed.size(0);
   const int64_t N = blocks * kCols;
-  auto xq = at::empty({M, K}, at::TensorOptions().dtype(at::kChar));
+  auto xq = at::empty({B, M, ab}, at::TensorOptions().dtype(at::kChar));
   auto dxs = at::empty({M * (B + G)}, at::TensorOptions().dtype(at::kFloat));
   float* dx = dxs.data_ptr<float>();
   float* c = dx + M * B;
-  quantize_rows(x, M, K, gs, ab, xq.data_ptr<int8_t>(), dx, c);
+  int8_t* xqp = xq.data_ptr<int8_t>();
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   const c10::Half* sc = bits == 4 ? scales.data_ptr<c10::Half>() : nullptr;
   const uint8_t* zp = bits == 4 ? zeros.data_ptr<uint8_t>() : nullptr;
   const float* fs = bits == 8 ? scales.data_ptr<float>() : nullptr;
   const int64_t block_bytes = K * bits / 8 * kCols;
-  const int8_t* xqp = xq.data_ptr<int8_t>();
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  auto quantize = [&](int64_t t0, int64_t t1) { quantize_tasks(x, M, K, gs, ab, xqp, dx, c, t0, t1); };
+  auto multiply = [&](int64_t b0, int64_t b1) {
     float tile[kMaxRows * kCols];
     for (int64_t b = b0; b < b1; ++b) {
       for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
@@ -411,21 +492,23 @@ void matmul(int bits, const T* x, const at::Tensor& packed, const at::Tensor& sc
         Args a{wp + b * block_bytes,
                bits == 4 ? sc + b * G * kCols : nullptr,
                bits == 4 ? zp + b * G * kCols : nullptr,
-               xqp + m0 * K,
-               dx + m0 * B,
-               c + m0 * G,
+               xqp + m0 * ab,
+               dx + m0,
+               c + m0,
                K,
                G,
                gs,
                ab,
+               M,
                tile,
                bits == 8 ? fs + b * kCols : nullptr};
         run_rows(bits, rows, a);
         for (int r = 0; r < rows; ++r)
-          for (int c = 0; c < kCols; ++c) y[(m0 + r) * N + b * kCols + c] = static_cast<Y>(tile[r * kCols + c]);
+          for (int j = 0; j < kCols; ++j) y[(m0 + r) * N + b * kCols + j] = static_cast<Y>(tile[r * kCols + j]);
       }
     }
-  });
+  };
+  two_phases(M * G, blocks, quantize, multiply);
 }
 
 at::Tensor w4a8_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& zeros,

@@ -63,6 +63,18 @@ def test_kernel_matches_reference(isa, B, H, kvh, D, T, gen):
         torch.testing.assert_close(got.double(), reference(q, kc, vc, slots, positions), atol=tol, rtol=tol)
 
 
+def test_head_major_cache_layout(isa, gen):
+    """The cache may be any strided view whose head_dim is contiguous: (S, KVH, T, D) storage seen as (S, T, KVH, D)
+    gives the result of the contiguous cache exactly."""
+    op = op_for(isa)
+    q, kc, vc, slots, positions = case(4, 9, 3, 64, 6, 70, torch.bfloat16, gen)
+    kh, vh = kc.transpose(1, 2).contiguous().transpose(1, 2), vc.transpose(1, 2).contiguous().transpose(1, 2)
+    assert kh.stride(2) != 64
+    torch.testing.assert_close(
+        op(q, kh, vh, slots, positions, 0.125), op(q, kc, vc, slots, positions, 0.125), atol=0, rtol=0
+    )
+
+
 @pytest.mark.parametrize("threads", [1, 2, 4])
 def test_split_keys_merge_exactly(threads, gen):
     """Batch 1 splits the keys into chunks (one per thread and more) merged by their running maxima: the result
@@ -111,6 +123,9 @@ def test_input_checks():
         op(torch.zeros(1, 3, 16), kc, kc, s, p, 1.0)
     with pytest.raises(RuntimeError, match="int64"):
         op(q, kc, kc, s.int(), p, 1.0)
+    strided = torch.zeros(2, 8, 2, 32)[..., ::2]
+    with pytest.raises(RuntimeError, match="head_dim.*contiguous"):
+        op(q, strided, strided, s, p, 1.0)
     assert op(torch.zeros(0, 4, 16), kc, kc, s[:0], p[:0], 1.0).shape == (0, 4, 16)
 
 

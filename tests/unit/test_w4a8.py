@@ -70,7 +70,15 @@ def test_pack_rejects_what_the_kernel_cannot_take():
 @pytest.mark.parametrize("m", [1, 3, 8, 9, 21])
 @pytest.mark.parametrize(
     "n,k,group,block",
-    [(100, 256, 32, 32), (192, 576, 64, 32), (192, 576, 64, 64), (64, 512, 128, 16), (192, 576, 64, 8)],
+    [
+        (100, 256, 32, 32),
+        (192, 576, 64, 32),
+        (192, 576, 64, 64),
+        (64, 512, 128, 16),
+        (192, 576, 64, 8),
+        (48, 72, 24, 8),  # 3 activation blocks a group: the paired rounding and its single-block tail
+        (32, 64, 8, 8),  # one block a group
+    ],
 )
 def test_kernel_matches_reference(isa, m, n, k, group, block, gen):
     ops = ops_for(isa)
