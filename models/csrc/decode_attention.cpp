@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -222,6 +223,90 @@ inline void softmax_part(float* sj, int64_t n, float* ml) {
   ml[1] = l;
 }
 
+#if defined(__AVX512F__)
+// bfloat16 rows without a float copy: a 64-byte load of 32 values gives, as float vectors, its even elements
+// (shift left 16) and its odd ones (mask the high halves). q is permuted to the same order once per task, so
+// q . k is unchanged; the value sums are kept in that order and put back in place at the end.
+template <int64_t DC>
+inline void split_row(const c10::BFloat16* r, __m512* v) {
+  const __m512i high = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  for (int64_t i = 0; i < DC / 32; ++i) {
+    const __m512i x = _mm512_loadu_si512(r + 32 * i);
+    v[2 * i] = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+    v[2 * i + 1] = _mm512_castsi512_ps(_mm512_and_si512(x, high));
+  }
+}
+
+// chunk() for bfloat16 caches, head_dim DC (a multiple of 32) and group GC known at compile time
+template <int64_t DC, int64_t GC>
+void chunk_bf16(const Shape& s, const float* qf, const c10::BFloat16* kbase, const c10::BFloat16* vbase, int64_t t0,
+                int64_t t1, float* part, float* scores) {
+  constexpr int64_t V = DC / 16;  // float vectors a row
+  const int64_t n = t1 - t0;
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  __m512 qs[GC][V];
+  for (int64_t j = 0; j < GC; ++j)
+    for (int64_t i = 0; i < DC / 32; ++i) {
+      const __m512 a = _mm512_loadu_ps(qf + j * DC + 32 * i), b = _mm512_loadu_ps(qf + j * DC + 32 * i + 16);
+      qs[j][2 * i] = _mm512_permutex2var_ps(a, even, b);
+      qs[j][2 * i + 1] = _mm512_permutex2var_ps(a, odd, b);
+    }
+  int64_t t = 0;
+  for (; t + 4 <= n; t += 4) {
+    __m512 k[4][V];
+    for (int r = 0; r < 4; ++r) {
+      const c10::BFloat16* row = kbase + (t0 + t + r) * s.sT;
+      if (t + r + kAhead < n) prefetch_row(row + kAhead * s.sT, DC);
+      split_row<DC>(row, k[r]);
+    }
+    for (int64_t j = 0; j < GC; ++j) {
+      __m512 acc[4];
+      for (int r = 0; r < 4; ++r) {
+        acc[r] = _mm512_mul_ps(qs[j][0], k[r][0]);
+        for (int64_t v = 1; v < V; ++v) acc[r] = _mm512_fmadd_ps(qs[j][v], k[r][v], acc[r]);
+      }
+      _mm_storeu_ps(scores + j * n + t, reduce4(acc[0], acc[1], acc[2], acc[3]));
+    }
+  }
+  for (; t < n; ++t) {
+    __m512 k[V];
+    split_row<DC>(kbase + (t0 + t) * s.sT, k);
+    for (int64_t j = 0; j < GC; ++j) {
+      __m512 acc = _mm512_mul_ps(qs[j][0], k[0]);
+      for (int64_t v = 1; v < V; ++v) acc = _mm512_fmadd_ps(qs[j][v], k[v], acc);
+      scores[j * n + t] = _mm512_reduce_add_ps(acc);
+    }
+  }
+  float ml[2 * GC];
+  for (int64_t j = 0; j < GC; ++j) softmax_part(scores + j * n, n, ml + 2 * j);
+  __m512 acc[GC][V];
+  for (int64_t j = 0; j < GC; ++j)
+    for (int64_t v = 0; v < V; ++v) acc[j][v] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < n; ++t) {
+    const c10::BFloat16* row = vbase + (t0 + t) * s.sT;
+    if (t + kAhead < n) prefetch_row(row + kAhead * s.sT, DC);
+    __m512 vr[V];
+    split_row<DC>(row, vr);
+    for (int64_t j = 0; j < GC; ++j) {
+      const __m512 p = _mm512_set1_ps(scores[j * n + t]);
+      for (int64_t v = 0; v < V; ++v) acc[j][v] = _mm512_fmadd_ps(p, vr[v], acc[j][v]);
+    }
+  }
+  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  for (int64_t j = 0; j < GC; ++j) {
+    float* pj = part + j * (DC + 2);
+    pj[0] = ml[2 * j];
+    pj[1] = ml[2 * j + 1];
+    for (int64_t i = 0; i < DC / 32; ++i) {
+      _mm512_storeu_ps(pj + 2 + 32 * i, _mm512_permutex2var_ps(acc[j][2 * i], lo, acc[j][2 * i + 1]));
+      _mm512_storeu_ps(pj + 2 + 32 * i + 16, _mm512_permutex2var_ps(acc[j][2 * i], hi, acc[j][2 * i + 1]));
+    }
+  }
+}
+#endif
+
 // One task: row b, KV head kh, keys [t0, t1) -> per query head j of the group: running max m, sum l (of
 // 2^(s - m)) and acc[D] (sum of 2^(s - m) v), written to part[j * (D + 2) ...] as (m, l, acc).
 // DC and GC: head_dim and group size when known at compile time (then the loops unroll and the group's
@@ -229,6 +314,11 @@ inline void softmax_part(float* sj, int64_t n, float* ml) {
 template <typename T, int64_t DC, int64_t GC>
 void chunk(const Shape& s, const float* qf, const T* kbase, const T* vbase, int64_t t0, int64_t t1, float* part,
            float* scores) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, c10::BFloat16> && DC % 32 == 0 && DC > 0 && GC > 0) {
+    return chunk_bf16<DC, GC>(s, qf, kbase, vbase, t0, t1, part, scores);
+  }
+#endif
   const int64_t D = DC ? DC : s.D, g = GC ? GC : s.g, n = t1 - t0;
   float row[kMaxHead];
   int64_t t = 0;
