@@ -3,6 +3,9 @@
 Layout: k and v are each one tensor (layers, max_batch_size + 1, max_seq, kv_heads, head_dim). The extra
 slot (index `max_batch_size`, `scratch_slot`) absorbs the writes of padding rows when a decode batch is padded
 to a captured bucket size. `k[i]` / `v[i]` are per-layer views (slots + 1, max_seq, kv_heads, head_dim).
+The storage behind those views is head-major, (layers, slots + 1, kv_heads, max_seq, head_dim): one KV head's
+positions of a slot are contiguous, so decode attention reads each head as one stream (docs/benchmarks.md).
+Indexing is by the logical layout everywhere; only strides show the difference.
 
 `copy_prefix(src, dst, n)` copies positions [0, n) of one slot into another in place (shared prefill of an
 n > 1 request group): a slice copy into the same storage, so captured CUDA graphs stay valid.
@@ -29,9 +32,9 @@ class KVCache:
     ):
         self.layers, self.max_batch_size, self.max_seq = layers, max_batch_size, max_seq
         self.kv_heads, self.head_dim = kv_heads, head_dim
-        shape = (layers, max_batch_size + 1, max_seq, kv_heads, head_dim)
-        self.k_all = torch.zeros(shape, device=device, dtype=dtype)
-        self.v_all = torch.zeros(shape, device=device, dtype=dtype)
+        stored = (layers, max_batch_size + 1, kv_heads, max_seq, head_dim)
+        self.k_all = torch.zeros(stored, device=device, dtype=dtype).transpose(2, 3)  # (L, S, T, KVH, D) view
+        self.v_all = torch.zeros(stored, device=device, dtype=dtype).transpose(2, 3)
         self.k: List[torch.Tensor] = list(self.k_all.unbind(0))
         self.v: List[torch.Tensor] = list(self.v_all.unbind(0))
 
