@@ -1,9 +1,11 @@
 """Serving benchmark: HTTP/SSE overhead and concurrency scaling of `jetserve serve`.
 
 One run measures, on the same machine and model:
-1. in-process engine decode tok/s at batch 1 (Engine + Runner in this process, no HTTP);
+1. in-process decode tok/s at batch 1, twice: the bare runtime (`Runner.prefill` + a greedy `Runner.decode` loop
+   on a thread of its own, as the engine's) and the engine (Engine + Runner in this process, no HTTP);
 2. end-to-end SSE decode tok/s at batch 1 against a real `jetserve serve` subprocess (httpx streaming client),
-   interleaved with (1) so background load hits both alike; prints the ratio SSE / engine (target >= 0.95);
+   interleaved with (1) so background load hits all three alike; prints the ratios SSE / runtime (the issue's
+   target >= 0.95) and SSE / engine;
 3. aggregate tok/s and TTFT p50/p95 at 1, 2, 4, 8 concurrent streams;
 4. a server-side probe that is robust to background load: the app in this process streams one request to a
    `curl` client while the engine's steps are timed; the fraction of wall time spent inside engine steps shows
@@ -65,6 +67,32 @@ def engine_decode_tps(engine, prompt_ids: List[int], tokens: int) -> float:
         return (len(times) - 1) / (times[-1] - times[0])
 
     return asyncio.run(go())
+
+
+def runtime_decode_tps(runner, prompt_ids: List[int], tokens: int) -> float:
+    """The bare runtime at batch 1 on a fresh thread (the only OpenMP user, as an engine thread is; no engine may be
+    running meanwhile): prefill the
+    prompt into slot 0, then `tokens - 1` greedy decode steps; decode tok/s timed as the engine's (first to last
+    token). A few steps first warm the thread's OpenMP pool."""
+    import torch
+
+    from models.threads import run_in_fresh_thread
+
+    def go() -> float:
+        with torch.inference_mode():
+            ids = torch.tensor(prompt_ids)
+            slots = torch.zeros(1, dtype=torch.long)
+            times: List[float] = []
+            for n in (4, tokens):
+                times = []
+                tok = runner.prefill(ids, 0, 0).argmax(-1).view(1)
+                times.append(time.perf_counter())
+                for i in range(n - 1):
+                    tok = runner.decode(tok, torch.tensor([len(prompt_ids) + i]), slots).argmax(-1)
+                    times.append(time.perf_counter())
+            return (len(times) - 1) / (times[-1] - times[0])
+
+    return run_in_fresh_thread(go, name="jetserve-bench-runtime")
 
 
 # ----------------------------------------------------------------------------- HTTP side
@@ -486,8 +514,16 @@ def main(argv=None) -> int:
     runner = run_in_fresh_thread(load)  # as the model manager loads: the engine thread is the only OpenMP user
     tok = Tokenizer.from_dir(model_dir)
     prompt_ids = tok.encode(PROMPT)
-    engine = Engine(runner, settings, name=args.model).start()
-    engine_decode_tps(engine, prompt_ids, 8)  # warm
+
+    def engine_run() -> float:
+        # a fresh engine per run, stopped after it: while an engine thread lives, its OpenMP pool makes the bare
+        # runtime's thread one of two OpenMP users (models/threads.py), and the runtime run would be slowed down
+        engine = Engine(runner, settings, name=args.model).start()
+        try:
+            engine_decode_tps(engine, prompt_ids, 8)  # warm this thread's pool
+            return engine_decode_tps(engine, prompt_ids, args.tokens)
+        finally:
+            engine.stop()
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -505,17 +541,29 @@ def main(argv=None) -> int:
     try:
         wait_ready(base, proc)
         asyncio.run(sse_decode_tps(base, args.model, 8))  # warm
-        eng, sse = [], []
-        for _ in range(args.reps):  # interleaved so background load affects both alike
-            eng.append(engine_decode_tps(engine, prompt_ids, args.tokens))
+        rt, eng, sse = [], [], []
+        for _ in range(args.reps):  # interleaved so background load affects all three alike
+            rt.append(runtime_decode_tps(runner, prompt_ids, args.tokens))
+            eng.append(engine_run())
             sse.append(asyncio.run(sse_decode_tps(base, args.model, args.tokens)))
-        engine.stop()
-        e_med, s_med = statistics.median(eng), statistics.median(sse)
-        ratio = statistics.median(s / e for s, e in zip(sse, eng))  # per adjacent pair: same background load
-        result.update(engine_tps=e_med, sse_tps=s_med, ratio=ratio, engine_runs=eng, sse_runs=sse)
+        r_med, e_med, s_med = statistics.median(rt), statistics.median(eng), statistics.median(sse)
+        # per adjacent triple: the same background load
+        ratio = statistics.median(s / e for s, e in zip(sse, eng))
+        ratio_rt = statistics.median(s / r for s, r in zip(sse, rt))
+        result.update(
+            runtime_tps=r_med,
+            engine_tps=e_med,
+            sse_tps=s_med,
+            ratio=ratio,
+            sse_over_runtime=ratio_rt,
+            runtime_runs=rt,
+            engine_runs=eng,
+            sse_runs=sse,
+        )
         print(
-            f"batch 1 decode: in-process engine {e_med:.1f} tok/s, end-to-end SSE {s_med:.1f} tok/s, "
-            f"ratio {ratio:.3f} (median of {len(eng)} interleaved pairs; target >= 0.95)"
+            f"batch 1 decode: bare runtime {r_med:.1f} tok/s, in-process engine {e_med:.1f} tok/s, end-to-end SSE "
+            f"{s_med:.1f} tok/s; SSE / runtime {ratio_rt:.3f} (target >= 0.95), SSE / engine {ratio:.3f} (medians "
+            f"of {len(eng)} interleaved triples)"
         )
         rows = []
         for n in _ints(args.streams):
