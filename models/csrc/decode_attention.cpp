@@ -83,9 +83,7 @@ struct Shape {
 };
 
 #if defined(__AVX512F__) || defined(__AVX2__)
-// q . k for 4 keys at a time: each (key, head) dot product is a vector of partial sums, and the 4 keys' vectors
-// are reduced together (a transpose-and-add) instead of one horizontal sum each. Returns the keys done (a
-// multiple of 4); the caller finishes the rest.
+// one float vector type and its helpers per instruction set: 16 lanes (AVX-512) or 8 (AVX2)
 #if defined(__AVX512F__)
 constexpr int64_t kLanes = 16;
 using VecF = __m512;
@@ -103,19 +101,6 @@ inline __m128 reduce4(VecF a, VecF b, VecF c, VecF d) {
                                  _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(abcd), 1)));
   return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
-#else
-constexpr int64_t kLanes = 8;
-using VecF = __m256;
-inline VecF vload(const float* p) { return _mm256_loadu_ps(p); }
-inline VecF vfma(VecF a, VecF b, VecF c) { return _mm256_fmadd_ps(a, b, c); }
-inline VecF vzero() { return _mm256_setzero_ps(); }
-inline __m128 reduce4(VecF a, VecF b, VecF c, VecF d) {
-  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));  // per 128-bit half: a b c d
-  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-}
-#endif
-
-#if defined(__AVX512F__)
 inline VecF vset1(float x) { return _mm512_set1_ps(x); }
 inline void vstore(float* p, VecF x) { _mm512_storeu_ps(p, x); }
 inline VecF vmax(VecF a, VecF b) { return _mm512_max_ps(a, b); }
@@ -129,6 +114,15 @@ inline VecF vpow2i(VecF n) {  // 2^n for integral n in [-126, 0]
 inline float hmax(VecF x) { return _mm512_reduce_max_ps(x); }
 inline float hsum(VecF x) { return _mm512_reduce_add_ps(x); }
 #else
+constexpr int64_t kLanes = 8;
+using VecF = __m256;
+inline VecF vload(const float* p) { return _mm256_loadu_ps(p); }
+inline VecF vfma(VecF a, VecF b, VecF c) { return _mm256_fmadd_ps(a, b, c); }
+inline VecF vzero() { return _mm256_setzero_ps(); }
+inline __m128 reduce4(VecF a, VecF b, VecF c, VecF d) {
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));  // per 128-bit half: a b c d
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
 inline VecF vset1(float x) { return _mm256_set1_ps(x); }
 inline void vstore(float* p, VecF x) { _mm256_storeu_ps(p, x); }
 inline VecF vmax(VecF a, VecF b) { return _mm256_max_ps(a, b); }
@@ -166,6 +160,9 @@ inline VecF vexp2_neg(VecF x) {
   return vmul(p, vpow2i(n));
 }
 
+// q . k for 4 keys at a time: each (key, head) dot product is a vector of partial sums, and the 4 keys' vectors
+// are reduced together (a transpose-and-add) instead of one horizontal sum each. Returns the keys done (a
+// multiple of 4); the caller finishes the rest.
 template <typename T, int64_t DC, int64_t GC>
 int64_t scores4(const Shape& s, const float* qf, const T* k, int64_t n, float* scores) {
   const int64_t g = GC ? GC : s.g;
