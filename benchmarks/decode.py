@@ -296,9 +296,17 @@ def cpu_info() -> Dict[str, Any]:
     }
 
 
+def _generate(model, ids, k: int):
+    """transformers greedy `generate` of exactly k new tokens."""
+    import torch
+
+    with torch.inference_mode():
+        return model.generate(ids, max_new_tokens=k, min_new_tokens=k, do_sample=False)
+
+
 class HFPrefill:
     """transformers bf16 in this process: the TTFT baseline, timed round by round between ours (`bench_ours`), so
-    both figures of a round see the machine in the same state."""
+    both figures of a round see the machine in the same state. `run` hands its model on to the `hf_bf16` step."""
 
     def __init__(self, model_dir: Path, prompt_len: int):
         import torch
@@ -309,11 +317,8 @@ class HFPrefill:
         self.ttft_s()  # warm-up
 
     def ttft_s(self) -> float:
-        import torch
-
         t = time.perf_counter()
-        with torch.inference_mode():
-            self.model.generate(self.prompt, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+        _generate(self.model, self.prompt, 1)
         return time.perf_counter() - t
 
     def close(self) -> None:
@@ -478,25 +483,26 @@ def bench_ours(
     return res
 
 
-def bench_hf_generate(model_dir: Path, args) -> Dict[str, Any]:
-    """transformers `generate` at batch 1 (GPTQModel kernels for a quantized folder): TTFT and decode tok/s."""
+def bench_hf_generate(model_dir: Path, args, model=None) -> Dict[str, Any]:
+    """transformers `generate` at batch 1 (GPTQModel kernels for a quantized folder): TTFT and decode tok/s. `model`:
+    the folder's model already loaded (HFPrefill's), else it is loaded here."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    kw = (
-        {"device_map": "cpu"}
-        if (model_dir / "quantize_config.json").is_file() or _is_quant(model_dir)
-        else {"dtype": torch.bfloat16}
-    )
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kw).eval()
+    if model is None:
+        kw = (
+            {"device_map": "cpu"}
+            if (model_dir / "quantize_config.json").is_file() or _is_quant(model_dir)
+            else {"dtype": torch.bfloat16}
+        )
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kw).eval()
     vocab = model.config.vocab_size
     prompt = _prompt(args.prompt_len, vocab)[None]
     short = _prompt(32, vocab, 1)[None]
     n = args.new_tokens
 
     def gen(ids, k):
-        with torch.inference_mode():
-            return model.generate(ids, max_new_tokens=k, min_new_tokens=k, do_sample=False)
+        return _generate(model, ids, k)
 
     gen(short, 2)
     ttft = _median_time(lambda: gen(prompt, 1), args.runs)
@@ -746,23 +752,25 @@ def run(args) -> int:
     peer = start_llama_cpp(args)
     hf_ttft = HFPrefill(dense, args.prompt_len) if not args.skip_hf and (dense / "config.json").is_file() else None
     try:
-        step("ours_gptq", lambda: bench_ours(gptq, args, peer, hf_ttft))
+        try:
+            step("ours_gptq", lambda: bench_ours(gptq, args, peer, hf_ttft))
+        finally:
+            if peer is not None:
+                peer.close()
+        r["llama_cpp"] = r["ours_gptq"].pop("llama_cpp", None)
+        r["hf_bf16_ttft"] = r["ours_gptq"].pop("hf_bf16_ttft", None)
+        print(f"[llama_cpp] {json.dumps(r['llama_cpp'] and _brief(r['llama_cpp']))}", file=sys.stderr, flush=True)
+        if awq is not None and (awq / "config.json").is_file():
+            step("ours_awq", lambda: bench_ours(awq, args))
+        if not args.skip_hf:
+            step("hf_gptq", lambda: bench_hf_generate(gptq, args))
+            if "ours_awq" in r:
+                step("hf_awq", lambda: bench_hf_generate(awq, args))
+            if hf_ttft is not None:  # the bf16 model HFPrefill loaded: not loaded a second time
+                step("hf_bf16", lambda: bench_hf_generate(dense, args, hf_ttft.model))
     finally:
-        if peer is not None:
-            peer.close()
         if hf_ttft is not None:
             hf_ttft.close()
-    r["llama_cpp"] = r["ours_gptq"].pop("llama_cpp", None)
-    r["hf_bf16_ttft"] = r["ours_gptq"].pop("hf_bf16_ttft", None)
-    print(f"[llama_cpp] {json.dumps(r['llama_cpp'] and _brief(r['llama_cpp']))}", file=sys.stderr, flush=True)
-    if awq is not None and (awq / "config.json").is_file():
-        step("ours_awq", lambda: bench_ours(awq, args))
-    if not args.skip_hf:
-        step("hf_gptq", lambda: bench_hf_generate(gptq, args))
-        if "ours_awq" in r:
-            step("hf_awq", lambda: bench_hf_generate(awq, args))
-        if (dense / "config.json").is_file():
-            step("hf_bf16", lambda: bench_hf_generate(dense, args))
     r["loadavg_1m_end"] = os.getloadavg()[0]
     for key in ("ours_gptq", "ours_awq"):
         if key in r:

@@ -71,9 +71,8 @@ def engine_decode_tps(engine, prompt_ids: List[int], tokens: int) -> float:
 
 def runtime_decode_tps(runner, prompt_ids: List[int], tokens: int) -> float:
     """The bare runtime at batch 1 on a fresh thread (the only OpenMP user, as an engine thread is; no engine may be
-    running meanwhile): prefill the
-    prompt into slot 0, then `tokens - 1` greedy decode steps; decode tok/s timed as the engine's (first to last
-    token). A few steps first warm the thread's OpenMP pool."""
+    running meanwhile): prefill the prompt into slot 0, then `tokens - 1` greedy decode steps; decode tok/s timed as
+    the engine's (first to last token). A 4-token run first warms the thread's OpenMP pool."""
     import torch
 
     from models.threads import run_in_fresh_thread
