@@ -336,6 +336,7 @@ def bench_ours(
 
     import models.qlinear  # noqa: F401  (imports are not part of the model's footprint)
     from models.loader import COMPILE_CONSTANT_BYTES, inspect_checkpoint, load_runner, predict_footprint
+    from models.sampling import argmax_rows
 
     if args.compile:  # the process-wide part of compiling is not this model's memory (as in the model manager)
         from models.compile import prewarm
@@ -380,10 +381,10 @@ def bench_ours(
             runner.prefill(short, s, 0)
         slots = torch.arange(B)
         logits = runner.decode(torch.full((B,), 5), torch.full((B,), 32), slots)
-        toks = logits.argmax(-1)
+        toks = argmax_rows(logits)
         t0 = time.perf_counter()
         for i in range(n):
-            toks = runner.decode(toks, torch.full((B,), 33 + i), slots).argmax(-1)
+            toks = argmax_rows(runner.decode(toks, torch.full((B,), 33 + i), slots))
         return B * n / (time.perf_counter() - t0)
 
     def ttft_s() -> float:

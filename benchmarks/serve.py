@@ -76,6 +76,7 @@ def runtime_decode_tps(runner, prompt_ids: List[int], tokens: int) -> float:
     import torch
 
     from models.threads import run_in_fresh_thread
+    from models.sampling import argmax_rows
 
     def go() -> float:
         with torch.inference_mode():
@@ -84,10 +85,10 @@ def runtime_decode_tps(runner, prompt_ids: List[int], tokens: int) -> float:
             times: List[float] = []
             for n in (4, tokens):
                 times = []
-                tok = runner.prefill(ids, 0, 0).argmax(-1).view(1)
+                tok = argmax_rows(runner.prefill(ids, 0, 0).view(1, -1))
                 times.append(time.perf_counter())
                 for i in range(n - 1):
-                    tok = runner.decode(tok, torch.tensor([len(prompt_ids) + i]), slots).argmax(-1)
+                    tok = argmax_rows(runner.decode(tok, torch.tensor([len(prompt_ids) + i]), slots))
                     times.append(time.perf_counter())
             return (len(times) - 1) / (times[-1] - times[0])
 
@@ -360,11 +361,13 @@ def engine_busy_probe(args, tokens: int) -> Dict[str, float]:
                 }
             )
             steps.clear()
-            subprocess.run(
+            r = subprocess.run(
                 [curl, "-sN", base + "/v1/completions", "-H", "content-type: application/json", "-d", body],
                 check=True,
                 capture_output=True,
             )
+            if len(steps) < 2:
+                raise RuntimeError(f"the probe's request produced no tokens: {r.stdout[:300]!r}")
             span = steps[-1][0] - steps[0][0]
             key = "sse" if stream else "json"
             out[f"{key}_engine_busy"] = sum(d for _, d in steps[1:]) / span
@@ -582,7 +585,8 @@ def main(argv=None) -> int:
         )
     finally:
         stop_server(proc)
-    probe = engine_busy_probe(args, args.tokens * 2)
+    # twice the tokens where the context holds them (PROMPT is under 64 tokens)
+    probe = engine_busy_probe(args, min(args.tokens * 2, args.max_context - 64))
     if probe:
         result["probe"] = probe
         print(

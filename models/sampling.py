@@ -162,6 +162,12 @@ def _as_float32(logits: torch.Tensor) -> torch.Tensor:
     return logits if logits.dtype == torch.float32 else logits.float()
 
 
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """`x.argmax(dim=-1)` (the first index on ties, NaN counts as largest), computed as `max(dim=-1).indices`,
+    which torch runs about three times faster on CPU (docs/benchmarks.md)."""
+    return x.max(dim=-1).indices
+
+
 def has_penalty(p: SamplingParams) -> bool:
     """True when `p` asks for any repetition, presence or frequency penalty."""
     return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
@@ -415,25 +421,25 @@ def sample(
         has_penalty(p) for p in params
     )
     if not sampled_rows and not penalties and allowed is None and not want_lp:
-        return SampleOutput(tokens=logits.argmax(dim=-1))  # fast path: what the general path computes here
+        return SampleOutput(tokens=argmax_rows(logits))  # fast path: what the general path computes here
 
     x = apply_penalties(logits, params, histories, prompt_lens, counts) if penalties else logits
     if allowed is not None:
         keep = unpack_token_bitmask(allowed.to(logits.device, non_blocking=True), v)
         x = x.masked_fill(~keep, float("-inf"))  # a new tensor: `logits` keeps the raw values for the logprobs
     if not sampled_rows:
-        tokens = x.argmax(dim=-1)
+        tokens = argmax_rows(x)
     else:
         all_sampled = len(sampled_rows) == b
         w = apply_warpers(x if all_sampled else x[sampled_rows], [params[i] for i in sampled_rows])  # (S, V)
         log_e = _log_exponential_noise(w.shape[0], v, w.device, [generators[i] for i in sampled_rows])
         # exponential race: argmax(p / E) == argmax(w - log E) (softmax's normaliser is constant per row);
         # removed tokens stay at -inf
-        drawn = (w - log_e).argmax(dim=-1)
+        drawn = argmax_rows(w - log_e)
         if all_sampled:
             tokens = drawn
         else:
-            tokens = x.argmax(dim=-1)
+            tokens = argmax_rows(x)
             tokens[torch.tensor(sampled_rows, device=tokens.device)] = drawn
 
     out = SampleOutput(tokens=tokens)

@@ -376,7 +376,8 @@ class Engine:
 
         if to_sample:
             try:
-                self._sample_and_emit(to_sample, torch.cat(logits_parts, dim=0))
+                logits = logits_parts[0] if len(logits_parts) == 1 else torch.cat(logits_parts, dim=0)
+                self._sample_and_emit(to_sample, logits)
             except Exception as e:
                 logger.exception("sampling failed for %d sequences", len(to_sample))
                 for seq in to_sample:

@@ -111,6 +111,19 @@ def test_greedy_is_argmax(rng):
     assert out.tokens.dtype == torch.int64 and out.top_ids is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_argmax_rows_is_argmax_with_ties_and_nan(dtype):
+    x = torch.randn(8, 49152, generator=torch.Generator().manual_seed(0)).to(dtype)
+    x[1, 7] = x[1, 9] = x[1].max() + 1  # tie: the first index wins
+    x[2, 300] = x[2, 40] = float("nan")  # NaN counts as the largest, the first one
+    x[3] = float("-inf")
+    x[4, :] = 0.5  # all equal
+    got = sampling.argmax_rows(x)
+    assert torch.equal(got, x.argmax(dim=-1)) and got.dtype == torch.int64
+    assert got[1] == 7 and got[2] == 40 and got[3] == 0 and got[4] == 0
+    assert torch.equal(sampling.argmax_rows(x[5]), x[5].argmax())  # one row, shape ()
+
+
 def test_greedy_ignores_filters_and_seed(rng):
     logits = rand_logits(rng, 3)
     ps = [SamplingParams(temperature=0.0, top_k=5, top_p=0.3, min_p=0.2, seed=i) for i in range(3)]
