@@ -16,8 +16,10 @@ Kernels:
   the same C++ kernel's W8A8 path instead (`w4a8_mm`'s twin `w8a8_mm`, reference `w4a8.reference_w8`).
 
 Prefill policy: `KernelPlan.dense_min_tokens` is the token count from which dequantize-then-dense beats the
-int4 kernel. On this CPU the int4 kernel won at every size measured (1..512 tokens, see
-benchmarks/qlinear.py), so the CPU plan never switches to dense. On an H100 (torch 2.11) tinygemm was 13-20x
+int4 kernel. On CPUs without AMX the int4 kernel won at every size measured (1..512 tokens, see
+benchmarks/qlinear.py), so the CPU plan never switches to dense there. Where torch runs AMX tiles (Intel Xeon
+since Sapphire Rapids), oneDNN's bf16 matmul is several times faster than W4A8 at prefill sizes, so from
+CPU_DENSE_MIN_TOKENS tokens on the W4A8 plan dequantizes (`w4a8_dequant`, exact to bf16) and multiplies dense. On an H100 (torch 2.11) tinygemm was 13-20x
 slower than dequantize + cuBLAS at 512 tokens on Llama-2-7B shapes, so CUDA prefill dequantizes from
 CUDA_DENSE_MIN_TOKENS tokens on; the exact crossover between 8 and 512 tokens is unmeasured.
 """
@@ -42,6 +44,7 @@ CUDA_TINYGEMM = "cuda_tinygemm"
 CUDA_TRITON = "cuda_triton"
 CUDA_KERNELS = (CUDA_TINYGEMM, CUDA_TRITON)
 CUDA_DENSE_MIN_TOKENS = 64  # tinygemm below, dequantize + cuBLAS from here (see module docstring)
+CPU_DENSE_MIN_TOKENS = 64  # with AMX: W4A8 below, dequantize + oneDNN bf16 from here (see module docstring)
 TRITON_MAX_TOKENS = 16  # the Triton kernel tiles M by 16: decode; prefill dequantizes + cuBLAS
 REFERENCE = "reference"
 
@@ -76,6 +79,12 @@ def _has_cuda_int4(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
+def cpu_has_amx() -> bool:
+    """torch can run AMX tiles here (CPU and OS), where its oneDNN bf16 matmul uses them."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe is not None and probe() and torch.backends.mkldnn.is_available())
+
+
 def _cpu_plan(cpu_int4: str) -> KernelPlan:
     if cpu_int4 not in CPU_INT4_CHOICES:
         raise ValueError(f"unknown cpu_int4 kernel {cpu_int4!r}: choose one of {CPU_INT4_CHOICES}")
@@ -85,7 +94,14 @@ def _cpu_plan(cpu_int4: str) -> KernelPlan:
 
         ops, built = w4a8.load_for(requested=cpu_int4 == "w4a8")
         if ops is not None:
-            return KernelPlan(CPU_W4A8, None, f"W4A8 C++ kernel, {built} build (int8 activation blocks)")
+            reason = f"W4A8 C++ kernel, {built} build (int8 activation blocks)"
+            if cpu_has_amx():
+                return KernelPlan(
+                    CPU_W4A8,
+                    CPU_DENSE_MIN_TOKENS,
+                    f"{reason}; AMX: from {CPU_DENSE_MIN_TOKENS} tokens on, dequantize + oneDNN bf16 matmul",
+                )
+            return KernelPlan(CPU_W4A8, None, reason)
         why = f"W4A8 kernel: {built}"
         if cpu_int4 == "w4a8":
             raise RuntimeError(f"cpu_int4='w4a8' requested but {why}")

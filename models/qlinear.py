@@ -180,7 +180,9 @@ class QuantLinear(torch.nn.Module):
         if self._w4a8:
             from . import w4a8
 
-            self._aten_int4 = w4a8.load()[0].w4a8_mm.default
+            ops = w4a8.load()[0]
+            self._aten_int4 = ops.w4a8_mm.default
+            self._w4a8_dequant = ops.w4a8_dequant.default
             self.act_block = w4a8.act_block(group_size)
         elif plan.name == kernels.CPU_INT4PACK:
             self._aten_int4 = torch.ops.aten._weight_int4pack_mm_for_cpu.default
@@ -397,7 +399,10 @@ class QuantLinear(torch.nn.Module):
                 x2d = x2d.index_select(-1, self.perm)
             x2d = x2d.to(torch.bfloat16).contiguous()
             dense_from = self.plan.dense_min_tokens
-            if self._w4a8:
+            if self._w4a8 and dense_from is not None and m >= dense_from:
+                w = self._w4a8_dequant(self.packed, self.w4a8_scales, self.w4a8_zeros, self.group_size)  # (N', in)
+                y = torch.nn.functional.linear(x2d, w)
+            elif self._w4a8:
                 y = self._aten_int4(
                     x2d, self.packed, self.w4a8_scales, self.w4a8_zeros, self.group_size, self.act_block
                 )

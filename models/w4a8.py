@@ -116,6 +116,7 @@ def _load(isa: str) -> Tuple[Optional[object], str]:
         torch.library.register_fake(f"{ns}::w4a8_mm")(_fake_mm)
         torch.library.register_fake(f"{ns}::w8a8_mm")(_fake_mm8)
         torch.library.register_fake(f"{ns}::decode_attention")(_fake_attention)
+        torch.library.register_fake(f"{ns}::w4a8_dequant")(_fake_dequant)
     except Exception as e:  # compiler or loader errors: the caller falls back and logs why
         first = str(e).splitlines()[0] if str(e) else ""
         return None, f"building the W4A8 kernel failed ({type(e).__name__}: {first})"
@@ -141,6 +142,10 @@ def _fake_mm(x, packed, scales, zeros, group_size, act_block):
 
 def _fake_mm8(x, packed, scales, act_block, float_out=False):
     return x.new_empty(x.shape[0], packed.shape[0] * COLS, dtype=torch.float32 if float_out else x.dtype)
+
+
+def _fake_dequant(packed, scales, zeros, group_size):
+    return packed.new_empty(packed.shape[0] * COLS, packed.shape[1] * BLOCK_K, dtype=torch.bfloat16)
 
 
 def _fake_attention(q, kc, vc, slots, positions, scale):
@@ -220,6 +225,14 @@ def unpack(
     s = scales.permute(1, 0, 2).reshape(groups, blocks * COLS).float()
     z = zeros.permute(1, 0, 2).reshape(groups, blocks * COLS)
     return codes.contiguous(), s, z.contiguous()
+
+
+def dequant_reference(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """Plain-PyTorch `w4a8_dequant`: the (N', K) bfloat16 weight s * (q - z), padding rows included."""
+    codes, s, z = unpack(packed, scales, zeros)
+    group = codes.shape[1] // s.shape[0]
+    g = torch.arange(codes.shape[1]) // group
+    return ((codes.float() - z.float()[g].t()) * s[g].t()).to(torch.bfloat16)
 
 
 def quantize_activations(x: torch.Tensor, block: int) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -567,6 +567,98 @@ at::Tensor w8a8_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   return y;
 }
 
+// Dequantizes the packed int4 weight to a dense (N/16 * 16, K) bfloat16 matrix, w[n, k] = bf16(s * (q - z)): the
+// product is exact in float32 (|q - z| <= 15 times a float16 scale), so the one rounding is to bfloat16 (nearest
+// even). The dense prefill (models/kernels.py) multiplies it with a bf16 GEMM where that is faster than W4A8.
+#if defined(W4A8_AVX512VNNI)
+inline __m256i to_bf16(__m512 v) {  // round to nearest even; the weights are finite
+  const __m512i b = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+}
+#endif
+
+void dequant_block(const uint8_t* wp, const c10::Half* sc, const uint8_t* zp, int64_t K, int64_t gs,
+                   c10::BFloat16* w) {
+  const int64_t kbs_per_g = gs / kBlockK;
+  for (int64_t g = 0; g < K / gs; ++g) {
+    const c10::Half* s = sc + g * kCols;
+    const uint8_t* z = zp + g * kCols;
+#if defined(W4A8_AVX512VNNI)
+    const __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s)));
+    const __m512 zv = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(z))));
+    const __m512i halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    __m512 s2[8], z2[8];  // columns c and c + 1 (c = 2i), each repeated over 8 lanes
+    for (int i = 0; i < 8; ++i) {
+      const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32(2 * i), halves);
+      s2[i] = _mm512_permutexvar_ps(idx, sv);
+      z2[i] = _mm512_permutexvar_ps(idx, zv);
+    }
+#endif
+    for (int64_t kb = g * kbs_per_g; kb < (g + 1) * kbs_per_g; ++kb) {
+      const uint8_t* p = wp + kb * 64;
+#if defined(W4A8_AVX512VNNI)
+      // 128-bit lane l of unpacklo(lo, hi) holds columns 4l and 4l + 1, of unpackhi columns 4l + 2 and 4l + 3, each as
+      // its 8 codes in k order (lo's dword: k 0-3, hi's: k 4-7)
+      const __m512i v = _mm512_loadu_si512(p), mask = _mm512_set1_epi8(0x0F);
+      const __m512i lo = _mm512_and_si512(v, mask), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+      const __m512i pairs[2] = {_mm512_unpacklo_epi32(lo, hi), _mm512_unpackhi_epi32(lo, hi)};
+      for (int h = 0; h < 2; ++h) {
+        for (int l = 0; l < 4; ++l) {
+          const int c = 4 * l + 2 * h;
+          __m128i codes;
+          switch (l) {  // the lane index must be a compile-time constant
+            case 0: codes = _mm512_extracti32x4_epi32(pairs[h], 0); break;
+            case 1: codes = _mm512_extracti32x4_epi32(pairs[h], 1); break;
+            case 2: codes = _mm512_extracti32x4_epi32(pairs[h], 2); break;
+            default: codes = _mm512_extracti32x4_epi32(pairs[h], 3); break;
+          }
+          const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(codes));
+          const __m256i b = to_bf16(_mm512_mul_ps(_mm512_sub_ps(q, z2[c / 2]), s2[c / 2]));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(w + c * K + kb * kBlockK), _mm256_castsi256_si128(b));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(w + (c + 1) * K + kb * kBlockK), _mm256_extracti128_si256(b, 1));
+        }
+      }
+#else
+      for (int j = 0; j < 64; ++j) {
+        const int col = j / 4, kq = j % 4;
+        const float sf = static_cast<float>(s[col]);
+        const int zc = z[col];
+        c10::BFloat16* row = w + col * K + kb * kBlockK;
+        row[kq] = c10::BFloat16(sf * static_cast<float>((p[j] & 15) - zc));
+        row[4 + kq] = c10::BFloat16(sf * static_cast<float>((p[j] >> 4) - zc));
+      }
+#endif
+    }
+  }
+}
+
+at::Tensor w4a8_dequant(const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& zeros,
+                        int64_t group_size) {
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == 64 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
+              "w4a8_dequant: packed must be contiguous (N/16, K/8, 64) uint8");
+  const int64_t blocks = packed.size(0), K = packed.size(1) * kBlockK;
+  TORCH_CHECK(group_size > 0 && group_size % kBlockK == 0 && K % group_size == 0,
+              "w4a8_dequant: group_size must be a multiple of 8 dividing K");
+  const int64_t G = K / group_size;
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.dim() == 3 &&
+                  scales.size(0) == blocks && scales.size(1) == G && scales.size(2) == kCols,
+              "w4a8_dequant: scales must be contiguous (N/16, G, 16) float16");
+  TORCH_CHECK(zeros.scalar_type() == at::kByte && zeros.is_contiguous() && zeros.sizes() == scales.sizes(),
+              "w4a8_dequant: zeros must be contiguous (N/16, G, 16) uint8");
+  auto w = at::empty({blocks * kCols, K}, packed.options().dtype(at::kBFloat16));
+  const uint8_t* wp = packed.data_ptr<uint8_t>();
+  const c10::Half* sc = scales.data_ptr<c10::Half>();
+  const uint8_t* zp = zeros.data_ptr<uint8_t>();
+  c10::BFloat16* out = w.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      dequant_block(wp + b * K * 8, sc + b * G * kCols, zp + b * G * kCols, K, group_size, out + b * kCols * K);
+  });
+  return w;
+}
+
 const char* isa() {
 #if defined(W4A8_AVX512VNNI)
   return "avx512_vnni";
@@ -584,10 +676,12 @@ std::string isa_op() { return isa(); }
 TORCH_LIBRARY(JETSERVE_W4A8_NS, m) {
   m.def("w4a8_mm(Tensor x, Tensor packed, Tensor scales, Tensor zeros, int group_size, int act_block) -> Tensor");
   m.def("w8a8_mm(Tensor x, Tensor packed, Tensor scales, int act_block, bool float_out=False) -> Tensor");
+  m.def("w4a8_dequant(Tensor packed, Tensor scales, Tensor zeros, int group_size) -> Tensor");
   m.def("isa() -> str", [] { return isa_op(); });
 }
 
 TORCH_LIBRARY_IMPL(JETSERVE_W4A8_NS, CPU, m) {
   m.impl("w4a8_mm", &w4a8_mm);
   m.impl("w8a8_mm", &w8a8_mm);
+  m.impl("w4a8_dequant", &w4a8_dequant);
 }

@@ -180,6 +180,26 @@ def test_dense_prefill_switch(gen):
     assert rel_err(layer(x), x.float() @ dequantize(qw).t()) < 1e-2
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_w4a8_dense_prefill_switch(act_order, gen):
+    """The W4A8 plan with a dense threshold (the AMX plan): from that many tokens on, the exact bf16 dequantized
+    weight times the bf16 input; below it, the W4A8 kernel."""
+    from models import w4a8
+
+    cfg = qcfg("gptq", desc_act=act_order)
+    qw = random_qw(100, 256, 4, 64, act_order=act_order, gen=gen)
+    layer = QuantLinear.from_tensors(checkpoint(qw, cfg), "layer", cfg, 256, 100, device="cpu", cpu_int4="w4a8")
+    layer.plan = kernels.KernelPlan(kernels.CPU_W4A8, 16, "test")
+    x = torch.randn(32, 256, generator=gen).to(torch.bfloat16)
+    w = w4a8.dequant_reference(layer.packed, layer.w4a8_scales, layer.w4a8_zeros)[:100]  # (out, in) kernel order
+    xp = x if layer.perm is None else x.index_select(-1, layer.perm)
+    assert torch.equal(layer(x), torch.nn.functional.linear(xp, w))
+    assert rel_err(layer(x), x.float() @ dequantize(qw).t()) < 1e-2
+    few = x[:15]  # under the threshold: the W4A8 kernel
+    want = layer._aten_int4(xp[:15].contiguous(), layer.packed, layer.w4a8_scales, layer.w4a8_zeros, 64, 8)[:, :100]
+    assert torch.equal(layer(few), want)
+
+
 def test_missing_tensor_and_shape_mismatch(gen):
     from models.formats import UnsupportedFormatError
 

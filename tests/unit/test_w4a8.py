@@ -100,6 +100,28 @@ def test_kernel_matches_reference(isa, m, n, k, group, block, gen):
     torch.testing.assert_close(yb[:, :n].double(), refb, rtol=2**-8, atol=1e-4 * float(refb.abs().max()))
 
 
+@pytest.mark.parametrize("n,k,group", [(960, 576, 64), (100, 256, 32), (576, 1536, 128), (48, 72, 24)])
+def test_dequant_matches_reference(isa, n, k, group, gen):
+    ops = ops_for(isa)
+    codes, scales, zeros = random_layer(n, k, group, gen)
+    packed, s16, z8 = w4a8.pack(codes, scales, zeros, group)
+    w = ops.w4a8_dequant(packed, s16, z8, group)
+    assert w.dtype == torch.bfloat16 and w.shape == (packed.shape[0] * 16, k)
+    assert torch.equal(w, w4a8.dequant_reference(packed, s16, z8))  # one rounding, to bf16: exact
+    assert torch.equal(w[:n].double(), dense(codes, scales, zeros, group).to(torch.bfloat16).double())
+
+
+def test_cpu_plan_dense_prefill_only_with_amx(monkeypatch):
+    if w4a8.native_isa() == "scalar":
+        pytest.skip("auto does not pick W4A8 without SIMD")
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(kernels, "cpu_has_amx", lambda: True)
+    assert kernels.device_kernel(cpu).dense_min_tokens == kernels.CPU_DENSE_MIN_TOKENS
+    assert kernels.device_kernel(cpu, cpu_int4="int4pack").dense_min_tokens is None
+    monkeypatch.setattr(kernels, "cpu_has_amx", lambda: False)
+    assert kernels.device_kernel(cpu).dense_min_tokens is None
+
+
 def test_reference_is_close_to_the_dense_product(gen):
     """The activation rounding (int8 per row and block) costs under 1% of the output for Gaussian inputs (about
     max|x| / 127 / sqrt(12) relative per input), and smaller blocks cost less."""
