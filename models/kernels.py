@@ -19,9 +19,10 @@ Prefill policy: `KernelPlan.dense_min_tokens` is the token count from which dequ
 int4 kernel. On CPUs without AMX the int4 kernel won at every size measured (1..512 tokens, see
 benchmarks/qlinear.py), so the CPU plan never switches to dense there. Where torch runs AMX tiles (Intel Xeon
 since Sapphire Rapids), oneDNN's bf16 matmul is several times faster than W4A8 at prefill sizes, so from
-CPU_DENSE_MIN_TOKENS tokens on the W4A8 plan dequantizes (`w4a8_dequant`, exact to bf16) and multiplies dense. On an H100 (torch 2.11) tinygemm was 13-20x
-slower than dequantize + cuBLAS at 512 tokens on Llama-2-7B shapes, so CUDA prefill dequantizes from
-CUDA_DENSE_MIN_TOKENS tokens on; the exact crossover between 8 and 512 tokens is unmeasured.
+CPU_DENSE_MIN_TOKENS tokens on the W4A8 plan dequantizes (`w4a8_dequant`, exact to bf16) and multiplies dense.
+On an H100 (torch 2.11) tinygemm was 13-20x slower than dequantize + cuBLAS at 512 tokens on Llama-2-7B shapes,
+so CUDA prefill dequantizes from CUDA_DENSE_MIN_TOKENS tokens on; the exact crossover between 8 and 512 tokens is
+unmeasured. The dequantized weight is a per-call temporary on both devices.
 """
 
 from __future__ import annotations
