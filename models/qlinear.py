@@ -436,9 +436,7 @@ class QuantLinear(torch.nn.Module):
         if self._w4a8:
             from . import w4a8
 
-            codes, s, z = w4a8.unpack(self.packed, self.w4a8_scales, self.w4a8_zeros)
-            g = torch.arange(self.in_features, device=codes.device) // self.group_size
-            w = (codes[: self.out_features].float() - z[g, : self.out_features].t()) * s[g, : self.out_features].t()
+            w = w4a8.dequantize(self.packed, self.w4a8_scales, self.w4a8_zeros)[: self.out_features]
             if self.perm is not None:
                 w = torch.empty_like(w).index_copy_(1, self.perm.long(), w)
             return w

@@ -227,12 +227,16 @@ def unpack(
     return codes.contiguous(), s, z.contiguous()
 
 
-def dequant_reference(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
-    """Plain-PyTorch `w4a8_dequant`: the (N', K) bfloat16 weight s * (q - z), padding rows included."""
+def dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """The (N', K) float32 weight s * (q - z) of a packed layer, padding rows included (exact in float32)."""
     codes, s, z = unpack(packed, scales, zeros)
-    group = codes.shape[1] // s.shape[0]
-    g = torch.arange(codes.shape[1]) // group
-    return ((codes.float() - z.float()[g].t()) * s[g].t()).to(torch.bfloat16)
+    g = torch.arange(codes.shape[1], device=codes.device) // (codes.shape[1] // s.shape[0])  # group of each input
+    return (codes.float() - z.float()[g].t()) * s[g].t()
+
+
+def dequant_reference(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """Plain-PyTorch `w4a8_dequant`: `dequantize` rounded once to bfloat16."""
+    return dequantize(packed, scales, zeros).to(torch.bfloat16)
 
 
 def quantize_activations(x: torch.Tensor, block: int) -> Tuple[torch.Tensor, torch.Tensor]:
