@@ -19,7 +19,9 @@ Prefill policy: `KernelPlan.dense_min_tokens` is the token count from which dequ
 int4 kernel. On CPUs without AMX the int4 kernel won at every size measured (1..512 tokens, see
 benchmarks/qlinear.py), so the CPU plan never switches to dense there. Where torch runs AMX tiles (Intel Xeon
 since Sapphire Rapids), oneDNN's bf16 matmul is several times faster than W4A8 at prefill sizes, so from
-CPU_DENSE_MIN_TOKENS tokens on the W4A8 plan dequantizes (`w4a8_dequant`, exact to bf16) and multiplies dense.
+CPU_DENSE_MIN_TOKENS tokens on the W4A8 plan dequantizes (`w4a8_dequant`, exact to bf16) and multiplies dense,
+and from CPU_AMX_MIN_TOKENS up to there it runs `w4_amx_mm` (AMX-BF16 tiles on the packed weight), which beat
+W4A8 from 4-5 rows on in one-layer timings (docs/benchmarks.md).
 On an H100 (torch 2.11) tinygemm was 13-20x slower than dequantize + cuBLAS at 512 tokens on Llama-2-7B shapes,
 so CUDA prefill dequantizes from CUDA_DENSE_MIN_TOKENS tokens on; the exact crossover between 8 and 512 tokens is
 unmeasured. The dequantized weight is a per-call temporary on both devices.
@@ -45,7 +47,8 @@ CUDA_TINYGEMM = "cuda_tinygemm"
 CUDA_TRITON = "cuda_triton"
 CUDA_KERNELS = (CUDA_TINYGEMM, CUDA_TRITON)
 CUDA_DENSE_MIN_TOKENS = 64  # tinygemm below, dequantize + cuBLAS from here (see module docstring)
-CPU_DENSE_MIN_TOKENS = 64  # with AMX: W4A8 below, dequantize + oneDNN bf16 from here (see module docstring)
+CPU_DENSE_MIN_TOKENS = 64  # with AMX: dequantize + oneDNN bf16 from here (see module docstring)
+CPU_AMX_MIN_TOKENS = 4  # with AMX: W4A8 below, w4_amx_mm from here to CPU_DENSE_MIN_TOKENS (see module docstring)
 TRITON_MAX_TOKENS = 16  # the Triton kernel tiles M by 16: decode; prefill dequantizes + cuBLAS
 REFERENCE = "reference"
 
@@ -56,11 +59,13 @@ W4A8_N_BLOCK = 16  # W4A8 rows are padded to this
 
 @dataclass(frozen=True)
 class KernelPlan:
-    """What QuantLinear runs: kernel name, and from how many tokens it should dequantize + dense matmul."""
+    """What QuantLinear runs: kernel name, and from how many tokens it should dequantize + dense matmul (and, on
+    the W4A8 plan with AMX, from how many tokens it runs `w4_amx_mm` below that)."""
 
     name: str
     dense_min_tokens: Optional[int]  # None: never switch to dense
     reason: str
+    amx_min_tokens: Optional[int] = None  # None: never the AMX kernel
 
 
 @functools.lru_cache(maxsize=None)
@@ -86,6 +91,12 @@ def cpu_has_amx() -> bool:
     return bool(probe is not None and probe() and torch.backends.mkldnn.is_available())
 
 
+def w4a8_amx_min_tokens(ops) -> Optional[int]:
+    """From how many rows the W4A8 build `ops` runs its AMX tile kernels (`w4_amx_mm`, and `w8_amx_mm` for the
+    W8A8 head), or None where the CPU, the OS or the build has no AMX tiles."""
+    return CPU_AMX_MIN_TOKENS if cpu_has_amx() and ops.has_amx() else None
+
+
 def _cpu_plan(cpu_int4: str) -> KernelPlan:
     if cpu_int4 not in CPU_INT4_CHOICES:
         raise ValueError(f"unknown cpu_int4 kernel {cpu_int4!r}: choose one of {CPU_INT4_CHOICES}")
@@ -97,10 +108,13 @@ def _cpu_plan(cpu_int4: str) -> KernelPlan:
         if ops is not None:
             reason = f"W4A8 C++ kernel, {built} build (int8 activation blocks)"
             if cpu_has_amx():
+                amx_from = w4a8_amx_min_tokens(ops)
+                tiles = f"W4 x bf16 tiles from {amx_from} tokens, " if amx_from else ""
                 return KernelPlan(
                     CPU_W4A8,
                     CPU_DENSE_MIN_TOKENS,
-                    f"{reason}; AMX: from {CPU_DENSE_MIN_TOKENS} tokens on, dequantize + oneDNN bf16 matmul",
+                    f"{reason}; AMX: {tiles}dequantize + oneDNN bf16 matmul from {CPU_DENSE_MIN_TOKENS}",
+                    amx_from,
                 )
             return KernelPlan(CPU_W4A8, None, reason)
         why = f"W4A8 kernel: {built}"

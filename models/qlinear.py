@@ -184,6 +184,8 @@ class QuantLinear(torch.nn.Module):
             self._aten_int4 = ops.w4a8_mm.default
             self._w4a8_dequant = ops.w4a8_dequant.default
             self.act_block = w4a8.act_block(group_size)
+            amx = plan.amx_min_tokens is not None and group_size in kernels.INT4_GROUP_SIZES
+            self._amx = ops.w4_amx_mm.default if amx else None
         elif plan.name == kernels.CPU_INT4PACK:
             self._aten_int4 = torch.ops.aten._weight_int4pack_mm_for_cpu.default
         elif plan.name == kernels.CUDA_TINYGEMM:
@@ -375,7 +377,13 @@ class QuantLinear(torch.nn.Module):
         if not x2d.is_contiguous():
             x2d = x2d.contiguous()
         if self._w4a8:
-            y = op(x2d, bufs["packed"], bufs["w4a8_scales"], bufs["w4a8_zeros"], self.group_size, self.act_block)
+            amx, amx_from = self._amx, self.plan.amx_min_tokens
+            if amx is not None and amx_from is not None and x2d.shape[0] >= amx_from:
+                y = amx(
+                    x2d.to(torch.bfloat16), bufs["packed"], bufs["w4a8_scales"], bufs["w4a8_zeros"], self.group_size
+                )
+            else:
+                y = op(x2d, bufs["packed"], bufs["w4a8_scales"], bufs["w4a8_zeros"], self.group_size, self.act_block)
         else:
             y = op(x2d, bufs["packed"], self.group_size, bufs["scales_and_zeros"])  # (M, out_padded)
         if self.out_padded != self.out_features:
@@ -402,6 +410,13 @@ class QuantLinear(torch.nn.Module):
             if self._w4a8 and dense_from is not None and m >= dense_from:
                 w = self._w4a8_dequant(self.packed, self.w4a8_scales, self.w4a8_zeros, self.group_size)  # (N', in)
                 y = torch.nn.functional.linear(x2d, w)
+            elif (
+                self._w4a8
+                and self._amx is not None
+                and self.plan.amx_min_tokens is not None
+                and m >= self.plan.amx_min_tokens
+            ):
+                y = self._amx(x2d, self.packed, self.w4a8_scales, self.w4a8_zeros, self.group_size)
             elif self._w4a8:
                 y = self._aten_int4(
                     x2d, self.packed, self.w4a8_scales, self.w4a8_zeros, self.group_size, self.act_block
@@ -495,6 +510,11 @@ class Int8Linear(torch.nn.Module):
             self.register_buffer("w8a8_scales", block_scales)
             self._op = ops.w8a8_mm.default
             self.act_block = w4a8.head_act_block(self.in_features)
+            # from this many rows the AMX-INT8 twin (same results bit for bit; activation blocks of 64 only)
+            amx_from = kernels.w4a8_amx_min_tokens(ops)
+            self._amx, self.amx_min_tokens = None, None
+            if amx_from is not None and self.act_block == 64:
+                self._amx, self.amx_min_tokens = ops.w8_amx_mm.default, amx_from
         else:
             self.register_buffer("codes", codes.contiguous())
         self.register_buffer("scales", scales.float())
@@ -534,7 +554,9 @@ class Int8Linear(torch.nn.Module):
         if self.w8a8:
             xk = x2d if x2d.dtype in (torch.bfloat16, torch.float32) else x2d.to(torch.bfloat16)
             bufs = self._buffers
-            y = self._op(xk.contiguous(), bufs["w8a8_packed"], bufs["w8a8_scales"], self.act_block, float_out)
+            amx = self._amx
+            op = amx if amx is not None and xk.shape[0] >= self.amx_min_tokens else self._op
+            y = op(xk.contiguous(), bufs["w8a8_packed"], bufs["w8a8_scales"], self.act_block, float_out)
             if y.shape[1] != self.out_features:
                 y = y[:, : self.out_features]
             y = y.to(torch.float32 if float_out else x2d.dtype)

@@ -226,13 +226,22 @@ class Runner:
 
     def _compile(self) -> None:
         """Compile decode (models.compile) and run every graph it needs once (inside `warmup`, so in inference
-        mode): batch 1 and 2 (batch >= 2 is one dynamic graph) x the first two attention-length buckets (then one
-        dynamic graph) and the whole cache."""
+        mode): batch 1 and 2 (batch >= 2 is one dynamic graph), and each batch size from which a layer switches
+        kernels (`KernelPlan.amx_min_tokens`, `dense_min_tokens`: a graph of its own from there), x the first two
+        attention-length buckets (then one dynamic graph) and the whole cache."""
         from .compile import compile_decode
 
         # the whole cache (kv_len == max_seq) is a graph of its own: slicing all of a dimension specializes
         kv_lens = sorted({min(self.max_seq, KV_BUCKET), min(self.max_seq, 2 * KV_BUCKET), self.max_seq})
-        batches = [1, 2] if self.max_batch_size > 1 else [1]
+        switches = set()
+        for lin in self.model.linear_modules():
+            plan = getattr(lin, "plan", None)
+            switches.update(
+                t for t in (getattr(plan, "amx_min_tokens", None), getattr(plan, "dense_min_tokens", None)) if t
+            )
+        batches = [1]
+        if self.max_batch_size > 1:
+            batches = sorted({1, 2} | {t for t in switches if t <= self.max_batch_size})
         t0 = time.perf_counter()
         reason = compile_decode(self.model, self._decode_scratch, batches, kv_lens, self.compile_cache_dir)
         self.compiled = reason is None

@@ -117,6 +117,8 @@ def _load(isa: str) -> Tuple[Optional[object], str]:
         torch.library.register_fake(f"{ns}::w8a8_mm")(_fake_mm8)
         torch.library.register_fake(f"{ns}::decode_attention")(_fake_attention)
         torch.library.register_fake(f"{ns}::w4a8_dequant")(_fake_dequant)
+        torch.library.register_fake(f"{ns}::w4_amx_mm")(_fake_amx)
+        torch.library.register_fake(f"{ns}::w8_amx_mm")(_fake_mm8)
     except Exception as e:  # compiler or loader errors: the caller falls back and logs why
         first = str(e).splitlines()[0] if str(e) else ""
         return None, f"building the W4A8 kernel failed ({type(e).__name__}: {first})"
@@ -142,6 +144,10 @@ def _fake_mm(x, packed, scales, zeros, group_size, act_block):
 
 def _fake_mm8(x, packed, scales, act_block, float_out=False):
     return x.new_empty(x.shape[0], packed.shape[0] * COLS, dtype=torch.float32 if float_out else x.dtype)
+
+
+def _fake_amx(x, packed, scales, zeros, group_size):
+    return x.new_empty(x.shape[0], packed.shape[0] * COLS)
 
 
 def _fake_dequant(packed, scales, zeros, group_size):
@@ -237,6 +243,19 @@ def dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) 
 def dequant_reference(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
     """Plain-PyTorch `w4a8_dequant`: `dequantize` rounded once to bfloat16."""
     return dequantize(packed, scales, zeros).to(torch.bfloat16)
+
+
+def amx_reference(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """Plain-PyTorch `w4_amx_mm`: x (M, K) rounded to bfloat16 times the exact weight (`dequantize`), in float64
+    -> (M, N'). The kernel sums the same products in float32 and rounds its output once to bfloat16."""
+    return x.to(torch.bfloat16).double() @ dequantize(packed, scales, zeros).double().t()
+
+
+def has_amx(ops) -> bool:
+    """This build has `w4_amx_mm`'s AMX path and torch runs AMX tiles on this CPU (models.kernels.cpu_has_amx)."""
+    from . import kernels
+
+    return bool(ops.has_amx()) and kernels.cpu_has_amx()
 
 
 def quantize_activations(x: torch.Tensor, block: int) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -29,6 +29,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -42,6 +43,15 @@
 #include <immintrin.h>
 #endif
 
+// AMX tiles (Linux: the process asks the kernel for tile data once, see amx_permitted)
+#if defined(W4A8_AVX512VNNI) && defined(__linux__) && defined(__has_include)
+#if __has_include(<amxtileintrin.h>)
+#define W4A8_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+#endif
+
 #ifndef JETSERVE_W4A8_NS
 #define JETSERVE_W4A8_NS jetserve_w4a8
 #endif
@@ -50,6 +60,9 @@ namespace {
 
 constexpr int kCols = 16;  // output columns per block
 constexpr int kBlockK = 8;  // k per 64-byte packed block
+// bytes of packed weight prefetched ahead of the matmul loops (a thread reads its blocks in address order; past
+// the end is harmless, prefetches do not fault); docs/benchmarks.md
+constexpr int64_t kAhead = 2048;
 
 // Rounds one block of `ab` activations to int8 (scale max|x| / 127, round half to even): returns the block's
 // scale and writes the codes to q and their sum to *sum. The scalar version is the definition; the vector one
@@ -167,8 +180,8 @@ void quantize_tasks(const T* x, int64_t M, int64_t K, int64_t gs, int64_t ab, in
         quantize_pair8(x + m * K + b * 8, xq + (b * M + m) * 8, xq + ((b + 1) * M + m) * 8, d, sum);
         dx[b * M + m] = d[0];
         dx[(b + 1) * M + m] = d[1];
-        cs += d[0] * static_cast<float>(sum[0]);
-        cs += d[1] * static_cast<float>(sum[1]);
+        cs = std::fma(d[0], static_cast<float>(sum[0]), cs);
+        cs = std::fma(d[1], static_cast<float>(sum[1]), cs);
       }
     }
 #endif
@@ -176,7 +189,7 @@ void quantize_tasks(const T* x, int64_t M, int64_t K, int64_t gs, int64_t ab, in
       int32_t sum;
       const float d = quantize_block(x + m * K + b * ab, ab, xq + (b * M + m) * ab, &sum);
       dx[b * M + m] = d;
-      cs += d * static_cast<float>(sum);
+      cs = std::fma(d, static_cast<float>(sum), cs);  // explicit: contraction would vary with the inlining
     }
     c[g * M + m] = cs;
   }
@@ -221,6 +234,7 @@ void block_rows(const Args& a) {
       __m512i lo_acc[M], hi_acc[M];
       for (int m = 0; m < M; ++m) lo_acc[m] = hi_acc[m] = _mm512_setzero_si512();
       for (int64_t kb = 0; kb < kb_per_b; ++kb, wb += 64) {
+        __builtin_prefetch(wb + kAhead);
         const __m512i p = _mm512_loadu_si512(wb);
         const __m512i lo = _mm512_and_si512(p, mask);
         const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(p, 4), mask);
@@ -263,6 +277,7 @@ void block_rows_w8(const Args& a) {
     __m512i acc[M];
     for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_si512();
     for (int64_t q = 0; q < q_per_b; ++q, wb += 64) {
+      __builtin_prefetch(wb + kAhead);
       const __m512i p = _mm512_loadu_si512(wb);
       for (int m = 0; m < M; ++m)
         acc[m] = _mm512_dpbusd_epi32(acc[m], p, _mm512_set1_epi32(load4(xb + m * a.ab + q * 4)));
@@ -295,6 +310,7 @@ void block_rows(const Args& a) {
       __m256i acc[M][2];
       for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
       for (int64_t kb = 0; kb < kb_per_b; ++kb, wb += 64) {
+        __builtin_prefetch(wb + kAhead);
         for (int h = 0; h < 2; ++h) {  // columns 8h .. 8h + 7
           const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + h * 32));
           const __m256i lo = _mm256_and_si256(p, mask);
@@ -659,6 +675,379 @@ at::Tensor w4a8_dequant(const at::Tensor& packed, const at::Tensor& scales, cons
   return w;
 }
 
+// W4 x bf16 through AMX tiles (Intel Xeon since Sapphire Rapids), for the batch sizes where W4A8's vpdpbusd chains
+// are compute-bound. Activations stay bfloat16 (no int8 rounding); each packed code q becomes the bfloat16 value
+// 128 + q (bits 0x4300 | q: exact), so one tdpbf16ps per 32 k sums the exact products x * (128 + q) in float32,
+// and per weight group
+//   y[m, n] += s[g, n] * (sum_{k in g} x[m, k] * (128 + q[n, k]) - (128 + z[g, n]) * sum_{k in g} x[m, k]).
+// B tiles (16 rows of 32 bfloat16: row r holds, for each of 16 columns, k = 2r and 2r + 1) are written from the
+// W4A8 layout with in-lane byte shuffles, once per (column block, group) and used for every 16-row chunk of x.
+
+#if defined(W4A8_AMX)
+#define AMX_TARGET __attribute__((target("amx-tile,amx-bf16,amx-int8")))
+
+// The process's permission to use AMX tile data (Linux asks for it once: arch_prctl ARCH_REQ_XCOMP_PERM).
+bool amx_permitted() {
+  static const bool ok = [] {
+    constexpr int kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// tiles 0 and 1: C (rows x 16 float32, alternating by unit); tiles 2/3, 4/5 and 6/7: A (rows x 32 bfloat16) and
+// B (16 x 32 bfloat16 in pairs), taken in turn so that a tile load need not wait for the product reading that tile
+// (the int8 kernel takes the same shapes: C rows x 16 int32, A rows x 64 int8, B 16 x 16 columns x 4 uint8)
+AMX_TARGET void amx_config(int rows) {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = static_cast<uint8_t>(t >= 2 && t % 2 == 1 ? 16 : rows);
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// (GCC's tile intrinsics paste the tile number into the instruction: it must be a literal)
+#define AMX_STEP(C, A, B)     \
+  _tile_loadd(A, a, lda);     \
+  _tile_loadd(B, b, 64);      \
+  _tile_dpbf16ps(C, A, B);    \
+  return
+
+// C tile `slot` += A (x from a, row stride lda bytes) times B (b), on tile pair `pair` (0..2)
+AMX_TARGET inline void amx_mac(int slot, int pair, const c10::BFloat16* a, int64_t lda, const uint16_t* b) {
+  switch (slot * 3 + pair) {
+    case 0: AMX_STEP(0, 2, 3);
+    case 1: AMX_STEP(0, 4, 5);
+    case 2: AMX_STEP(0, 6, 7);
+    case 3: AMX_STEP(1, 2, 3);
+    case 4: AMX_STEP(1, 4, 5);
+    default: AMX_STEP(1, 6, 7);
+  }
+}
+#define AMX_STEP8(C, A, B)    \
+  _tile_loadd(A, a, 64);      \
+  _tile_loadd(B, b, 64);      \
+  _tile_dpbsud(C, A, B);      \
+  return
+
+// int8: C tile `slot` += A (rows of 64 int8 activations at a, 64 bytes apart) times B (16 rows of 16 columns x 4
+// uint8 codes at b), signed x unsigned
+AMX_TARGET inline void amx_mac8(int slot, int pair, const int8_t* a, const uint8_t* b) {
+  switch (slot * 3 + pair) {
+    case 0: AMX_STEP8(0, 2, 3);
+    case 1: AMX_STEP8(0, 4, 5);
+    case 2: AMX_STEP8(0, 6, 7);
+    case 3: AMX_STEP8(1, 2, 3);
+    case 4: AMX_STEP8(1, 4, 5);
+    default: AMX_STEP8(1, 6, 7);
+  }
+}
+#undef AMX_STEP
+#undef AMX_STEP8
+
+constexpr int64_t kAmxAhead = 1024;  // kAhead for the AMX kernel (two units of groups of 64)
+
+// Writes the B tiles of k [0, 8 * nkb) of one column block's packed rows wp ((nkb, 64) uint8) to bt: 4 tile rows of
+// 64 bytes per packed row.
+inline void unpack_b(const uint8_t* wp, int64_t nkb, uint16_t* bt) {
+  // in-lane shuffles: word w of a 128-bit lane (4 columns x 2 k) takes byte 4 * (w / 2) + w % 2 (k 0, 1) or that
+  // + 2 (k 2, 3), the high byte zeroed (index 0x80)
+  const __m512i idx01 = _mm512_broadcast_i32x4(_mm_setr_epi8(0, -128, 1, -128, 4, -128, 5, -128, 8, -128, 9, -128,
+                                                             12, -128, 13, -128));
+  const __m512i idx23 = _mm512_broadcast_i32x4(_mm_setr_epi8(2, -128, 3, -128, 6, -128, 7, -128, 10, -128, 11, -128,
+                                                             14, -128, 15, -128));
+  const __m512i low = _mm512_set1_epi16(0x000F), base = _mm512_set1_epi16(0x4300);
+  for (int64_t kb = 0; kb < nkb; ++kb) {
+    __builtin_prefetch(wp + kb * 64 + kAmxAhead);
+    const __m512i v = _mm512_loadu_si512(wp + kb * 64);
+    const __m512i w01 = _mm512_shuffle_epi8(v, idx01), w23 = _mm512_shuffle_epi8(v, idx23);
+    __m512i* out = reinterpret_cast<__m512i*>(bt + kb * 4 * 32);
+    _mm512_store_si512(out + 0, _mm512_ternarylogic_epi32(w01, low, base, 0xEA));  // (a & b) | c: k 0, 1
+    _mm512_store_si512(out + 1, _mm512_ternarylogic_epi32(w23, low, base, 0xEA));  // k 2, 3
+    _mm512_store_si512(out + 2, _mm512_or_si512(_mm512_srli_epi16(w01, 4), base));  // high nibbles: k 4, 5
+    _mm512_store_si512(out + 3, _mm512_or_si512(_mm512_srli_epi16(w23, 4), base));  // k 6, 7
+  }
+}
+
+// Column blocks [b0, b1) of y (M, N) bfloat16 = x (M, K) bfloat16 times the packed weight; sx (G, M) float32 holds
+// each row's sum over each weight group. Software-pipelined over the thread's (block, group) units: the B tiles of
+// the next unit are written while the tiles multiply this one (a tile load waits for the stores it reads to
+// drain), and each unit's C tile is stored and read back one step later, after the next unit's products are
+// issued (a tile store stalls until its tile is ready).
+// R > 0: M == R <= 16 rows, one chunk, the accumulators in registers; R == 0: any M, chunks of 16 rows sharing
+// each unit's B tiles, the accumulators in memory.
+template <int R>
+AMX_TARGET void amx_blocks(const c10::BFloat16* x, const uint8_t* wp, const c10::Half* sc, const uint8_t* zp,
+                           const float* sx, int64_t M, int64_t K, int64_t gs, int64_t N, int64_t b0, int64_t b1,
+                           c10::BFloat16* y) {
+  const int64_t G = K / gs, kbs_per_g = gs / kBlockK, tiles_per_g = gs / 32;
+  const int64_t U = (b1 - b0) * G;
+  alignas(64) uint16_t bt[2][16 * 32 * 8];  // B tiles of two units (groups of up to 256)
+  alignas(64) float ct[16 * 16];
+  __m512 racc[R > 0 ? R : 1];
+  std::vector<float> accs(R > 0 ? 0 : M * kCols);
+  float* acc = accs.data();
+  int configured = 0;
+  struct Pending {
+    int64_t b, g, m0;
+    int rows, slot;
+  } pending{0, 0, 0, 0, -1};
+  // stores one unit's C tile, acc rows [m0, m0 + rows) += s * (C - (128 + z) * sx), and after the block's last
+  // group writes its output rows
+  auto finish = [&](const Pending& p) {
+    const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + (p.b * G + p.g) * kCols)));
+    const __m512 zz = _mm512_add_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
+                                        _mm_loadu_si128(reinterpret_cast<const __m128i*>(zp + (p.b * G + p.g) * kCols)))),
+                                    _mm512_set1_ps(128.f));
+    if (p.slot == 0) {
+      _tile_stored(0, ct, 64);
+    } else {
+      _tile_stored(1, ct, 64);
+    }
+    const float* c = ct;
+    const int rows = R > 0 ? R : p.rows;
+    for (int r = 0; r < rows; ++r) {
+      const int64_t m = p.m0 + r;
+      const __m512 t = _mm512_fnmadd_ps(zz, _mm512_set1_ps(sx[p.g * M + m]), _mm512_load_ps(c + r * kCols));
+      float* a = acc + m * kCols;
+      __m512 v;
+      if constexpr (R > 0) {
+        v = p.g == 0 ? _mm512_mul_ps(s, t) : _mm512_fmadd_ps(s, t, racc[r]);
+        racc[r] = v;
+      } else {
+        v = p.g == 0 ? _mm512_mul_ps(s, t) : _mm512_fmadd_ps(s, t, _mm512_loadu_ps(a));
+        if (p.g != G - 1) _mm512_storeu_ps(a, v);
+      }
+      if (p.g == G - 1) _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + m * N + p.b * kCols), to_bf16(v));
+    }
+  };
+  if (U > 0) unpack_b(wp + b0 * K * 8, kbs_per_g, bt[0]);
+  int step = 0, pair = 0;
+  for (int64_t u = 0; u < U; ++u) {
+    const int64_t b = b0 + u / G, g = u % G;
+    if (u + 1 < U) {
+      const int64_t bn = b0 + (u + 1) / G, gn = (u + 1) % G;
+      unpack_b(wp + bn * K * 8 + gn * kbs_per_g * 64, kbs_per_g, bt[(u + 1) & 1]);
+    }
+    const uint16_t* bu = bt[u & 1];
+    for (int64_t m0 = 0; m0 < M; m0 += 16, ++step) {
+      const int rows = static_cast<int>(std::min<int64_t>(16, M - m0));
+      if (rows != configured) {  // loading a configuration clears the tiles: store the pending C first
+        if (pending.slot >= 0) finish(pending);
+        pending.slot = -1;
+        amx_config(rows);
+        configured = rows;
+      }
+      const int slot = step & 1;
+      if (slot == 0) {
+        _tile_zero(0);
+      } else {
+        _tile_zero(1);
+      }
+      for (int64_t t = 0; t < tiles_per_g; ++t, pair = pair == 2 ? 0 : pair + 1)
+        amx_mac(slot, pair, x + m0 * K + g * gs + t * 32, K * 2, bu + t * 16 * 32);
+      // the previous unit's C, whose products have had this unit's issue time to finish: a tile store stalls
+      // until its tile is ready
+      if (pending.slot >= 0) finish(pending);
+      pending = Pending{b, g, m0, rows, slot};
+    }
+  }
+  if (pending.slot >= 0) finish(pending);
+  if (configured) _tile_release();
+}
+#endif
+
+const char* isa();
+
+#if defined(W4A8_AMX)
+// W8A8 through AMX-INT8 tiles (the int8 head, `w8a8_mm`'s activation blocks of 64 only): the packed layout
+// (N/16, K/4, 64) is already the B tile layout (16 columns x 4 k a row), so each 1 KB B tile is loaded straight
+// from the weight, and one tdpbsud per (16 columns, activation block) gives the exact int32 dot of the block.
+// The float terms are summed in the order block_rows_w8 sums them, so the results are the same bit for bit.
+template <typename Y>
+AMX_TARGET void amx8_blocks(const int8_t* xq, const float* dx, const float* c, const uint8_t* wp, const float* fs,
+                            int64_t M, int64_t K, int64_t N, int64_t b0, int64_t b1, Y* y) {
+  constexpr int64_t kAb = 64;
+  const int64_t B = K / kAb, U = (b1 - b0) * B;
+  alignas(64) int32_t ct[16 * 16];
+  std::vector<float> accs(M * kCols);
+  float* acc = accs.data();
+  int configured = 0, step = 0, pair = 0;
+  struct Pending {
+    int64_t b, kb, m0;
+    int rows, slot;
+  } pending{0, 0, 0, 0, -1};
+  auto finish = [&](const Pending& p) {
+    if (p.slot == 0) {
+      _tile_stored(0, ct, 64);
+    } else {
+      _tile_stored(1, ct, 64);
+    }
+    const __m512 s = _mm512_loadu_ps(fs + p.b * kCols), off = _mm512_set1_ps(128.f);
+    for (int r = 0; r < p.rows; ++r) {
+      const int64_t m = p.m0 + r;
+      float* a = acc + m * kCols;
+      const __m512 prev = p.kb == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(a);
+      const __m512 v = _mm512_fmadd_ps(_mm512_set1_ps(dx[p.kb * M + m]),
+                                       _mm512_cvtepi32_ps(_mm512_load_si512(ct + r * kCols)), prev);
+      if (p.kb == B - 1) {
+        const __m512 o = _mm512_mul_ps(s, _mm512_fnmadd_ps(off, _mm512_set1_ps(c[m]), v));
+        alignas(64) float tmp[kCols];
+        _mm512_store_ps(tmp, o);
+        for (int j = 0; j < kCols; ++j) y[m * N + p.b * kCols + j] = static_cast<Y>(tmp[j]);
+      } else {
+        _mm512_storeu_ps(a, v);
+      }
+    }
+  };
+  for (int64_t u = 0; u < U; ++u) {
+    const int64_t b = b0 + u / B, kb = u % B;
+    const uint8_t* bu = wp + (b * B + kb) * 16 * 64;
+    for (int l = 0; l < 16; ++l) __builtin_prefetch(bu + kAhead + l * 64);
+    for (int64_t m0 = 0; m0 < M; m0 += 16, ++step) {
+      const int rows = static_cast<int>(std::min<int64_t>(16, M - m0));
+      if (rows != configured) {
+        if (pending.slot >= 0) finish(pending);
+        pending.slot = -1;
+        amx_config(rows);
+        configured = rows;
+      }
+      const int slot = step & 1;
+      if (slot == 0) {
+        _tile_zero(0);
+      } else {
+        _tile_zero(1);
+      }
+      amx_mac8(slot, pair, xq + (kb * M + m0) * kAb, bu);
+      pair = pair == 2 ? 0 : pair + 1;
+      if (pending.slot >= 0) finish(pending);
+      pending = Pending{b, kb, m0, rows, slot};
+    }
+  }
+  if (pending.slot >= 0) finish(pending);
+  if (configured) _tile_release();
+}
+
+template <typename T, typename Y>
+void amx8_matmul(const T* x, const at::Tensor& packed, const at::Tensor& scales, int64_t M, int64_t K, Y* y) {
+  constexpr int64_t kAb = 64;
+  const int64_t B = K / kAb, blocks = packed.size(0), N = blocks * kCols;
+  auto xq = at::empty({B, M, kAb}, at::TensorOptions().dtype(at::kChar));
+  auto dxs = at::empty({M * (B + 1)}, at::TensorOptions().dtype(at::kFloat));
+  float* dx = dxs.data_ptr<float>();
+  float* c = dx + M * B;
+  int8_t* xqp = xq.data_ptr<int8_t>();
+  const uint8_t* wp = packed.data_ptr<uint8_t>();
+  const float* fs = scales.data_ptr<float>();
+  auto quantize = [&](int64_t t0, int64_t t1) { quantize_tasks(x, M, K, K, kAb, xqp, dx, c, t0, t1); };
+  auto multiply = [&](int64_t b0, int64_t b1) { amx8_blocks(xqp, dx, c, wp, fs, M, K, N, b0, b1, y); };
+  two_phases(M, blocks, quantize, multiply);
+}
+#endif
+
+at::Tensor w8_amx_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t act_block,
+                     bool float_out) {
+#if defined(W4A8_AMX)
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "w8_amx_mm: x must be a contiguous (M, K) matrix");
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == 64 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
+              "w8_amx_mm: packed must be contiguous (N/16, K/4, 64) uint8");
+  const int64_t M = x.size(0), K = x.size(1), blocks = packed.size(0);
+  TORCH_CHECK(packed.size(1) * 4 == K, "w8_amx_mm: packed has K=", packed.size(1) * 4, ", x has ", K);
+  TORCH_CHECK(act_block == 64 && K % 64 == 0, "w8_amx_mm: act_block must be 64, dividing K");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.dim() == 2 &&
+                  scales.size(0) == blocks && scales.size(1) == kCols,
+              "w8_amx_mm: scales must be contiguous (N/16, 16) float32");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
+              "w8_amx_mm: x must be bfloat16 or float32, got ", x.scalar_type());
+  TORCH_CHECK(amx_permitted(), "w8_amx_mm: the OS did not grant AMX tile data (arch_prctl ARCH_REQ_XCOMP_PERM)");
+  auto y = at::empty({M, blocks * kCols}, float_out ? x.options().dtype(at::kFloat) : x.options());
+  if (M == 0) return y;
+  if (x.scalar_type() == at::kBFloat16 && !float_out) {
+    amx8_matmul(x.data_ptr<c10::BFloat16>(), packed, scales, M, K, y.data_ptr<c10::BFloat16>());
+  } else if (x.scalar_type() == at::kBFloat16) {
+    amx8_matmul(x.data_ptr<c10::BFloat16>(), packed, scales, M, K, y.data_ptr<float>());
+  } else if (float_out) {
+    amx8_matmul(x.data_ptr<float>(), packed, scales, M, K, y.data_ptr<float>());
+  } else {
+    amx8_matmul(x.data_ptr<float>(), packed, scales, M, K, y.data_ptr<float>());
+  }
+  return y;
+#else
+  TORCH_CHECK(false, "w8_amx_mm: this build (", isa(), ") has no AMX path");
+#endif
+}
+
+at::Tensor w4_amx_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& zeros,
+                     int64_t group_size) {
+#if defined(W4A8_AMX)
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16,
+              "w4_amx_mm: x must be a contiguous (M, K) bfloat16 matrix");
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == 64 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
+              "w4_amx_mm: packed must be contiguous (N/16, K/8, 64) uint8");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(packed.size(1) * kBlockK == K, "w4_amx_mm: packed has K=", packed.size(1) * kBlockK, ", x has ", K);
+  TORCH_CHECK(group_size > 0 && group_size % 32 == 0 && group_size <= 256 && K % group_size == 0,
+              "w4_amx_mm: group_size must be 32, 64, 128 or 256 dividing K");
+  const int64_t G = K / group_size, blocks = packed.size(0), N = blocks * kCols;
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.dim() == 3 &&
+                  scales.size(0) == blocks && scales.size(1) == G && scales.size(2) == kCols,
+              "w4_amx_mm: scales must be contiguous (N/16, G, 16) float16");
+  TORCH_CHECK(zeros.scalar_type() == at::kByte && zeros.is_contiguous() && zeros.sizes() == scales.sizes(),
+              "w4_amx_mm: zeros must be contiguous (N/16, G, 16) uint8");
+  TORCH_CHECK(amx_permitted(), "w4_amx_mm: the OS did not grant AMX tile data (arch_prctl ARCH_REQ_XCOMP_PERM)");
+  auto y = at::empty({M, N}, x.options());
+  if (M == 0) return y;
+  auto sxs = at::empty({G, M}, x.options().dtype(at::kFloat));
+  float* sx = sxs.data_ptr<float>();
+  const c10::BFloat16* xp = x.data_ptr<c10::BFloat16>();
+  const uint8_t* wp = packed.data_ptr<uint8_t>();
+  const c10::Half* sc = scales.data_ptr<c10::Half>();
+  const uint8_t* zp = zeros.data_ptr<uint8_t>();
+  c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
+  auto sums = [&](int64_t t0, int64_t t1) {  // task i = (group i / M, row i % M)
+    for (int64_t i = t0; i < t1; ++i) {
+      const int64_t g = i / M, m = i % M;
+      const c10::BFloat16* xr = xp + m * K + g * group_size;
+      __m512 a = _mm512_setzero_ps();
+      for (int64_t k = 0; k < group_size; k += 16) a = _mm512_add_ps(a, load16(xr + k));
+      sx[g * M + m] = _mm512_reduce_add_ps(a);
+    }
+  };
+  auto multiply = [&](int64_t b0, int64_t b1) {
+    switch (M) {
+#define AMX_ROWS(R) \
+  case R: return amx_blocks<R>(xp, wp, sc, zp, sx, M, K, group_size, N, b0, b1, yp);
+      AMX_ROWS(1) AMX_ROWS(2) AMX_ROWS(3) AMX_ROWS(4) AMX_ROWS(5) AMX_ROWS(6) AMX_ROWS(7) AMX_ROWS(8)
+      AMX_ROWS(9) AMX_ROWS(10) AMX_ROWS(11) AMX_ROWS(12) AMX_ROWS(13) AMX_ROWS(14) AMX_ROWS(15) AMX_ROWS(16)
+#undef AMX_ROWS
+      default: return amx_blocks<0>(xp, wp, sc, zp, sx, M, K, group_size, N, b0, b1, yp);
+    }
+  };
+  two_phases(M * G, blocks, sums, multiply);
+  return y;
+#else
+  TORCH_CHECK(false, "w4_amx_mm: this build (", isa(), ") has no AMX path");
+#endif
+}
+
+// the AMX path is compiled in and the OS grants this process tile data (false on CPUs without AMX)
+bool has_amx_op() {
+#if defined(W4A8_AMX)
+  return amx_permitted();
+#else
+  return false;
+#endif
+}
+
 const char* isa() {
 #if defined(W4A8_AVX512VNNI)
   return "avx512_vnni";
@@ -677,6 +1066,9 @@ TORCH_LIBRARY(JETSERVE_W4A8_NS, m) {
   m.def("w4a8_mm(Tensor x, Tensor packed, Tensor scales, Tensor zeros, int group_size, int act_block) -> Tensor");
   m.def("w8a8_mm(Tensor x, Tensor packed, Tensor scales, int act_block, bool float_out=False) -> Tensor");
   m.def("w4a8_dequant(Tensor packed, Tensor scales, Tensor zeros, int group_size) -> Tensor");
+  m.def("w4_amx_mm(Tensor x, Tensor packed, Tensor scales, Tensor zeros, int group_size) -> Tensor");
+  m.def("w8_amx_mm(Tensor x, Tensor packed, Tensor scales, int act_block, bool float_out=False) -> Tensor");
+  m.def("has_amx() -> bool", [] { return has_amx_op(); });
   m.def("isa() -> str", [] { return isa_op(); });
 }
 
@@ -684,4 +1076,6 @@ TORCH_LIBRARY_IMPL(JETSERVE_W4A8_NS, CPU, m) {
   m.impl("w4a8_mm", &w4a8_mm);
   m.impl("w8a8_mm", &w8a8_mm);
   m.impl("w4a8_dequant", &w4a8_dequant);
+  m.impl("w4_amx_mm", &w4_amx_mm);
+  m.impl("w8_amx_mm", &w8_amx_mm);
 }

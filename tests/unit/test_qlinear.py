@@ -200,6 +200,31 @@ def test_w4a8_dense_prefill_switch(act_order, gen):
     assert torch.equal(layer(few), want)
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_w4a8_amx_switch(act_order, gen):
+    """The AMX plan: W4A8 below amx_min_tokens, the AMX tile kernel from there, dense from dense_min_tokens."""
+    from models import w4a8
+
+    ops, _ = w4a8.load()
+    if ops is None or not w4a8.has_amx(ops):
+        pytest.skip("no AMX tile kernel here (CPU, OS or build)")
+    cfg = qcfg("gptq", desc_act=act_order)
+    qw = random_qw(100, 256, 4, 64, act_order=act_order, gen=gen)
+    layer = QuantLinear.from_tensors(checkpoint(qw, cfg), "layer", cfg, 256, 100, device="cpu", cpu_int4="w4a8")
+    assert layer.plan.amx_min_tokens == kernels.CPU_AMX_MIN_TOKENS
+    layer.plan = kernels.KernelPlan(kernels.CPU_W4A8, 16, "test", amx_min_tokens=4)
+    x = torch.randn(20, 256, generator=gen).to(torch.bfloat16)
+    xp = (x if layer.perm is None else x.index_select(-1, layer.perm)).contiguous()
+    bufs = (layer.packed, layer.w4a8_scales, layer.w4a8_zeros)
+    assert torch.equal(layer(x[:3]), layer._aten_int4(xp[:3].contiguous(), *bufs, 64, 8)[:, :100])
+    for m in (4, 15):
+        assert torch.equal(layer(x[:m]), ops.w4_amx_mm(xp[:m].contiguous(), *bufs, 64)[:, :100])
+        assert torch.equal(layer._forward_general(x[:m]), layer(x[:m]))
+        assert rel_err(layer(x[:m]), x[:m].float() @ dequantize(qw).t()) < 1e-2
+    w = w4a8.dequant_reference(*bufs)[:100]
+    assert torch.equal(layer(x), torch.nn.functional.linear(xp, w))
+
+
 def test_missing_tensor_and_shape_mismatch(gen):
     from models.formats import UnsupportedFormatError
 

@@ -111,15 +111,79 @@ def test_dequant_matches_reference(isa, n, k, group, gen):
     assert torch.equal(w[:n].double(), dense(codes, scales, zeros, group).to(torch.bfloat16).double())
 
 
-def test_cpu_plan_dense_prefill_only_with_amx(monkeypatch):
+def amx_ops():
+    ops = ops_for(w4a8.native_isa())
+    if not w4a8.has_amx(ops):
+        pytest.skip(
+            f"no AMX here: the {ops.isa()} build has it: {ops.has_amx()}; torch runs AMX tiles: {kernels.cpu_has_amx()}"
+        )
+    return ops
+
+
+@pytest.mark.parametrize("m", [1, 4, 8, 16, 17, 40])
+@pytest.mark.parametrize("n,k,group", [(960, 576, 64), (100, 256, 32), (64, 512, 128), (48, 512, 256)])
+def test_amx_kernel_matches_reference(m, n, k, group, gen):
+    ops = amx_ops()
+    codes, scales, zeros = random_layer(n, k, group, gen)
+    packed, s16, z8 = w4a8.pack(codes, scales, zeros, group)
+    x = (torch.randn(m, k, generator=gen) * 3).to(torch.bfloat16)
+    x[0, :group] = 0
+    y = ops.w4_amx_mm(x, packed, s16, z8, group)
+    assert y.shape == (m, packed.shape[0] * 16) and y.dtype == torch.bfloat16
+    assert not y[:, n:].any()
+    ref = w4a8.amx_reference(x, packed, s16, z8)
+    torch.testing.assert_close(ref[:, :n], x.double() @ dense(codes, scales, zeros, group).t())
+    # float32 sums of exact products, one rounding to bf16: within an ulp of bf16 plus the float32 sums' error
+    torch.testing.assert_close(y.double(), ref, rtol=2**-8, atol=1e-5 * float(ref.abs().max()))
+    # no activation rounding: closer to the exact product than W4A8 with its default blocks
+    w8 = ops.w4a8_mm(x, packed, s16, z8, group, w4a8.act_block(group)).double()
+    assert (y.double() - ref).norm() < (w8 - ref).norm()
+
+
+def test_amx_kernel_input_checks():
+    ops = amx_ops()
+    codes, scales, zeros = random_layer(16, 64, 32, torch.Generator().manual_seed(0))
+    packed, s16, z8 = w4a8.pack(codes, scales, zeros, 32)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        ops.w4_amx_mm(torch.randn(2, 64), packed, s16, z8, 32)
+    with pytest.raises(RuntimeError, match="packed has K"):
+        ops.w4_amx_mm(torch.randn(2, 128).to(torch.bfloat16), packed, s16, z8, 32)
+    with pytest.raises(RuntimeError, match="group_size"):
+        ops.w4_amx_mm(torch.randn(2, 64).to(torch.bfloat16), packed, s16, z8, 16)
+    assert ops.w4_amx_mm(torch.randn(0, 64).to(torch.bfloat16), packed, s16, z8, 32).shape == (0, 16)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+def test_builds_without_amx_say_so(isa):
+    ops = ops_for(isa)
+    assert not ops.has_amx()
+    codes, scales, zeros = random_layer(16, 64, 32, torch.Generator().manual_seed(0))
+    packed, s16, z8 = w4a8.pack(codes, scales, zeros, 32)
+    with pytest.raises(RuntimeError, match="no AMX path"):
+        ops.w4_amx_mm(torch.randn(2, 64).to(torch.bfloat16), packed, s16, z8, 32)
+    packed8, s8 = w4a8.pack_int8(torch.zeros(16, 64, dtype=torch.int8), torch.ones(16))
+    with pytest.raises(RuntimeError, match="no AMX path"):
+        ops.w8_amx_mm(torch.randn(2, 64), packed8, s8, 64, False)
+
+
+def test_cpu_plan_amx_thresholds_only_with_amx(monkeypatch):
     if w4a8.native_isa() == "scalar":
         pytest.skip("auto does not pick W4A8 without SIMD")
     cpu = torch.device("cpu")
+    ops = ops_for(w4a8.native_isa())
     monkeypatch.setattr(kernels, "cpu_has_amx", lambda: True)
-    assert kernels.device_kernel(cpu).dense_min_tokens == kernels.CPU_DENSE_MIN_TOKENS
-    assert kernels.device_kernel(cpu, cpu_int4="int4pack").dense_min_tokens is None
+    plan = kernels.device_kernel(cpu)
+    if ops.has_amx():
+        assert (plan.amx_min_tokens, plan.dense_min_tokens) == (
+            kernels.CPU_AMX_MIN_TOKENS,
+            kernels.CPU_DENSE_MIN_TOKENS,
+        )
+    else:  # the AVX2 build on an AMX CPU (ATEN_CPU_CAPABILITY=avx2): oneDNN's dense prefill only
+        assert (plan.amx_min_tokens, plan.dense_min_tokens) == (None, kernels.CPU_DENSE_MIN_TOKENS)
+    int4pack = kernels.device_kernel(cpu, cpu_int4="int4pack")
+    assert (int4pack.amx_min_tokens, int4pack.dense_min_tokens) == (None, None)
     monkeypatch.setattr(kernels, "cpu_has_amx", lambda: False)
-    assert kernels.device_kernel(cpu).dense_min_tokens is None
+    assert (kernels.device_kernel(cpu).amx_min_tokens, kernels.device_kernel(cpu).dense_min_tokens) == (None, None)
 
 
 def test_reference_is_close_to_the_dense_product(gen):
@@ -158,8 +222,13 @@ def test_op_under_torch_compile(gen):
     codes, scales, zeros = random_layer(64, 128, 32, gen)
     packed, s16, z8 = w4a8.pack(codes, scales, zeros, 32)
 
+    amx = w4a8.has_amx(ops)
+
     def f(x):
-        return torch.nn.functional.silu(ops.w4a8_mm(x * 2, packed, s16, z8, 32, 16))
+        y = ops.w4a8_mm(x * 2, packed, s16, z8, 32, 16)
+        if amx:
+            y = y + ops.w4_amx_mm(x, packed, s16, z8, 32)
+        return torch.nn.functional.silu(y)
 
     x = torch.randn(3, 128, generator=gen).to(torch.bfloat16)
     torch.testing.assert_close(torch.compile(f, fullgraph=True)(x), f(x))
@@ -209,6 +278,28 @@ def test_w8_kernel_matches_reference(isa, m, n, k, block, gen):
     torch.testing.assert_close(yb[:, :n].double(), refb, rtol=2**-8, atol=1e-4 * float(refb.abs().max()))
 
 
+@pytest.mark.parametrize("m", [1, 4, 8, 16, 17, 40])
+@pytest.mark.parametrize("n,k", [(100, 64), (48, 576), (200, 1536)])
+def test_w8_amx_kernel_is_w8a8_bit_for_bit(m, n, k, gen):
+    """The AMX-INT8 twin of `w8a8_mm` (activation blocks of 64) sums the same exact int32 block dots in the
+    same float order: equal results for every row count, input and output dtype."""
+    ops = amx_ops()
+    codes, scales = kernels.quantize_int8_per_channel(torch.randn(n, k, generator=gen))
+    codes[0, :4] = torch.tensor([-127, 127, -127, 127], dtype=torch.int8)
+    packed, s = w4a8.pack_int8(codes, scales)
+    x = torch.randn(m, k, generator=gen) * 3
+    x[-1, :64] = 0
+    for xt in (x, x.to(torch.bfloat16)):
+        for float_out in (False, True):
+            y = ops.w8_amx_mm(xt, packed, s, 64, float_out)
+            assert torch.equal(y, ops.w8a8_mm(xt, packed, s, 64, float_out))
+    ref = w4a8.reference_w8(x, codes, scales, 64)
+    y = ops.w8_amx_mm(x, packed, s, 64, True)[:, :n].double()
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    with pytest.raises(RuntimeError, match="act_block must be 64"):
+        ops.w8_amx_mm(x, packed, s, 32, False)
+
+
 def test_int8_linear_w8a8_matches_its_reference(gen):
     from models.qlinear import Int8Linear
 
@@ -227,3 +318,10 @@ def test_int8_linear_w8a8_matches_its_reference(gen):
     dense = x @ w.t() + bias
     assert float((fast(x) - dense).norm() / dense.norm()) < 1e-2
     assert float((fast.forward_reference(x) - plain.forward_reference(x)).abs().max()) == 0.0
+    ops = w4a8.load()[0]
+    want_amx = kernels.CPU_AMX_MIN_TOKENS if w4a8.has_amx(ops) else None
+    assert fast.amx_min_tokens == want_amx  # the AMX twin from that many rows, where it runs
+    if want_amx is not None:
+        xs = torch.randn(want_amx, 64, generator=gen)
+        want = ops.w8_amx_mm(xs, fast.w8a8_packed, fast.w8a8_scales, 64, False)[:, :100] + bias
+        assert torch.equal(fast(xs), want)
