@@ -46,6 +46,23 @@ def config_eos_token_ids(model_dir: Union[str, Path]) -> Tuple[int, ...]:
     return tuple(dict.fromkeys(ids))
 
 
+def _backend_decode(hf_tokenizer):
+    """The `tokenizers` library's own decode where transformers' `decode` adds nothing to it (a fast tokenizer
+    that does not override `_decode` and does not clean up spaces): the same text without transformers' per-call
+    Python layers, which the streaming detokenizer pays twice a token. None otherwise."""
+    from transformers import PreTrainedTokenizerFast
+
+    backend = getattr(hf_tokenizer, "_tokenizer", None)
+    if (
+        backend is None
+        or not isinstance(hf_tokenizer, PreTrainedTokenizerFast)
+        or type(hf_tokenizer)._decode is not PreTrainedTokenizerFast._decode
+        or getattr(hf_tokenizer, "clean_up_tokenization_spaces", True)
+    ):
+        return None
+    return backend.decode
+
+
 class Tokenizer:
     """A Hugging Face tokenizer with the few operations jetserve needs.
 
@@ -55,6 +72,7 @@ class Tokenizer:
 
     def __init__(self, hf_tokenizer, eos_token_ids: Sequence[int] = ()):
         self.hf = hf_tokenizer
+        self._backend_decode = _backend_decode(hf_tokenizer)
         ids = list(eos_token_ids)
         if hf_tokenizer.eos_token_id is not None:
             ids.append(int(hf_tokenizer.eos_token_id))
@@ -83,6 +101,8 @@ class Tokenizer:
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        if self._backend_decode is not None:
+            return self._backend_decode(list(ids), skip_special_tokens=skip_special_tokens)
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def chat_template_text(self, with_tools: bool = False) -> str:

@@ -242,3 +242,24 @@ def test_no_chat_template_raises(tiny_llama_dir, tmp_path):
     assert not t.has_chat_template
     with pytest.raises(ValueError, match="no chat template"):
         t.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+@pytest.mark.parametrize("which", ["tok", "sp_tok"])
+def test_decode_is_transformers_decode(which, request, corpus):
+    """`Tokenizer.decode` calls the tokenizers library directly where transformers adds nothing to it, and
+    gives exactly transformers' text (special tokens kept or skipped); with space clean-up on, it goes through
+    transformers."""
+    t = request.getfixturevalue(which)
+    assert t._backend_decode is not None
+    rng = random.Random(0)
+    ids = t.encode(corpus[:4000])
+    pieces = [ids[i : i + rng.randint(1, 9)] for i in range(0, len(ids), 7)]
+    pieces += [[rng.randrange(t.vocab_size) for _ in range(rng.randint(1, 6))] for _ in range(300)]
+    for p in pieces:
+        for skip in (True, False):
+            assert t.decode(p, skip) == t.hf.decode(p, skip_special_tokens=skip)
+    before, t.hf.clean_up_tokenization_spaces = t.hf.clean_up_tokenization_spaces, True
+    try:
+        assert Tokenizer(t.hf, t.eos_token_ids)._backend_decode is None
+    finally:
+        t.hf.clean_up_tokenization_spaces = before
