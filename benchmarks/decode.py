@@ -142,8 +142,8 @@ def _op_class(ev) -> Optional[str]:
         return "lm_head"
     for prefix, cls in OP_CLASSES:
         if ev.name.startswith(prefix):
-            if prefix == "jetserve_w4a8" and ev.name.endswith("w8a8_mm"):
-                return "lm_head"  # the int8 head on the W8A8 path
+            if prefix == "jetserve_w4a8" and ev.name.endswith(("w8a8_mm", "w8_amx_mm")):
+                return "lm_head"  # the int8 head on the W8A8 path (or its AMX twin)
             if prefix == "jetserve_w4a8" and ev.name.endswith("decode_attention"):
                 return "attention"  # the in-place decode attention (models/attention.py)
             if cls == "KV gather":  # the embedding lookup and act-order permutations gather 2-D tensors

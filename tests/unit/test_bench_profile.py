@@ -60,7 +60,7 @@ def test_roofline_and_cpu_info():
     assert info["model_name"] and set(info["isa_flags"]) <= set(info["flags"])
 
 
-@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("batch", [1, 2, 4])  # 4: the AMX kernels where the CPU has them
 def test_profile_finds_the_compiled_head_and_recompiles_nothing(tiny_llama_dir, tmp_path, batch):
     from torch._dynamo.utils import counters
 
@@ -68,7 +68,7 @@ def test_profile_finds_the_compiled_head_and_recompiles_nothing(tiny_llama_dir, 
 
     if compile_unavailable(torch.device("cpu")):
         pytest.skip(compile_unavailable(torch.device("cpu")))
-    r = load_runner(tiny_llama_dir, max_batch_size=2, max_seq=128, lm_head="int8", compile_cache_dir=tmp_path)
+    r = load_runner(tiny_llama_dir, max_batch_size=4, max_seq=128, lm_head="int8", compile_cache_dir=tmp_path)
     r.warmup()
     assert r.compiled, r.compile_note
     compiled = r.model.compiled_decode
