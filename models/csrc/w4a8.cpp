@@ -975,9 +975,7 @@ at::Tensor w8_amx_mm(const at::Tensor& x, const at::Tensor& packed, const at::Te
     amx8_matmul(x.data_ptr<c10::BFloat16>(), packed, scales, M, K, y.data_ptr<c10::BFloat16>());
   } else if (x.scalar_type() == at::kBFloat16) {
     amx8_matmul(x.data_ptr<c10::BFloat16>(), packed, scales, M, K, y.data_ptr<float>());
-  } else if (float_out) {
-    amx8_matmul(x.data_ptr<float>(), packed, scales, M, K, y.data_ptr<float>());
-  } else {
+  } else {  // float32 in: float32 out either way
     amx8_matmul(x.data_ptr<float>(), packed, scales, M, K, y.data_ptr<float>());
   }
   return y;
