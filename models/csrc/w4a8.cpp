@@ -715,6 +715,32 @@ AMX_TARGET void amx_config(int rows) {
   _tile_loadconfig(&cfg);
 }
 
+// Starts a unit of `rows` rows in C tile `slot`: a new row count reloads the configuration, which clears the
+// tiles, so the pending unit is finished first; then zeroes the C tile.
+template <typename P, typename F>
+AMX_TARGET inline void amx_start(int rows, int slot, int& configured, P& pending, const F& finish) {
+  if (rows != configured) {
+    if (pending.slot >= 0) finish(pending);
+    pending.slot = -1;
+    amx_config(rows);
+    configured = rows;
+  }
+  if (slot == 0) {
+    _tile_zero(0);
+  } else {
+    _tile_zero(1);
+  }
+}
+
+// Stores C tile `slot` (rows x 64 bytes) to c, 64 bytes a row.
+AMX_TARGET inline void amx_store(int slot, void* c) {
+  if (slot == 0) {
+    _tile_stored(0, c, 64);
+  } else {
+    _tile_stored(1, c, 64);
+  }
+}
+
 // (GCC's tile intrinsics paste the tile number into the instruction: it must be a literal)
 #define AMX_STEP(C, A, B)     \
   _tile_loadd(A, a, lda);     \
@@ -808,11 +834,7 @@ AMX_TARGET void amx_blocks(const c10::BFloat16* x, const uint8_t* wp, const c10:
     const __m512 zz = _mm512_add_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
                                         _mm_loadu_si128(reinterpret_cast<const __m128i*>(zp + (p.b * G + p.g) * kCols)))),
                                     _mm512_set1_ps(128.f));
-    if (p.slot == 0) {
-      _tile_stored(0, ct, 64);
-    } else {
-      _tile_stored(1, ct, 64);
-    }
+    amx_store(p.slot, ct);
     const float* c = ct;
     const int rows = R > 0 ? R : p.rows;
     for (int r = 0; r < rows; ++r) {
@@ -841,18 +863,8 @@ AMX_TARGET void amx_blocks(const c10::BFloat16* x, const uint8_t* wp, const c10:
     const uint16_t* bu = bt[u & 1];
     for (int64_t m0 = 0; m0 < M; m0 += 16, ++step) {
       const int rows = static_cast<int>(std::min<int64_t>(16, M - m0));
-      if (rows != configured) {  // loading a configuration clears the tiles: store the pending C first
-        if (pending.slot >= 0) finish(pending);
-        pending.slot = -1;
-        amx_config(rows);
-        configured = rows;
-      }
       const int slot = step & 1;
-      if (slot == 0) {
-        _tile_zero(0);
-      } else {
-        _tile_zero(1);
-      }
+      amx_start(rows, slot, configured, pending, finish);
       for (int64_t t = 0; t < tiles_per_g; ++t, pair = pair == 2 ? 0 : pair + 1)
         amx_mac(slot, pair, x + m0 * K + g * gs + t * 32, K * 2, bu + t * 16 * 32);
       // the previous unit's C, whose products have had this unit's issue time to finish: a tile store stalls
@@ -887,11 +899,7 @@ AMX_TARGET void amx8_blocks(const int8_t* xq, const float* dx, const float* c, c
     int rows, slot;
   } pending{0, 0, 0, 0, -1};
   auto finish = [&](const Pending& p) {
-    if (p.slot == 0) {
-      _tile_stored(0, ct, 64);
-    } else {
-      _tile_stored(1, ct, 64);
-    }
+    amx_store(p.slot, ct);
     const __m512 s = _mm512_loadu_ps(fs + p.b * kCols), off = _mm512_set1_ps(128.f);
     for (int r = 0; r < p.rows; ++r) {
       const int64_t m = p.m0 + r;
@@ -915,18 +923,8 @@ AMX_TARGET void amx8_blocks(const int8_t* xq, const float* dx, const float* c, c
     for (int l = 0; l < 16; ++l) __builtin_prefetch(bu + kAhead + l * 64);
     for (int64_t m0 = 0; m0 < M; m0 += 16, ++step) {
       const int rows = static_cast<int>(std::min<int64_t>(16, M - m0));
-      if (rows != configured) {
-        if (pending.slot >= 0) finish(pending);
-        pending.slot = -1;
-        amx_config(rows);
-        configured = rows;
-      }
       const int slot = step & 1;
-      if (slot == 0) {
-        _tile_zero(0);
-      } else {
-        _tile_zero(1);
-      }
+      amx_start(rows, slot, configured, pending, finish);
       amx_mac8(slot, pair, xq + (kb * M + m0) * kAb, bu);
       pair = pair == 2 ? 0 : pair + 1;
       if (pending.slot >= 0) finish(pending);
