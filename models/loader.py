@@ -264,6 +264,25 @@ def workspace_bytes(info: CheckpointInfo, *, max_batch_size: int, prefill_chunk:
     return logits + act + WORKSPACE_CONSTANT_BYTES
 
 
+def dense_prefill_bytes(
+    info: CheckpointInfo, *, prefill_chunk: int, device: Union[str, torch.device] = "cpu", cpu_int4: str = "auto"
+) -> int:
+    """The bf16 weight a prefill chunk dequantizes for its largest 4-bit layer (fused gate+up, qkv or down) where
+    the device's int4 plan multiplies dense from `dense_min_tokens` tokens on (models.kernels: CUDA, CPUs with
+    AMX, and the reference plan at every size): a per-call temporary, one alive at a time. 0 where prefill never
+    goes dense."""
+    if not (info.qcfg.is_quantized and info.qcfg.bits == 4 and info.fused):
+        return 0
+    from .kernels import REFERENCE, device_kernel
+
+    plan = device_kernel(torch.device(device), cpu_int4=cpu_int4)
+    if plan.dense_min_tokens is None or prefill_chunk < plan.dense_min_tokens:
+        return 0
+    qkv_out = info.hidden + 2 * info.num_kv_heads * info.head_dim
+    largest = max(2 * info.intermediate * info.hidden, qkv_out * info.hidden, info.intermediate * info.hidden)
+    return largest * (6 if plan.name == REFERENCE else 2)  # the reference: a float32 dequant, then its bf16 copy
+
+
 def cublas_workspace_bytes(device: Union[str, torch.device]) -> int:
     """torch's default cuBLAS workspace per stream: CUBLAS_WORKSPACE_CONFIG ":SIZE_KiB:COUNT..." when set, else
     ":4096:8" (32 MiB) on sm90+ and ":4096:2:16:8" (8 MiB + 128 KiB) below."""
@@ -298,7 +317,8 @@ def predict_footprint(
     cpu_int4: str = "auto",
 ) -> Footprint:
     """Memory `load_runner(info.model_dir, ..., lm_head=lm_head)` plus warmup will take, from config.json and
-    headers only; `compile_decode` (on CPU) adds `COMPILE_CONSTANT_BYTES` of workspace.
+    headers only; `compile_decode` (on CPU) adds `COMPILE_CONSTANT_BYTES` of workspace, a dense prefill
+    `dense_prefill_bytes`.
 
     weights: as loaded (float tensors in `dtype`; 4-bit GPTQ/AWQ in the CPU kernel's layout), checked
     against the runner's own tensors by the unit tests. KV cache: `KVCache.predict_bytes` (the scratch slot
@@ -316,6 +336,7 @@ def predict_footprint(
     )
     kv = KVCache.predict_bytes(info.num_layers, max_batch_size, max_seq, info.num_kv_heads, info.head_dim, dtype)
     workspace = workspace_bytes(info, max_batch_size=max_batch_size, prefill_chunk=prefill_chunk, dtype=dtype)
+    workspace += dense_prefill_bytes(info, prefill_chunk=prefill_chunk, device=device, cpu_int4=cpu_int4)
     if torch.device(device).type == "cuda":
         from .runner import batch_buckets, kv_buckets_cuda
 

@@ -255,3 +255,24 @@ def test_unsupported_quant_format_fails_loudly(quant_dirs, tmp_path):
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedFormatError, match="exl2|EXL2"):
         load_runner(bad, max_batch_size=1, max_seq=32)
+
+
+def test_footprint_counts_the_dense_prefill_weight(quant_dirs, monkeypatch):
+    """Where the plan prefills dense (CPUs with AMX, CUDA), the workspace holds the largest layer's bf16 weight
+    (fused gate+up here) once the prefill chunk reaches dense_min_tokens; W4A8 elsewhere needs none."""
+    from models.loader import dense_prefill_bytes
+
+    info = inspect_checkpoint(quant_dirs[("llama", "gptq_act_order")])
+    chunk = kernels.CPU_DENSE_MIN_TOKENS
+    monkeypatch.setattr(kernels, "cpu_has_amx", lambda: False)
+    plan = kernels.device_kernel(torch.device("cpu"))
+    if plan.name != kernels.CPU_W4A8:
+        pytest.skip(f"the CPU plan here is {plan.name}")
+    assert plan.dense_min_tokens is None and dense_prefill_bytes(info, prefill_chunk=chunk) == 0
+    without = predict_footprint(info, max_batch_size=2, max_seq=64, prefill_chunk=chunk)
+    monkeypatch.setattr(kernels, "cpu_has_amx", lambda: True)
+    gate_up = 2 * info.intermediate * info.hidden * 2  # bf16
+    assert dense_prefill_bytes(info, prefill_chunk=chunk) == gate_up
+    assert dense_prefill_bytes(info, prefill_chunk=chunk - 1) == 0  # the chunk never reaches the dense path
+    with_amx = predict_footprint(info, max_batch_size=2, max_seq=64, prefill_chunk=chunk)
+    assert with_amx.workspace_bytes - without.workspace_bytes == gate_up
