@@ -68,15 +68,14 @@ def decode_perplexity(model_dir: Path, seqs: torch.Tensor, variant: str) -> Dict
         without_amx(runner)
     plans = sorted({f"{lin.plan.name} amx>={lin.plan.amx_min_tokens}" for lin in runner.model.linear_modules()})
     nll, n = 0.0, 0
-    slots = torch.arange(b)
-    rows = torch.arange(b)
+    slots = torch.arange(b)  # sequence i in slot i: also the row index of its logits
     t0 = time.perf_counter()
     with torch.inference_mode():
         for s in range(b):
             runner.prefill(seqs[s, :1], s, 0)
         for pos in range(1, t - 1):
             logits = runner.decode(seqs[:, pos], torch.full((b,), pos), slots).float()
-            nll -= torch.log_softmax(logits, -1)[rows, seqs[:, pos + 1]].double().sum().item()
+            nll -= torch.log_softmax(logits, -1)[slots, seqs[:, pos + 1]].double().sum().item()
             n += b
     return {
         "variant": variant,

@@ -94,7 +94,9 @@ def cpu_has_amx() -> bool:
 def w4a8_amx_min_tokens(ops) -> Optional[int]:
     """From how many rows the W4A8 build `ops` runs its AMX tile kernels (`w4_amx_mm`, and `w8_amx_mm` for the
     W8A8 head), or None where the CPU, the OS or the build has no AMX tiles."""
-    return CPU_AMX_MIN_TOKENS if cpu_has_amx() and ops.has_amx() else None
+    from . import w4a8
+
+    return CPU_AMX_MIN_TOKENS if w4a8.has_amx(ops) else None
 
 
 def _cpu_plan(cpu_int4: str) -> KernelPlan:
