@@ -5,7 +5,9 @@ One run measures, on the same machine and model:
    on a thread of its own, as the engine's) and the engine (Engine + Runner in this process, no HTTP);
 2. end-to-end SSE decode tok/s at batch 1 against a real `jetserve serve` subprocess (httpx streaming client),
    interleaved with (1) so background load hits all three alike; prints the ratios SSE / runtime (the issue's
-   target >= 0.95) and SSE / engine;
+   target >= 0.95) and SSE / engine. A second server with `--stream-interval-ms 0` (every token its own chunk)
+   runs beside the first, and its stream joins each round, so the default stream interval's gain is measured
+   in pairs;
 3. aggregate tok/s and TTFT p50/p95 at 1, 2, 4, 8 concurrent streams;
 4. a server-side probe that is robust to background load: the app in this process streams one request to a
    `curl` client while the engine's steps are timed; the fraction of wall time spent inside engine steps shows
@@ -379,7 +381,7 @@ def engine_busy_probe(args, tokens: int) -> Dict[str, float]:
         sock.close()
 
 
-def start_server(args, port: int, env: Dict[str, str]) -> subprocess.Popen:
+def start_server(args, port: int, env: Dict[str, str], extra: Tuple[str, ...] = ()) -> subprocess.Popen:
     cmd = [
         sys.executable,
         "-m",
@@ -399,6 +401,7 @@ def start_server(args, port: int, env: Dict[str, str]) -> subprocess.Popen:
         str(args.max_context),
         "--log-level",
         "warning",
+        *extra,
     ]
     return subprocess.Popen(cmd, cwd=REPO, env=env)
 
@@ -527,45 +530,65 @@ def main(argv=None) -> int:
         finally:
             engine.stop()
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = start_server(args, port, env)
-    base = f"http://127.0.0.1:{port}"
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    proc = start_server(args, ports[0], env)
+    proc0 = start_server(args, ports[1], env, ("--stream-interval-ms", "0"))
+    base, base0 = (f"http://127.0.0.1:{p}" for p in ports)
     result: Dict[str, object] = {
         "model": args.model,
         "device": args.device,
         "tokens": args.tokens,
+        "stream_interval_ms": settings.stream_interval_ms,
         "torch_threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
         "loadavg_before": os.getloadavg()[0],
     }
     try:
         wait_ready(base, proc)
+        wait_ready(base0, proc0)
         asyncio.run(sse_decode_tps(base, args.model, 8))  # warm
-        rt, eng, sse = [], [], []
-        for _ in range(args.reps):  # interleaved so background load affects all three alike
+        asyncio.run(sse_decode_tps(base0, args.model, 8))
+        rt, eng, sse, sse0 = [], [], [], []
+        for _ in range(args.reps):  # interleaved so background load affects all alike
             rt.append(runtime_decode_tps(runner, prompt_ids, args.tokens))
             eng.append(engine_run())
             sse.append(asyncio.run(sse_decode_tps(base, args.model, args.tokens)))
+            sse0.append(asyncio.run(sse_decode_tps(base0, args.model, args.tokens)))
+        stop_server(proc0)
         r_med, e_med, s_med = statistics.median(rt), statistics.median(eng), statistics.median(sse)
         # per adjacent triple: the same background load
         ratio = statistics.median(s / e for s, e in zip(sse, eng))
         ratio_rt = statistics.median(s / r for s, r in zip(sse, rt))
+        ratio_iv = statistics.median(s / s0 for s, s0 in zip(sse, sse0))
+        ratio0_rt = statistics.median(s0 / r for s0, r in zip(sse0, rt))
         result.update(
             runtime_tps=r_med,
             engine_tps=e_med,
             sse_tps=s_med,
             ratio=ratio,
             sse_over_runtime=ratio_rt,
+            sse_every_token_tps=statistics.median(sse0),
+            sse_every_token_over_runtime=ratio0_rt,
+            sse_over_sse_every_token=ratio_iv,
             runtime_runs=rt,
             engine_runs=eng,
             sse_runs=sse,
+            sse_every_token_runs=sse0,
         )
         print(
             f"batch 1 decode: bare runtime {r_med:.1f} tok/s, in-process engine {e_med:.1f} tok/s, end-to-end SSE "
             f"{s_med:.1f} tok/s; SSE / runtime {ratio_rt:.3f} (target >= 0.95), SSE / engine {ratio:.3f} (medians "
-            f"of {len(eng)} interleaved triples)"
+            f"of {len(eng)} interleaved rounds; stream interval {settings.stream_interval_ms:g} ms)"
+        )
+        print(
+            f"stream interval 0 (a chunk per token): SSE {statistics.median(sse0):.1f} tok/s, SSE / runtime "
+            f"{ratio0_rt:.3f}; default / every token {ratio_iv:.3f} (per-round pairs: "
+            + ", ".join(f"{s / s0:.3f}" for s, s0 in zip(sse, sse0))
+            + ")"
         )
         rows = []
         for n in _ints(args.streams):
@@ -585,6 +608,8 @@ def main(argv=None) -> int:
         )
     finally:
         stop_server(proc)
+        if proc0.poll() is None:
+            stop_server(proc0)
     # twice the tokens where the context holds them (PROMPT is under 64 tokens)
     probe = engine_busy_probe(args, min(args.tokens * 2, args.max_context - 64))
     if probe:

@@ -109,6 +109,15 @@ class Settings(BaseSettings):
         "(off for the transformers fallback runner).",
     )
     request_timeout_s: float = Field(300.0, gt=0, description="Per-request wall-clock limit.")
+    stream_interval_ms: float = Field(
+        20.0,
+        ge=0,
+        le=1000,
+        description="Hand a request's tokens to its stream at most this often (0: every engine step). A "
+        "request's first token and its finish are never held; the tokens in between that arrive within the "
+        "interval go out together (one SSE chunk). Slower than one token per interval, every token goes out "
+        "at once; faster, this cuts the per-token serving work that competes with decoding for the CPU.",
+    )
     shutdown_grace_s: float = Field(30.0, ge=0, description="On SIGTERM, time in-flight streams get to finish.")
     api_keys: Annotated[List[str], NoDecode] = Field(
         default_factory=list, description="Bearer API keys; empty means no auth. Repeatable flag."

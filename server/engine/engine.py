@@ -93,6 +93,8 @@ class Engine:
         self.max_seq = int(runner.max_seq)
         self.max_queue = int(settings.max_queue)
         self.request_timeout_s = float(settings.request_timeout_s)
+        self.stream_interval_s = float(settings.stream_interval_ms) / 1000.0
+        self._last_sent: Dict[Any, float] = {}  # handle -> when its events last went out (stream_interval_s > 0)
         self.scheduler = Scheduler(int(settings.prefill_chunk))
         self.eos_ids = frozenset(int(t) for t in getattr(runner, "eos_token_ids", ()) or ())
         self.device = getattr(runner, "device", torch.device("cpu"))
@@ -308,9 +310,32 @@ class Engine:
             raise
 
     def _flush(self) -> None:
-        if self._outbox:
+        """Hand the outbox to the requests' event loops (one wake-up per loop). With a stream interval, a
+        request's events wait in the outbox while its last hand-over is more recent than the interval, unless
+        they hold its first token or its finish."""
+        if not self._outbox:
+            return
+        if self.stream_interval_s <= 0:
             items, self._outbox = self._outbox, []
             RequestHandle.push_many(items)
+            return
+        now = time.perf_counter()
+        last = self._last_sent
+        due = set()
+        for h, ev in self._outbox:
+            sent = last.get(h)
+            if ev.finish_reason is not None or sent is None or now - sent >= self.stream_interval_s:
+                due.add(h)
+        if not due:
+            return
+        items = [(h, ev) for h, ev in self._outbox if h in due]
+        self._outbox = [(h, ev) for h, ev in self._outbox if h not in due]
+        for h, ev in items:
+            if ev.finish_reason is not None:
+                last.pop(h, None)
+            else:
+                last[h] = now
+        RequestHandle.push_many(items)
 
     def _step(self) -> None:
         t0 = time.perf_counter()

@@ -601,3 +601,35 @@ def test_penalty_statistics_of_a_slot_are_not_inherited_by_its_next_occupant():
     eng.stop()
     assert a[-1].finish_reason == "error"
     assert [e.token_id for e in b] == expected  # stale statistics would penalise every one of them
+
+
+async def bursts(handle):
+    """The events as the event loop gets them: one list per wake-up (what the SSE edge turns into one chunk)."""
+    out = []
+    async for ev in handle:
+        out.append([ev] + handle.ready_events())
+    return out
+
+
+@pytest.mark.parametrize("interval_ms", [0.0, 60.0])
+def test_stream_interval_groups_tokens_but_never_holds_the_first_or_the_finish(interval_ms):
+    eng, _, reqs = make(FakeRunner(decode_delay=0.01), stream_interval_ms=interval_ms)
+
+    async def go():
+        t0 = time.perf_counter()
+        got = await bursts(eng.submit(GenerationRequest([1], GREEDY, max_tokens=24)))
+        return got, time.perf_counter() - t0
+
+    got, wall = run(go())
+    eng.stop()
+    events = [e for b in got for e in b]
+    assert [e.token_id for e in events] == list(range(2, 26))
+    assert events[-1].finish_reason == "length" and reqs[0].generation_tokens == 24
+    if interval_ms:
+        # the first token alone, then a burst per interval (each step takes 10 ms), the finish flushed at once
+        assert len(got[0]) == 1
+        assert len(got) <= 2 + int(wall * 1000 / interval_ms)
+        assert max(len(b) for b in got) >= 3
+    else:
+        assert len(got) >= 12  # a hand-over per step (a slow loop may take two at once)
+    assert eng.num_active == 0 and not eng._last_sent
