@@ -117,7 +117,8 @@ class Engine:
         self._thread: Optional[threading.Thread] = None
 
         # Engine-thread state.
-        self._outbox: List[tuple] = []  # (handle, event) delivered together at the end of each loop turn
+        # handle -> its events not yet handed over (in order); flushed at the end of each loop turn
+        self._outbox: Dict[Any, List[TokenEvent]] = {}
         self._running: List[SequenceState] = []
         self._waiting: Deque[SequenceState] = deque()
         self._slot_tokens: List[List[int]] = [[] for _ in range(self.max_batch_size)]  # valid KV per slot
@@ -310,32 +311,29 @@ class Engine:
             raise
 
     def _flush(self) -> None:
-        """Hand the outbox to the requests' event loops (one wake-up per loop). With a stream interval, a
-        request's events wait in the outbox while its last hand-over is more recent than the interval, unless
-        they hold its first token or its finish."""
+        """Hand the due events to the requests' event loops (one wake-up per loop). Without a stream interval
+        every request's events are due; with one, a request's are due when they hold its first token or its
+        finish, or its last hand-over is at least the interval old; the others wait in the outbox. Work is
+        O(requests with events), however long events wait."""
         if not self._outbox:
             return
-        if self.stream_interval_s <= 0:
-            items, self._outbox = self._outbox, []
-            RequestHandle.push_many(items)
-            return
+        iv = self.stream_interval_s
         now = time.perf_counter()
         last = self._last_sent
-        due = set()
-        for h, ev in self._outbox:
-            sent = last.get(h)
-            if ev.finish_reason is not None or sent is None or now - sent >= self.stream_interval_s:
-                due.add(h)
-        if not due:
-            return
-        items = [(h, ev) for h, ev in self._outbox if h in due]
-        self._outbox = [(h, ev) for h, ev in self._outbox if h not in due]
-        for h, ev in items:
-            if ev.finish_reason is not None:
+        items: List[Tuple[Any, TokenEvent]] = []
+        for h in list(self._outbox):
+            evs = self._outbox[h]
+            finished = evs[-1].finish_reason is not None  # a finish is a request's last event
+            if iv > 0 and not finished and h in last and now - last[h] < iv:
+                continue
+            del self._outbox[h]
+            items.extend((h, ev) for ev in evs)
+            if finished:
                 last.pop(h, None)
-            else:
+            elif iv > 0:
                 last[h] = now
-        RequestHandle.push_many(items)
+        if items:
+            RequestHandle.push_many(items)
 
     def _step(self) -> None:
         t0 = time.perf_counter()
@@ -555,7 +553,7 @@ class Engine:
             cached = seq.reported_cached_tokens if len(seq.output_ids) == 1 else None
             ev = TokenEvent(token_id=tok, logprob=lp, top=top, finish_reason=finish, cached_tokens=cached)
             if finish is None:
-                self._outbox.append((seq.handle, ev))
+                self._outbox.setdefault(seq.handle, []).append(ev)
             else:
                 self._finish(seq, finish, event=ev)
         if counted:  # after the buffer took the tokens: a row marked current is current
@@ -589,7 +587,7 @@ class Engine:
                 logger.exception("runner.release(%d) failed", seq.slot)
         if event is None:
             event = TokenEvent(token_id=-1, finish_reason=reason, error=error, error_code=error_code)
-        self._outbox.append((seq.handle, event))
+        self._outbox.setdefault(seq.handle, []).append(event)
         with self._cv:
             self._num_active -= 1
         if self.on_request is not None:

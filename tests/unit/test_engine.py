@@ -633,3 +633,29 @@ def test_stream_interval_groups_tokens_but_never_holds_the_first_or_the_finish(i
     else:
         assert len(got) >= 12  # a hand-over per step (a slow loop may take two at once)
     assert eng.num_active == 0 and not eng._last_sent
+
+
+def test_stream_interval_holds_each_request_on_its_own_clock():
+    """Two requests of different lengths in one batch: each gets its first token alone and its finish at once,
+    neither finish waits for the interval (500 ms, longer than both requests), and nothing is left in the outbox."""
+    eng, _, reqs = make(FakeRunner(decode_delay=0.01), stream_interval_ms=500.0)
+
+    async def timed(handle):
+        got = await bursts(handle)
+        return got, time.perf_counter()
+
+    async def go():
+        a = eng.submit(GenerationRequest([1], GREEDY, max_tokens=30))
+        b = eng.submit(GenerationRequest([5], GREEDY, max_tokens=7))
+        return await asyncio.gather(timed(a), timed(b))
+
+    (got_a, end_a), (got_b, end_b) = run(go())
+    eng.stop()
+    for got, first, n in ((got_a, 2, 30), (got_b, 6, 7)):
+        events = [e for b in got for e in b]
+        assert [e.token_id for e in events] == list(range(first, first + n))
+        assert len(got) == 2 and len(got[0]) == 1  # the first token alone, the rest with the finish
+        assert events[-1].finish_reason == "length"
+    # the short request's finish went out while the long one still had 23 steps (10 ms each) to run
+    assert end_a - end_b >= 0.15
+    assert eng.num_active == 0 and not eng._outbox and not eng._last_sent
