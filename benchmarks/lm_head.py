@@ -6,8 +6,8 @@ Head alone: the model's own lm_head weight (tied: the embedding), x (B, hidden) 
 bf16 `F.linear` and `kernels.int8_linear` calls alternate in blocks, so both see the same machine load.
 Decode step: the model loaded twice (`lm_head="bf16"` and `"int8"`), slots prefilled to `--context` tokens, then
 `Runner.decode` at batch 1 and 8, alternating the two runners. Every figure is ms per call: the minimum and the
-median of the block means. The JSON records lscpu's model name and the AVX flags: figures from different CPUs
-are not comparable.
+median of the block means. The JSON records lscpu's model name and flags (benchmarks.decode.cpu_info): figures
+from different CPUs are not comparable.
 """
 
 from __future__ import annotations
@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,22 +26,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.decode import cpu_info  # noqa: E402
 from models.loader import load_runner  # noqa: E402
 from models.qlinear import Int8Linear  # noqa: E402
 
 logger = logging.getLogger(__name__)
-
-
-def cpu_line() -> Dict[str, object]:
-    """lscpu's model name and the avx* flags (empty where lscpu is missing)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return {"model_name": "", "avx_flags": []}
-    name = re.search(r"^Model name:\s*(.+)$", out, re.M)
-    flags = re.search(r"^Flags:\s*(.+)$", out, re.M)
-    avx = sorted(f for f in (flags.group(1).split() if flags else []) if f.startswith("avx"))
-    return {"model_name": name.group(1).strip() if name else "", "avx_flags": avx}
 
 
 def side_by_side(fns: Dict[str, Callable[[], object]], blocks: int, calls: int) -> Dict[str, Dict[str, float]]:
@@ -72,7 +59,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING)
 
     res: Dict[str, object] = {
-        "cpu": cpu_line(),
+        "cpu": cpu_info(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "model": str(args.model),

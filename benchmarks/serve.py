@@ -484,6 +484,7 @@ def main(argv=None) -> int:
 
     import torch
 
+    from benchmarks.decode import cpu_info
     from models.loader import load_runner
     from models.tokenizer import Tokenizer
     from server.config import Settings
@@ -543,6 +544,7 @@ def main(argv=None) -> int:
         "device": args.device,
         "tokens": args.tokens,
         "stream_interval_ms": settings.stream_interval_ms,
+        "cpu": cpu_info(),
         "torch_threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
         "loadavg_before": os.getloadavg()[0],
