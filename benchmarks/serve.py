@@ -7,7 +7,8 @@ One run measures, on the same machine and model:
    interleaved with (1) so background load hits all three alike; prints the ratios SSE / runtime (the issue's
    target >= 0.95) and SSE / engine. A second server with `--stream-interval-ms 0` (every token its own chunk)
    runs beside the first, and its stream joins each round, so the default stream interval's gain is measured
-   in pairs;
+   in pairs. Then CPU time per token (/proc task times, robust to background load) of the server's event loop,
+   of its engine with the OpenMP team and of the client, streamed and not;
 3. aggregate tok/s and TTFT p50/p95 at 1, 2, 4, 8 concurrent streams;
 4. a server-side probe that is robust to background load: the app in this process streams one request to a
    `curl` client while the engine's steps are timed; the fraction of wall time spent inside engine steps shows
@@ -152,6 +153,62 @@ async def sse_decode_tps(base: str, model: str, tokens: int) -> float:
     async with httpx.AsyncClient(base_url=base, timeout=600) as c:
         _, tps, _, _ = await sse_request(c, model, tokens)
     return tps
+
+
+def _task_cpu_s(pid: int) -> Dict[int, float]:
+    """CPU seconds (user + system) of each thread of process `pid`, from /proc (Linux)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: Dict[int, float] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:  # the thread ended
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()  # after "pid (comm) ": state is field 0, utime 11, stime 12
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+async def cpu_per_token(base: str, pid: int, model: str, tokens: int, reps: int) -> Dict[str, Dict[str, float]]:
+    """CPU time per generated token of the server's event-loop thread (its main thread), of its other threads
+    together (the engine and its OpenMP team) and of this client (httpx on this thread), for `reps` streamed
+    requests and then the same requests without streaming; plus SSE chunks per token. /proc task times:
+    robust to background load, unlike tok/s."""
+    import resource
+
+    import httpx
+
+    def client_s() -> float:
+        r = resource.getrusage(resource.RUSAGE_THREAD)
+        return r.ru_utime + r.ru_stime
+
+    out: Dict[str, Dict[str, float]] = {}
+    async with httpx.AsyncClient(base_url=base, timeout=600) as c:
+        for mode in ("sse", "json"):
+            body = _greedy_stream(model, PROMPT, tokens)
+            body["stream"] = mode == "sse"
+            chunks = 0
+            t0, c0 = _task_cpu_s(pid), client_s()
+            for _ in range(reps):
+                if mode == "json":
+                    (await c.post("/v1/completions", json=body)).raise_for_status()
+                    continue
+                async with c.stream("POST", "/v1/completions", json=body) as r:
+                    r.raise_for_status()
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: ") and line != "data: [DONE]" and json.loads(line[6:])["choices"]:
+                            chunks += 1
+            t1, c1 = _task_cpu_s(pid), client_s()
+            n = tokens * reps
+            loop = t1.get(pid, 0.0) - t0.get(pid, 0.0)
+            rest = sum(v - t0.get(k, 0.0) for k, v in t1.items() if k != pid)
+            out[mode] = {
+                "event_loop_us": loop / n * 1e6,
+                "engine_and_openmp_us": rest / n * 1e6,
+                "client_us": (c1 - c0) / n * 1e6,
+                "chunks_per_token": chunks / n,
+            }
+    return out
 
 
 async def concurrency(
@@ -592,6 +649,17 @@ def main(argv=None) -> int:
             + ", ".join(f"{s / s0:.3f}" for s, s0 in zip(sse, sse0))
             + ")"
         )
+        if Path(f"/proc/{proc.pid}/task").is_dir():
+            cpt = asyncio.run(cpu_per_token(base, proc.pid, args.model, args.tokens, args.reps))
+            result["cpu_per_token"] = cpt
+            for mode, label in (("sse", "streamed"), ("json", "without streaming")):
+                r = cpt[mode]
+                print(
+                    f"CPU a token, {label} ({args.reps} x {args.tokens} tokens, /proc): server event loop "
+                    f"{r['event_loop_us']:.0f} us, engine + OpenMP {r['engine_and_openmp_us']:.0f} us, client "
+                    f"{r['client_us']:.0f} us"
+                    + (f"; {r['chunks_per_token']:.2f} SSE chunks a token" if mode == "sse" else "")
+                )
         rows = []
         for n in _ints(args.streams):
             row = asyncio.run(concurrency(base, args.model, n, args.tokens))
