@@ -99,12 +99,13 @@ def runtime_decode_tps(runner, prompt_ids: List[int], tokens: int) -> float:
 
 
 # ----------------------------------------------------------------------------- HTTP side
-async def stream_completion(client, body: dict) -> Tuple[float, Optional[float], Optional[float], dict]:
+async def stream_completion(client, body: dict) -> Tuple[float, Optional[float], Optional[float], dict, int]:
     """POST a streamed completion with `body` and read it to [DONE]: (t0, time of the first chunk with choices,
-    time of the last one, the usage chunk's usage)."""
+    time of the last one, the usage chunk's usage, the number of chunks with choices)."""
     t0 = time.perf_counter()
     first = last = None
     usage: dict = {}
+    chunks = 0
     async with client.stream("POST", "/v1/completions", json=body) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
@@ -116,9 +117,10 @@ async def stream_completion(client, body: dict) -> Tuple[float, Optional[float],
                 if first is None:
                     first = now
                 last = now
+                chunks += 1
             if d.get("usage"):
                 usage = d["usage"]
-    return t0, first, last, usage
+    return t0, first, last, usage, chunks
 
 
 def _greedy_stream(model: str, prompt, tokens: int) -> dict:
@@ -140,7 +142,7 @@ async def sse_request(
     body = _greedy_stream(model, PROMPT, tokens)
     if response_format is not None:
         body["response_format"] = response_format
-    t0, first, last, usage = await stream_completion(client, body)
+    t0, first, last, usage, _ = await stream_completion(client, body)
     n = usage["completion_tokens"]
     # chunks may coalesce several tokens; the first chunk carries >= 1 token
     tps = (n - 1) / (last - first) if last > first else float("nan")
@@ -190,14 +192,10 @@ async def cpu_per_token(base: str, pid: int, model: str, tokens: int, reps: int)
             chunks = 0
             t0, c0 = _task_cpu_s(pid), client_s()
             for _ in range(reps):
-                if mode == "json":
+                if mode == "sse":
+                    chunks += (await stream_completion(c, body))[4]
+                else:
                     (await c.post("/v1/completions", json=body)).raise_for_status()
-                    continue
-                async with c.stream("POST", "/v1/completions", json=body) as r:
-                    r.raise_for_status()
-                    async for line in r.aiter_lines():
-                        if line.startswith("data: ") and line != "data: [DONE]" and json.loads(line[6:])["choices"]:
-                            chunks += 1
             t1, c1 = _task_cpu_s(pid), client_s()
             n = tokens * reps
             loop = t1.get(pid, 0.0) - t0.get(pid, 0.0)
@@ -239,7 +237,7 @@ async def concurrency(
 
 async def ttft_request(client, model: str, prompt_ids: List[int]) -> Tuple[float, int]:
     """(ttft_s, usage cached_tokens) of one streamed greedy completion of 2 tokens from token ids."""
-    t0, first, _, usage = await stream_completion(client, _greedy_stream(model, prompt_ids, 2))
+    t0, first, _, usage, _ = await stream_completion(client, _greedy_stream(model, prompt_ids, 2))
     return first - t0, usage["prompt_tokens_details"]["cached_tokens"] if usage else -1
 
 
