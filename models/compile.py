@@ -10,7 +10,8 @@ Each model compiles its own copy of the code (`_own_code`): dynamo keeps graphs,
 per code object, so two models in one process never share or crowd out each other's graphs. At batch 1 the final
 norm and lm_head are a second compiled function, where an int8 head runs as one fused dequantize-and-reduce loop
 (`kernels.int8_linear`). Inductor fuses the small ops between the matmuls (norms, RoPE, residual adds, the gated
-activation, the mask) into generated C++ loops; the int4/int8/dense matmuls and attention stay library kernels.
+activation, the mask) into generated C++ loops; the int4/int8/dense matmuls and attention stay library kernels,
+called from a generated C++ wrapper (`cpp_wrapper`), so a compiled call runs without Python or the GIL inside it.
 Shapes are dynamic where they vary (dynamo's automatic dynamic shapes): a dimension becomes symbolic once two
 warm-up calls differ in it, i.e. the batch (batch 1 and batch >= 2 are two graphs) and, on the SDPA attention path,
 the attention length; the caches and weights keep static shapes, so a call checks fewer guards (docs/benchmarks.md). `compile_decode` triggers every graph the engine uses during
@@ -41,8 +42,10 @@ logger = logging.getLogger(__name__)
 
 CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 LAYER_GROUP = 6  # layers per compiled call (docs/benchmarks.md: fewer calls vs longer cold compiles)
-# inductor's per-call shape and alignment asserts in the generated wrapper: the shapes are dynamo's, guarded
-INDUCTOR_OPTIONS = {"size_asserts": False, "alignment_asserts": False}
+# inductor's per-call shape and alignment asserts in the generated wrapper: the shapes are dynamo's, guarded.
+# cpp_wrapper: the wrapper that calls a graph's kernels is C++ (one call per graph, kernels called without the
+# GIL) instead of Python (docs/benchmarks.md, "C++ wrapper")
+INDUCTOR_OPTIONS = {"size_asserts": False, "alignment_asserts": False, "cpp_wrapper": True}
 # the head keeps its final norm a buffer of its own: inlined, inductor recomputes it for every vocab row
 HEAD_OPTIONS = dict(INDUCTOR_OPTIONS, realize_opcount_threshold=1)
 
