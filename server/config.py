@@ -110,7 +110,7 @@ class Settings(BaseSettings):
     )
     request_timeout_s: float = Field(300.0, gt=0, description="Per-request wall-clock limit.")
     stream_interval_ms: float = Field(
-        20.0,
+        50.0,
         ge=0,
         le=1000,
         description="Hand a request's tokens to its stream at most this often (0: every engine step). A "

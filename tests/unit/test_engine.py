@@ -182,7 +182,7 @@ def test_queue_full_raises_and_fifo():
 
 def test_abort_frees_slot_within_a_step():
     runner = FakeRunner(max_batch_size=1, decode_delay=0.005)
-    eng, _, reqs = make(runner)
+    eng, _, reqs = make(runner, stream_interval_ms=0.0)  # every step handed over: the abort shows within a step
 
     async def go():
         h = eng.submit(GenerationRequest([1], GREEDY, max_tokens=10_000 // 100))

@@ -197,7 +197,7 @@ def test_capacity_and_validation_errors():
 
 def test_aborting_a_follower_mid_stream_leaves_the_others_running():
     runner = CopyRunner(max_batch_size=3, decode_delay=0.002)
-    eng, _, stats = make(runner)
+    eng, _, stats = make(runner, stream_interval_ms=0.0)  # every step handed over: the abort shows within a step
     reqs = [req(max_tokens=20) for _ in range(3)]
 
     async def go():
