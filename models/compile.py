@@ -1,9 +1,9 @@
 """Compiled decode on CPU: `torch.compile` (inductor) of the decode step, a group of layers at a time.
 
 `Transformer.decode_layers` takes everything its layers differ by (their blocks, their KV tensors) as arguments,
-so one compiled graph serves every group of `layer_group(n_layers)` consecutive layers: dynamo traces a few
-layers instead of the whole model, which keeps cold and warm start-up short, and pays its per-call cost (guards,
-wrappers) a few times a step instead of once per layer. When every layer has the same structure (module types,
+so one compiled graph serves every group of `layer_group(n_layers)` consecutive layers: dynamo traces part of
+the model (15 layers, half of SmolLM2's) instead of all of it, which bounds cold and warm start-up, and pays its
+per-call cost (guards, wrappers) twice a step instead of once per layer. When every layer has the same structure (module types,
 tensor shapes and dtypes, settings; `layer_structure`), dynamo's guards on the blocks are skipped: the weights
 are graph inputs and the structure is checked once here, so each call checks only the activations and caches.
 Each model compiles its own copy of the code (`_own_code`): dynamo keeps graphs, guards and its recompile limit
@@ -41,7 +41,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
-LAYER_GROUP = 6  # layers per compiled call (docs/benchmarks.md: fewer calls vs longer cold compiles)
+LAYER_GROUP = 15  # layers per compiled call (docs/benchmarks.md: fewer calls vs longer cold compiles)
 # inductor's per-call shape and alignment asserts in the generated wrapper: the shapes are dynamo's, guarded.
 # cpp_wrapper: the wrapper that calls a graph's kernels is C++ (one call per graph, kernels called without the
 # GIL) instead of Python (docs/benchmarks.md, "C++ wrapper")
