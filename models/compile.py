@@ -3,9 +3,10 @@
 `Transformer.decode_layers` takes everything its layers differ by (their blocks, their KV tensors) as arguments,
 so one compiled graph serves every group of `layer_group(n_layers)` consecutive layers: dynamo traces part of
 the model (15 layers, half of SmolLM2's) instead of all of it, which bounds cold and warm start-up, and pays its
-per-call cost (guards, wrappers) twice a step instead of once per layer. When every layer has the same structure (module types,
-tensor shapes and dtypes, settings; `layer_structure`), dynamo's guards on the blocks are skipped: the weights
-are graph inputs and the structure is checked once here, so each call checks only the activations and caches.
+per-call cost (guards, wrappers) a few times a step instead of once per layer. When every layer has the same
+structure (module types, tensor shapes and dtypes, settings; `layer_structure`), dynamo's guards on the blocks
+are skipped: the weights are graph inputs and the structure is checked once here, so each call checks only the
+activations and caches.
 Each model compiles its own copy of the code (`_own_code`): dynamo keeps graphs, guards and its recompile limit
 per code object, so two models in one process never share or crowd out each other's graphs. At batch 1 the final
 norm and lm_head are a second compiled function, where an int8 head runs as one fused dequantize-and-reduce loop

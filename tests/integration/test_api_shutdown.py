@@ -73,7 +73,7 @@ def test_sigterm_drains_in_flight_stream_then_exits(model_store, serve_model, tm
                 body = {
                     "model": serve_model,
                     "prompt": "Once upon a time",
-                    "max_tokens": 40,
+                    "max_tokens": 240,  # in flight for over a second at 200 tok/s: the drain checks below run during it
                     "temperature": 0,
                     "stream": True,
                     "ignore_eos": True,
