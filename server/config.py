@@ -91,7 +91,7 @@ class Settings(BaseSettings):
     )
     compile_decode: bool = Field(
         True,
-        description="CPU: compile the decode step with torch.compile at load (one graph per fifteen layers, shared by all of them; 45-85 s cold on 2 cores, about 16 s from the on-disk cache); where no C++ compiler is found, or compiling fails, decode stays eager with a logged reason. Not applied on CUDA (CUDA graphs).",
+        description="CPU: compile the decode step with torch.compile at load (one graph per fifteen layers, shared by all of them; 60-85 s cold on 2 cores, about 16 s from the on-disk cache); where no C++ compiler is found, or compiling fails, decode stays eager with a logged reason. Not applied on CUDA (CUDA graphs).",
     )
     compile_cache_dir: Optional[Path] = Field(
         None,
