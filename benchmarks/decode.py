@@ -77,6 +77,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="our runtime's CPU decode attention (default auto, as `jetserve serve`)",
     )
     p.add_argument(
+        "--cpu-fused",
+        default="auto",
+        choices=("auto", "fused", "torch"),
+        help="our runtime's fused CPU prefill ops (default auto, as `jetserve serve`)",
+    )
+    p.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -355,6 +361,7 @@ def bench_ours(
         compile_cache_dir=model_dir.parent / ".compile-cache" if args.compile else None,
         cpu_int4=args.cpu_int4,
         cpu_attention=args.cpu_attention,
+        cpu_fused=args.cpu_fused,
     )
     load_s = time.perf_counter() - t
     t = time.perf_counter()
@@ -437,6 +444,7 @@ def bench_ours(
         "compile": runner.compile_note,
         "lm_head": type(runner.model.lm_head).__name__,
         "attention": "inplace" if runner.model.decode_attention is not None else "sdpa",
+        "fused_ops": "fused" if runner.model.fused_ops is not None else "torch",
         "ttft_s": ttft,
         "decode_b1_tok_s": b1,
         "decode_b8_tok_s": b8,

@@ -567,6 +567,7 @@ def main(argv=None) -> int:
             lm_head=settings.lm_head_dtype,
             cpu_int4=settings.cpu_int4_kernel,
             cpu_attention=settings.cpu_attention_kernel,
+            cpu_fused=settings.cpu_fused_ops,
             compile_cache_dir=compile_cache_dir(settings, args.device),
         )
         r.warmup()

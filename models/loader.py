@@ -561,6 +561,7 @@ def load_runner(
     compile_cache_dir: Optional[Union[str, Path]] = None,
     cpu_int4: str = "auto",
     cpu_attention: str = "auto",
+    cpu_fused: str = "auto",
 ):
     """A Runner for `model_dir`: the fused runtime for a supported architecture, else the transformers
     fallback at batch 1 (logged with a warning). Unsupported quantization formats raise
@@ -572,12 +573,17 @@ def load_runner(
     cpu_int4: the CPU int4 kernel, one of `kernels.CPU_INT4_CHOICES` ("auto": W4A8 where it builds).
     cpu_attention: the CPU decode attention, one of `attention.CPU_ATTENTION_CHOICES` ("auto": the in-place
     kernel where it builds); CUDA always runs SDPA.
+    cpu_fused: prefill's norms, RoPE and activation on CPU, one of `fused.CPU_FUSED_CHOICES` ("auto": the C++
+    kernels where they build and the activations are bfloat16; "torch": torch's ops).
     """
     from .attention import CPU_ATTENTION_CHOICES, decode_attention_for
+    from .fused import CPU_FUSED_CHOICES, cpu_fused_ops
     from .runner import Runner
 
     if cpu_attention not in CPU_ATTENTION_CHOICES:
         raise ValueError(f"cpu_attention must be one of {CPU_ATTENTION_CHOICES}, got {cpu_attention!r}")
+    if cpu_fused not in CPU_FUSED_CHOICES:
+        raise ValueError(f"cpu_fused must be one of {CPU_FUSED_CHOICES}, got {cpu_fused!r}")
     if lm_head not in LM_HEAD_DTYPES:
         raise ValueError(f"lm_head must be one of {LM_HEAD_DTYPES}, got {lm_head!r}")
     model_dir = Path(model_dir)
@@ -601,6 +607,8 @@ def load_runner(
             logger.warning("compiled decode is not applied by the transformers fallback")
         if cpu_attention == "inplace":
             logger.warning("cpu_attention=inplace is not applied by the transformers fallback")
+        if cpu_fused == "fused":
+            logger.warning("cpu_fused=fused is not applied by the transformers fallback")
         return HFFallbackRunner(
             model_dir,
             device=device,
@@ -621,8 +629,12 @@ def load_runner(
     release_freed_heap()  # the unpack/repack temporaries of every layer
     if device.type == "cpu":
         model.decode_attention = decode_attention_for(cpu_attention, dims.heads, dims.kv_heads, dims.head_dim)[0]
-    elif cpu_attention == "inplace":
-        logger.warning("cpu_attention=inplace applies on CPU only; %s runs SDPA", device)
+        model.fused_ops = cpu_fused_ops(cpu_fused, dtype)[0]
+    else:
+        if cpu_attention == "inplace":
+            logger.warning("cpu_attention=inplace applies on CPU only; %s runs SDPA", device)
+        if cpu_fused == "fused":
+            logger.warning("cpu_fused=fused applies on CPU only; %s runs torch's ops", device)
     model.init_rope(max_seq, device, dtype)
     cache = KVCache(dims.layers, max_batch_size, max_seq, dims.kv_heads, dims.head_dim, device=device, dtype=dtype)
     logger.info(

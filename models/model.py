@@ -22,6 +22,7 @@ from torch import nn
 from .arch import ArchSpec, Dims, rope_inv_freq
 from .attention import AttentionOp, decode_mask
 from .attention import reference as attention_reference
+from .fused import FusedOps
 from .kv_cache import KVCache
 
 _HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
@@ -148,6 +149,8 @@ class Transformer(nn.Module):
         self.compiled_decode: Optional[CompiledDecode] = None  # set by models.compile; None: eager decode
         # set by the loader (models.attention): the in-place CPU kernel; None: gather + SDPA (`attention.reference`)
         self.decode_attention: Optional[AttentionOp] = None
+        # set by the loader (models.fused): C++ kernels for prefill's norms, RoPE and activation; None: torch's ops
+        self.fused_ops: Optional[FusedOps] = None
 
     def init_rope(self, max_seq: int, device: torch.device, dtype: torch.dtype) -> None:
         """Precompute cos/sin tables (max_seq, head_dim/2) in the activation dtype (as transformers casts them)."""
@@ -171,26 +174,46 @@ class Transformer(nn.Module):
         x1, x2 = x.chunk(2, -1)
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1)
 
-    def _mlp(self, blk: Block, h: torch.Tensor) -> torch.Tensor:
+    def _mlp(self, blk: Block, h: torch.Tensor, fz: Optional[FusedOps] = None) -> torch.Tensor:
         u = blk.up(h)
         if self._gated:
+            if fz is not None:
+                return blk.down(fz.silu_mul(u))
             g, u = u.chunk(2, -1)
             u = F.silu(g) * u
         else:
             u = F.relu(u)
         return blk.down(u)
 
-    def _qkv(self, blk: Block, x: torch.Tensor, cos, sin):
-        """(N, hidden) -> q (N, heads, D), k and v (N, kv_heads, D); RoPE applied to q and k in one pass."""
-        n = x.shape[0]
+    def _heads(self, qkv: torch.Tensor, cos, sin, fz: Optional[FusedOps] = None):
+        """qkv (N, (heads + 2 kv_heads) D) -> q (N, heads, D), k and v (N, kv_heads, D), RoPE applied to q and k
+        (cos/sin (N, 1, D/2)): in one pass, in place in `qkv` with the fused kernel `fz`."""
+        n = qkv.shape[0]
         dims = self.dims
-        qkv = blk.qkv(blk.norm1(x))
         hq = dims.heads + dims.kv_heads
         v = qkv[:, hq * dims.head_dim :].view(n, dims.kv_heads, dims.head_dim)
+        if cos is not None and fz is not None:
+            fz.rope_(qkv, cos[:, 0], sin[:, 0], hq, dims.head_dim)
+            cos = None
         qk = qkv[:, : hq * dims.head_dim].view(n, hq, dims.head_dim)
         if cos is not None:
             qk = self._rope(qk, cos, sin)
         return qk[:, : dims.heads], qk[:, dims.heads :], v
+
+    def _qkv(self, blk: Block, x: torch.Tensor, cos, sin):
+        """(N, hidden) -> q (N, heads, D), k and v (N, kv_heads, D) (`_heads` of the normed projection)."""
+        return self._heads(blk.qkv(blk.norm1(x)), cos, sin)
+
+    @staticmethod
+    def _add_norm(norm: Norm, x: torch.Tensor, delta: Optional[torch.Tensor], fz: Optional[FusedOps]) -> torch.Tensor:
+        """x += delta in place (when given: the residual add), then norm(x); one fused pass with `fz` (RMSNorm)."""
+        if fz is not None and norm.kind == "rms":
+            if delta is None:
+                return fz.rms_norm(x, norm.weight, norm.eps)
+            return fz.add_rms_norm_(x, delta, norm.weight, norm.eps)
+        if delta is not None:
+            x.add_(delta)
+        return norm(x)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm + lm_head: (N, hidden) -> float32 logits (N, vocab). A head with `forward_float` (the int8
@@ -215,8 +238,10 @@ class Transformer(nn.Module):
         if start_pos > 0:
             mask = torch.arange(end, device=tokens.device)[None, :] <= pos[:, None]  # (T, end)
         rep = dims.heads // dims.kv_heads
+        fz = self.fused_ops
+        delta = None  # the previous block's MLP output: the next norm adds it to x (x is this call's own tensor)
         for i, blk in enumerate(self.blocks):
-            q, k, v = self._qkv(blk, x, cos, sin)
+            q, k, v = self._heads(blk.qkv(self._add_norm(blk.norm1, x, delta, fz)), cos, sin, fz)
             kc, vc = cache.k[i], cache.v[i]
             kc[slot, start_pos:end] = k
             vc[slot, start_pos:end] = v
@@ -227,9 +252,9 @@ class Transformer(nn.Module):
                 k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
             kw = {"enable_gqa": True} if rep > 1 and _HAS_GQA else {}
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, **kw)
-            x = x + blk.o(a[0].transpose(0, 1).reshape(T, dims.heads * dims.head_dim))
-            x = x + self._mlp(blk, blk.norm2(x))
-        return x
+            h = self._add_norm(blk.norm2, x, blk.o(a[0].transpose(0, 1).reshape(T, dims.heads * dims.head_dim)), fz)
+            delta = self._mlp(blk, h, fz)
+        return x if delta is None else x.add_(delta)
 
     def decode(
         self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, cache: KVCache, kv_len: int

@@ -31,7 +31,7 @@ FP16_MIN_NORMAL = 2.0**-14
 ACT_BLOCK = 8  # activation quantization block (inputs), capped at the weight group size; docs/benchmarks.md
 HEAD_ACT_BLOCK = 64  # the W8A8 head's activation block where it divides the input width; docs/benchmarks.md
 # one extension: the W4A8/W8A8 matmuls and the in-place decode attention (models/attention.py)
-SOURCES = tuple(Path(__file__).parent / "csrc" / f for f in ("w4a8.cpp", "decode_attention.cpp"))
+SOURCES = tuple(Path(__file__).parent / "csrc" / f for f in ("w4a8.cpp", "decode_attention.cpp", "fused_ops.cpp"))
 ISA_FLAGS = {
     "avx512_vnni": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"],
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
@@ -107,7 +107,8 @@ def _load(isa: str) -> Tuple[Optional[object], str]:
         cpp_extension.load(
             name=ns,
             sources=[str(p) for p in SOURCES],
-            extra_cflags=["-O3", "-fopenmp", f"-DJETSERVE_W4A8_NS={ns}"] + ISA_FLAGS[isa],
+            # no FP traps are ever enabled: -fno-trapping-math lets GCC vectorize clamps and floor (vec_math.h)
+            extra_cflags=["-O3", "-fopenmp", "-fno-trapping-math", f"-DJETSERVE_W4A8_NS={ns}"] + ISA_FLAGS[isa],
             extra_ldflags=["-lgomp"],  # torch's own libgomp.so.1 (already loaded): one OpenMP pool
             is_python_module=False,
             verbose=False,

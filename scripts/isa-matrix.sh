@@ -25,6 +25,6 @@ for cap in $others; do
   cache=$(mktemp -d)
   ATEN_CPU_CAPABILITY=$cap TORCHINDUCTOR_CACHE_DIR=$cache "$PY" -m pytest -q -p no:cacheprovider \
     tests/unit/test_kernels.py tests/unit/test_qlinear.py tests/unit/test_formats.py tests/unit/test_model_quant.py \
-    tests/unit/test_w4a8.py tests/unit/test_attention.py
+    tests/unit/test_w4a8.py tests/unit/test_attention.py tests/unit/test_fused.py
   rm -rf "$cache"
 done

@@ -89,6 +89,10 @@ class Settings(BaseSettings):
         "auto",
         description="CPU decode attention. 'inplace': jetserve's C++ kernel (models/csrc/decode_attention.cpp, built with the w4a8 kernel), where each sequence reads its own keys and values where they lie in the KV cache, exactly as many as its position. 'sdpa': copy the batch's cache slots out, then torch's scaled_dot_product_attention over a masked length bucket. 'auto': inplace where the C++ extension builds with AVX2 or AVX-512, else sdpa with the reason logged; asking for inplace where it cannot build is an error. CUDA always runs sdpa (inside its CUDA graphs). Speed: docs/benchmarks.md.",
     )
+    cpu_fused_ops: Literal["auto", "fused", "torch"] = Field(
+        "auto",
+        description="CPU prefill's RMSNorm (with the residual add), RoPE and gated activation. 'fused': jetserve's C++ kernels (models/csrc/fused_ops.cpp, built with the w4a8 kernel), one pass over memory each, rounding where transformers' bfloat16 ops round. 'torch': torch's ops, several passes each. 'auto': fused where the C++ extension builds with AVX2 or AVX-512 and the activations are bfloat16, else torch with the reason logged; asking for fused where it cannot run is an error. Decode fuses these ops in its compiled graphs either way. Speed: docs/benchmarks.md.",
+    )
     compile_decode: bool = Field(
         True,
         description="CPU: compile the decode step with torch.compile at load (one graph per fifteen layers, shared by all of them; 60-85 s cold on 2 cores, about 16 s from the on-disk cache); where no C++ compiler is found, or compiling fails, decode stays eager with a logged reason. Not applied on CUDA (CUDA graphs).",

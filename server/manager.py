@@ -161,12 +161,13 @@ def _import_default_loaders(
     device: str = "cpu",
     cpu_int4: str = "auto",
     cpu_attention: str = "auto",
+    cpu_fused: str = "auto",
 ) -> None:
     """Import the runtime before a measured load, so module imports are not counted as model memory.
 
     The first tokenizer load imports ~700 transformers modules (~50 MiB); loading the tokenizer once and
     dropping it pays that before the baseline is taken. On CPU the int4 kernel and the decode attention are
-    chosen here too, which builds or loads the C++ extension (torch's cpp_extension machinery) once per process.
+    chosen here too (and the fused prefill ops), which builds or loads the C++ extension (torch's cpp_extension machinery) once per process.
     """
     import models.loader  # noqa: F401
     import models.runner  # noqa: F401
@@ -181,10 +182,12 @@ def _import_default_loaders(
         import torch
 
         from models.attention import cpu_attention_op
+        from models.fused import cpu_fused_ops
         from models.kernels import device_kernel
 
         device_kernel(torch.device("cpu"), cpu_int4=cpu_int4)
         cpu_attention_op(cpu_attention)
+        cpu_fused_ops(cpu_fused)
 
 
 def _default_tokenizer_loader(model_dir: Path, trust_remote_code: bool = False):
@@ -222,6 +225,7 @@ class ModelManager:
             lm_head=settings.lm_head_dtype,
             cpu_int4=settings.cpu_int4_kernel,
             cpu_attention=settings.cpu_attention_kernel,
+            cpu_fused=settings.cpu_fused_ops,
             compile_cache_dir=compile_cache_dir(settings, self.device),
         )
         self._default_tokenizer = tokenizer_loader is None
@@ -437,6 +441,7 @@ class ModelManager:
                     self.device,
                     s.cpu_int4_kernel,
                     s.cpu_attention_kernel,
+                    s.cpu_fused_ops,
                 )
             except Exception:  # a broken tokenizer is reported by the measured load below, as a ModelLoadError
                 logger.debug("pre-import with %s failed", spec.name, exc_info=True)

@@ -19,6 +19,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "vec_math.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -43,23 +45,7 @@ constexpr int64_t kMaxHead = 256;  // head_dim
 constexpr int64_t kMaxGroup = 16;  // query heads per KV head
 constexpr int64_t kAhead = 16;  // keys prefetched ahead (each row's K and V are KVH * D apart: strided reads)
 
-// 2^x for x <= 0 (x >= -126 after the clamp): Cephes' exp2f polynomial on [-0.5, 0.5], relative error ~2e-7.
-inline float exp2_neg(float x) {
-  x = std::max(x, -126.f);
-  const float n = std::floor(x + 0.5f);
-  const float f = x - n;
-  float p = 1.535336188319500e-4f;
-  p = p * f + 1.339887440266574e-3f;
-  p = p * f + 9.618437357674640e-3f;
-  p = p * f + 5.550332471162809e-2f;
-  p = p * f + 2.402264791363012e-1f;
-  p = p * f + 6.931472028550421e-1f;
-  p = p * f + 1.f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof(float));
-  return p * two_n;
-}
+using jetserve::exp2_neg;
 
 // DC: the head_dim when known at compile time (the common sizes, so loops unroll), else 0 and D at run time
 template <typename T, int64_t DC>

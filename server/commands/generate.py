@@ -142,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
             lm_head=settings.lm_head_dtype,  # the served head; decode stays eager (no compile for one request)
             cpu_int4=settings.cpu_int4_kernel,
             cpu_attention=settings.cpu_attention_kernel,
+            cpu_fused=settings.cpu_fused_ops,
         )
         r.warmup()
         return r

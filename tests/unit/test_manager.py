@@ -362,6 +362,7 @@ def test_trust_remote_code_reaches_default_loaders_only_from_settings(tmp_path):
             "lm_head": "auto",
             "cpu_int4": "auto",
             "cpu_attention": "auto",
+            "cpu_fused": "auto",
             "compile_cache_dir": None,  # the suite runs with JETSERVE_COMPILE_DECODE=0 (tests/conftest.py)
         }
         assert mgr._tokenizer_loader.keywords == {"trust_remote_code": flag}

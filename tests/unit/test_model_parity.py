@@ -88,19 +88,24 @@ def _hf(path, dtype):
 
 
 @pytest.mark.parametrize("arch", ["llama", "llama3", "qwen2", "opt"])
-@pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-4), (torch.bfloat16, 6e-2)])
+@pytest.mark.parametrize(
+    "dtype,atol,fused",
+    [(torch.float32, 2e-4, "torch"), (torch.bfloat16, 6e-2, "fused"), (torch.bfloat16, 6e-2, "torch")],
+)
 @pytest.mark.parametrize("attention", ["inplace", "sdpa"])
-def test_prefill_and_batched_decode_match_transformers(tiny_dirs, arch, dtype, atol, attention):
-    """Both CPU decode attentions (models.attention): the in-place kernel and gather + SDPA."""
+def test_prefill_and_batched_decode_match_transformers(tiny_dirs, arch, dtype, atol, fused, attention):
+    """Both CPU decode attentions (models.attention): the in-place kernel and gather + SDPA; bfloat16 prefill with
+    the fused ops (models.fused; OPT's LayerNorm and ReLU keep torch's) and with torch's."""
     from models.w4a8 import load
 
-    if attention == "inplace" and load()[0] is None:
-        pytest.skip(f"in-place attention kernel unavailable: {load()[1]}")
+    if (attention == "inplace" or fused == "fused") and load()[0] is None:
+        pytest.skip(f"C++ extension unavailable: {load()[1]}")
     path = tiny_dirs[arch]
     hf = _hf(path, dtype)
-    runner = load_runner(path, dtype=dtype, max_batch_size=4, max_seq=128, cpu_attention=attention)
+    runner = load_runner(path, dtype=dtype, max_batch_size=4, max_seq=128, cpu_attention=attention, cpu_fused=fused)
     assert type(runner).__name__ == "Runner"
     assert (runner.model.decode_attention is not None) == (attention == "inplace")
+    assert (runner.model.fused_ops is not None) == (fused == "fused")
     g = torch.Generator().manual_seed(1)
     seqs = [torch.randint(0, 256, (n,), generator=g) for n in (9, 17, 30)]
     slots = [2, 0, 3]

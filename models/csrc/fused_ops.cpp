@@ -1,0 +1,178 @@
+// The small ops between the matmuls of an eager (uncompiled) step, one pass over memory each, for bfloat16
+// activations on CPU: what inductor fuses in the compiled decode graphs, written by hand for prefill, whose
+// token count varies from call to call.
+//
+//   rms_norm(x, w, eps)            x (T, H) -> w * bf16(x * rsqrt(mean(x^2) + eps)), the sum in float32
+//   add_rms_norm_(x, d, w, eps)    x = bf16(x + d) in place (the residual add), then rms_norm(x, w, eps)
+//   rope_(qkv, cos, sin, heads, D) rotate-half RoPE in place on the first `heads` heads of each row of qkv
+//   silu_mul(gu)                   gu (T, 2I) = [gate | up] -> bf16(bf16(silu(gate)) * up), (T, I)
+//
+// Each rounds where the eager bfloat16 ops of transformers round (every op's result is bfloat16; the norm's
+// statistics are float32), so they reproduce those ops up to float32 summation order and silu's exp (relative
+// error ~2e-7 before its rounding to bfloat16). models/fused.py holds the plain-PyTorch references; the parity
+// tests hold the kernels to them. Rows are split over torch's thread pool; the loops are written for the
+// compiler's vectorizer (`omp simd`), so every build of the extension (AVX-512, AVX2, plain C++) compiles them.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include "vec_math.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#ifndef JETSERVE_W4A8_NS
+#define JETSERVE_W4A8_NS jetserve_w4a8
+#endif
+
+namespace {
+
+using jetserve::bf16_to_float;
+using jetserve::exp2_neg;
+using jetserve::float_to_bf16;
+using jetserve::round_bf16;
+
+constexpr int64_t kGrainElems = 16384;  // elements a task at least, so that short calls stay on one thread
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kClamp = -87.3f;  // exp2_neg clamps below 2^-126 = exp(-87.34)
+
+int64_t grain(int64_t cols) { return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(cols, 1)); }
+
+void check_rows(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be on the CPU");
+  TORCH_CHECK(t.scalar_type() == at::kBFloat16, op, ": ", name, " must be bfloat16, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D, got ", t.dim(), "-D");
+  TORCH_CHECK(t.size(1) == 0 || t.stride(1) == 1, op, ": ", name, " needs contiguous rows");
+}
+
+const uint16_t* bits(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<c10::BFloat16>()); }
+uint16_t* mbits(const at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<c10::BFloat16>()); }
+
+// out = w * bf16(x * rsqrt(mean(x^2) + eps)) for one row of H values
+inline void norm_row(const uint16_t* x, const uint16_t* w, uint16_t* out, int64_t H, float eps) {
+  float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t i = 0; i < H; ++i) {
+    const float v = bf16_to_float(x[i]);
+    ss += v * v;
+  }
+  const float r = 1.f / std::sqrt(ss / static_cast<float>(H) + eps);
+#pragma omp simd
+  for (int64_t i = 0; i < H; ++i) out[i] = float_to_bf16(bf16_to_float(w[i]) * round_bf16(bf16_to_float(x[i]) * r));
+}
+
+void check_norm(const at::Tensor& x, const at::Tensor& w, const char* op) {
+  check_rows(x, op, "x");
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.dim() == 1 && w.is_contiguous() && w.size(0) == x.size(1), op,
+              ": weight must be a contiguous bfloat16 vector of x's width");
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  check_norm(x, w, "rms_norm");
+  const int64_t T = x.size(0), H = x.size(1), sx = x.stride(0);
+  at::Tensor out = at::empty({T, H}, x.options());
+  const uint16_t *xp = bits(x), *wp = bits(w);
+  uint16_t* op = mbits(out);
+  const float e = static_cast<float>(eps);
+  at::parallel_for(0, T, grain(H), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) norm_row(xp + t * sx, wp, op + t * H, H, e);
+  });
+  return out;
+}
+
+at::Tensor add_rms_norm_(at::Tensor& x, const at::Tensor& d, const at::Tensor& w, double eps) {
+  check_norm(x, w, "add_rms_norm_");
+  check_rows(d, "add_rms_norm_", "delta");
+  TORCH_CHECK(x.sizes() == d.sizes(), "add_rms_norm_: x and delta differ in shape: ", x.sizes(), " vs ", d.sizes());
+  const int64_t T = x.size(0), H = x.size(1), sx = x.stride(0), sd = d.stride(0);
+  at::Tensor out = at::empty({T, H}, x.options());
+  uint16_t* xp = mbits(x);
+  const uint16_t *dp = bits(d), *wp = bits(w);
+  uint16_t* op = mbits(out);
+  const float e = static_cast<float>(eps);
+  at::parallel_for(0, T, grain(H), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      uint16_t* xr = xp + t * sx;
+      const uint16_t* dr = dp + t * sd;
+#pragma omp simd
+      for (int64_t i = 0; i < H; ++i) xr[i] = float_to_bf16(bf16_to_float(xr[i]) + bf16_to_float(dr[i]));
+      norm_row(xr, wp, op + t * H, H, e);
+    }
+  });
+  return out;
+}
+
+// x1' = bf16(bf16(x1 cos) - bf16(x2 sin)), x2' = bf16(bf16(x2 cos) + bf16(x1 sin)) for the halves of each head
+void rope_(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, int64_t heads, int64_t D) {
+  check_rows(qkv, "rope_", "qkv");
+  check_rows(cos, "rope_", "cos");
+  check_rows(sin, "rope_", "sin");
+  const int64_t T = qkv.size(0), half = D / 2;
+  TORCH_CHECK(D % 2 == 0 && heads >= 0 && heads * D <= qkv.size(1), "rope_: ", heads, " heads of ", D,
+              " do not fit a row of ", qkv.size(1));
+  TORCH_CHECK(cos.size(0) == T && sin.size(0) == T && cos.size(1) == half && sin.size(1) == half,
+              "rope_: cos and sin must be (T, head_dim / 2) = (", T, ", ", half, ")");
+  const int64_t sq = qkv.stride(0), sc = cos.stride(0), ss = sin.stride(0);
+  uint16_t* qp = mbits(qkv);
+  const uint16_t *cp = bits(cos), *sp = bits(sin);
+  at::parallel_for(0, T, grain(heads * D), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const uint16_t *c = cp + t * sc, *s = sp + t * ss;
+      for (int64_t h = 0; h < heads; ++h) {
+        uint16_t* x1 = qp + t * sq + h * D;
+        uint16_t* x2 = x1 + half;
+#pragma omp simd
+        for (int64_t j = 0; j < half; ++j) {
+          const float a = bf16_to_float(x1[j]), b = bf16_to_float(x2[j]);
+          const float cj = bf16_to_float(c[j]), sj = bf16_to_float(s[j]);
+          x1[j] = float_to_bf16(round_bf16(a * cj) - round_bf16(b * sj));
+          x2[j] = float_to_bf16(round_bf16(b * cj) + round_bf16(a * sj));
+        }
+      }
+    }
+  });
+}
+
+at::Tensor silu_mul(const at::Tensor& gu) {
+  check_rows(gu, "silu_mul", "gu");
+  TORCH_CHECK(gu.size(1) % 2 == 0, "silu_mul: gu's width must be even (gate and up halves), got ", gu.size(1));
+  const int64_t T = gu.size(0), I = gu.size(1) / 2, sg = gu.stride(0);
+  at::Tensor out = at::empty({T, I}, gu.options());
+  const uint16_t* gp = bits(gu);
+  uint16_t* op = mbits(out);
+  at::parallel_for(0, T, grain(2 * I), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const uint16_t *g = gp + t * sg, *u = g + I;
+      uint16_t* o = op + t * I;
+#pragma omp simd
+      for (int64_t j = 0; j < I; ++j) {
+        const float x = bf16_to_float(g[j]);
+        const float e = exp2_neg(-std::fabs(x) * kLog2e);  // exp(-|x|) in (0, 1]
+        // torch's x / (1 + exp(-x)) is -0 (NaN at -inf) once exp(-x) overflows; from kClamp on, e is clamped
+        const float sig = x >= 0.f ? 1.f / (1.f + e) : (x < kClamp ? 0.f : e / (1.f + e));
+        o[j] = float_to_bf16(round_bf16(x * sig) * bf16_to_float(u[j]));
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(JETSERVE_W4A8_NS, m) {
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("add_rms_norm_(Tensor(a!) x, Tensor delta, Tensor weight, float eps) -> Tensor");
+  m.def("rope_(Tensor(a!) qkv, Tensor cos, Tensor sin, int heads, int head_dim) -> ()");
+  m.def("silu_mul(Tensor gu) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(JETSERVE_W4A8_NS, CPU, m) {
+  m.impl("rms_norm", &rms_norm);
+  m.impl("add_rms_norm_", &add_rms_norm_);
+  m.impl("rope_", &rope_);
+  m.impl("silu_mul", &silu_mul);
+}

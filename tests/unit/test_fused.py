@@ -1,0 +1,173 @@
+"""models/fused.py and models/csrc/fused_ops.cpp: each fused prefill op against its plain-PyTorch reference under
+every ISA build this CPU can run (odd widths, rows with a stride, one row and many), the input checks, the
+`cpu_fused` choice, and a model's prefill with the kernels against the same model with torch's ops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models import fused, w4a8
+
+BF16_ULP = 2.0**-7  # relative spacing of bfloat16 near 1
+
+
+def ops_for(isa: str) -> fused.FusedOps:
+    ops, why = w4a8.load(isa)
+    if ops is None:
+        pytest.skip(f"extension build {isa} unavailable: {why}")
+    return fused.FusedOps(ops.rms_norm.default, ops.add_rms_norm_.default, ops.rope_.default, ops.silu_mul.default)
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    return torch.Generator().manual_seed(torch.seed() % 2**31)
+
+
+def rows(T: int, width: int, gen, pad: int = 0, scale: float = 1.0) -> torch.Tensor:
+    """(T, width) bfloat16; with `pad`, a view of a wider tensor (rows `width + pad` apart)."""
+    full = (torch.randn(T, width + pad, generator=gen) * scale).to(torch.bfloat16)
+    return full[:, :width]
+
+
+def assert_rarely_off(got: torch.Tensor, want: torch.Tensor, max_mismatch: float) -> None:
+    """Equal except for a few elements (a `max_mismatch` share of them, or one) where an intermediate rounded to
+    the neighbouring bfloat16: at most two rounding steps apart (that one, and the final rounding after it)."""
+    assert got.shape == want.shape and got.dtype == want.dtype
+    g, w = got.float(), want.float()
+    diff = (g - w).abs()
+    bound = w.abs().clamp_min(1e-30) * 2 * BF16_ULP
+    assert bool((diff <= bound).all()), f"max |diff| {diff.max().item()} beyond two bf16 steps"
+    assert int((diff > 0).sum()) <= max(1, int(max_mismatch * diff.numel()))
+
+
+@pytest.mark.parametrize("T,H,pad", [(1, 576, 0), (7, 64, 0), (300, 576, 40), (33, 100, 3)])
+def test_rms_norm_and_residual_add_match_reference(isa, T, H, pad, gen):
+    ops = ops_for(isa)
+    x = rows(T, H, gen, pad, scale=3.0)
+    w = (torch.randn(H, generator=gen) * 0.5 + 1).to(torch.bfloat16)
+    # float32 sums in another order, so rsqrt may differ in its last bit, and x * rsqrt can sit on a bfloat16
+    # rounding midpoint: those elements (and every element equal to them: bfloat16 inputs repeat) round the
+    # other way
+    assert_rarely_off(ops.rms_norm(x, w, 1e-5), fused.rms_norm_reference(x, w, 1e-5), max_mismatch=0.05)
+    d = rows(T, H, gen, pad)
+    x_ref, x_got = x.clone(), x.clone()
+    want = fused.add_rms_norm_reference_(x_ref, d, w, 1e-6)
+    got = ops.add_rms_norm_(x_got, d, w, 1e-6)
+    assert torch.equal(x_got, x_ref)  # the residual add is one bfloat16 rounding, exactly
+    assert_rarely_off(got, want, max_mismatch=0.05)
+
+
+def test_rms_norm_of_a_zero_row_is_zero(isa):
+    ops = ops_for(isa)
+    x = torch.zeros(2, 64, dtype=torch.bfloat16)
+    w = torch.ones(64, dtype=torch.bfloat16)
+    assert torch.equal(ops.rms_norm(x, w, 1e-6), x)
+
+
+@pytest.mark.parametrize("T,heads,D,extra", [(1, 12, 64, 3 * 64), (37, 6, 128, 128), (5, 3, 8, 0)])
+def test_rope_matches_reference_exactly(isa, T, heads, D, extra, gen):
+    """Every product and sum rounds to bfloat16 as the reference's ops do: bit-equal. Heads past `heads` (V) stay."""
+    ops = ops_for(isa)
+    qkv = rows(T, heads * D + extra, gen).contiguous()
+    ang = torch.rand(T, D // 2, generator=gen) * 6.3
+    cos, sin = ang.cos().to(torch.bfloat16), ang.sin().to(torch.bfloat16)
+    want, got = qkv.clone(), qkv.clone()
+    fused.rope_reference_(want, cos, sin, heads, D)
+    assert ops.rope_(got, cos, sin, heads, D) is None
+    assert torch.equal(got, want)
+    assert torch.equal(got[:, heads * D :], qkv[:, heads * D :])
+
+
+@pytest.mark.parametrize("T,inter,pad", [(1, 1536, 0), (64, 96, 5), (513, 1536, 0), (3, 7, 0)])
+def test_silu_mul_matches_reference(isa, T, inter, pad, gen):
+    ops = ops_for(isa)
+    gu = rows(T, 2 * inter, gen, pad, scale=4.0)
+    # silu's exp is a polynomial (relative error ~2e-7), torch's is libm's: a rare rounding step apart
+    assert_rarely_off(ops.silu_mul(gu), fused.silu_mul_reference(gu), max_mismatch=0.01)
+
+
+def test_silu_mul_extremes(isa):
+    """Zeros of both signs, large gates of both signs (exp's clamp at 2^-126), infinities and NaN."""
+    ops = ops_for(isa)
+    g = torch.tensor([0.0, -0.0, 90.0, -90.0, -200.0, 3e38, float("inf"), float("-inf"), float("nan"), 1.0])
+    gu = torch.cat([g, torch.full_like(g, 1.5)])[None].to(torch.bfloat16)
+    got, want = ops.silu_mul(gu).float(), fused.silu_mul_reference(gu).float()
+    torch.testing.assert_close(got, want, atol=1e-30, rtol=2**-7, equal_nan=True)
+
+
+def test_input_checks(isa):
+    ops = ops_for(isa)
+    x = torch.randn(4, 64).to(torch.bfloat16)
+    w = torch.ones(64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        ops.rms_norm(x.float(), w, 1e-6)
+    with pytest.raises(RuntimeError, match="contiguous rows"):
+        ops.rms_norm(x.t(), w, 1e-6)
+    with pytest.raises(RuntimeError, match="weight"):
+        ops.rms_norm(x, w[:32], 1e-6)
+    with pytest.raises(RuntimeError, match="differ in shape"):
+        ops.add_rms_norm_(x, x[:2], w, 1e-6)
+    with pytest.raises(RuntimeError, match="do not fit"):
+        ops.rope_(x, x[:, :8], x[:, :8], 2, 48)
+    with pytest.raises(RuntimeError, match="cos and sin"):
+        ops.rope_(x, x[:, :8], x[:, :8], 2, 32)
+    with pytest.raises(RuntimeError, match="even"):
+        ops.silu_mul(x[:, :63])
+
+
+def test_cpu_fused_choice(monkeypatch):
+    assert fused.cpu_fused_ops("torch") == (None, "requested")
+    ops, reason = fused.cpu_fused_ops("fused")
+    assert ops is not None and "C++ kernels" in reason
+    ops, _ = fused.cpu_fused_ops("auto")
+    assert (ops is not None) == (w4a8.native_isa() != "scalar")
+    ops, reason = fused.cpu_fused_ops("auto", torch.float32)
+    assert ops is None and "bfloat16" in reason
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        fused.cpu_fused_ops("fused", torch.float32)
+    with pytest.raises(ValueError, match="cpu_fused"):
+        fused.cpu_fused_ops("fast")
+    # without a compiler: "auto" keeps torch's ops with the reason, "fused" is an error
+    monkeypatch.setattr(w4a8, "build_unavailable", lambda: "no C++ compiler (test)")
+    monkeypatch.setattr(w4a8, "native_isa", lambda: "avx2")
+    w4a8._load.cache_clear()
+    try:
+        ops, reason = fused.cpu_fused_ops("auto")
+        assert ops is None and "no C++ compiler" in reason
+        with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+            fused.cpu_fused_ops("fused")
+    finally:
+        w4a8._load.cache_clear()
+
+
+def test_prefill_with_fused_ops_matches_torch_ops(tmp_path, gen):
+    """A tiny bfloat16 Llama: the fused prefill (chunked too, through the cached prefix) against torch's ops,
+    the same KV cache written, and `cpu_fused` reaching the model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from models.loader import load_runner
+
+    if w4a8.load()[0] is None:
+        pytest.skip(f"extension unavailable: {w4a8.load()[1]}")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=256,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path, safe_serialization=True)
+    a = load_runner(tmp_path, dtype=torch.bfloat16, max_batch_size=2, max_seq=128, cpu_fused="fused")
+    b = load_runner(tmp_path, dtype=torch.bfloat16, max_batch_size=2, max_seq=128, cpu_fused="torch")
+    assert a.model.fused_ops is not None and b.model.fused_ops is None
+    tokens = torch.randint(0, 256, (40,), generator=gen)
+    for r in (a, b):
+        r.prefill(tokens[:25], 1, 0)
+    got, want = a.prefill(tokens[25:], 1, 25), b.prefill(tokens[25:], 1, 25)
+    torch.testing.assert_close(got, want, atol=5e-2, rtol=0)
+    torch.testing.assert_close(a.cache.k_all[:, 1, :40], b.cache.k_all[:, 1, :40], atol=5e-2, rtol=0)
+    torch.testing.assert_close(a.cache.v_all[:, 1, :40], b.cache.v_all[:, 1, :40], atol=5e-2, rtol=0)
