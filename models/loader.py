@@ -8,21 +8,20 @@ An architecture without a table runs through the transformers fallback runner at
 
 from __future__ import annotations
 
-import functools
-import gc
 import json
 import logging
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from .arch import ArchSpec, Dims, UnsupportedArchError, find_arch
 from .formats import QuantConfig, UnsupportedFormatError, read_quant_config, safetensors_header
+from .heap import keep_workspace_heap, release_freed_heap
 from .kv_cache import KVCache
 from .model import DenseLinear, Transformer, fuse_linears
 from .tokenizer import config_eos_token_ids
@@ -518,37 +517,6 @@ def resolve_device(device: Union[str, torch.device]) -> torch.device:
     return torch.device(device)
 
 
-@functools.lru_cache(maxsize=1)
-def _malloc_trim() -> Optional[Callable[[int], int]]:
-    """glibc's malloc_trim, or None where libc has none (musl, macOS)."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-    except OSError:
-        return None
-    return getattr(libc, "malloc_trim", None)
-
-
-def release_freed_heap() -> bool:
-    """Collect garbage, then return the C heap's free pages to the OS (glibc `malloc_trim(0)`).
-
-    Returns False where libc has no malloc_trim (the garbage is still collected). The one heap-trimming helper:
-    the loader, the server's load measurement and `jetserve eval` call it. Loading frees tens of MiB of
-    unpack/repack temporaries that glibc keeps in its arenas: resident and counted by the OS (on a Jetson, against
-    the RAM the GPU shares) though no tensor uses them. On SmolLM2 GPTQ g64 the RSS growth of a load fell from
-    357-389 MiB (varying run to run) to 326 MiB against 331 MiB predicted.
-    """
-    gc.collect()
-    trim = _malloc_trim()
-    if trim is None:
-        return False
-    trim(0)
-    return True
-
-
 def load_runner(
     model_dir: Union[str, Path],
     *,
@@ -586,6 +554,7 @@ def load_runner(
         raise ValueError(f"cpu_fused must be one of {CPU_FUSED_CHOICES}, got {cpu_fused!r}")
     if lm_head not in LM_HEAD_DTYPES:
         raise ValueError(f"lm_head must be one of {LM_HEAD_DTYPES}, got {lm_head!r}")
+    keep_workspace_heap()  # prefill's temporaries reuse heap pages instead of faulting in fresh ones
     model_dir = Path(model_dir)
     device = resolve_device(device)
     info = inspect_checkpoint(model_dir)

@@ -132,7 +132,7 @@ def _process_bytes(device: str, model_dir: Path) -> int:
 
         torch.cuda.synchronize()
         return int(torch.cuda.memory_allocated())
-    from models.loader import release_freed_heap
+    from models.heap import release_freed_heap
 
     release_freed_heap()
     return process_model_bytes(model_dir)

@@ -17,7 +17,7 @@ from typing import Dict, List
 
 import torch
 
-from models.loader import release_freed_heap
+from models.heap import release_freed_heap
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def _page_size() -> int:
 
 
 def release_memory() -> None:
-    """gc + return freed heap pages to the OS (models.loader.release_freed_heap), so the next model's RSS starts
+    """gc + return freed heap pages to the OS (models.heap.release_freed_heap), so the next model's RSS starts
     low."""
     release_freed_heap()
     if torch.cuda.is_available():
