@@ -217,8 +217,8 @@ class Transformer(nn.Module):
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm + lm_head: (N, hidden) -> float32 logits (N, vocab). A head with `forward_float` (the int8
-        head) writes float32 itself."""
-        h = self.final_norm(x)
+        head) writes float32 itself. Eager, the final RMSNorm is the fused op (`fused_ops`)."""
+        h = self._add_norm(self.final_norm, x, None, None if torch.compiler.is_compiling() else self.fused_ops)
         to_float = getattr(self.lm_head, "forward_float", None)
         return to_float(h) if to_float is not None else self.lm_head(h).float()
 
@@ -312,17 +312,26 @@ class Transformer(nn.Module):
 
         Everything a layer differs by (its block, its cache tensors) is an argument, so one compiled graph of
         `decode_layers` serves every group of layers (`compiled_decode`, see models.compile). `mask` is None
-        when the in-place kernel runs (it reads positions[b] + 1 keys of each row's slot itself)."""
+        when the in-place kernel runs (it reads positions[b] + 1 keys of each row's slot itself). Eager, the
+        fused ops (`fused_ops`) run the norms, RoPE and activation and update x in place; a compiled graph traces
+        torch's ops, which inductor fuses itself."""
         B = x.shape[0]
         dims = self.dims
-        q, k, v = self._qkv(blk, x, cos, sin)  # q (B, heads, D)
+        fz = None if torch.compiler.is_compiling() else self.fused_ops
+        if fz is None:
+            q, k, v = self._qkv(blk, x, cos, sin)  # q (B, heads, D)
+        else:
+            q, k, v = self._heads(blk.qkv(self._add_norm(blk.norm1, x, None, fz)), cos, sin, fz)
         kc.index_put_((slots, positions), k)
         vc.index_put_((slots, positions), v)
         if self.decode_attention is not None:
             a = self.decode_attention(q, kc, vc, slots, positions, dims.head_dim**-0.5)
         else:
             a = attention_reference(q, kc, vc, slots, mask, kv_len)
-        x = x + blk.o(a.reshape(B, dims.heads * dims.head_dim))
+        o = blk.o(a.reshape(B, dims.heads * dims.head_dim))
+        if fz is not None:  # x is this step's own tensor (`decode` embeds it)
+            return x.add_(self._mlp(blk, self._add_norm(blk.norm2, x, o, fz), fz))
+        x = x + o
         return x + self._mlp(blk, blk.norm2(x))
 
     def linear_modules(self) -> List[nn.Module]:

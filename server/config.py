@@ -91,7 +91,7 @@ class Settings(BaseSettings):
     )
     cpu_fused_ops: Literal["auto", "fused", "torch"] = Field(
         "auto",
-        description="CPU prefill's RMSNorm (with the residual add), RoPE and gated activation. 'fused': jetserve's C++ kernels (models/csrc/fused_ops.cpp, built with the w4a8 kernel), one pass over memory each, rounding where transformers' bfloat16 ops round. 'torch': torch's ops, several passes each. 'auto': fused where the C++ extension builds with AVX2 or AVX-512 and the activations are bfloat16, else torch with the reason logged; asking for fused where it cannot run is an error. Decode fuses these ops in its compiled graphs either way. Speed: docs/benchmarks.md.",
+        description="CPU prefill's and eager decode's RMSNorm (with the residual add), RoPE and gated activation. 'fused': jetserve's C++ kernels (models/csrc/fused_ops.cpp, built with the w4a8 kernel), one pass over memory each, rounding where transformers' bfloat16 ops round. 'torch': torch's ops, several passes each. 'auto': fused where the C++ extension builds with AVX2 or AVX-512 and the activations are bfloat16, else torch with the reason logged; asking for fused where it cannot run is an error. Eager decode (compile_decode off) uses them too; the compiled decode graphs fuse these ops themselves. Speed: docs/benchmarks.md.",
     )
     compile_decode: bool = Field(
         True,

@@ -1,6 +1,6 @@
 // The small ops between the matmuls of an eager (uncompiled) step, one pass over memory each, for bfloat16
 // activations on CPU: what inductor fuses in the compiled decode graphs, written by hand for prefill, whose
-// token count varies from call to call.
+// token count varies from call to call, and for eager decode.
 //
 //   rms_norm(x, w, eps)            x (T, H) -> w * bf16(x * rsqrt(mean(x^2) + eps)), the sum in float32
 //   add_rms_norm_(x, d, w, eps)    x = bf16(x + d) in place (the residual add), then rms_norm(x, w, eps)

@@ -141,9 +141,9 @@ def test_cpu_fused_choice(monkeypatch):
         w4a8._load.cache_clear()
 
 
-def test_prefill_with_fused_ops_matches_torch_ops(tmp_path, gen):
-    """A tiny bfloat16 Llama: the fused prefill (chunked too, through the cached prefix) against torch's ops,
-    the same KV cache written, and `cpu_fused` reaching the model."""
+def test_prefill_and_eager_decode_with_fused_ops_match_torch_ops(tmp_path, gen):
+    """A tiny bfloat16 Llama: the fused prefill (chunked too, through the cached prefix) and two batched eager
+    decode steps against torch's ops, the same KV cache written, and `cpu_fused` reaching the model."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from models.loader import load_runner
@@ -171,3 +171,9 @@ def test_prefill_with_fused_ops_matches_torch_ops(tmp_path, gen):
     torch.testing.assert_close(got, want, atol=5e-2, rtol=0)
     torch.testing.assert_close(a.cache.k_all[:, 1, :40], b.cache.k_all[:, 1, :40], atol=5e-2, rtol=0)
     torch.testing.assert_close(a.cache.v_all[:, 1, :40], b.cache.v_all[:, 1, :40], atol=5e-2, rtol=0)
+    for r in (a, b):
+        r.prefill(tokens[:7], 0, 0)
+    for step in range(2):
+        nxt, pos = torch.randint(0, 256, (2,), generator=gen), torch.tensor([7 + step, 40 + step])
+        got, want = a.decode(nxt, pos, torch.tensor([0, 1])), b.decode(nxt, pos, torch.tensor([0, 1]))
+        torch.testing.assert_close(got, want, atol=5e-2, rtol=0)
