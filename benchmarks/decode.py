@@ -125,7 +125,7 @@ def _prompt(n: int, vocab: int, seed: int = 0):
 # (the kernels under SDPA, the casts inside rms_norm) takes the class of its outermost classified ancestor.
 OP_CLASSES = (
     ("aten::_weight_int4pack_mm", "int4 matmul"),
-    # models/w4a8.py's extension: jetserve_w4a8_<isa>::w4a8_mm (w8a8_mm, decode_attention: see _op_class)
+    # models/w4a8.py's extension: jetserve_w4a8_<isa>::w4a8_mm (w8a8_mm, decode_attention, the fused ops: _op_class)
     ("jetserve_w4a8", "int4 matmul"),
     ("aten::_weight_int8pack_mm", "lm_head"),  # the int8 head
     ("aten::scaled_dot_product_attention", "attention"),
@@ -152,6 +152,10 @@ def _op_class(ev) -> Optional[str]:
                 return "lm_head"  # the int8 head on the W8A8 path (or its AMX twin)
             if prefix == "jetserve_w4a8" and ev.name.endswith("decode_attention"):
                 return "attention"  # the in-place decode attention (models/attention.py)
+            if prefix == "jetserve_w4a8" and ev.name.endswith(("::rms_norm", "::add_rms_norm_")):
+                return "norms"  # the fused ops of eager decode (models/fused.py)
+            if prefix == "jetserve_w4a8" and ev.name.endswith(("::rope_", "::silu_mul")):
+                return None  # the other fused ops: "rest"
             if cls == "KV gather":  # the embedding lookup and act-order permutations gather 2-D tensors
                 shapes = ev.input_shapes or [[]]
                 return cls if len(shapes[0]) == 4 else None
