@@ -45,6 +45,7 @@ class EvalConfig:
     skip_speed: bool = False
     lm_head: str = "bf16"  # jetserve runtime only: load_runner's lm_head option
     cpu_int4: str = "auto"  # jetserve runtime only: load_runner's cpu_int4 option
+    cpu_fused: str = "auto"  # jetserve runtime only: load_runner's cpu_fused option
 
 
 def quant_summary(model_dir: Path) -> Dict[str, Any]:
@@ -132,6 +133,7 @@ def evaluate_models(
                 max_seq=max(cfg.max_length, cfg.ttft_tokens, cfg.prompt_tokens + cfg.new_tokens),
                 lm_head=cfg.lm_head,
                 cpu_int4=cfg.cpu_int4,
+                cpu_fused=cfg.cpu_fused,
             )
             row["load_s"] = round(time.perf_counter() - t0, 2)
             row["weights_bytes"] = rt.weights_bytes

@@ -90,6 +90,7 @@ class JetserveRuntime:
         max_seq: int,
         lm_head: str = "bf16",
         cpu_int4: str = "auto",
+        cpu_fused: str = "auto",
     ):
         try:
             from models.loader import load_runner
@@ -104,6 +105,7 @@ class JetserveRuntime:
             max_seq=max_seq,
             lm_head=lm_head,
             cpu_int4=cpu_int4,
+            cpu_fused=cpu_fused,
         )
         self.runner.warmup()
         self.weights_bytes = int(self.runner.memory_report().get("weights_bytes", 0))
@@ -147,15 +149,20 @@ def load_runtime(
     max_seq: Optional[int] = None,
     lm_head: str = "bf16",
     cpu_int4: str = "auto",
+    cpu_fused: str = "auto",
 ):
-    """The runtime `kind` for `model_dir`; a quantized lm_head ("int8", "int4") and a cpu_int4 other than "auto"
-    apply to the jetserve runtime only (else ValueError)."""
+    """The runtime `kind` for `model_dir`; a quantized lm_head ("int8", "int4") and a cpu_int4 or cpu_fused other than
+    "auto" apply to the jetserve runtime only (else ValueError)."""
     if kind == "transformers":
         if lm_head != "bf16":
             raise ValueError(f"--lm-head {lm_head} needs --runtime jetserve")
         if cpu_int4 != "auto":
             raise ValueError(f"--cpu-int4 {cpu_int4} needs --runtime jetserve")
+        if cpu_fused != "auto":
+            raise ValueError(f"--cpu-fused {cpu_fused} needs --runtime jetserve")
         return TransformersRuntime(model_dir, device, dtype)
     if kind == "jetserve":
-        return JetserveRuntime(model_dir, device, dtype, max_seq or 4096, lm_head=lm_head, cpu_int4=cpu_int4)
+        return JetserveRuntime(
+            model_dir, device, dtype, max_seq or 4096, lm_head=lm_head, cpu_int4=cpu_int4, cpu_fused=cpu_fused
+        )
     raise RuntimeUnavailable(f"unknown runtime {kind!r}; choose transformers or jetserve")

@@ -43,6 +43,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="jetserve runtime on CPU: the int4 kernel (w4a8: int8 activations per group, our C++ kernel; "
         "int4pack: torch's bf16 kernel); auto: w4a8 where it builds, as `jetserve serve` (default auto)",
     )
+    parser.add_argument(
+        "--cpu-fused",
+        choices=("auto", "fused", "torch"),  # models.fused.CPU_FUSED_CHOICES (no torch import here)
+        default="auto",
+        help="jetserve runtime on CPU: prefill's norms, RoPE and activation as our fused C++ kernels (fused) or "
+        "torch's ops (torch); auto: fused where they build and run, as `jetserve serve` (default auto)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--skip-ppl", action="store_true", help="Skip perplexity")
     parser.add_argument("--skip-speed", action="store_true", help="Skip tok/s and TTFT")
@@ -89,6 +96,9 @@ def run(args: argparse.Namespace) -> int:
     if args.cpu_int4 != "auto" and args.runtime != "jetserve":
         print(f"jetserve eval: error: --cpu-int4 {args.cpu_int4} needs --runtime jetserve", file=sys.stderr)
         return 2
+    if args.cpu_fused != "auto" and args.runtime != "jetserve":
+        print(f"jetserve eval: error: --cpu-fused {args.cpu_fused} needs --runtime jetserve", file=sys.stderr)
+        return 2
     if args.lm_head != "bf16" and args.runtime != "jetserve":
         print(f"jetserve eval: error: --lm-head {args.lm_head} needs --runtime jetserve", file=sys.stderr)
         return 2
@@ -119,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
         skip_speed=args.skip_speed,
         lm_head=args.lm_head,
         cpu_int4=args.cpu_int4,
+        cpu_fused=args.cpu_fused,
     )
     try:
         res = evaluate_models(dirs, cfg, Path(store), echo=lambda s: print(s, file=sys.stderr))

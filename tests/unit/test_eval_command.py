@@ -84,11 +84,41 @@ def test_runtimes_agree_on_perplexity(tiny_llama_dir, tmp_path, capsys):
     assert ppl["jetserve"] == pytest.approx(ppl["transformers"], rel=0.02)
 
 
+def test_cpu_fused_option_reaches_the_runtime(tiny_llama_dir, tmp_path, capsys, monkeypatch):
+    """`--cpu-fused` reaches load_runner and the model (fused: the C++ kernels; torch: torch's ops); the two
+    perplexities agree."""
+    pytest.importorskip("models.loader")
+    import models.loader
+    from models import w4a8
+
+    if w4a8.load()[0] is None:
+        pytest.skip(f"extension unavailable: {w4a8.load()[1]}")
+    loaded = []
+    real = models.loader.load_runner
+
+    def spy(*a, **kw):
+        r = real(*a, **kw)
+        loaded.append((kw.get("cpu_fused"), r.model.fused_ops is not None))
+        return r
+
+    monkeypatch.setattr(models.loader, "load_runner", spy)
+    ppl = {}
+    for choice in ("torch", "fused"):
+        argv = ["eval", str(tiny_llama_dir), *SMALL, "--skip-speed", "--runtime", "jetserve", "--cpu-fused", choice]
+        assert main([*argv, "--out", str(tmp_path / choice)]) == 0, capsys.readouterr().err
+        ppl[choice] = json.loads((tmp_path / choice / "eval.json").read_text())["models"][0]["ppl"]
+    capsys.readouterr()
+    assert loaded == [("torch", False), ("fused", True)]
+    assert ppl["fused"] == pytest.approx(ppl["torch"], rel=0.01)
+
+
 def test_eval_bad_inputs(tiny_llama_dir, tmp_path, capsys):
     assert main(["eval", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
     assert "neither a folder with config.json" in capsys.readouterr().err
     assert main(["eval", str(tiny_llama_dir), "--stride", "600", "--max-length", "512", "--out", str(tmp_path)]) == 2
     assert "--stride must be <= --max-length" in capsys.readouterr().err
+    assert main(["eval", str(tiny_llama_dir), "--cpu-fused", "torch", "--out", str(tmp_path)]) == 2
+    assert "--cpu-fused torch needs --runtime jetserve" in capsys.readouterr().err
     assert (
         main(["eval", str(tiny_llama_dir), "--text", "tiny", "--ppl-tokens", "100000000", "--out", str(tmp_path)]) == 2
     )
