@@ -149,7 +149,7 @@ class Transformer(nn.Module):
         self.compiled_decode: Optional[CompiledDecode] = None  # set by models.compile; None: eager decode
         # set by the loader (models.attention): the in-place CPU kernel; None: gather + SDPA (`attention.reference`)
         self.decode_attention: Optional[AttentionOp] = None
-        # set by the loader (models.fused): C++ kernels for prefill's norms, RoPE and activation; None: torch's ops
+        # set by the loader (models.fused): C++ kernels for the eager norms, RoPE and activation; None: torch's ops
         self.fused_ops: Optional[FusedOps] = None
 
     def init_rope(self, max_seq: int, device: torch.device, dtype: torch.dtype) -> None:
