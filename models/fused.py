@@ -69,7 +69,9 @@ def silu_mul_reference(gu: torch.Tensor) -> torch.Tensor:
     return F.silu(g) * u
 
 
-REFERENCE = FusedOps(rms_norm_reference, add_rms_norm_reference_, rope_reference_, silu_mul_reference)
+def kernels(ops) -> FusedOps:
+    """The C++ kernels of one build of the extension (`ops`: its op namespace, from `w4a8.load`)."""
+    return FusedOps(ops.rms_norm.default, ops.add_rms_norm_.default, ops.rope_.default, ops.silu_mul.default)
 
 
 @functools.lru_cache(maxsize=None)
@@ -94,10 +96,7 @@ def cpu_fused_ops(choice: str = "auto", dtype: torch.dtype = torch.bfloat16) -> 
         if ops is not None:
             reason = f"C++ kernels, {built} build"
             _log_once("fused", reason)
-            return (
-                FusedOps(ops.rms_norm.default, ops.add_rms_norm_.default, ops.rope_.default, ops.silu_mul.default),
-                reason,
-            )
+            return kernels(ops), reason
         why = f"C++ kernels: {built}"
     if choice == "fused":
         raise RuntimeError(f"cpu_fused='fused' requested but {why}")

@@ -10,6 +10,7 @@ For every unit test module (autouse, undone after the module):
   byte-level tokenizers split characters across tokens.
 
 `isa`: every build of our C++ extension (models/w4a8.py) this CPU can run; a test that takes it runs once per build.
+`no_cpp_compiler`: the extension as where no C++ compiler is found (the "auto" fallbacks and explicit-choice errors).
 """
 
 from __future__ import annotations
@@ -35,6 +36,19 @@ def _extension_isas() -> list:
 @pytest.fixture(params=_extension_isas())
 def isa(request) -> str:
     return request.param
+
+
+@pytest.fixture
+def no_cpp_compiler(monkeypatch):
+    """The extension as on a SIMD CPU without a C++ compiler: `w4a8.load` says "no C++ compiler (test)" (its
+    per-process cache cleared before and after, so real builds load again afterwards)."""
+    from models import w4a8
+
+    monkeypatch.setattr(w4a8, "build_unavailable", lambda: "no C++ compiler (test)")
+    monkeypatch.setattr(w4a8, "native_isa", lambda: "avx2")  # a SIMD CPU, so "auto" tries the build
+    w4a8._load.cache_clear()
+    yield
+    w4a8._load.cache_clear()
 
 
 _ENGLISH = (

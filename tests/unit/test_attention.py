@@ -161,7 +161,7 @@ def test_op_under_torch_compile_after_in_place_kv_writes(gen):
     assert torch.equal(kc2, kc) and torch.equal(vc2, vc) and (kc2.data_ptr(), vc2.data_ptr()) == ptrs
 
 
-def test_cpu_attention_choice(monkeypatch):
+def test_cpu_attention_choice():
     assert attention.cpu_attention_op("sdpa") == (None, "requested")
     op, reason = attention.cpu_attention_op("inplace")
     assert op is not None and "in-place" in reason
@@ -169,17 +169,14 @@ def test_cpu_attention_choice(monkeypatch):
     assert (op is not None) == (w4a8.native_isa() != "scalar")
     with pytest.raises(ValueError, match="cpu_attention"):
         attention.cpu_attention_op("fast")
-    # without a compiler: "auto" falls back to SDPA with the reason, "inplace" is an error
-    monkeypatch.setattr(w4a8, "build_unavailable", lambda: "no C++ compiler (test)")
-    monkeypatch.setattr(w4a8, "native_isa", lambda: "avx2")
-    w4a8._load.cache_clear()
-    try:
-        op, reason = attention.cpu_attention_op("auto")
-        assert op is None and "no C++ compiler" in reason
-        with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
-            attention.cpu_attention_op("inplace")
-    finally:
-        w4a8._load.cache_clear()
+
+
+def test_cpu_attention_choice_without_a_compiler(no_cpp_compiler):
+    """Without a compiler, "auto" falls back to SDPA with the reason and "inplace" is an error."""
+    op, reason = attention.cpu_attention_op("auto")
+    assert op is None and "no C++ compiler" in reason
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+        attention.cpu_attention_op("inplace")
 
 
 def test_shapes_outside_the_kernel_bounds_run_sdpa():

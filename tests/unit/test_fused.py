@@ -16,7 +16,7 @@ def ops_for(isa: str) -> fused.FusedOps:
     ops, why = w4a8.load(isa)
     if ops is None:
         pytest.skip(f"extension build {isa} unavailable: {why}")
-    return fused.FusedOps(ops.rms_norm.default, ops.add_rms_norm_.default, ops.rope_.default, ops.silu_mul.default)
+    return fused.kernels(ops)
 
 
 @pytest.fixture
@@ -116,7 +116,7 @@ def test_input_checks(isa):
         ops.silu_mul(x[:, :63])
 
 
-def test_cpu_fused_choice(monkeypatch):
+def test_cpu_fused_choice():
     assert fused.cpu_fused_ops("torch") == (None, "requested")
     ops, reason = fused.cpu_fused_ops("fused")
     assert ops is not None and "C++ kernels" in reason
@@ -128,43 +128,27 @@ def test_cpu_fused_choice(monkeypatch):
         fused.cpu_fused_ops("fused", torch.float32)
     with pytest.raises(ValueError, match="cpu_fused"):
         fused.cpu_fused_ops("fast")
-    # without a compiler: "auto" keeps torch's ops with the reason, "fused" is an error
-    monkeypatch.setattr(w4a8, "build_unavailable", lambda: "no C++ compiler (test)")
-    monkeypatch.setattr(w4a8, "native_isa", lambda: "avx2")
-    w4a8._load.cache_clear()
-    try:
-        ops, reason = fused.cpu_fused_ops("auto")
-        assert ops is None and "no C++ compiler" in reason
-        with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
-            fused.cpu_fused_ops("fused")
-    finally:
-        w4a8._load.cache_clear()
 
 
-def test_prefill_and_eager_decode_with_fused_ops_match_torch_ops(tmp_path, gen):
+def test_cpu_fused_choice_without_a_compiler(no_cpp_compiler):
+    """Without a compiler, "auto" keeps torch's ops with the reason and "fused" is an error."""
+    ops, reason = fused.cpu_fused_ops("auto")
+    assert ops is None and "no C++ compiler" in reason
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+        fused.cpu_fused_ops("fused")
+
+
+def test_prefill_and_eager_decode_with_fused_ops_match_torch_ops(tiny_llama_dir, gen):
     """A tiny bfloat16 Llama: the fused prefill (chunked too, through the cached prefix) and two batched eager
     decode steps against torch's ops, the same KV cache written, and `cpu_fused` reaching the model."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from models.loader import load_runner
 
     if w4a8.load()[0] is None:
         pytest.skip(f"extension unavailable: {w4a8.load()[1]}")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        max_position_embeddings=256,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(tmp_path, safe_serialization=True)
-    a = load_runner(tmp_path, dtype=torch.bfloat16, max_batch_size=2, max_seq=128, cpu_fused="fused")
-    b = load_runner(tmp_path, dtype=torch.bfloat16, max_batch_size=2, max_seq=128, cpu_fused="torch")
+    a = load_runner(tiny_llama_dir, dtype=torch.bfloat16, max_batch_size=2, max_seq=128, cpu_fused="fused")
+    b = load_runner(tiny_llama_dir, dtype=torch.bfloat16, max_batch_size=2, max_seq=128, cpu_fused="torch")
     assert a.model.fused_ops is not None and b.model.fused_ops is None
-    tokens = torch.randint(0, 256, (40,), generator=gen)
+    tokens = torch.randint(0, a.vocab_size, (40,), generator=gen)
     for r in (a, b):
         r.prefill(tokens[:25], 1, 0)
     got, want = a.prefill(tokens[25:], 1, 25), b.prefill(tokens[25:], 1, 25)
@@ -174,6 +158,6 @@ def test_prefill_and_eager_decode_with_fused_ops_match_torch_ops(tmp_path, gen):
     for r in (a, b):
         r.prefill(tokens[:7], 0, 0)
     for step in range(2):
-        nxt, pos = torch.randint(0, 256, (2,), generator=gen), torch.tensor([7 + step, 40 + step])
+        nxt, pos = torch.randint(0, a.vocab_size, (2,), generator=gen), torch.tensor([7 + step, 40 + step])
         got, want = a.decode(nxt, pos, torch.tensor([0, 1])), b.decode(nxt, pos, torch.tensor([0, 1]))
         torch.testing.assert_close(got, want, atol=5e-2, rtol=0)

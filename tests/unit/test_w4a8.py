@@ -244,17 +244,11 @@ def test_cpu_int4_choice():
         kernels.device_kernel(cpu, cpu_int4="fast")
 
 
-def test_explicit_w4a8_without_a_compiler_is_an_error(monkeypatch):
-    monkeypatch.setattr(w4a8, "build_unavailable", lambda: "no C++ compiler (test)")
-    monkeypatch.setattr(w4a8, "native_isa", lambda: "avx2")  # a SIMD CPU, so "auto" tries the build
-    w4a8._load.cache_clear()
-    try:
-        with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
-            kernels.device_kernel(torch.device("cpu"), cpu_int4="w4a8")
-        plan = kernels.device_kernel(torch.device("cpu"), cpu_int4="auto")
-        assert plan.name == kernels.CPU_INT4PACK and "no C++ compiler" in plan.reason
-    finally:
-        w4a8._load.cache_clear()
+def test_explicit_w4a8_without_a_compiler_is_an_error(no_cpp_compiler):
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+        kernels.device_kernel(torch.device("cpu"), cpu_int4="w4a8")
+    plan = kernels.device_kernel(torch.device("cpu"), cpu_int4="auto")
+    assert plan.name == kernels.CPU_INT4PACK and "no C++ compiler" in plan.reason
 
 
 # ------------------------------------------------------------------ W8A8: the int8 lm_head on the same path
