@@ -712,7 +712,9 @@ AMX_TARGET void amx_config(int rows) {
     cfg.colsb[t] = 64;
     cfg.rows[t] = static_cast<uint8_t>(t >= 2 && t % 2 == 1 ? 16 : rows);
   }
-  _tile_loadconfig(&cfg);
+  // not _tile_loadconfig: GCC 12's asm for it declares a read of 8 bytes only, so the compiler may drop the stores
+  // above (it did in a variant of this function; then every tile instruction raises SIGILL)
+  __asm__ __volatile__("ldtilecfg %0" : : "m"(cfg));
 }
 
 // Starts a unit of `rows` rows in C tile `slot`: a new row count reloads the configuration, which clears the
