@@ -62,7 +62,7 @@ constexpr int kCols = 16;  // output columns per block
 constexpr int kBlockK = 8;  // k per 64-byte packed block
 // bytes of packed weight prefetched ahead of the matmul loops (a thread reads its blocks in address order; past
 // the end is harmless, prefetches do not fault); docs/benchmarks.md
-constexpr int64_t kAhead = 2048;
+constexpr int64_t kAhead = 4096;
 
 // Rounds one block of `ab` activations to int8 (scale max|x| / 127, round half to even): returns the block's
 // scale and writes the codes to q and their sum to *sum. The scalar version is the definition; the vector one
@@ -782,7 +782,7 @@ AMX_TARGET inline void amx_mac8(int slot, int pair, const int8_t* a, const uint8
 #undef AMX_STEP
 #undef AMX_STEP8
 
-constexpr int64_t kAmxAhead = 1024;  // kAhead for the AMX kernel (two units of groups of 64)
+constexpr int64_t kAmxAhead = 4096;  // kAhead for the AMX kernel (eight units of groups of 64)
 
 // Writes the B tiles of k [0, 8 * nkb) of one column block's packed rows wp ((nkb, 64) uint8) to bt: 4 tile rows of
 // 64 bytes per packed row.
