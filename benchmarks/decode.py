@@ -83,6 +83,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="our runtime's fused CPU prefill ops (default auto, as `jetserve serve`)",
     )
     p.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=("auto", "int8"),
+        help="our runtime's KV cache element type (default auto, as `jetserve serve`)",
+    )
+    p.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -223,7 +229,7 @@ def profile_decode(runner, batch: int, context: int, steps: int = 5, warmup: int
     # per-class median over the steps: one step preempted on a shared CPU does not skew the table
     us = {c: statistics.median(s[c] for s in per_step) for c in PROFILE_CLASSES}
     kv = runner.cache.k[0]
-    kv_token = 2 * dims.layers * dims.kv_heads * dims.head_dim * kv.element_size()  # K and V of one position
+    kv_token = 2 * dims.layers * dims.kv_heads * kv.shape[-1] * kv.element_size()  # K and V rows of one position
     act = torch.empty((), dtype=runner.dtype).element_size()
     norm_w = m.final_norm.weight.element_size()
     nbytes = {
@@ -366,6 +372,7 @@ def bench_ours(
         cpu_int4=args.cpu_int4,
         cpu_attention=args.cpu_attention,
         cpu_fused=args.cpu_fused,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     load_s = time.perf_counter() - t
     t = time.perf_counter()
@@ -381,6 +388,7 @@ def bench_ours(
         lm_head=args.lm_head,
         compile_decode=runner.compiled,
         cpu_int4=args.cpu_int4,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     rep = runner.memory_report()
     prompt = _prompt(args.prompt_len, runner.vocab_size)
@@ -449,6 +457,7 @@ def bench_ours(
         "lm_head": type(runner.model.lm_head).__name__,
         "attention": "inplace" if runner.model.decode_attention is not None else "sdpa",
         "fused_ops": "fused" if runner.model.fused_ops is not None else "torch",
+        "kv_cache_dtype": "int8" if runner.cache.quantized else "auto",
         "ttft_s": ttft,
         "decode_b1_tok_s": b1,
         "decode_b8_tok_s": b8,

@@ -568,6 +568,7 @@ def main(argv=None) -> int:
             cpu_int4=settings.cpu_int4_kernel,
             cpu_attention=settings.cpu_attention_kernel,
             cpu_fused=settings.cpu_fused_ops,
+            kv_cache_dtype=settings.kv_cache_dtype,
             compile_cache_dir=compile_cache_dir(settings, args.device),
         )
         r.warmup()

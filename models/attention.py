@@ -21,6 +21,8 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .kv_cache import from_cache
+
 logger = logging.getLogger(__name__)
 
 CPU_ATTENTION_CHOICES = ("auto", "inplace", "sdpa")
@@ -28,7 +30,8 @@ CPU_ATTENTION_CHOICES = ("auto", "inplace", "sdpa")
 MAX_GROUP = 16  # query heads per KV head
 MAX_HEAD_DIM = 256
 
-# the attention op's signature: (q (B, H, D), kc, vc (S, T, KVH, D), slots (B,), positions (B,), scale) -> (B, H, D)
+# the attention op's signature: (q (B, H, D), kc, vc (S, T, KVH, D) in q's dtype or int8 rows of D + 4 bytes
+# (models.kv_cache), slots (B,), positions (B,), scale) -> (B, H, D)
 AttentionOp = Callable[..., torch.Tensor]
 
 
@@ -40,13 +43,14 @@ def reference(
     mask: torch.Tensor,
     kv_len: int,
 ) -> torch.Tensor:
-    """q (B, H, D) against the first `kv_len` positions of cache slots `slots` of kc, vc (S, T, KVH, D), with
+    """q (B, H, D) against the first `kv_len` positions of cache slots `slots` of kc, vc (S, T, KVH, D; an int8
+    cache's rows of D + 4 bytes are dequantized), with
     mask (B, 1, 1, kv_len) (True: visible) -> (B, H, D). Grouped-query heads share their KV head without
     repeating it: the H / KVH query heads of one KV head form a query block of that length."""
     B, H, D = q.shape
     kvh = kc.shape[2]
-    kk = kc[:, :kv_len].index_select(0, slots).transpose(1, 2)  # (B, KVH, kv_len, D)
-    vv = vc[:, :kv_len].index_select(0, slots).transpose(1, 2)
+    kk = from_cache(kc[:, :kv_len].index_select(0, slots), q.dtype).transpose(1, 2)  # (B, KVH, kv_len, D)
+    vv = from_cache(vc[:, :kv_len].index_select(0, slots), q.dtype).transpose(1, 2)
     qq = q.reshape(B, kvh, H // kvh, D)
     return F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask).reshape(B, H, D)
 

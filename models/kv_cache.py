@@ -9,6 +9,10 @@ Indexing is by the logical layout everywhere; only strides show the difference.
 
 `copy_prefix(src, dst, n)` copies positions [0, n) of one slot into another in place (shared prefill of an
 n > 1 request group): a slice copy into the same storage, so captured CUDA graphs stay valid.
+
+An int8 cache (`kv_dtype="int8"`, half the bytes of bfloat16) stores each (position, KV head) row as D int8 codes
+followed by its float32 scale: rows of D + 4 bytes (`quantize_rows`, `dequantize_rows`), so a row and its scale
+are read together and the cache stays one tensor per layer for K and one for V.
 """
 
 from __future__ import annotations
@@ -16,6 +20,34 @@ from __future__ import annotations
 from typing import List
 
 import torch
+
+KV_CACHE_DTYPES = ("auto", "int8")  # "auto": the activation dtype
+SCALE_BYTES = 4  # an int8 row's float32 scale, after its codes
+
+
+def quantize_rows(x: torch.Tensor) -> torch.Tensor:
+    """x (..., D) -> (..., D + 4) int8: codes round(x / s) in -127..127 (half to even) and the bytes of the float32
+    scale s = max|x| / 127 of the row; an all-zero row has s = 0 and codes 0. D % 4 == 0."""
+    xf = x.float()
+    s = xf.abs().amax(-1, keepdim=True) / 127  # (..., 1)
+    codes = torch.where(s > 0, xf / s, 0.0).round().clamp(-127, 127).to(torch.int8)
+    return torch.cat([codes, s.view(torch.int8)], -1)
+
+
+def dequantize_rows(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`quantize_rows`'s (..., D + 4) int8 rows -> (..., D) codes * scale in `dtype`."""
+    s = rows[..., -SCALE_BYTES:].contiguous().view(torch.float32)  # (..., 1)
+    return (rows[..., :-SCALE_BYTES].float() * s).to(dtype)
+
+
+def to_cache(cache: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Rows x (..., D) as `cache` (a layer's K or V) stores them: quantized where it is an int8 cache."""
+    return quantize_rows(x) if cache.dtype == torch.int8 else x
+
+
+def from_cache(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rows read from a cache (..., D or D + 4) -> (..., D) values in `dtype`."""
+    return dequantize_rows(rows, dtype) if rows.dtype == torch.int8 else rows
 
 
 class KVCache:
@@ -29,12 +61,21 @@ class KVCache:
         *,
         device: torch.device,
         dtype: torch.dtype,
+        kv_dtype: str = "auto",
     ):
+        """dtype: the activations'; kv_dtype: one of KV_CACHE_DTYPES ("auto": store in `dtype`)."""
+        if kv_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {kv_dtype!r}")
+        self.quantized = kv_dtype == "int8"
+        if self.quantized and head_dim % SCALE_BYTES:
+            raise ValueError(f"an int8 KV cache needs head_dim % {SCALE_BYTES} == 0, got {head_dim}")
         self.layers, self.max_batch_size, self.max_seq = layers, max_batch_size, max_seq
         self.kv_heads, self.head_dim = kv_heads, head_dim
-        stored = (layers, max_batch_size + 1, kv_heads, max_seq, head_dim)
-        self.k_all = torch.zeros(stored, device=device, dtype=dtype).transpose(2, 3)  # (L, S, T, KVH, D) view
-        self.v_all = torch.zeros(stored, device=device, dtype=dtype).transpose(2, 3)
+        row = head_dim + SCALE_BYTES if self.quantized else head_dim
+        stored = (layers, max_batch_size + 1, kv_heads, max_seq, row)
+        store_dtype = torch.int8 if self.quantized else dtype
+        self.k_all = torch.zeros(stored, device=device, dtype=store_dtype).transpose(2, 3)  # (L, S, T, KVH, row) view
+        self.v_all = torch.zeros(stored, device=device, dtype=store_dtype).transpose(2, 3)
         self.k: List[torch.Tensor] = list(self.k_all.unbind(0))
         self.v: List[torch.Tensor] = list(self.v_all.unbind(0))
 
@@ -47,10 +88,16 @@ class KVCache:
 
     @staticmethod
     def predict_bytes(
-        layers: int, max_batch_size: int, max_seq: int, kv_heads: int, head_dim: int, dtype: torch.dtype
+        layers: int,
+        max_batch_size: int,
+        max_seq: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        kv_dtype: str = "auto",
     ) -> int:
-        elem = torch.empty((), dtype=dtype).element_size()
-        return 2 * layers * (max_batch_size + 1) * max_seq * kv_heads * head_dim * elem
+        row = head_dim + SCALE_BYTES if kv_dtype == "int8" else head_dim * torch.empty((), dtype=dtype).element_size()
+        return 2 * layers * (max_batch_size + 1) * max_seq * kv_heads * row
 
     def copy_prefix(self, src_slot: int, dst_slot: int, num_tokens: int) -> None:
         """Copy K and V of positions [0, num_tokens) of `src_slot` into `dst_slot`, all layers, in place.

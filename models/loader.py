@@ -22,7 +22,7 @@ from torch import nn
 from .arch import ArchSpec, Dims, UnsupportedArchError, find_arch
 from .formats import QuantConfig, UnsupportedFormatError, read_quant_config, safetensors_header
 from .heap import keep_workspace_heap, release_freed_heap
-from .kv_cache import KVCache
+from .kv_cache import KV_CACHE_DTYPES, KVCache
 from .model import DenseLinear, Transformer, fuse_linears
 from .tokenizer import config_eos_token_ids
 
@@ -315,6 +315,7 @@ def predict_footprint(
     lm_head: str = "bf16",
     compile_decode: bool = False,
     cpu_int4: str = "auto",
+    kv_cache_dtype: str = "auto",
 ) -> Footprint:
     """Memory `load_runner(info.model_dir, ..., lm_head=lm_head)` plus warmup will take, from config.json and
     headers only; `compile_decode` (on CPU) adds `COMPILE_CONSTANT_BYTES` of workspace, a dense prefill
@@ -334,7 +335,9 @@ def predict_footprint(
     weights += _quantized_head_delta(
         info, dtype, resolve_lm_head(lm_head, device, info.hidden), w8a8_head(device, cpu_int4, info.hidden)
     )
-    kv = KVCache.predict_bytes(info.num_layers, max_batch_size, max_seq, info.num_kv_heads, info.head_dim, dtype)
+    kv = KVCache.predict_bytes(
+        info.num_layers, max_batch_size, max_seq, info.num_kv_heads, info.head_dim, dtype, kv_cache_dtype
+    )
     workspace = workspace_bytes(info, max_batch_size=max_batch_size, prefill_chunk=prefill_chunk, dtype=dtype)
     workspace += dense_prefill_bytes(info, prefill_chunk=prefill_chunk, device=device, cpu_int4=cpu_int4)
     if torch.device(device).type == "cuda":
@@ -530,6 +533,7 @@ def load_runner(
     cpu_int4: str = "auto",
     cpu_attention: str = "auto",
     cpu_fused: str = "auto",
+    kv_cache_dtype: str = "auto",
 ):
     """A Runner for `model_dir`: the fused runtime for a supported architecture, else the transformers
     fallback at batch 1 (logged with a warning). Unsupported quantization formats raise
@@ -543,6 +547,8 @@ def load_runner(
     kernel where it builds); CUDA always runs SDPA.
     cpu_fused: prefill's norms, RoPE and activation on CPU, one of `fused.CPU_FUSED_CHOICES` ("auto": the C++
     kernels where they build and the activations are bfloat16; "torch": torch's ops).
+    kv_cache_dtype: one of `kv_cache.KV_CACHE_DTYPES` ("auto": the activation dtype; "int8": rows of int8 codes
+    and a scale, half the bytes of bfloat16).
     """
     from .attention import CPU_ATTENTION_CHOICES, decode_attention_for
     from .fused import CPU_FUSED_CHOICES, cpu_fused_ops
@@ -554,6 +560,8 @@ def load_runner(
         raise ValueError(f"cpu_fused must be one of {CPU_FUSED_CHOICES}, got {cpu_fused!r}")
     if lm_head not in LM_HEAD_DTYPES:
         raise ValueError(f"lm_head must be one of {LM_HEAD_DTYPES}, got {lm_head!r}")
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {kv_cache_dtype!r}")
     keep_workspace_heap()  # prefill's temporaries reuse heap pages instead of faulting in fresh ones
     model_dir = Path(model_dir)
     device = resolve_device(device)
@@ -578,6 +586,8 @@ def load_runner(
             logger.warning("cpu_attention=inplace is not applied by the transformers fallback")
         if cpu_fused == "fused":
             logger.warning("cpu_fused=fused is not applied by the transformers fallback")
+        if kv_cache_dtype != "auto":
+            logger.warning("kv_cache_dtype=%s is not applied by the transformers fallback", kv_cache_dtype)
         return HFFallbackRunner(
             model_dir,
             device=device,
@@ -605,9 +615,18 @@ def load_runner(
         if cpu_fused == "fused":
             logger.warning("cpu_fused=fused applies on CPU only; %s runs torch's ops", device)
     model.init_rope(max_seq, device, dtype)
-    cache = KVCache(dims.layers, max_batch_size, max_seq, dims.kv_heads, dims.head_dim, device=device, dtype=dtype)
+    cache = KVCache(
+        dims.layers,
+        max_batch_size,
+        max_seq,
+        dims.kv_heads,
+        dims.head_dim,
+        device=device,
+        dtype=dtype,
+        kv_dtype=kv_cache_dtype,
+    )
     logger.info(
-        "loaded %s (%s, %s %d-bit g%d) on %s: %d layers, KV cache %.1f MiB for %d slots x %d tokens",
+        "loaded %s (%s, %s %d-bit g%d) on %s: %d layers, %s KV cache %.1f MiB for %d slots x %d tokens",
         model_dir.name,
         spec.name,
         info.qcfg.method,
@@ -615,6 +634,7 @@ def load_runner(
         info.qcfg.group_size,
         device,
         dims.layers,
+        "int8" if cache.quantized else str(dtype).replace("torch.", ""),
         cache.nbytes() / 2**20,
         max_batch_size,
         max_seq,

@@ -23,7 +23,7 @@ from .arch import ArchSpec, Dims, rope_inv_freq
 from .attention import AttentionOp, decode_mask
 from .attention import reference as attention_reference
 from .fused import FusedOps
-from .kv_cache import KVCache
+from .kv_cache import KVCache, from_cache, to_cache
 
 _HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 _HAS_RMS = hasattr(F, "rms_norm")
@@ -243,10 +243,10 @@ class Transformer(nn.Module):
         for i, blk in enumerate(self.blocks):
             q, k, v = self._heads(blk.qkv(self._add_norm(blk.norm1, x, delta, fz)), cos, sin, fz)
             kc, vc = cache.k[i], cache.v[i]
-            kc[slot, start_pos:end] = k
-            vc[slot, start_pos:end] = v
-            if start_pos > 0:
-                k, v = kc[slot, :end], vc[slot, :end]  # (end, kv, D) views
+            kc[slot, start_pos:end] = to_cache(kc, k)
+            vc[slot, start_pos:end] = to_cache(vc, v)
+            if start_pos > 0:  # (end, kv, D): views of a bf16 cache, dequantized copies of an int8 one
+                k, v = from_cache(kc[slot, :end], x.dtype), from_cache(vc[slot, :end], x.dtype)
             q, k, v = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]  # (1, heads, T|end, D)
             if rep > 1 and not _HAS_GQA:
                 k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
@@ -322,8 +322,8 @@ class Transformer(nn.Module):
             q, k, v = self._qkv(blk, x, cos, sin)  # q (B, heads, D)
         else:
             q, k, v = self._heads(blk.qkv(self._add_norm(blk.norm1, x, None, fz)), cos, sin, fz)
-        kc.index_put_((slots, positions), k)
-        vc.index_put_((slots, positions), v)
+        kc.index_put_((slots, positions), to_cache(kc, k))
+        vc.index_put_((slots, positions), to_cache(vc, v))
         if self.decode_attention is not None:
             a = self.decode_attention(q, kc, vc, slots, positions, dims.head_dim**-0.5)
         else:

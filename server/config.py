@@ -93,6 +93,10 @@ class Settings(BaseSettings):
         "auto",
         description="CPU prefill's and eager decode's RMSNorm (with the residual add), RoPE and gated activation. 'fused': jetserve's C++ kernels (models/csrc/fused_ops.cpp, built with the w4a8 kernel), one pass over memory each, rounding where transformers' bfloat16 ops round. 'torch': torch's ops, several passes each. 'auto': fused where the C++ extension builds with AVX2 or AVX-512 and the activations are bfloat16, else torch with the reason logged; asking for fused where it cannot run is an error. Eager decode (compile_decode off) uses them too; the compiled decode graphs fuse these ops themselves. Speed: docs/benchmarks.md.",
     )
+    kv_cache_dtype: Literal["auto", "int8"] = Field(
+        "auto",
+        description="Element type of the KV cache. 'auto': the activation dtype (bfloat16). 'int8': each position's key and value rows of every KV head as int8 codes with one float32 scale (max |x| / 127, round half to even): 0.53 of bfloat16's bytes at head_dim 64, so twice the tokens fit the same memory budget, and batched decode over long contexts reads half the memory. The CPU in-place attention reads it directly; elsewhere (sdpa, CUDA) it is dequantized on read. Perplexity and speed: docs/benchmarks.md.",
+    )
     compile_decode: bool = Field(
         True,
         description="CPU: compile the decode step with torch.compile at load (one graph per fifteen layers, shared by all of them; 60-85 s cold on 2 cores, about 16 s from the on-disk cache); where no C++ compiler is found, or compiling fails, decode stays eager with a logged reason. Not applied on CUDA (CUDA graphs).",

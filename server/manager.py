@@ -226,6 +226,7 @@ class ModelManager:
             cpu_int4=settings.cpu_int4_kernel,
             cpu_attention=settings.cpu_attention_kernel,
             cpu_fused=settings.cpu_fused_ops,
+            kv_cache_dtype=settings.kv_cache_dtype,
             compile_cache_dir=compile_cache_dir(settings, self.device),
         )
         self._default_tokenizer = tokenizer_loader is None
@@ -297,6 +298,7 @@ class ModelManager:
                 lm_head=s.lm_head_dtype,
                 cpu_int4=s.cpu_int4_kernel,
                 compile_decode=compile_cache_dir(s, self.device) is not None,
+                kv_cache_dtype=s.kv_cache_dtype,
             )
         except Exception as e:  # any surprise while reading config/headers is a load error, not a crash
             raise ModelLoadError(f"{spec.name}: cannot predict its memory footprint: {e}") from e

@@ -6,6 +6,8 @@
 // length bucket. Work is split over (row, KV head, chunk of keys) so that batch 1 also keeps every thread busy
 // (flash-decoding): each chunk keeps its running max, sum of exponentials and weighted sum of values in float32,
 // and a second pass merges the chunks. models/attention.py holds the plain-PyTorch reference.
+// An int8 cache (models/kv_cache.py) holds rows of D codes and their float32 scale: a key's scale multiplies its
+// scores and a value's scale its softmax weight, so the codes are only converted, never rescaled one by one.
 //
 // q . k takes 4 keys at a time and the softmax 16 (AVX-512) or 8 (AVX2) scores at a time with intrinsics
 // (`scores4`, `softmax_part`; exp is a polynomial); the value loop is written for the compiler's vectorizer
@@ -47,6 +49,24 @@ constexpr int64_t kAhead = 16;  // keys prefetched ahead (each row's K and V are
 
 using jetserve::exp2_neg;
 
+// an int8 cache row is D codes and then its float32 scale (models/kv_cache.py): the row's scale, else 1
+template <typename T>
+inline float row_scale(const T* row, int64_t D) {
+  if constexpr (std::is_same_v<T, int8_t>) {
+    float s;
+    std::memcpy(&s, row + D, sizeof(float));
+    return s;
+  } else {
+    return 1.f;
+  }
+}
+
+// elements of a cache row: D, and the scale's 4 bytes of an int8 row
+template <typename T>
+constexpr int64_t row_len(int64_t D) {
+  return std::is_same_v<T, int8_t> ? D + 4 : D;
+}
+
 // DC: the head_dim when known at compile time (the common sizes, so loops unroll), else 0 and D at run time
 template <typename T, int64_t DC>
 inline void load_row(const T* src, float* dst, int64_t D) {
@@ -55,7 +75,7 @@ inline void load_row(const T* src, float* dst, int64_t D) {
   for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<float>(src[d]);
 }
 
-// the cache lines of one row of D values, kAhead keys before it is read
+// the cache lines of one row of D elements, kAhead keys before it is read
 template <typename T>
 inline void prefetch_row(const T* row, int64_t D) {
   const char* p = reinterpret_cast<const char*>(row);
@@ -156,10 +176,13 @@ int64_t scores4(const Shape& s, const float* qf, const T* k, int64_t n, float* s
   float rows[4][DC];
   int64_t t = 0;
   for (; t + 4 <= n; t += 4) {
+    alignas(16) float rs[4];
     for (int r = 0; r < 4; ++r) {
-      if (t + r + kAhead < n) prefetch_row(k + (t + r + kAhead) * s.sT, DC);
+      if (t + r + kAhead < n) prefetch_row(k + (t + r + kAhead) * s.sT, row_len<T>(DC));
       load_row<T, DC>(k + (t + r) * s.sT, rows[r], DC);
+      rs[r] = row_scale(k + (t + r) * s.sT, DC);
     }
+    const __m128 scale4 = _mm_load_ps(rs);
     for (int64_t j = 0; j < g; ++j) {
       const float* qj = qf + j * DC;
       VecF acc[4] = {vzero(), vzero(), vzero(), vzero()};
@@ -167,7 +190,9 @@ int64_t scores4(const Shape& s, const float* qf, const T* k, int64_t n, float* s
         const VecF qv = vload(qj + c * kLanes);
         for (int r = 0; r < 4; ++r) acc[r] = vfma(qv, vload(rows[r] + c * kLanes), acc[r]);
       }
-      _mm_storeu_ps(scores + j * n + t, reduce4(acc[0], acc[1], acc[2], acc[3]));
+      __m128 dots = reduce4(acc[0], acc[1], acc[2], acc[3]);
+      if constexpr (std::is_same_v<T, int8_t>) dots = _mm_mul_ps(dots, scale4);
+      _mm_storeu_ps(scores + j * n + t, dots);
     }
   }
   return t;
@@ -290,6 +315,77 @@ void chunk_bf16(const Shape& s, const float* qf, const c10::BFloat16* kbase, con
 }
 #endif
 
+#if defined(__AVX512F__)
+// int8 row of DC codes (DC a multiple of 16) -> float vectors; returns its scale
+template <int64_t DC>
+inline float load_i8(const int8_t* row, __m512* v) {
+  for (int64_t i = 0; i < DC / 16; ++i)
+    v[i] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * i))));
+  return row_scale(row, DC);
+}
+
+// chunk() for int8 caches (rows of DC codes and a scale), head_dim DC and group GC known at compile time: a key's
+// scale multiplies its scores, a value's scale its weight
+template <int64_t DC, int64_t GC>
+void chunk_i8(const Shape& s, const float* qf, const int8_t* kbase, const int8_t* vbase, int64_t t0, int64_t t1,
+              float* part, float* scores) {
+  constexpr int64_t V = DC / 16;
+  const int64_t n = t1 - t0;
+  __m512 qs[GC][V];
+  for (int64_t j = 0; j < GC; ++j)
+    for (int64_t v = 0; v < V; ++v) qs[j][v] = _mm512_loadu_ps(qf + j * DC + 16 * v);
+  int64_t t = 0;
+  for (; t + 4 <= n; t += 4) {
+    __m512 k[4][V];
+    alignas(16) float ks[4];
+    for (int r = 0; r < 4; ++r) {
+      const int8_t* row = kbase + (t0 + t + r) * s.sT;
+      if (t + r + kAhead < n) prefetch_row(row + kAhead * s.sT, DC + 4);
+      ks[r] = load_i8<DC>(row, k[r]);
+    }
+    const __m128 scale4 = _mm_load_ps(ks);
+    for (int64_t j = 0; j < GC; ++j) {
+      __m512 acc[4];
+      for (int r = 0; r < 4; ++r) {
+        acc[r] = _mm512_mul_ps(qs[j][0], k[r][0]);
+        for (int64_t v = 1; v < V; ++v) acc[r] = _mm512_fmadd_ps(qs[j][v], k[r][v], acc[r]);
+      }
+      _mm_storeu_ps(scores + j * n + t, _mm_mul_ps(scale4, reduce4(acc[0], acc[1], acc[2], acc[3])));
+    }
+  }
+  for (; t < n; ++t) {
+    __m512 k[V];
+    const float ks = load_i8<DC>(kbase + (t0 + t) * s.sT, k);
+    for (int64_t j = 0; j < GC; ++j) {
+      __m512 acc = _mm512_mul_ps(qs[j][0], k[0]);
+      for (int64_t v = 1; v < V; ++v) acc = _mm512_fmadd_ps(qs[j][v], k[v], acc);
+      scores[j * n + t] = _mm512_reduce_add_ps(acc) * ks;
+    }
+  }
+  float ml[2 * GC];
+  for (int64_t j = 0; j < GC; ++j) softmax_part(scores + j * n, n, ml + 2 * j);
+  __m512 acc[GC][V];
+  for (int64_t j = 0; j < GC; ++j)
+    for (int64_t v = 0; v < V; ++v) acc[j][v] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < n; ++t) {
+    const int8_t* row = vbase + (t0 + t) * s.sT;
+    if (t + kAhead < n) prefetch_row(row + kAhead * s.sT, DC + 4);
+    __m512 vr[V];
+    const float vs = load_i8<DC>(row, vr);
+    for (int64_t j = 0; j < GC; ++j) {
+      const __m512 p = _mm512_set1_ps(scores[j * n + t] * vs);
+      for (int64_t v = 0; v < V; ++v) acc[j][v] = _mm512_fmadd_ps(p, vr[v], acc[j][v]);
+    }
+  }
+  for (int64_t j = 0; j < GC; ++j) {
+    float* pj = part + j * (DC + 2);
+    pj[0] = ml[2 * j];
+    pj[1] = ml[2 * j + 1];
+    for (int64_t v = 0; v < V; ++v) _mm512_storeu_ps(pj + 2 + 16 * v, acc[j][v]);
+  }
+}
+#endif
+
 // One task: row b, KV head kh, keys [t0, t1) -> per query head j of the group: running max m, sum l (of
 // 2^(s - m)) and acc[D] (sum of 2^(s - m) v), written to part[j * (D + 2) ...] as (m, l, acc).
 // DC and GC: head_dim and group size when known at compile time (then the loops unroll and the group's
@@ -301,6 +397,9 @@ void chunk(const Shape& s, const float* qf, const T* kbase, const T* vbase, int6
   if constexpr (std::is_same_v<T, c10::BFloat16> && DC % 32 == 0 && DC > 0 && GC > 0) {
     return chunk_bf16<DC, GC>(s, qf, kbase, vbase, t0, t1, part, scores);
   }
+  if constexpr (std::is_same_v<T, int8_t> && DC % 16 == 0 && DC > 0 && GC > 0) {
+    return chunk_i8<DC, GC>(s, qf, kbase, vbase, t0, t1, part, scores);
+  }
 #endif
   const int64_t D = DC ? DC : s.D, g = GC ? GC : s.g, n = t1 - t0;
   float row[kMaxHead];
@@ -310,12 +409,13 @@ void chunk(const Shape& s, const float* qf, const T* kbase, const T* vbase, int6
 #endif
   for (; t < n; ++t) {
     load_row<T, DC>(kbase + (t0 + t) * s.sT, row, D);
+    const float rs = row_scale(kbase + (t0 + t) * s.sT, D);
     for (int64_t j = 0; j < g; ++j) {
       const float* qj = qf + j * D;
       float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
       for (int64_t d = 0; d < D; ++d) dot += qj[d] * row[d];
-      scores[j * n + t] = dot;
+      scores[j * n + t] = dot * rs;
     }
   }
   float ml[2 * kMaxGroup];
@@ -323,10 +423,11 @@ void chunk(const Shape& s, const float* qf, const T* kbase, const T* vbase, int6
   float acc[(GC ? GC : kMaxGroup) * (DC ? DC : kMaxHead)];
   std::fill(acc, acc + g * D, 0.f);
   for (int64_t t = 0; t < n; ++t) {
-    if (t + kAhead < n) prefetch_row(vbase + (t0 + t + kAhead) * s.sT, D);
+    if (t + kAhead < n) prefetch_row(vbase + (t0 + t + kAhead) * s.sT, row_len<T>(D));
     load_row<T, DC>(vbase + (t0 + t) * s.sT, row, D);
+    const float rs = row_scale(vbase + (t0 + t) * s.sT, D);
     for (int64_t j = 0; j < g; ++j) {
-      const float p = scores[j * n + t];
+      const float p = scores[j * n + t] * rs;
       float* aj = acc + j * D;
 #pragma omp simd
       for (int64_t d = 0; d < D; ++d) aj[d] += p * row[d];
@@ -356,8 +457,9 @@ void chunk_g(const Shape& s, const float* qf, const T* kb, const T* vb, int64_t 
   }
 }
 
-template <typename T>
-void attend(const Shape& s, const T* q, const T* kc, const T* vc, const int64_t* slots, const int64_t* positions,
+// T: q's and the output's element type; C: the cache's (T, or int8 rows)
+template <typename T, typename C>
+void attend(const Shape& s, const T* q, const C* kc, const C* vc, const int64_t* slots, const int64_t* positions,
             double scale, T* out) {
   const int64_t B = s.B, KVH = s.KVH, D = s.D, g = s.g;
   int64_t longest = 0;
@@ -391,9 +493,9 @@ void attend(const Shape& s, const T* q, const T* kc, const T* vc, const int64_t*
       }
       const int64_t off = slots[b] * s.sS + kh * s.sH;
       switch (D) {
-        case 64: chunk_g<T, 64>(s, qf, kc + off, vc + off, t0, t1, part, scores.data()); break;
-        case 128: chunk_g<T, 128>(s, qf, kc + off, vc + off, t0, t1, part, scores.data()); break;
-        default: chunk<T, 0, 0>(s, qf, kc + off, vc + off, t0, t1, part, scores.data());
+        case 64: chunk_g<C, 64>(s, qf, kc + off, vc + off, t0, t1, part, scores.data()); break;
+        case 128: chunk_g<C, 128>(s, qf, kc + off, vc + off, t0, t1, part, scores.data()); break;
+        default: chunk<C, 0, 0>(s, qf, kc + off, vc + off, t0, t1, part, scores.data());
       }
     }
   });
@@ -428,10 +530,12 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kc, const at:
               "decode_attention: q must be (B, H, D) with each row's heads contiguous");
   TORCH_CHECK(kc.dim() == 4 && kc.sizes() == vc.sizes() && kc.strides() == vc.strides(),
               "decode_attention: k and v caches must be (S, T, KVH, D) tensors of one shape and layout");
-  TORCH_CHECK(kc.scalar_type() == q.scalar_type() && vc.scalar_type() == q.scalar_type(),
-              "decode_attention: q and the caches must have one dtype");
+  const bool q8 = kc.scalar_type() == at::kChar;  // int8 rows: D codes and a float32 scale
+  TORCH_CHECK(vc.scalar_type() == kc.scalar_type() && (q8 || kc.scalar_type() == q.scalar_type()),
+              "decode_attention: the caches must have q's dtype, or both be int8");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), S = kc.size(0), T = kc.size(1), KVH = kc.size(2);
-  TORCH_CHECK(kc.size(3) == D, "decode_attention: head_dim of q (", D, ") and the cache (", kc.size(3), ") differ");
+  TORCH_CHECK(kc.size(3) == (q8 ? D + 4 : D), "decode_attention: head_dim of q (", D, ") and the cache rows (",
+              kc.size(3), ") differ", q8 ? " (an int8 cache row is head_dim + 4 bytes)" : "");
   TORCH_CHECK(kc.stride(3) == 1, "decode_attention: each cache row (head_dim) must be contiguous");
   TORCH_CHECK(KVH > 0 && H % KVH == 0 && H / KVH <= kMaxGroup && D <= kMaxHead,
               "decode_attention: needs H % KVH == 0, H / KVH <= ", kMaxGroup, " and head_dim <= ", kMaxHead);
@@ -448,7 +552,19 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kc, const at:
   auto out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   if (B == 0) return out;
   const Shape s{B, H, KVH, D, H / KVH, T, q.stride(0), kc.stride(0), kc.stride(1), kc.stride(2)};
-  if (q.scalar_type() == at::kBFloat16) {
+  if (q8) {
+    const int8_t* kp = kc.data_ptr<int8_t>();
+    const int8_t* vp = vc.data_ptr<int8_t>();
+    if (q.scalar_type() == at::kBFloat16) {
+      attend(s, q.data_ptr<c10::BFloat16>(), kp, vp, sp, pp, scale, out.data_ptr<c10::BFloat16>());
+    } else if (q.scalar_type() == at::kFloat) {
+      attend(s, q.data_ptr<float>(), kp, vp, sp, pp, scale, out.data_ptr<float>());
+    } else if (q.scalar_type() == at::kHalf) {
+      attend(s, q.data_ptr<c10::Half>(), kp, vp, sp, pp, scale, out.data_ptr<c10::Half>());
+    } else {
+      TORCH_CHECK(false, "decode_attention: q must be bfloat16, float16 or float32, got ", q.scalar_type());
+    }
+  } else if (q.scalar_type() == at::kBFloat16) {
     attend(s, q.data_ptr<c10::BFloat16>(), kc.data_ptr<c10::BFloat16>(), vc.data_ptr<c10::BFloat16>(), sp, pp, scale,
            out.data_ptr<c10::BFloat16>());
   } else if (q.scalar_type() == at::kFloat) {

@@ -143,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
             cpu_int4=settings.cpu_int4_kernel,
             cpu_attention=settings.cpu_attention_kernel,
             cpu_fused=settings.cpu_fused_ops,
+            kv_cache_dtype=settings.kv_cache_dtype,
         )
         r.warmup()
         return r

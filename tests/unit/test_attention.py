@@ -1,6 +1,7 @@
 """models/attention.py and models/csrc/decode_attention.cpp: the in-place decode attention against its
-plain-PyTorch reference (gather + SDPA) under every ISA build this CPU can run, its input checks, the op under
-torch.compile after in-place KV writes (as the compiled decode calls it), and the `cpu_attention` choice."""
+plain-PyTorch reference (gather + SDPA) under every ISA build this CPU can run, on caches in q's dtype and on
+int8 caches (models/kv_cache.py rows), its input checks, the op under torch.compile after in-place KV writes (as
+the compiled decode calls it), and the `cpu_attention` choice."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from models import attention, w4a8
+from models.kv_cache import quantize_rows, to_cache
 
 
 def op_for(isa: str):
@@ -38,7 +40,9 @@ def case(B, H, kvh, D, slots_n, T, dtype, gen):
 def reference(q, kc, vc, slots, positions):
     kv_len = int(positions.max()) + 1
     f = torch.float32
-    out = attention.reference(q.to(f), kc.to(f), vc.to(f), slots, attention.decode_mask(positions, kv_len), kv_len)
+    if kc.dtype != torch.int8:  # int8 rows stay rows: the reference dequantizes them
+        kc, vc = kc.to(f), vc.to(f)
+    out = attention.reference(q.to(f), kc, vc, slots, attention.decode_mask(positions, kv_len), kv_len)
     return out.double()
 
 
@@ -61,6 +65,22 @@ def test_kernel_matches_reference(isa, B, H, kvh, D, T, gen):
         got = op(q, kc, vc, slots, positions, D**-0.5)
         assert got.shape == (B, H, D) and got.dtype == dtype and got.is_contiguous()
         torch.testing.assert_close(got.double(), reference(q, kc, vc, slots, positions), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("B,H,kvh,D", [(1, 9, 3, 64), (8, 9, 3, 64), (3, 32, 4, 128), (4, 12, 1, 80), (2, 4, 2, 16)])
+@pytest.mark.parametrize("T", [1, 37, 300])
+def test_int8_cache_matches_reference(isa, B, H, kvh, D, T, gen):
+    """An int8 cache (rows of D codes and their scale): the kernel against the reference, which dequantizes the
+    same rows, with q in each dtype; head-major storage as the KV cache lays it out."""
+    op = op_for(isa)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)):
+        q, kc, vc, slots, positions = case(B, H, kvh, D, B + 2, T, torch.float32, gen)
+        kq = quantize_rows(kc.transpose(1, 2).contiguous()).transpose(1, 2)  # (S, T, KVH, D + 4), head-major
+        vq = quantize_rows(vc.transpose(1, 2).contiguous()).transpose(1, 2)
+        q = q.to(dtype)
+        got = op(q, kq, vq, slots, positions, D**-0.5)
+        assert got.shape == (B, H, D) and got.dtype == dtype
+        torch.testing.assert_close(got.double(), reference(q, kq, vq, slots, positions), atol=tol, rtol=tol)
 
 
 def test_head_major_cache_layout(isa, gen):
@@ -115,8 +135,14 @@ def test_input_checks():
         op(q, kc, kc, torch.tensor([2]), p, 1.0)
     with pytest.raises(RuntimeError, match="position 8 out of range"):
         op(q, kc, kc, s, torch.tensor([8]), 1.0)
-    with pytest.raises(RuntimeError, match="one dtype"):
+    with pytest.raises(RuntimeError, match="q's dtype, or both be int8"):
         op(q.double(), kc, kc, s, p, 1.0)
+    k8 = torch.zeros(2, 8, 2, 20, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="q's dtype, or both be int8"):
+        op(q, k8, torch.zeros(2, 8, 2, 20), s, p, 1.0)
+    with pytest.raises(RuntimeError, match=r"head_dim \+ 4 bytes"):
+        op(q, k8[..., :16], k8[..., :16], s, p, 1.0)
+    assert op(q, k8, k8, s, p, 1.0).shape == (1, 4, 16)
     with pytest.raises(RuntimeError, match="head_dim"):
         op(torch.zeros(1, 4, 32), kc, kc, s, p, 1.0)
     with pytest.raises(RuntimeError, match="H % KVH"):
@@ -129,7 +155,8 @@ def test_input_checks():
     assert op(torch.zeros(0, 4, 16), kc, kc, s[:0], p[:0], 1.0).shape == (0, 4, 16)
 
 
-def test_op_under_torch_compile_after_in_place_kv_writes(gen):
+@pytest.mark.parametrize("int8", [False, True])
+def test_op_under_torch_compile_after_in_place_kv_writes(gen, int8):
     """As in the compiled decode: the step's keys and values are written into the cache in place, then the op
     reads them; a compiled graph must order the two and must not copy the cache."""
     from models.compile import compile_unavailable
@@ -140,13 +167,15 @@ def test_op_under_torch_compile_after_in_place_kv_writes(gen):
     op = op_for(w4a8.native_isa()).default
 
     def step(q, k, v, kc, vc, slots, positions):
-        kc.index_put_((slots, positions), k)
-        vc.index_put_((slots, positions), v)
+        kc.index_put_((slots, positions), to_cache(kc, k))
+        vc.index_put_((slots, positions), to_cache(vc, v))
         return op(q, kc, vc, slots, positions, 0.125)
 
     compiled = torch.compile(step, dynamic=True, fullgraph=True)
     kc = torch.randn(5, 64, 2, 64, generator=gen)
     vc = torch.randn(5, 64, 2, 64, generator=gen)
+    if int8:  # the int8 rows are written by the graph too (quantize_rows inside it)
+        kc, vc = quantize_rows(kc), quantize_rows(vc)
     kc2, vc2 = kc.clone(), vc.clone()
     slots = torch.tensor([3, 0, 1])
     ptrs = (kc2.data_ptr(), vc2.data_ptr())

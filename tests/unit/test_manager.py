@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from models.loader import inspect_checkpoint, predict_footprint
 from server.config import Settings
 from server.manager import InsufficientMemoryError, ModelBusyError, ModelLoadError, ModelManager, ModelNotFoundError
+from server.store import ModelSpec
 from server.metrics import Metrics
 from server.store import ModelStore
 from server.telemetry.memory import MemorySnapshot, MemorySource
@@ -363,9 +364,24 @@ def test_trust_remote_code_reaches_default_loaders_only_from_settings(tmp_path):
             "cpu_int4": "auto",
             "cpu_attention": "auto",
             "cpu_fused": "auto",
+            "kv_cache_dtype": "auto",
             "compile_cache_dir": None,  # the suite runs with JETSERVE_COMPILE_DECODE=0 (tests/conftest.py)
         }
         assert mgr._tokenizer_loader.keywords == {"trust_remote_code": flag}
+
+
+def test_kv_cache_dtype_reaches_the_loader_and_the_prediction(tmp_path, tiny_llama_dir):
+    """Settings.kv_cache_dtype: the default runner loader gets it, and the predicted KV bytes follow it."""
+    fps = {}
+    for kv in ("auto", "int8"):
+        mgr = ModelManager(Settings(model_store=tmp_path, kv_cache_dtype=kv))
+        assert mgr._runner_loader.keywords["kv_cache_dtype"] == kv
+        spec = ModelSpec(name="tiny", path=tiny_llama_dir)
+        fps[kv] = mgr._inspect(spec)[1]
+    info = inspect_checkpoint(tiny_llama_dir)
+    d = info.head_dim  # bf16 rows of 2 D bytes against int8 rows of D + 4
+    assert fps["int8"].kv_cache_bytes * 2 * d == fps["auto"].kv_cache_bytes * (d + 4)
+    assert fps["int8"].weights_bytes == fps["auto"].weights_bytes
 
 
 def test_lm_head_dtype_reaches_the_default_runner_loader(tmp_path):

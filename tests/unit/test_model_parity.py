@@ -135,6 +135,32 @@ def test_prefill_and_batched_decode_match_transformers(tiny_dirs, arch, dtype, a
                 assert int(logits[b].argmax()) == int(ref.argmax())
 
 
+@pytest.mark.parametrize("attention", ["inplace", "sdpa"])
+def test_int8_kv_cache_close_to_the_float_cache(tiny_dirs, attention):
+    """kv_cache_dtype="int8" (models/kv_cache.py): prefill (also chunked, reading the cached prefix back) and batched
+    decode stay close to the same model on a float32 cache, and both decode attentions read the int8 rows alike."""
+    from models.w4a8 import load
+
+    if attention == "inplace" and load()[0] is None:
+        pytest.skip(f"C++ extension unavailable: {load()[1]}")
+    path = tiny_dirs["llama"]
+    kw = dict(dtype=torch.float32, max_batch_size=4, max_seq=128, cpu_attention=attention)
+    ref, q8 = load_runner(path, **kw), load_runner(path, kv_cache_dtype="int8", **kw)
+    assert q8.cache.k_all.dtype == torch.int8 and q8.cache.nbytes() * 4 == ref.cache.nbytes() * (16 + 4) // 16
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(0, 256, (n,), generator=g) for n in (12, 30)]
+    for r in (ref, q8):
+        r.prefill(seqs[0], 1, 0)
+    outs = []
+    for r in (ref, q8):
+        r.prefill(seqs[1][:10], 0, 0)
+        first = r.prefill(seqs[1][10:], 0, 10)  # the second chunk attends to the first through the cache
+        steps = [r.decode(torch.tensor([5, 9]), torch.tensor([30 + i, 12 + i]), torch.tensor([0, 1])) for i in range(4)]
+        outs.append(torch.cat([first[None], *steps]))
+    torch.testing.assert_close(outs[1], outs[0], atol=5e-3, rtol=0)  # 1.1e-3 seen
+    assert not torch.equal(outs[1], outs[0])  # the int8 rows are what was read
+
+
 def test_greedy_tokens_match_hf_generate(tiny_dirs):
     path = tiny_dirs["llama"]
     hf = _hf(path, torch.float32)
