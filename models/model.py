@@ -215,6 +215,14 @@ class Transformer(nn.Module):
             x.add_(delta)
         return norm(x)
 
+    @staticmethod
+    def _to_cache(cache: torch.Tensor, x: torch.Tensor, fz: Optional[FusedOps]) -> torch.Tensor:
+        """Rows x (N, KVH, D) as `cache` stores them (`kv_cache.to_cache`); an int8 cache's with the fused kernel
+        `fz` when given (the same bytes in one pass)."""
+        if fz is not None and cache.dtype == torch.int8 and x.dtype == torch.bfloat16:
+            return fz.kv_rows(x)
+        return to_cache(cache, x)
+
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm + lm_head: (N, hidden) -> float32 logits (N, vocab). A head with `forward_float` (the int8
         head) writes float32 itself. Eager, the final RMSNorm is the fused op (`fused_ops`)."""
@@ -243,8 +251,8 @@ class Transformer(nn.Module):
         for i, blk in enumerate(self.blocks):
             q, k, v = self._heads(blk.qkv(self._add_norm(blk.norm1, x, delta, fz)), cos, sin, fz)
             kc, vc = cache.k[i], cache.v[i]
-            kc[slot, start_pos:end] = to_cache(kc, k)
-            vc[slot, start_pos:end] = to_cache(vc, v)
+            kc[slot, start_pos:end] = self._to_cache(kc, k, fz)
+            vc[slot, start_pos:end] = self._to_cache(vc, v, fz)
             if start_pos > 0:  # (end, kv, D): views of a bf16 cache, dequantized copies of an int8 one
                 k, v = from_cache(kc[slot, :end], x.dtype), from_cache(vc[slot, :end], x.dtype)
             q, k, v = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]  # (1, heads, T|end, D)
@@ -322,8 +330,8 @@ class Transformer(nn.Module):
             q, k, v = self._qkv(blk, x, cos, sin)  # q (B, heads, D)
         else:
             q, k, v = self._heads(blk.qkv(self._add_norm(blk.norm1, x, None, fz)), cos, sin, fz)
-        kc.index_put_((slots, positions), to_cache(kc, k))
-        vc.index_put_((slots, positions), to_cache(vc, v))
+        kc.index_put_((slots, positions), self._to_cache(kc, k, fz))
+        vc.index_put_((slots, positions), self._to_cache(vc, v, fz))
         if self.decode_attention is not None:
             a = self.decode_attention(q, kc, vc, slots, positions, dims.head_dim**-0.5)
         else:

@@ -6,6 +6,8 @@
 //   add_rms_norm_(x, d, w, eps)    x = bf16(x + d) in place (the residual add), then rms_norm(x, w, eps)
 //   rope_(qkv, cos, sin, heads, D) rotate-half RoPE in place on the first `heads` heads of each row of qkv
 //   silu_mul(gu)                   gu (T, 2I) = [gate | up] -> bf16(bf16(silu(gate)) * up), (T, I)
+//   kv_rows(x)                     x (T, KVH, D) -> (T, KVH, D + 4) int8 rows of an int8 KV cache: models/kv_cache.py
+//                                  `quantize_rows`, byte for byte (IEEE division, round half to even)
 //
 // Each rounds where the eager bfloat16 ops of transformers round (every op's result is bfloat16; the norm's
 // statistics are float32), so they reproduce those ops up to float32 summation order and silu's exp (relative
@@ -24,6 +26,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #ifndef JETSERVE_W4A8_NS
 #define JETSERVE_W4A8_NS jetserve_w4a8
@@ -161,6 +168,46 @@ at::Tensor silu_mul(const at::Tensor& gu) {
   return out;
 }
 
+at::Tensor kv_rows(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 3 && x.stride(2) == 1 && x.scalar_type() == at::kBFloat16,
+              "kv_rows: x must be a (T, KVH, D) bfloat16 CPU tensor whose rows (D) are contiguous");
+  const int64_t T = x.size(0), H = x.size(1), D = x.size(2), st = x.stride(0), sh = x.stride(1);
+  at::Tensor out = at::empty({T, H, D + 4}, x.options().dtype(at::kChar));
+  const uint16_t* xp = bits(x);
+  int8_t* op = out.data_ptr<int8_t>();
+  at::parallel_for(0, T * H, grain(D), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint16_t* row = xp + (r / H) * st + (r % H) * sh;
+      int8_t* o = op + r * (D + 4);
+      float m = 0.f;
+#pragma omp simd reduction(max : m)
+      for (int64_t j = 0; j < D; ++j) m = std::max(m, std::fabs(bf16_to_float(row[j])));
+      const float scale = m / 127.f;
+      if (scale > 0.f) {
+        int64_t j = 0;
+#if defined(__AVX512F__)
+        const __m512 sv = _mm512_set1_ps(scale), hi = _mm512_set1_ps(127.f), lo = _mm512_set1_ps(-127.f);
+        for (; j + 16 <= D; j += 16) {
+          const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + j));
+          const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+          const __m512 c = _mm512_roundscale_ps(_mm512_div_ps(v, sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+          const __m512i q = _mm512_cvtps_epi32(_mm512_min_ps(hi, _mm512_max_ps(lo, c)));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(o + j), _mm512_cvtepi32_epi8(q));
+        }
+#endif
+        for (; j < D; ++j) {
+          const float c = __builtin_roundevenf(bf16_to_float(row[j]) / scale);  // half to even; vectorizes
+          o[j] = static_cast<int8_t>(static_cast<int32_t>(std::min(127.f, std::max(-127.f, c))));
+        }
+      } else {
+        std::memset(o, 0, D);
+      }
+      std::memcpy(o + D, &scale, 4);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(JETSERVE_W4A8_NS, m) {
@@ -168,6 +215,7 @@ TORCH_LIBRARY_FRAGMENT(JETSERVE_W4A8_NS, m) {
   m.def("add_rms_norm_(Tensor(a!) x, Tensor delta, Tensor weight, float eps) -> Tensor");
   m.def("rope_(Tensor(a!) qkv, Tensor cos, Tensor sin, int heads, int head_dim) -> ()");
   m.def("silu_mul(Tensor gu) -> Tensor");
+  m.def("kv_rows(Tensor x) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(JETSERVE_W4A8_NS, CPU, m) {
@@ -175,4 +223,5 @@ TORCH_LIBRARY_IMPL(JETSERVE_W4A8_NS, CPU, m) {
   m.impl("add_rms_norm_", &add_rms_norm_);
   m.impl("rope_", &rope_);
   m.impl("silu_mul", &silu_mul);
+  m.impl("kv_rows", &kv_rows);
 }

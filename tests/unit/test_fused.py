@@ -1,6 +1,7 @@
 """models/fused.py and models/csrc/fused_ops.cpp: each fused prefill op against its plain-PyTorch reference under
 every ISA build this CPU can run (odd widths, rows with a stride, one row and many), the input checks, the
-`cpu_fused` choice, and a model's prefill with the kernels against the same model with torch's ops."""
+`cpu_fused` choice, and a model's prefill with the kernels against the same model with torch's ops (also on an
+int8 KV cache, whose rows `kv_rows` writes)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from models import fused, w4a8
+from models.kv_cache import quantize_rows
 
 BF16_ULP = 2.0**-7  # relative spacing of bfloat16 near 1
 
@@ -96,6 +98,23 @@ def test_silu_mul_extremes(isa):
     torch.testing.assert_close(got, want, atol=1e-30, rtol=2**-7, equal_nan=True)
 
 
+@pytest.mark.parametrize("T,heads,D", [(1, 3, 64), (37, 3, 64), (5, 2, 128), (3, 1, 16)])
+def test_kv_rows_match_quantize_rows_byte_for_byte(isa, T, heads, D, gen):
+    """The int8 KV rows of the projection's K heads (a strided view, as prefill passes them): the same bytes as
+    models/kv_cache.py's quantize_rows, ties included (round half to even), and an all-zero row."""
+    ops = ops_for(isa)
+    qkv = (torch.randn(T, (heads + 4) * D, generator=gen) * 3).to(torch.bfloat16)
+    qkv[0, 2 * D : 2 * D + 4] = torch.tensor([127.0, 0.5, 1.5, -2.5])  # scale 1 in row (0, 0): ties at .5
+    qkv[0, 2 * D + 4 : 3 * D] = 0
+    if T > 2:
+        qkv[2, 2 * D : 3 * D] = 0  # an all-zero row
+    k = qkv[:, 2 * D : (2 + heads) * D].view(T, heads, D)
+    got = ops.kv_rows(k)
+    assert got.shape == (T, heads, D + 4) and got.dtype == torch.int8
+    assert torch.equal(got, quantize_rows(k))
+    assert got[0, 0, :4].tolist() == [127, 0, 2, -2]
+
+
 def test_input_checks(isa):
     ops = ops_for(isa)
     x = torch.randn(4, 64).to(torch.bfloat16)
@@ -114,6 +133,8 @@ def test_input_checks(isa):
         ops.rope_(x, x[:, :8], x[:, :8], 2, 32)
     with pytest.raises(RuntimeError, match="even"):
         ops.silu_mul(x[:, :63])
+    with pytest.raises(RuntimeError, match="kv_rows"):
+        ops.kv_rows(x.view(4, 2, 32).float())
 
 
 def test_cpu_fused_choice():
@@ -138,23 +159,28 @@ def test_cpu_fused_choice_without_a_compiler(no_cpp_compiler):
         fused.cpu_fused_ops("fused")
 
 
-def test_prefill_and_eager_decode_with_fused_ops_match_torch_ops(tiny_llama_dir, gen):
+@pytest.mark.parametrize("kv", ["auto", "int8"])
+def test_prefill_and_eager_decode_with_fused_ops_match_torch_ops(tiny_llama_dir, gen, kv):
     """A tiny bfloat16 Llama: the fused prefill (chunked too, through the cached prefix) and two batched eager
-    decode steps against torch's ops, the same KV cache written, and `cpu_fused` reaching the model."""
+    decode steps against torch's ops, the same KV cache written (int8 rows by `kv_rows` against quantize_rows),
+    and `cpu_fused` reaching the model."""
+    from models.kv_cache import from_cache
     from models.loader import load_runner
 
     if w4a8.load()[0] is None:
         pytest.skip(f"extension unavailable: {w4a8.load()[1]}")
-    a = load_runner(tiny_llama_dir, dtype=torch.bfloat16, max_batch_size=2, max_seq=128, cpu_fused="fused")
-    b = load_runner(tiny_llama_dir, dtype=torch.bfloat16, max_batch_size=2, max_seq=128, cpu_fused="torch")
+    kw = dict(dtype=torch.bfloat16, max_batch_size=2, max_seq=128, kv_cache_dtype=kv)
+    a = load_runner(tiny_llama_dir, cpu_fused="fused", **kw)
+    b = load_runner(tiny_llama_dir, cpu_fused="torch", **kw)
     assert a.model.fused_ops is not None and b.model.fused_ops is None
     tokens = torch.randint(0, a.vocab_size, (40,), generator=gen)
     for r in (a, b):
         r.prefill(tokens[:25], 1, 0)
     got, want = a.prefill(tokens[25:], 1, 25), b.prefill(tokens[25:], 1, 25)
     torch.testing.assert_close(got, want, atol=5e-2, rtol=0)
-    torch.testing.assert_close(a.cache.k_all[:, 1, :40], b.cache.k_all[:, 1, :40], atol=5e-2, rtol=0)
-    torch.testing.assert_close(a.cache.v_all[:, 1, :40], b.cache.v_all[:, 1, :40], atol=5e-2, rtol=0)
+    for ca, cb in ((a.cache.k_all, b.cache.k_all), (a.cache.v_all, b.cache.v_all)):
+        ra, rb = from_cache(ca[:, 1, :40], torch.float32), from_cache(cb[:, 1, :40], torch.float32)
+        torch.testing.assert_close(ra, rb, atol=5e-2 if kv == "auto" else 1e-1, rtol=0)
     for r in (a, b):
         r.prefill(tokens[:7], 0, 0)
     for step in range(2):
