@@ -245,28 +245,63 @@ inline void split_row(const c10::BFloat16* r, __m512* v) {
   }
 }
 
-// chunk() for bfloat16 caches, head_dim DC (a multiple of 32) and group GC known at compile time
-template <int64_t DC, int64_t GC>
-void chunk_bf16(const Shape& s, const float* qf, const c10::BFloat16* kbase, const c10::BFloat16* vbase, int64_t t0,
-                int64_t t1, float* part, float* scores) {
+// Row formats of the AVX-512 chunk: how a cache row becomes DC / 16 float vectors, and its scale.
+// bfloat16 rows are split into even and odd elements (split_row), so q and the value sums are permuted to match;
+// int8 rows (DC codes and a float32 scale, models/kv_cache.py) are converted in order, and the scale multiplies
+// a key's scores and a value's weight.
+struct Bf16Rows {
+  using T = c10::BFloat16;
+  static constexpr bool kSplit = true, kScaled = false;
+  static constexpr int64_t kExtra = 0;  // bytes after a row's values
+  template <int64_t DC>
+  static float load(const T* row, __m512* v) {
+    split_row<DC>(row, v);
+    return 1.f;
+  }
+};
+
+struct I8Rows {
+  using T = int8_t;
+  static constexpr bool kSplit = false, kScaled = true;
+  static constexpr int64_t kExtra = 4;
+  template <int64_t DC>
+  static float load(const T* row, __m512* v) {
+    for (int64_t i = 0; i < DC / 16; ++i)
+      v[i] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * i))));
+    return row_scale(row, DC);
+  }
+};
+
+// chunk() for a row format R (bfloat16: DC a multiple of 32; int8: of 16), head_dim DC and group GC known at
+// compile time
+template <typename R, int64_t DC, int64_t GC>
+void chunk_vec(const Shape& s, const float* qf, const typename R::T* kbase, const typename R::T* vbase, int64_t t0,
+               int64_t t1, float* part, float* scores) {
+  using T = typename R::T;
   constexpr int64_t V = DC / 16;  // float vectors a row
   const int64_t n = t1 - t0;
   const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
   __m512 qs[GC][V];
-  for (int64_t j = 0; j < GC; ++j)
-    for (int64_t i = 0; i < DC / 32; ++i) {
-      const __m512 a = _mm512_loadu_ps(qf + j * DC + 32 * i), b = _mm512_loadu_ps(qf + j * DC + 32 * i + 16);
-      qs[j][2 * i] = _mm512_permutex2var_ps(a, even, b);
-      qs[j][2 * i + 1] = _mm512_permutex2var_ps(a, odd, b);
+  for (int64_t j = 0; j < GC; ++j) {
+    if constexpr (R::kSplit) {
+      for (int64_t i = 0; i < DC / 32; ++i) {
+        const __m512 a = _mm512_loadu_ps(qf + j * DC + 32 * i), b = _mm512_loadu_ps(qf + j * DC + 32 * i + 16);
+        qs[j][2 * i] = _mm512_permutex2var_ps(a, even, b);
+        qs[j][2 * i + 1] = _mm512_permutex2var_ps(a, odd, b);
+      }
+    } else {
+      for (int64_t v = 0; v < V; ++v) qs[j][v] = _mm512_loadu_ps(qf + j * DC + 16 * v);
     }
+  }
   int64_t t = 0;
   for (; t + 4 <= n; t += 4) {
     __m512 k[4][V];
+    alignas(16) float ks[4];
     for (int r = 0; r < 4; ++r) {
-      const c10::BFloat16* row = kbase + (t0 + t + r) * s.sT;
-      if (t + r + kAhead < n) prefetch_row(row + kAhead * s.sT, DC);
-      split_row<DC>(row, k[r]);
+      const T* row = kbase + (t0 + t + r) * s.sT;
+      if (t + r + kAhead < n) prefetch_row(row + kAhead * s.sT, DC + R::kExtra);
+      ks[r] = R::template load<DC>(row, k[r]);
     }
     for (int64_t j = 0; j < GC; ++j) {
       __m512 acc[4];
@@ -274,16 +309,18 @@ void chunk_bf16(const Shape& s, const float* qf, const c10::BFloat16* kbase, con
         acc[r] = _mm512_mul_ps(qs[j][0], k[r][0]);
         for (int64_t v = 1; v < V; ++v) acc[r] = _mm512_fmadd_ps(qs[j][v], k[r][v], acc[r]);
       }
-      _mm_storeu_ps(scores + j * n + t, reduce4(acc[0], acc[1], acc[2], acc[3]));
+      __m128 dots = reduce4(acc[0], acc[1], acc[2], acc[3]);
+      if constexpr (R::kScaled) dots = _mm_mul_ps(_mm_load_ps(ks), dots);
+      _mm_storeu_ps(scores + j * n + t, dots);
     }
   }
   for (; t < n; ++t) {
     __m512 k[V];
-    split_row<DC>(kbase + (t0 + t) * s.sT, k);
+    const float ks = R::template load<DC>(kbase + (t0 + t) * s.sT, k);
     for (int64_t j = 0; j < GC; ++j) {
       __m512 acc = _mm512_mul_ps(qs[j][0], k[0]);
       for (int64_t v = 1; v < V; ++v) acc = _mm512_fmadd_ps(qs[j][v], k[v], acc);
-      scores[j * n + t] = _mm512_reduce_add_ps(acc);
+      scores[j * n + t] = R::kScaled ? _mm512_reduce_add_ps(acc) * ks : _mm512_reduce_add_ps(acc);
     }
   }
   float ml[2 * GC];
@@ -292,12 +329,12 @@ void chunk_bf16(const Shape& s, const float* qf, const c10::BFloat16* kbase, con
   for (int64_t j = 0; j < GC; ++j)
     for (int64_t v = 0; v < V; ++v) acc[j][v] = _mm512_setzero_ps();
   for (int64_t t = 0; t < n; ++t) {
-    const c10::BFloat16* row = vbase + (t0 + t) * s.sT;
-    if (t + kAhead < n) prefetch_row(row + kAhead * s.sT, DC);
+    const T* row = vbase + (t0 + t) * s.sT;
+    if (t + kAhead < n) prefetch_row(row + kAhead * s.sT, DC + R::kExtra);
     __m512 vr[V];
-    split_row<DC>(row, vr);
+    const float vs = R::template load<DC>(row, vr);
     for (int64_t j = 0; j < GC; ++j) {
-      const __m512 p = _mm512_set1_ps(scores[j * n + t]);
+      const __m512 p = _mm512_set1_ps(R::kScaled ? scores[j * n + t] * vs : scores[j * n + t]);
       for (int64_t v = 0; v < V; ++v) acc[j][v] = _mm512_fmadd_ps(p, vr[v], acc[j][v]);
     }
   }
@@ -307,81 +344,14 @@ void chunk_bf16(const Shape& s, const float* qf, const c10::BFloat16* kbase, con
     float* pj = part + j * (DC + 2);
     pj[0] = ml[2 * j];
     pj[1] = ml[2 * j + 1];
-    for (int64_t i = 0; i < DC / 32; ++i) {
-      _mm512_storeu_ps(pj + 2 + 32 * i, _mm512_permutex2var_ps(acc[j][2 * i], lo, acc[j][2 * i + 1]));
-      _mm512_storeu_ps(pj + 2 + 32 * i + 16, _mm512_permutex2var_ps(acc[j][2 * i], hi, acc[j][2 * i + 1]));
-    }
-  }
-}
-#endif
-
-#if defined(__AVX512F__)
-// int8 row of DC codes (DC a multiple of 16) -> float vectors; returns its scale
-template <int64_t DC>
-inline float load_i8(const int8_t* row, __m512* v) {
-  for (int64_t i = 0; i < DC / 16; ++i)
-    v[i] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * i))));
-  return row_scale(row, DC);
-}
-
-// chunk() for int8 caches (rows of DC codes and a scale), head_dim DC and group GC known at compile time: a key's
-// scale multiplies its scores, a value's scale its weight
-template <int64_t DC, int64_t GC>
-void chunk_i8(const Shape& s, const float* qf, const int8_t* kbase, const int8_t* vbase, int64_t t0, int64_t t1,
-              float* part, float* scores) {
-  constexpr int64_t V = DC / 16;
-  const int64_t n = t1 - t0;
-  __m512 qs[GC][V];
-  for (int64_t j = 0; j < GC; ++j)
-    for (int64_t v = 0; v < V; ++v) qs[j][v] = _mm512_loadu_ps(qf + j * DC + 16 * v);
-  int64_t t = 0;
-  for (; t + 4 <= n; t += 4) {
-    __m512 k[4][V];
-    alignas(16) float ks[4];
-    for (int r = 0; r < 4; ++r) {
-      const int8_t* row = kbase + (t0 + t + r) * s.sT;
-      if (t + r + kAhead < n) prefetch_row(row + kAhead * s.sT, DC + 4);
-      ks[r] = load_i8<DC>(row, k[r]);
-    }
-    const __m128 scale4 = _mm_load_ps(ks);
-    for (int64_t j = 0; j < GC; ++j) {
-      __m512 acc[4];
-      for (int r = 0; r < 4; ++r) {
-        acc[r] = _mm512_mul_ps(qs[j][0], k[r][0]);
-        for (int64_t v = 1; v < V; ++v) acc[r] = _mm512_fmadd_ps(qs[j][v], k[r][v], acc[r]);
+    if constexpr (R::kSplit) {
+      for (int64_t i = 0; i < DC / 32; ++i) {
+        _mm512_storeu_ps(pj + 2 + 32 * i, _mm512_permutex2var_ps(acc[j][2 * i], lo, acc[j][2 * i + 1]));
+        _mm512_storeu_ps(pj + 2 + 32 * i + 16, _mm512_permutex2var_ps(acc[j][2 * i], hi, acc[j][2 * i + 1]));
       }
-      _mm_storeu_ps(scores + j * n + t, _mm_mul_ps(scale4, reduce4(acc[0], acc[1], acc[2], acc[3])));
+    } else {
+      for (int64_t v = 0; v < V; ++v) _mm512_storeu_ps(pj + 2 + 16 * v, acc[j][v]);
     }
-  }
-  for (; t < n; ++t) {
-    __m512 k[V];
-    const float ks = load_i8<DC>(kbase + (t0 + t) * s.sT, k);
-    for (int64_t j = 0; j < GC; ++j) {
-      __m512 acc = _mm512_mul_ps(qs[j][0], k[0]);
-      for (int64_t v = 1; v < V; ++v) acc = _mm512_fmadd_ps(qs[j][v], k[v], acc);
-      scores[j * n + t] = _mm512_reduce_add_ps(acc) * ks;
-    }
-  }
-  float ml[2 * GC];
-  for (int64_t j = 0; j < GC; ++j) softmax_part(scores + j * n, n, ml + 2 * j);
-  __m512 acc[GC][V];
-  for (int64_t j = 0; j < GC; ++j)
-    for (int64_t v = 0; v < V; ++v) acc[j][v] = _mm512_setzero_ps();
-  for (int64_t t = 0; t < n; ++t) {
-    const int8_t* row = vbase + (t0 + t) * s.sT;
-    if (t + kAhead < n) prefetch_row(row + kAhead * s.sT, DC + 4);
-    __m512 vr[V];
-    const float vs = load_i8<DC>(row, vr);
-    for (int64_t j = 0; j < GC; ++j) {
-      const __m512 p = _mm512_set1_ps(scores[j * n + t] * vs);
-      for (int64_t v = 0; v < V; ++v) acc[j][v] = _mm512_fmadd_ps(p, vr[v], acc[j][v]);
-    }
-  }
-  for (int64_t j = 0; j < GC; ++j) {
-    float* pj = part + j * (DC + 2);
-    pj[0] = ml[2 * j];
-    pj[1] = ml[2 * j + 1];
-    for (int64_t v = 0; v < V; ++v) _mm512_storeu_ps(pj + 2 + 16 * v, acc[j][v]);
   }
 }
 #endif
@@ -395,10 +365,10 @@ void chunk(const Shape& s, const float* qf, const T* kbase, const T* vbase, int6
            float* scores) {
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<T, c10::BFloat16> && DC % 32 == 0 && DC > 0 && GC > 0) {
-    return chunk_bf16<DC, GC>(s, qf, kbase, vbase, t0, t1, part, scores);
+    return chunk_vec<Bf16Rows, DC, GC>(s, qf, kbase, vbase, t0, t1, part, scores);
   }
   if constexpr (std::is_same_v<T, int8_t> && DC % 16 == 0 && DC > 0 && GC > 0) {
-    return chunk_i8<DC, GC>(s, qf, kbase, vbase, t0, t1, part, scores);
+    return chunk_vec<I8Rows, DC, GC>(s, qf, kbase, vbase, t0, t1, part, scores);
   }
 #endif
   const int64_t D = DC ? DC : s.D, g = GC ? GC : s.g, n = t1 - t0;
