@@ -36,13 +36,15 @@ class FusedOps:
     - `add_rms_norm_(x (T, H), delta (T, H), weight, eps) -> (T, H)`: x += delta in place, then rms_norm(x);
     - `rope_(qkv (T, C), cos (T, D/2), sin (T, D/2), heads, D)`: RoPE in place on qkv's first `heads` heads;
     - `silu_mul(gu (T, 2I)) -> (T, I)`: silu(gate) * up for gu = [gate | up];
-    - `kv_rows(x (T, KVH, D)) -> (T, KVH, D + 4)` int8: an int8 KV cache's rows (`kv_cache.quantize_rows`)."""
+    - `kv_rows(x (T, KVH, D)) -> (T, KVH, D + 4)` int8: an int8 KV cache's rows (`kv_cache.quantize_rows`);
+    - `kv_values(rows (T, KVH, D + 4)) -> (T, KVH, D)`: their values (`kv_cache.dequantize_rows`)."""
 
     rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
     add_rms_norm_: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
     rope_: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int], None]
     silu_mul: Callable[[torch.Tensor], torch.Tensor]
     kv_rows: Callable[[torch.Tensor], torch.Tensor]
+    kv_values: Callable[[torch.Tensor], torch.Tensor]
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -74,7 +76,12 @@ def silu_mul_reference(gu: torch.Tensor) -> torch.Tensor:
 def kernels(ops) -> FusedOps:
     """The C++ kernels of one build of the extension (`ops`: its op namespace, from `w4a8.load`)."""
     return FusedOps(
-        ops.rms_norm.default, ops.add_rms_norm_.default, ops.rope_.default, ops.silu_mul.default, ops.kv_rows.default
+        ops.rms_norm.default,
+        ops.add_rms_norm_.default,
+        ops.rope_.default,
+        ops.silu_mul.default,
+        ops.kv_rows.default,
+        ops.kv_values.default,
     )
 
 

@@ -223,6 +223,13 @@ class Transformer(nn.Module):
             return fz.kv_rows(x)
         return to_cache(cache, x)
 
+    @staticmethod
+    def _from_cache(rows: torch.Tensor, dtype: torch.dtype, fz: Optional[FusedOps]) -> torch.Tensor:
+        """`kv_cache.from_cache`; an int8 cache's values with the fused kernel `fz` when given."""
+        if fz is not None and rows.dtype == torch.int8 and dtype == torch.bfloat16:
+            return fz.kv_values(rows)
+        return from_cache(rows, dtype)
+
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm + lm_head: (N, hidden) -> float32 logits (N, vocab). A head with `forward_float` (the int8
         head) writes float32 itself. Eager, the final RMSNorm is the fused op (`fused_ops`)."""
@@ -253,8 +260,10 @@ class Transformer(nn.Module):
             kc, vc = cache.k[i], cache.v[i]
             kc[slot, start_pos:end] = self._to_cache(kc, k, fz)
             vc[slot, start_pos:end] = self._to_cache(vc, v, fz)
-            if start_pos > 0:  # (end, kv, D): views of a bf16 cache, dequantized copies of an int8 one
-                k, v = from_cache(kc[slot, :end], x.dtype), from_cache(vc[slot, :end], x.dtype)
+            # (end, kv, D) views of a float cache's prefix; of an int8 cache, the stored values of every position,
+            # this chunk's too: every attention reads what the cache holds, so chunking and prefix hits agree
+            if start_pos > 0 or kc.dtype == torch.int8:
+                k, v = self._from_cache(kc[slot, :end], x.dtype, fz), self._from_cache(vc[slot, :end], x.dtype, fz)
             q, k, v = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]  # (1, heads, T|end, D)
             if rep > 1 and not _HAS_GQA:
                 k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)

@@ -8,6 +8,7 @@
 //   silu_mul(gu)                   gu (T, 2I) = [gate | up] -> bf16(bf16(silu(gate)) * up), (T, I)
 //   kv_rows(x)                     x (T, KVH, D) -> (T, KVH, D + 4) int8 rows of an int8 KV cache: models/kv_cache.py
 //                                  `quantize_rows`, byte for byte (IEEE division, round half to even)
+//   kv_values(rows)                rows (T, KVH, D + 4) int8 -> (T, KVH, D) bf16(code * scale): `dequantize_rows`
 //
 // Each rounds where the eager bfloat16 ops of transformers round (every op's result is bfloat16; the norm's
 // statistics are float32), so they reproduce those ops up to float32 summation order and silu's exp (relative
@@ -208,6 +209,27 @@ at::Tensor kv_rows(const at::Tensor& x) {
   return out;
 }
 
+at::Tensor kv_values(const at::Tensor& rows) {
+  TORCH_CHECK(rows.device().is_cpu() && rows.dim() == 3 && rows.stride(2) == 1 && rows.scalar_type() == at::kChar &&
+                  rows.size(2) > 4,
+              "kv_values: rows must be a (T, KVH, D + 4) int8 CPU tensor whose rows are contiguous");
+  const int64_t T = rows.size(0), H = rows.size(1), D = rows.size(2) - 4, st = rows.stride(0), sh = rows.stride(1);
+  at::Tensor out = at::empty({T, H, D}, rows.options().dtype(at::kBFloat16));
+  const int8_t* rp = rows.data_ptr<int8_t>();
+  uint16_t* op = mbits(out);
+  at::parallel_for(0, T * H, grain(D), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int8_t* row = rp + (r / H) * st + (r % H) * sh;
+      uint16_t* o = op + r * D;
+      float scale;
+      std::memcpy(&scale, row + D, 4);
+#pragma omp simd
+      for (int64_t j = 0; j < D; ++j) o[j] = float_to_bf16(static_cast<float>(row[j]) * scale);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(JETSERVE_W4A8_NS, m) {
@@ -216,6 +238,7 @@ TORCH_LIBRARY_FRAGMENT(JETSERVE_W4A8_NS, m) {
   m.def("rope_(Tensor(a!) qkv, Tensor cos, Tensor sin, int heads, int head_dim) -> ()");
   m.def("silu_mul(Tensor gu) -> Tensor");
   m.def("kv_rows(Tensor x) -> Tensor");
+  m.def("kv_values(Tensor rows) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(JETSERVE_W4A8_NS, CPU, m) {
@@ -224,4 +247,5 @@ TORCH_LIBRARY_IMPL(JETSERVE_W4A8_NS, CPU, m) {
   m.impl("rope_", &rope_);
   m.impl("silu_mul", &silu_mul);
   m.impl("kv_rows", &kv_rows);
+  m.impl("kv_values", &kv_values);
 }

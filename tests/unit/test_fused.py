@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from models import fused, w4a8
-from models.kv_cache import quantize_rows
+from models.kv_cache import dequantize_rows, quantize_rows
 
 BF16_ULP = 2.0**-7  # relative spacing of bfloat16 near 1
 
@@ -113,6 +113,9 @@ def test_kv_rows_match_quantize_rows_byte_for_byte(isa, T, heads, D, gen):
     assert got.shape == (T, heads, D + 4) and got.dtype == torch.int8
     assert torch.equal(got, quantize_rows(k))
     assert got[0, 0, :4].tolist() == [127, 0, 2, -2]
+    back = ops.kv_values(got.transpose(0, 1).contiguous().transpose(0, 1))  # rows with a stride, as the cache
+    assert back.shape == (T, heads, D) and back.dtype == torch.bfloat16
+    assert torch.equal(back, dequantize_rows(got, torch.bfloat16))
 
 
 def test_input_checks(isa):
@@ -135,6 +138,8 @@ def test_input_checks(isa):
         ops.silu_mul(x[:, :63])
     with pytest.raises(RuntimeError, match="kv_rows"):
         ops.kv_rows(x.view(4, 2, 32).float())
+    with pytest.raises(RuntimeError, match="kv_values"):
+        ops.kv_values(x.view(4, 2, 32))
 
 
 def test_cpu_fused_choice():

@@ -161,6 +161,19 @@ def test_int8_kv_cache_close_to_the_float_cache(tiny_dirs, attention):
     assert not torch.equal(outs[1], outs[0])  # the int8 rows are what was read
 
 
+def test_int8_kv_cache_prefill_reads_what_it_stores(tiny_dirs):
+    """On an int8 cache every attention reads the stored rows, a prompt's own included: prefilled whole or in two
+    chunks (as after a prefix-cache hit), the logits agree to float32 summation order, and so does decode."""
+    r = load_runner(tiny_dirs["llama"], dtype=torch.float32, max_batch_size=2, max_seq=128, kv_cache_dtype="int8")
+    s = torch.randint(0, 256, (30,), generator=torch.Generator().manual_seed(5))
+    whole = r.prefill(s, 0, 0)
+    r.prefill(s[:13], 1, 0)
+    chunked = r.prefill(s[13:], 1, 13)
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=0)
+    out = r.decode(torch.tensor([7, 7]), torch.tensor([30, 30]), torch.tensor([0, 1]))
+    torch.testing.assert_close(out[1], out[0], atol=1e-5, rtol=0)
+
+
 def test_greedy_tokens_match_hf_generate(tiny_dirs):
     path = tiny_dirs["llama"]
     hf = _hf(path, torch.float32)
