@@ -46,6 +46,7 @@ class EvalConfig:
     lm_head: str = "bf16"  # jetserve runtime only: load_runner's lm_head option
     cpu_int4: str = "auto"  # jetserve runtime only: load_runner's cpu_int4 option
     cpu_fused: str = "auto"  # jetserve runtime only: load_runner's cpu_fused option
+    kv_cache_dtype: str = "auto"  # jetserve runtime only: load_runner's kv_cache_dtype option
 
 
 def quant_summary(model_dir: Path) -> Dict[str, Any]:
@@ -134,6 +135,7 @@ def evaluate_models(
                 lm_head=cfg.lm_head,
                 cpu_int4=cfg.cpu_int4,
                 cpu_fused=cfg.cpu_fused,
+                kv_cache_dtype=cfg.kv_cache_dtype,
             )
             row["load_s"] = round(time.perf_counter() - t0, 2)
             row["weights_bytes"] = rt.weights_bytes

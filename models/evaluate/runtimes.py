@@ -91,6 +91,7 @@ class JetserveRuntime:
         lm_head: str = "bf16",
         cpu_int4: str = "auto",
         cpu_fused: str = "auto",
+        kv_cache_dtype: str = "auto",
     ):
         try:
             from models.loader import load_runner
@@ -106,6 +107,7 @@ class JetserveRuntime:
             lm_head=lm_head,
             cpu_int4=cpu_int4,
             cpu_fused=cpu_fused,
+            kv_cache_dtype=kv_cache_dtype,
         )
         self.runner.warmup()
         self.weights_bytes = int(self.runner.memory_report().get("weights_bytes", 0))
@@ -150,9 +152,10 @@ def load_runtime(
     lm_head: str = "bf16",
     cpu_int4: str = "auto",
     cpu_fused: str = "auto",
+    kv_cache_dtype: str = "auto",
 ):
-    """The runtime `kind` for `model_dir`; a quantized lm_head ("int8", "int4") and a cpu_int4 or cpu_fused other than
-    "auto" apply to the jetserve runtime only (else ValueError)."""
+    """The runtime `kind` for `model_dir`; a quantized lm_head ("int8", "int4") and a cpu_int4, cpu_fused or
+    kv_cache_dtype other than "auto" apply to the jetserve runtime only (else ValueError)."""
     if kind == "transformers":
         if lm_head != "bf16":
             raise ValueError(f"--lm-head {lm_head} needs --runtime jetserve")
@@ -160,9 +163,18 @@ def load_runtime(
             raise ValueError(f"--cpu-int4 {cpu_int4} needs --runtime jetserve")
         if cpu_fused != "auto":
             raise ValueError(f"--cpu-fused {cpu_fused} needs --runtime jetserve")
+        if kv_cache_dtype != "auto":
+            raise ValueError(f"--kv-cache-dtype {kv_cache_dtype} needs --runtime jetserve")
         return TransformersRuntime(model_dir, device, dtype)
     if kind == "jetserve":
         return JetserveRuntime(
-            model_dir, device, dtype, max_seq or 4096, lm_head=lm_head, cpu_int4=cpu_int4, cpu_fused=cpu_fused
+            model_dir,
+            device,
+            dtype,
+            max_seq or 4096,
+            lm_head=lm_head,
+            cpu_int4=cpu_int4,
+            cpu_fused=cpu_fused,
+            kv_cache_dtype=kv_cache_dtype,
         )
     raise RuntimeUnavailable(f"unknown runtime {kind!r}; choose transformers or jetserve")

@@ -50,6 +50,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="jetserve runtime on CPU: prefill's norms, RoPE and activation as our fused C++ kernels (fused) or "
         "torch's ops (torch); auto: fused where they build and run, as `jetserve serve` (default auto)",
     )
+    parser.add_argument(
+        "--kv-cache-dtype",
+        choices=("auto", "int8"),  # models.kv_cache.KV_CACHE_DTYPES (no torch import here)
+        default="auto",
+        help="jetserve runtime: the KV cache's element type; int8 stores rows of int8 codes and a scale, and "
+        "prefill attends over the stored rows (default auto: the activation dtype, as `jetserve serve`)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--skip-ppl", action="store_true", help="Skip perplexity")
     parser.add_argument("--skip-speed", action="store_true", help="Skip tok/s and TTFT")
@@ -99,6 +106,9 @@ def run(args: argparse.Namespace) -> int:
     if args.cpu_fused != "auto" and args.runtime != "jetserve":
         print(f"jetserve eval: error: --cpu-fused {args.cpu_fused} needs --runtime jetserve", file=sys.stderr)
         return 2
+    if args.kv_cache_dtype != "auto" and args.runtime != "jetserve":
+        print(f"jetserve eval: error: --kv-cache-dtype {args.kv_cache_dtype} needs --runtime jetserve", file=sys.stderr)
+        return 2
     if args.lm_head != "bf16" and args.runtime != "jetserve":
         print(f"jetserve eval: error: --lm-head {args.lm_head} needs --runtime jetserve", file=sys.stderr)
         return 2
@@ -130,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
         lm_head=args.lm_head,
         cpu_int4=args.cpu_int4,
         cpu_fused=args.cpu_fused,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     try:
         res = evaluate_models(dirs, cfg, Path(store), echo=lambda s: print(s, file=sys.stderr))

@@ -112,6 +112,51 @@ def test_cpu_fused_option_reaches_the_runtime(tiny_llama_dir, tmp_path, capsys, 
     assert ppl["fused"] == pytest.approx(ppl["torch"], rel=0.01)
 
 
+def test_kv_cache_dtype_option_reaches_the_runtime(tiny_llama_dir, tmp_path, capsys, monkeypatch):
+    """`--kv-cache-dtype int8` reaches load_runner (an int8 cache) and moves perplexity only a little; with the
+    transformers runtime it is an error."""
+    pytest.importorskip("models.loader")
+    import models.loader
+
+    loaded = []
+    real = models.loader.load_runner
+
+    def spy(*a, **kw):
+        r = real(*a, **kw)
+        loaded.append((kw.get("kv_cache_dtype"), str(r.cache.k_all.dtype)))
+        return r
+
+    monkeypatch.setattr(models.loader, "load_runner", spy)
+    ppl = {}
+    for choice in ("auto", "int8"):
+        argv = [
+            "eval",
+            str(tiny_llama_dir),
+            *SMALL,
+            "--skip-speed",
+            "--runtime",
+            "jetserve",
+            "--kv-cache-dtype",
+            choice,
+        ]
+        assert main([*argv, "--out", str(tmp_path / choice)]) == 0, capsys.readouterr().err
+        ppl[choice] = json.loads((tmp_path / choice / "eval.json").read_text())["models"][0]["ppl"]
+    assert loaded == [("auto", "torch.bfloat16"), ("int8", "torch.int8")]
+    assert ppl["int8"] == pytest.approx(ppl["auto"], rel=0.01)
+    argv = [
+        "eval",
+        str(tiny_llama_dir),
+        *SMALL,
+        "--skip-speed",
+        "--runtime",
+        "transformers",
+        "--kv-cache-dtype",
+        "int8",
+    ]
+    assert main([*argv, "--out", str(tmp_path / "hf")]) == 2
+    assert "needs --runtime jetserve" in capsys.readouterr().err
+
+
 def test_eval_bad_inputs(tiny_llama_dir, tmp_path, capsys):
     assert main(["eval", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
     assert "neither a folder with config.json" in capsys.readouterr().err
