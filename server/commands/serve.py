@@ -39,7 +39,7 @@ def _flag_type(annotation: Any):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per Settings field; unspecified flags stay unset so the environment applies."""
     for name, field in Settings.model_fields.items():
-        help_text = field.description or name
+        help_text = (field.description or name).replace("%", "%%")  # argparse %-formats help strings
         default = field.default if field.default_factory is None else field.default_factory()
         if name == "api_keys":
             parser.add_argument(
