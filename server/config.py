@@ -95,7 +95,7 @@ class Settings(BaseSettings):
     )
     kv_cache_dtype: Literal["auto", "int8"] = Field(
         "auto",
-        description="Element type of the KV cache. 'auto': the activation dtype (bfloat16). 'int8': each position's key and value rows of every KV head as int8 codes with one float32 scale (max |x| / 127, round half to even): 0.53 of bfloat16's bytes at head_dim 64, so twice the tokens fit the same memory budget, and batched decode over long contexts reads half the memory. The CPU in-place attention reads it directly; elsewhere (sdpa, CUDA) it is dequantized on read. Prefill attends to the stored rows too, its own included, as decode does. On CPU (demo model, paired runs): perplexity +0.09% (the full protocol), prefill as fast, batch 1 at 0.95-1.0x the speed (within the boxes' noise), batch 8 up to 1.26-1.36x faster. Figures: docs/benchmarks.md.",
+        description="Element type of the KV cache. 'auto': the activation dtype (bfloat16). 'int8': each position's key and value rows of every KV head as int8 codes with one float32 scale (max |x| / 127, round half to even): 0.53 of bfloat16's bytes at head_dim 64, so twice the tokens fit the same memory budget, and batched decode over long contexts reads half the memory. The CPU in-place attention reads it directly; elsewhere (sdpa, CUDA) it is dequantized on read. Prefill attends to the stored rows too, its own included, as decode does. On CPU (demo model, paired runs): perplexity +0.09% (the full protocol), prefill as fast, batch 1 at 0.93x (median of noisy pairs on an AMD EPYC) to 1.0x (an Intel Xeon), batch 8 up to 1.26-1.36x faster. Figures: docs/benchmarks.md.",
     )
     compile_decode: bool = Field(
         True,
