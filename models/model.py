@@ -261,7 +261,7 @@ class Transformer(nn.Module):
             kc[slot, start_pos:end] = self._to_cache(kc, k, fz)
             vc[slot, start_pos:end] = self._to_cache(vc, v, fz)
             # (end, kv, D) views of a float cache's prefix; of an int8 cache, the stored values of every position,
-            # this chunk's too: every attention reads what the cache holds, so chunking and prefix hits agree
+            # this chunk's too: prefill reads what the cache holds, as decode does
             if start_pos > 0 or kc.dtype == torch.int8:
                 k, v = self._from_cache(kc[slot, :end], x.dtype, fz), self._from_cache(vc[slot, :end], x.dtype, fz)
             q, k, v = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]  # (1, heads, T|end, D)
