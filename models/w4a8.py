@@ -93,6 +93,15 @@ def load_for(requested: bool) -> Tuple[Optional[object], str]:
     return (ops, built) if ops is not None else (None, f"unavailable: {built}")
 
 
+def loaded() -> Optional[object]:
+    """The op namespace of a build this process has already loaded, else None; never builds (for callers that take
+    the extension only where it is there anyway, such as `sampling.argmax_rows`)."""
+    return next(iter(_LOADED.values()), None)
+
+
+_LOADED: dict = {}  # isa -> op namespace, filled by `_load`
+
+
 @functools.lru_cache(maxsize=None)
 def _load(isa: str) -> Tuple[Optional[object], str]:
     if isa not in ISA_FLAGS:
@@ -126,6 +135,7 @@ def _load(isa: str) -> Tuple[Optional[object], str]:
     built = ops.isa()
     if built != isa:
         return None, f"the W4A8 build for {isa} compiled the {built} path (compiler flags ignored?)"
+    _LOADED[isa] = ops
     return ops, isa
 
 

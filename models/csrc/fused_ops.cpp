@@ -9,6 +9,8 @@
 //   kv_rows(x)                     x (T, KVH, D) -> (T, KVH, D + 4) int8 rows of an int8 KV cache: models/kv_cache.py
 //                                  `quantize_rows`, byte for byte (IEEE division, round half to even)
 //   kv_values(rows)                rows (T, KVH, D + 4) int8 -> (T, KVH, D) bf16(code * scale): `dequantize_rows`
+//   argmax_rows(x)                 x (B, V) float32 -> (B,) int64, the first index of each row's maximum, a NaN
+//                                  counting as larger than any number: torch's `x.max(-1).indices`, exactly
 //
 // Each rounds where the eager bfloat16 ops of transformers round (every op's result is bfloat16; the norm's
 // statistics are float32), so they reproduce those ops up to float32 summation order and silu's exp (relative
@@ -29,9 +31,10 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
+#include <limits>
 
 #ifndef JETSERVE_W4A8_NS
 #define JETSERVE_W4A8_NS jetserve_w4a8
@@ -230,6 +233,97 @@ at::Tensor kv_values(const at::Tensor& rows) {
   return out;
 }
 
+// The first index of row x's maximum (V >= 1), NaN largest. Each vector lane keeps the first index of its own
+// maximum (strictly greater replaces); the lanes are then reduced to the smallest index holding the maximum.
+// A NaN anywhere sends the row to a scalar scan for the first NaN (torch's rule), which finite logits never take.
+inline int64_t first_nan(const float* x, int64_t V) {
+  for (int64_t i = 0; i < V; ++i)
+    if (std::isnan(x[i])) return i;
+  return -1;
+}
+
+inline int64_t row_argmax(const float* x, int64_t V) {
+  int64_t i = 0, bi = 0;
+  float best;
+#if defined(__AVX512F__)
+  if (V >= 16) {
+    __m512 bv = _mm512_loadu_ps(x);
+    __m512i bix = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), cur = bix;
+    const __m512i step = _mm512_set1_epi32(16);
+    __mmask16 nan = _mm512_cmp_ps_mask(bv, bv, _CMP_UNORD_Q);
+    for (i = 16; i + 16 <= V; i += 16) {
+      cur = _mm512_add_epi32(cur, step);
+      const __m512 v = _mm512_loadu_ps(x + i);
+      const __mmask16 gt = _mm512_cmp_ps_mask(v, bv, _CMP_GT_OQ);
+      bv = _mm512_mask_mov_ps(bv, gt, v);
+      bix = _mm512_mask_mov_epi32(bix, gt, cur);
+      nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    }
+    if (nan) return first_nan(x, V);
+    best = _mm512_reduce_max_ps(bv);
+    bi = _mm512_mask_reduce_min_epi32(_mm512_cmp_ps_mask(bv, _mm512_set1_ps(best), _CMP_EQ_OQ), bix);
+  } else
+#elif defined(__AVX2__)
+  if (V >= 8) {
+    __m256 bv = _mm256_loadu_ps(x);
+    __m256i bix = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), cur = bix;
+    const __m256i step = _mm256_set1_epi32(8);
+    __m256 nan = _mm256_cmp_ps(bv, bv, _CMP_UNORD_Q);
+    for (i = 8; i + 8 <= V; i += 8) {
+      cur = _mm256_add_epi32(cur, step);
+      const __m256 v = _mm256_loadu_ps(x + i);
+      const __m256 gt = _mm256_cmp_ps(v, bv, _CMP_GT_OQ);
+      bv = _mm256_blendv_ps(bv, v, gt);
+      bix = _mm256_blendv_epi8(bix, cur, _mm256_castps_si256(gt));
+      nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
+    if (_mm256_movemask_ps(nan)) return first_nan(x, V);
+    alignas(32) float lv[8];
+    alignas(32) int32_t li[8];
+    _mm256_store_ps(lv, bv);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(li), bix);
+    best = lv[0];
+    bi = li[0];
+    for (int l = 1; l < 8; ++l) {
+      if (lv[l] > best || (lv[l] == best && li[l] < bi)) {
+        best = lv[l];
+        bi = li[l];
+      }
+    }
+  } else
+#endif
+  {
+    best = x[0];
+    if (std::isnan(best)) return 0;
+    i = 1;
+  }
+  for (; i < V; ++i) {  // the tail: later indices, so only a strictly greater value (or a NaN) replaces
+    const float v = x[i];
+    if (std::isnan(v)) return i;
+    if (v > best) {
+      best = v;
+      bi = i;
+    }
+  }
+  return bi;
+}
+
+at::Tensor argmax_rows(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2,
+              "argmax_rows: x must be a 2-D float32 CPU tensor");
+  const int64_t B = x.size(0), V = x.size(1);
+  TORCH_CHECK(V > 0 && V < std::numeric_limits<int32_t>::max(), "argmax_rows: rows must have 1 to 2^31 - 2 values");
+  TORCH_CHECK(V == 1 || x.stride(1) == 1, "argmax_rows: x needs contiguous rows");
+  at::Tensor out = at::empty({B}, x.options().dtype(at::kLong));
+  const float* xp = x.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  const int64_t ld = x.stride(0);
+  at::parallel_for(0, B, grain(V), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) op[b] = row_argmax(xp + b * ld, V);
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(JETSERVE_W4A8_NS, m) {
@@ -239,6 +333,7 @@ TORCH_LIBRARY_FRAGMENT(JETSERVE_W4A8_NS, m) {
   m.def("silu_mul(Tensor gu) -> Tensor");
   m.def("kv_rows(Tensor x) -> Tensor");
   m.def("kv_values(Tensor rows) -> Tensor");
+  m.def("argmax_rows(Tensor x) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(JETSERVE_W4A8_NS, CPU, m) {
@@ -248,4 +343,5 @@ TORCH_LIBRARY_IMPL(JETSERVE_W4A8_NS, CPU, m) {
   m.impl("silu_mul", &silu_mul);
   m.impl("kv_rows", &kv_rows);
   m.impl("kv_values", &kv_values);
+  m.impl("argmax_rows", &argmax_rows);
 }

@@ -1,7 +1,7 @@
 """models/fused.py and models/csrc/fused_ops.cpp: each fused prefill op against its plain-PyTorch reference under
 every ISA build this CPU can run (odd widths, rows with a stride, one row and many), the input checks, the
-`cpu_fused` choice, and a model's prefill with the kernels against the same model with torch's ops (also on an
-int8 KV cache, whose rows `kv_rows` writes)."""
+`cpu_fused` choice, the argmax kernel against torch's `max` indices, and a model's prefill with the kernels against
+the same model with torch's ops (also on an int8 KV cache, whose rows `kv_rows` writes)."""
 
 from __future__ import annotations
 
@@ -116,6 +116,59 @@ def test_kv_rows_match_quantize_rows_byte_for_byte(isa, T, heads, D, gen):
     back = ops.kv_values(got.transpose(0, 1).contiguous().transpose(0, 1))  # rows with a stride, as the cache
     assert back.shape == (T, heads, D) and back.dtype == torch.bfloat16
     assert torch.equal(back, dequantize_rows(got, torch.bfloat16))
+
+
+def tricky_rows(V: int, gen) -> torch.Tensor:
+    """(12, V) float32 rows, V + 5 apart (a strided view): random ones and the cases argmax can get wrong."""
+    x = torch.randn(12, V + 5, generator=gen)[:, :V]
+    last = V - 1
+    x[1, last // 2] = x[1, last] = 50.0  # tie: the first index wins (across vector lanes and the tail)
+    x[2, last] = float("nan")  # a NaN counts as the largest: in the tail
+    x[3, last // 3] = x[3, last] = float("nan")  # the first NaN wins
+    x[4] = float("-inf")
+    x[5] = 0.25  # all equal
+    x[6] = 0.0
+    x[6, last] = -0.0  # -0.0 == 0.0: index 0
+    x[7, last] = float("inf")
+    x[8, 0] = float("nan")
+    x[9] = torch.arange(V, dtype=torch.float32)  # the maximum is the last element
+    x[10] = -torch.arange(V, dtype=torch.float32)  # the first
+    x[11, last // 2] = 1e30
+    return x
+
+
+@pytest.mark.parametrize("V", [1, 7, 8, 16, 17, 100, 49152])
+def test_argmax_rows_is_torch_max_indices(isa, V, gen):
+    ops = w4a8.load(isa)[0] or pytest.skip(f"extension build {isa} unavailable")
+    x = tricky_rows(V, gen)
+    want = x.max(dim=-1).indices
+    got = ops.argmax_rows(x)
+    assert got.dtype == torch.int64 and torch.equal(got, want)
+    assert torch.equal(ops.argmax_rows(x[:1]), want[:1]) and ops.argmax_rows(x[:0]).shape == (0,)
+    if V > 1:
+        assert int(got[1]) == (V - 1) // 2 and int(got[3]) == (V - 1) // 3 and int(got[9]) == V - 1
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.argmax_rows(x.bfloat16())
+    with pytest.raises(RuntimeError, match="contiguous rows"):
+        ops.argmax_rows(torch.randn(V + 1, 2).t())
+    with pytest.raises(RuntimeError, match="1 to"):
+        ops.argmax_rows(x[:, :0])
+
+
+def test_argmax_rows_takes_the_kernel_once_loaded(monkeypatch, gen):
+    """`sampling.argmax_rows` calls the loaded extension for 2-D float32 CPU rows (never building it), and torch's
+    `max` for everything else."""
+    from models import sampling
+
+    ops = w4a8.load()[0] or pytest.skip("extension unavailable")
+    calls = []
+    monkeypatch.setattr(w4a8, "loaded", lambda: calls.append(1) or ops)
+    x = tricky_rows(300, gen)
+    assert torch.equal(sampling.argmax_rows(x), x.max(-1).indices) and calls == [1]
+    assert torch.equal(sampling.argmax_rows(x.bfloat16()), x.bfloat16().max(-1).indices) and calls == [1]
+    assert torch.equal(sampling.argmax_rows(x[0]), x[0].argmax()) and calls == [1]
+    monkeypatch.setattr(w4a8, "loaded", lambda: None)
+    assert torch.equal(sampling.argmax_rows(x), x.max(-1).indices)
 
 
 def test_input_checks(isa):
