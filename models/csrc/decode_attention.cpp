@@ -167,10 +167,10 @@ inline VecF vexp2_neg(VecF x) {
 }
 
 // q . k for 4 keys at a time: each (key, head) dot product is a vector of partial sums, and the 4 keys' vectors
-// are reduced together (a transpose-and-add) instead of one horizontal sum each. Returns the keys done (a
-// multiple of 4); the caller finishes the rest.
+// are reduced together (a transpose-and-add) instead of one horizontal sum each; the same keys' value rows (v)
+// are prefetched for the value loop. Returns the keys done (a multiple of 4); the caller finishes the rest.
 template <typename T, int64_t DC, int64_t GC>
-int64_t scores4(const Shape& s, const float* qf, const T* k, int64_t n, float* scores) {
+int64_t scores4(const Shape& s, const float* qf, const T* k, const T* v, int64_t n, float* scores) {
   const int64_t g = GC ? GC : s.g;
   constexpr int64_t C = DC / kLanes;
   float rows[4][DC];
@@ -179,6 +179,7 @@ int64_t scores4(const Shape& s, const float* qf, const T* k, int64_t n, float* s
     alignas(16) float rs[4];
     for (int r = 0; r < 4; ++r) {
       if (t + r + kAhead < n) prefetch_row(k + (t + r + kAhead) * s.sT, row_len<T>(DC));
+      prefetch_row(v + (t + r) * s.sT, row_len<T>(DC));  // for the value loop, after the scores
       load_row<T, DC>(k + (t + r) * s.sT, rows[r], DC);
       rs[r] = row_scale(k + (t + r) * s.sT, DC);
     }
@@ -301,6 +302,7 @@ void chunk_vec(const Shape& s, const float* qf, const typename R::T* kbase, cons
     for (int r = 0; r < 4; ++r) {
       const T* row = kbase + (t0 + t + r) * s.sT;
       if (t + r + kAhead < n) prefetch_row(row + kAhead * s.sT, DC + R::kExtra);
+      prefetch_row(vbase + (t0 + t + r) * s.sT, DC + R::kExtra);  // for the value loop, after the scores
       ks[r] = R::template load<DC>(row, k[r]);
     }
     for (int64_t j = 0; j < GC; ++j) {
@@ -375,7 +377,8 @@ void chunk(const Shape& s, const float* qf, const T* kbase, const T* vbase, int6
   float row[kMaxHead];
   int64_t t = 0;
 #if defined(__AVX512F__) || defined(__AVX2__)
-  if constexpr (DC > 0 && DC % kLanes == 0) t = scores4<T, DC, GC>(s, qf, kbase + t0 * s.sT, n, scores);
+  if constexpr (DC > 0 && DC % kLanes == 0)
+    t = scores4<T, DC, GC>(s, qf, kbase + t0 * s.sT, vbase + t0 * s.sT, n, scores);
 #endif
   for (; t < n; ++t) {
     load_row<T, DC>(kbase + (t0 + t) * s.sT, row, D);
