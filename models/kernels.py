@@ -16,12 +16,14 @@ Kernels:
   the same C++ kernel's W8A8 path instead (`w4a8_mm`'s twin `w8a8_mm`, reference `w4a8.reference_w8`).
 
 Prefill policy: `KernelPlan.dense_min_tokens` is the token count from which dequantize-then-dense beats the
-int4 kernel. On CPUs without AMX the int4 kernel won at every size measured (1..512 tokens, see
-benchmarks/qlinear.py), so the CPU plan never switches to dense there. Where torch runs AMX tiles (Intel Xeon
-since Sapphire Rapids), oneDNN's bf16 matmul is several times faster than W4A8 at prefill sizes, so from
-CPU_DENSE_MIN_TOKENS tokens on the W4A8 plan dequantizes (`w4a8_dequant`, exact to bf16) and multiplies dense,
-and from CPU_AMX_MIN_TOKENS up to there it runs `w4_amx_mm` (AMX-BF16 tiles on the packed weight), which beat
-W4A8 from 4-5 rows on in one-layer timings (docs/benchmarks.md).
+int4 kernel. Where torch runs AMX tiles (Intel Xeon since Sapphire Rapids), oneDNN's bf16 matmul is several times
+faster than W4A8 at prefill sizes, so from CPU_DENSE_MIN_TOKENS tokens on the W4A8 plan dequantizes
+(`w4a8_dequant`, exact to bf16) and multiplies dense, and from CPU_AMX_MIN_TOKENS up to there it runs `w4_amx_mm`
+(AMX-BF16 tiles on the packed weight), which beat W4A8 from 4-5 rows on in one-layer timings. Without AMX but with
+AVX512-BF16 dot products (AMD Zen 4 and later, Intel Cooper Lake), the dense path wins from about 192 tokens on
+(a layer's int4 linears at 256 tokens: 2.59 against 2.84 ms), so it starts at CPU_BF16_DENSE_MIN_TOKENS. Elsewhere
+(AVX2-only CPUs) W4A8 won at every size measured (1..512 tokens) and the CPU plan never switches to dense
+(docs/benchmarks.md).
 On an H100 (torch 2.11) tinygemm was 13-20x slower than dequantize + cuBLAS at 512 tokens on Llama-2-7B shapes,
 so CUDA prefill dequantizes from CUDA_DENSE_MIN_TOKENS tokens on; the exact crossover between 8 and 512 tokens is
 unmeasured. The dequantized weight is a per-call temporary on both devices.
@@ -48,6 +50,7 @@ CUDA_TRITON = "cuda_triton"
 CUDA_KERNELS = (CUDA_TINYGEMM, CUDA_TRITON)
 CUDA_DENSE_MIN_TOKENS = 64  # tinygemm below, dequantize + cuBLAS from here (see module docstring)
 CPU_DENSE_MIN_TOKENS = 64  # with AMX: dequantize + oneDNN bf16 from here (see module docstring)
+CPU_BF16_DENSE_MIN_TOKENS = 256  # without AMX, with AVX512-BF16: the same from here (see module docstring)
 CPU_AMX_MIN_TOKENS = 4  # with AMX: W4A8 below, w4_amx_mm from here to CPU_DENSE_MIN_TOKENS (see module docstring)
 TRITON_MAX_TOKENS = 16  # the Triton kernel tiles M by 16: decode; prefill dequantizes + cuBLAS
 REFERENCE = "reference"
@@ -91,6 +94,15 @@ def cpu_has_amx() -> bool:
     return bool(probe is not None and probe() and torch.backends.mkldnn.is_available())
 
 
+def cpu_has_avx512_bf16() -> bool:
+    """oneDNN's bf16 matmul runs AVX512-BF16 dot products here: the CPU has them and torch runs AVX-512 (False
+    under ATEN_CPU_CAPABILITY=avx2, as on a CPU without them, although oneDNN itself would still use them)."""
+    from . import w4a8
+
+    cap = torch.backends.cpu.get_cpu_capability().lower()
+    return cap.startswith("avx512") and "avx512_bf16" in w4a8._cpu_flags() and torch.backends.mkldnn.is_available()
+
+
 def w4a8_amx_min_tokens(ops) -> Optional[int]:
     """From how many rows the W4A8 build `ops` runs its AMX tile kernels (`w4_amx_mm`, and `w8_amx_mm` for the
     W8A8 head), or None where the CPU, the OS or the build has no AMX tiles."""
@@ -117,6 +129,12 @@ def _cpu_plan(cpu_int4: str) -> KernelPlan:
                     CPU_DENSE_MIN_TOKENS,
                     f"{reason}; AMX: {tiles}dequantize + oneDNN bf16 matmul from {CPU_DENSE_MIN_TOKENS}",
                     amx_from,
+                )
+            if cpu_has_avx512_bf16():
+                return KernelPlan(
+                    CPU_W4A8,
+                    CPU_BF16_DENSE_MIN_TOKENS,
+                    f"{reason}; AVX512-BF16: dequantize + oneDNN bf16 matmul from {CPU_BF16_DENSE_MIN_TOKENS}",
                 )
             return KernelPlan(CPU_W4A8, None, reason)
         why = f"W4A8 kernel: {built}"

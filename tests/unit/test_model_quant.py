@@ -258,13 +258,14 @@ def test_unsupported_quant_format_fails_loudly(quant_dirs, tmp_path):
 
 
 def test_footprint_counts_the_dense_prefill_weight(quant_dirs, monkeypatch):
-    """Where the plan prefills dense (CPUs with AMX, CUDA), the workspace holds the largest layer's bf16 weight
-    (fused gate+up here) once the prefill chunk reaches dense_min_tokens; W4A8 elsewhere needs none."""
+    """Where the plan prefills dense (CPUs with AMX or AVX512-BF16, CUDA), the workspace holds the largest layer's
+    bf16 weight (fused gate+up here) once the prefill chunk reaches dense_min_tokens; W4A8 elsewhere needs none."""
     from models.loader import dense_prefill_bytes
 
     info = inspect_checkpoint(quant_dirs[("llama", "gptq_act_order")])
     chunk = kernels.CPU_DENSE_MIN_TOKENS
     monkeypatch.setattr(kernels, "cpu_has_amx", lambda: False)
+    monkeypatch.setattr(kernels, "cpu_has_avx512_bf16", lambda: False)
     plan = kernels.device_kernel(torch.device("cpu"))
     if plan.name != kernels.CPU_W4A8:
         pytest.skip(f"the CPU plan here is {plan.name}")
@@ -276,3 +277,7 @@ def test_footprint_counts_the_dense_prefill_weight(quant_dirs, monkeypatch):
     assert dense_prefill_bytes(info, prefill_chunk=chunk - 1) == 0  # the chunk never reaches the dense path
     with_amx = predict_footprint(info, max_batch_size=2, max_seq=64, prefill_chunk=chunk)
     assert with_amx.workspace_bytes - without.workspace_bytes == gate_up
+    monkeypatch.setattr(kernels, "cpu_has_amx", lambda: False)
+    monkeypatch.setattr(kernels, "cpu_has_avx512_bf16", lambda: True)  # dense from a larger chunk
+    assert dense_prefill_bytes(info, prefill_chunk=kernels.CPU_BF16_DENSE_MIN_TOKENS) == gate_up
+    assert dense_prefill_bytes(info, prefill_chunk=kernels.CPU_BF16_DENSE_MIN_TOKENS - 1) == 0

@@ -166,7 +166,7 @@ def test_builds_without_amx_say_so(isa):
         ops.w8_amx_mm(torch.randn(2, 64), packed8, s8, 64, False)
 
 
-def test_cpu_plan_amx_thresholds_only_with_amx(monkeypatch):
+def test_cpu_plan_dense_prefill_only_with_amx_or_avx512_bf16(monkeypatch):
     if w4a8.native_isa() == "scalar":
         pytest.skip("auto does not pick W4A8 without SIMD")
     cpu = torch.device("cpu")
@@ -183,7 +183,20 @@ def test_cpu_plan_amx_thresholds_only_with_amx(monkeypatch):
     int4pack = kernels.device_kernel(cpu, cpu_int4="int4pack")
     assert (int4pack.amx_min_tokens, int4pack.dense_min_tokens) == (None, None)
     monkeypatch.setattr(kernels, "cpu_has_amx", lambda: False)
+    monkeypatch.setattr(kernels, "cpu_has_avx512_bf16", lambda: False)
     assert (kernels.device_kernel(cpu).amx_min_tokens, kernels.device_kernel(cpu).dense_min_tokens) == (None, None)
+    monkeypatch.setattr(kernels, "cpu_has_avx512_bf16", lambda: True)  # no AMX, AVX512-BF16: dense from 256
+    plan = kernels.device_kernel(cpu)
+    assert (plan.amx_min_tokens, plan.dense_min_tokens) == (None, kernels.CPU_BF16_DENSE_MIN_TOKENS)
+    assert "AVX512-BF16" in plan.reason
+    assert kernels.device_kernel(cpu, cpu_int4="int4pack").dense_min_tokens is None
+
+
+def test_avx512_bf16_probe_follows_the_cpu_and_torch_capability():
+    flags = w4a8._cpu_flags()
+    cap = torch.backends.cpu.get_cpu_capability().lower()
+    want = "avx512_bf16" in flags and cap.startswith("avx512") and torch.backends.mkldnn.is_available()
+    assert kernels.cpu_has_avx512_bf16() == want
 
 
 def test_reference_is_close_to_the_dense_product(gen):
