@@ -269,8 +269,8 @@ def dense_prefill_bytes(
 ) -> int:
     """The bf16 weight a prefill chunk dequantizes for its largest 4-bit layer (fused gate+up, qkv or down) where
     the device's int4 plan multiplies dense from `dense_min_tokens` tokens on (models.kernels: CUDA, CPUs with
-    AMX or AVX512-BF16, and the reference plan at every size): a per-call temporary, one alive at a time. 0 where prefill never
-    goes dense."""
+    AMX or AVX512-BF16, and the reference plan at every size): a per-call temporary, one alive at a time. 0 where
+    prefill never goes dense."""
     if not (info.qcfg.is_quantized and info.qcfg.bits == 4 and info.fused):
         return 0
     from .kernels import REFERENCE, device_kernel
