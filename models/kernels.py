@@ -100,7 +100,7 @@ def cpu_has_avx512_bf16() -> bool:
     from . import w4a8
 
     cap = torch.backends.cpu.get_cpu_capability().lower()
-    return cap.startswith("avx512") and "avx512_bf16" in w4a8._cpu_flags() and torch.backends.mkldnn.is_available()
+    return cap.startswith("avx512") and "avx512_bf16" in w4a8.cpu_flags() and torch.backends.mkldnn.is_available()
 
 
 def w4a8_amx_min_tokens(ops) -> Optional[int]:

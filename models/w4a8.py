@@ -39,7 +39,9 @@ ISA_FLAGS = {
 }
 
 
-def _cpu_flags() -> frozenset:
+@functools.lru_cache(maxsize=None)
+def cpu_flags() -> frozenset:
+    """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read), read once per process."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
@@ -52,7 +54,7 @@ def _cpu_flags() -> frozenset:
 def native_isa() -> str:
     """The kernel build for this CPU and torch's CPU capability (which $ATEN_CPU_CAPABILITY can lower)."""
     cap = torch.backends.cpu.get_cpu_capability().lower()
-    flags = _cpu_flags()
+    flags = cpu_flags()
     if cap.startswith("avx512") and {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags:
         return "avx512_vnni"
     if cap.startswith(("avx512", "avx2")) and {"avx2", "fma", "f16c"} <= flags:

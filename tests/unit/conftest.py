@@ -22,9 +22,9 @@ import pytest
 
 
 def _extension_isas() -> list:
-    from models.w4a8 import _cpu_flags
+    from models.w4a8 import cpu_flags
 
-    flags = _cpu_flags()
+    flags = cpu_flags()
     vnni = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
     return [
         pytest.param("avx512_vnni", marks=pytest.mark.skipif(not vnni <= flags, reason="CPU has no AVX-512 VNNI")),

@@ -196,7 +196,7 @@ def test_avx512_bf16_probe_is_off_below_avx512():
     """The dense-prefill probe says no where torch runs below AVX-512 (CI reruns this file under
     ATEN_CPU_CAPABILITY=avx2 and default) or the CPU has no AVX512-BF16, as on an AVX2-only CPU."""
     below = not torch.backends.cpu.get_cpu_capability().lower().startswith("avx512")
-    if below or "avx512_bf16" not in w4a8._cpu_flags():
+    if below or "avx512_bf16" not in w4a8.cpu_flags():
         assert not kernels.cpu_has_avx512_bf16()
     else:
         assert kernels.cpu_has_avx512_bf16() == torch.backends.mkldnn.is_available()
