@@ -162,19 +162,27 @@ def _as_float32(logits: torch.Tensor) -> torch.Tensor:
     return logits if logits.dtype == torch.float32 else logits.float()
 
 
-def argmax_rows(x: torch.Tensor) -> torch.Tensor:
-    """`x.argmax(dim=-1)` (the first index on ties, NaN counts as largest). A 2-D float32 CPU `x` goes to the C++
-    kernel (`argmax_rows` in models/csrc/fused_ops.cpp) where this process has loaded the extension, else (and
-    for anything else) to `max(dim=-1).indices`, which torch runs about three times faster than `argmax` on CPU;
-    all three give the same indices (docs/benchmarks.md)."""
+def argmax_rows(x: torch.Tensor, allowed: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`x.argmax(dim=-1)` (the first index on ties, NaN counts as largest); with `allowed` (B, ceil(V/32)) int32
+    packed token masks, that of `x` with every disallowed token at -inf. A 2-D float32 CPU `x` (and a contiguous
+    int32 CPU mask) goes to the C++ kernel (`argmax_rows` in models/csrc/fused_ops.cpp) where this process has
+    loaded the extension, else (and for anything else) to `max(dim=-1).indices` after `unpack_token_bitmask` and
+    `masked_fill`; torch runs `max` about three times faster than `argmax` on CPU. All give the same indices
+    (docs/benchmarks.md)."""
     import torch
 
     if x.dim() == 2 and x.dtype == torch.float32 and x.device.type == "cpu" and x.shape[1] > 0:
         from . import w4a8
 
         ops = w4a8.loaded()
-        if ops is not None:
-            return ops.argmax_rows(x if x.stride(1) == 1 else x.contiguous())
+        if ops is not None and (
+            allowed is None or (allowed.dtype == torch.int32 and allowed.device.type == "cpu" and allowed.dim() == 2)
+        ):
+            xc = x if x.stride(1) == 1 else x.contiguous()
+            return ops.argmax_rows(xc) if allowed is None else ops.argmax_rows(xc, allowed.contiguous())
+    if allowed is not None:
+        keep = unpack_token_bitmask(allowed.to(x.device, non_blocking=True), x.shape[-1])
+        x = x.masked_fill(~keep, float("-inf"))
     return x.max(dim=-1).indices
 
 
@@ -434,12 +442,12 @@ def sample(
         return SampleOutput(tokens=argmax_rows(logits))  # fast path: what the general path computes here
 
     x = apply_penalties(logits, params, histories, prompt_lens, counts) if penalties else logits
-    if allowed is not None:
-        keep = unpack_token_bitmask(allowed.to(logits.device, non_blocking=True), v)
-        x = x.masked_fill(~keep, float("-inf"))  # a new tensor: `logits` keeps the raw values for the logprobs
-    if not sampled_rows:
-        tokens = argmax_rows(x)
+    if not sampled_rows:  # greedy: the mask goes into the argmax, no masked copy of the logits
+        tokens = argmax_rows(x, allowed)
     else:
+        if allowed is not None:
+            keep = unpack_token_bitmask(allowed.to(logits.device, non_blocking=True), v)
+            x = x.masked_fill(~keep, float("-inf"))  # a new tensor: `logits` keeps the raw values for the logprobs
         all_sampled = len(sampled_rows) == b
         w = apply_warpers(x if all_sampled else x[sampled_rows], [params[i] for i in sampled_rows])  # (S, V)
         log_e = _log_exponential_noise(w.shape[0], v, w.device, [generators[i] for i in sampled_rows])

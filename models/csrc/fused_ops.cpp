@@ -9,8 +9,10 @@
 //   kv_rows(x)                     x (T, KVH, D) -> (T, KVH, D + 4) int8 rows of an int8 KV cache: models/kv_cache.py
 //                                  `quantize_rows`, byte for byte (IEEE division, round half to even)
 //   kv_values(rows)                rows (T, KVH, D + 4) int8 -> (T, KVH, D) bf16(code * scale): `dequantize_rows`
-//   argmax_rows(x)                 x (B, V) float32 -> (B,) int64, the first index of each row's maximum, a NaN
-//                                  counting as larger than any number: torch's `x.max(-1).indices`, exactly
+//   argmax_rows(x, allowed=None)   x (B, V) float32 -> (B,) int64, the first index of each row's maximum, a NaN
+//                                  counting as larger than any number: torch's `x.max(-1).indices`, exactly; with
+//                                  `allowed` (B, ceil(V/32)) int32 packed token masks, that of the row with every
+//                                  disallowed index set to -inf (`sampling.unpack_token_bitmask`, masked_fill)
 //
 // Each rounds where the eager bfloat16 ops of transformers round (every op's result is bfloat16; the norm's
 // statistics are float32), so they reproduce those ops up to float32 summation order and silu's exp (relative
@@ -35,6 +37,7 @@
 #include <immintrin.h>
 #endif
 #include <limits>
+#include <optional>
 
 #ifndef JETSERVE_W4A8_NS
 #define JETSERVE_W4A8_NS jetserve_w4a8
@@ -233,51 +236,71 @@ at::Tensor kv_values(const at::Tensor& rows) {
   return out;
 }
 
-// The first index of row x's maximum (V >= 1), NaN largest. Each vector lane keeps the first index of its own
-// maximum (strictly greater replaces); the lanes are then reduced to the smallest index holding the maximum.
-// A NaN anywhere sends the row to a scalar scan for the first NaN (torch's rule), which finite logits never take.
-inline int64_t first_nan(const float* x, int64_t V) {
-  for (int64_t i = 0; i < V; ++i)
-    if (std::isnan(x[i])) return i;
+// Whether index i of a row is allowed by its packed mask (bit i % 32 of word i / 32); every index without one.
+template <bool Masked>
+inline bool allowed_at(const uint32_t* bits, int64_t i) {
+  return !Masked || ((bits[i >> 5] >> (i & 31)) & 1u);
+}
+
+// The first (allowed) index below `end` holding a NaN; -1 if none.
+template <bool Masked>
+inline int64_t first_nan(const float* x, int64_t end, const uint32_t* bits) {
+  for (int64_t i = 0; i < end; ++i)
+    if (allowed_at<Masked>(bits, i) && std::isnan(x[i])) return i;
   return -1;
 }
 
-inline int64_t row_argmax(const float* x, int64_t V) {
+// The first index of the maximum of row x (V >= 1 values), a NaN counting as larger than any number. With
+// Masked, only the indices its packed mask `bits` allows count, as if the others held -inf. The scan starts from
+// -inf at index 0, so a row whose (allowed) values are all -inf gives 0, as torch's max of the masked row. Each
+// vector lane keeps the first index of its own maximum (strictly greater replaces); the lanes are then reduced
+// to the smallest index holding the maximum. A NaN sends the row to a scalar scan for the first one (torch's
+// rule), which finite logits never take.
+template <bool Masked>
+int64_t scan_argmax(const float* x, int64_t V, const uint32_t* bits) {
   int64_t i = 0, bi = 0;
-  float best;
+  float best = -std::numeric_limits<float>::infinity();
 #if defined(__AVX512F__)
   if (V >= 16) {
-    __m512 bv = _mm512_loadu_ps(x);
-    __m512i bix = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), cur = bix;
+    __m512 bv = _mm512_set1_ps(best);
+    __m512i cur = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512i bix = cur;
     const __m512i step = _mm512_set1_epi32(16);
-    __mmask16 nan = _mm512_cmp_ps_mask(bv, bv, _CMP_UNORD_Q);
-    for (i = 16; i + 16 <= V; i += 16) {
-      cur = _mm512_add_epi32(cur, step);
+    __mmask16 nan = 0;
+    for (; i + 16 <= V; i += 16, cur = _mm512_add_epi32(cur, step)) {
+      const __mmask16 ok = Masked ? static_cast<__mmask16>(bits[i >> 5] >> (i & 16)) : static_cast<__mmask16>(0xFFFF);
       const __m512 v = _mm512_loadu_ps(x + i);
-      const __mmask16 gt = _mm512_cmp_ps_mask(v, bv, _CMP_GT_OQ);
+      const __mmask16 gt = _mm512_mask_cmp_ps_mask(ok, v, bv, _CMP_GT_OQ);
       bv = _mm512_mask_mov_ps(bv, gt, v);
       bix = _mm512_mask_mov_epi32(bix, gt, cur);
-      nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      nan |= _mm512_mask_cmp_ps_mask(ok, v, v, _CMP_UNORD_Q);
     }
-    if (nan) return first_nan(x, V);
+    if (nan) return first_nan<Masked>(x, i, bits);
     best = _mm512_reduce_max_ps(bv);
     bi = _mm512_mask_reduce_min_epi32(_mm512_cmp_ps_mask(bv, _mm512_set1_ps(best), _CMP_EQ_OQ), bix);
-  } else
+  }
 #elif defined(__AVX2__)
   if (V >= 8) {
-    __m256 bv = _mm256_loadu_ps(x);
-    __m256i bix = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), cur = bix;
+    __m256 bv = _mm256_set1_ps(best);
+    __m256i cur = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256i bix = cur;
     const __m256i step = _mm256_set1_epi32(8);
-    __m256 nan = _mm256_cmp_ps(bv, bv, _CMP_UNORD_Q);
-    for (i = 8; i + 8 <= V; i += 8) {
-      cur = _mm256_add_epi32(cur, step);
+    const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    __m256 nan = _mm256_setzero_ps();
+    for (; i + 8 <= V; i += 8, cur = _mm256_add_epi32(cur, step)) {
       const __m256 v = _mm256_loadu_ps(x + i);
-      const __m256 gt = _mm256_cmp_ps(v, bv, _CMP_GT_OQ);
+      __m256 gt = _mm256_cmp_ps(v, bv, _CMP_GT_OQ), un = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+      if (Masked) {  // the 8 bits of indices i .. i + 7, one per lane
+        const __m256i b = _mm256_set1_epi32(static_cast<int32_t>((bits[i >> 5] >> (i & 24)) & 0xFFu));
+        const __m256 ok = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(b, lane_bit), lane_bit));
+        gt = _mm256_and_ps(gt, ok);
+        un = _mm256_and_ps(un, ok);
+      }
       bv = _mm256_blendv_ps(bv, v, gt);
       bix = _mm256_blendv_epi8(bix, cur, _mm256_castps_si256(gt));
-      nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      nan = _mm256_or_ps(nan, un);
     }
-    if (_mm256_movemask_ps(nan)) return first_nan(x, V);
+    if (_mm256_movemask_ps(nan)) return first_nan<Masked>(x, i, bits);
     alignas(32) float lv[8];
     alignas(32) int32_t li[8];
     _mm256_store_ps(lv, bv);
@@ -290,14 +313,10 @@ inline int64_t row_argmax(const float* x, int64_t V) {
         bi = li[l];
       }
     }
-  } else
-#endif
-  {
-    best = x[0];
-    if (std::isnan(best)) return 0;
-    i = 1;
   }
-  for (; i < V; ++i) {  // the tail: later indices, so only a strictly greater value (or a NaN) replaces
+#endif
+  for (; i < V; ++i) {  // the tail (or everything): later indices, so only a strictly greater value or a NaN
+    if (!allowed_at<Masked>(bits, i)) continue;
     const float v = x[i];
     if (std::isnan(v)) return i;
     if (v > best) {
@@ -308,19 +327,32 @@ inline int64_t row_argmax(const float* x, int64_t V) {
   return bi;
 }
 
-at::Tensor argmax_rows(const at::Tensor& x) {
+at::Tensor argmax_rows(const at::Tensor& x, const std::optional<at::Tensor>& allowed) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2,
               "argmax_rows: x must be a 2-D float32 CPU tensor");
   const int64_t B = x.size(0), V = x.size(1);
-  TORCH_CHECK(V > 0 && V < std::numeric_limits<int32_t>::max(), "argmax_rows: rows must have 1 to 2^31 - 2 values");
+  TORCH_CHECK(V > 0 && V < std::numeric_limits<int32_t>::max() - 16,
+              "argmax_rows: rows must have 1 to 2^31 - 18 values");
   TORCH_CHECK(V == 1 || x.stride(1) == 1, "argmax_rows: x needs contiguous rows");
   at::Tensor out = at::empty({B}, x.options().dtype(at::kLong));
   const float* xp = x.data_ptr<float>();
   int64_t* op = out.data_ptr<int64_t>();
   const int64_t ld = x.stride(0);
-  at::parallel_for(0, B, grain(V), [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) op[b] = row_argmax(xp + b * ld, V);
-  });
+  if (allowed.has_value() && allowed->defined()) {
+    const at::Tensor& a = *allowed;
+    TORCH_CHECK(a.device().is_cpu() && a.scalar_type() == at::kInt && a.dim() == 2 && a.size(0) == B &&
+                    a.size(1) == (V + 31) / 32 && a.is_contiguous(),
+                "argmax_rows: allowed must be a contiguous (B, ceil(V / 32)) int32 CPU tensor");
+    const uint32_t* bits = reinterpret_cast<const uint32_t*>(a.data_ptr<int32_t>());
+    const int64_t words = a.size(1);
+    at::parallel_for(0, B, grain(V), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) op[b] = scan_argmax<true>(xp + b * ld, V, bits + b * words);
+    });
+  } else {
+    at::parallel_for(0, B, grain(V), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) op[b] = scan_argmax<false>(xp + b * ld, V, nullptr);
+    });
+  }
   return out;
 }
 
@@ -333,7 +365,7 @@ TORCH_LIBRARY_FRAGMENT(JETSERVE_W4A8_NS, m) {
   m.def("silu_mul(Tensor gu) -> Tensor");
   m.def("kv_rows(Tensor x) -> Tensor");
   m.def("kv_values(Tensor rows) -> Tensor");
-  m.def("argmax_rows(Tensor x) -> Tensor");
+  m.def("argmax_rows(Tensor x, Tensor? allowed=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(JETSERVE_W4A8_NS, CPU, m) {

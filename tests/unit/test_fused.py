@@ -137,7 +137,7 @@ def tricky_rows(V: int, gen) -> torch.Tensor:
     return x
 
 
-@pytest.mark.parametrize("V", [1, 7, 8, 16, 17, 100, 49152])
+@pytest.mark.parametrize("V", [1, 7, 8, 16, 17, 100, 49152, 65601])
 def test_argmax_rows_is_torch_max_indices(isa, V, gen):
     ops = w4a8.load(isa)[0] or pytest.skip(f"extension build {isa} unavailable")
     x = tricky_rows(V, gen)
@@ -155,9 +155,72 @@ def test_argmax_rows_is_torch_max_indices(isa, V, gen):
         ops.argmax_rows(x[:, :0])
 
 
+def masked_reference(x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """What sampling's general path computes: disallowed tokens at -inf, then torch's max indices."""
+    from models.sampling import unpack_token_bitmask
+
+    return x.masked_fill(~unpack_token_bitmask(allowed, x.shape[1]), float("-inf")).max(dim=-1).indices
+
+
+def pack_mask(keep: torch.Tensor) -> torch.Tensor:
+    """(B, V) bool -> (B, ceil(V/32)) int32, bit j % 32 of word j / 32 (llguidance's layout)."""
+    B, V = keep.shape
+    bits = torch.zeros(B, (V + 31) // 32 * 32, dtype=torch.int64)
+    bits[:, :V] = keep.long()
+    words = (bits.view(B, -1, 32) << torch.arange(32)).sum(-1)  # < 2^32
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+@pytest.mark.parametrize("V", [1, 7, 8, 16, 17, 100, 49152, 65600])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_argmax_rows_with_a_token_mask_is_the_masked_max(isa, V, threads, gen):
+    """With a packed mask the kernel picks what masked_fill(-inf) + max picks: random masks, a tie whose first
+    index is masked, NaNs masked away or allowed, a row allowing only a -inf (index 0, as torch), an all-allowed
+    row (the unmasked answer); on 1, 2 and 3 threads (rows split over them)."""
+    ops = w4a8.load(isa)[0] or pytest.skip(f"extension build {isa} unavailable")
+    x = tricky_rows(V, gen)
+    keep = torch.rand(x.shape, generator=gen) < 0.5
+    last = V - 1
+    keep[0] = True  # all allowed
+    keep[1, last // 2] = False  # the tie's first index masked: the second wins
+    keep[1, last] = True
+    keep[2, last] = False  # the only NaN masked away
+    keep[3, last // 3] = False  # the first NaN masked: the second counts
+    keep[3, last] = True
+    keep[4] = False  # nothing allowed on an all -inf row
+    keep[5] = False
+    keep[5, last] = True  # one allowed token among equals
+    keep[7] = False
+    keep[7, 0] = True  # +inf (at the end) masked away; x[7, 0] allowed
+    x[8, 0] = float("nan")
+    keep[8, 0] = False  # a leading NaN masked away
+    keep[11] = False
+    keep[11, last] = True
+    x[11, last] = float("-inf")  # the only allowed token is -inf: torch gives index 0
+    allowed = pack_mask(keep)
+    want = masked_reference(x, allowed)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = ops.argmax_rows(x, allowed)
+        unmasked = ops.argmax_rows(x)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got, want)
+    assert torch.equal(unmasked, x.max(dim=-1).indices)
+    assert int(got[0]) == int(unmasked[0]) and int(got[11]) == 0
+    if V > 1:
+        assert int(got[1]) == last and int(got[5]) == last
+    with pytest.raises(RuntimeError, match="allowed must be"):
+        ops.argmax_rows(x, allowed[:, :-1] if allowed.shape[1] > 1 else allowed[:0])
+    with pytest.raises(RuntimeError, match="allowed must be"):
+        ops.argmax_rows(x, allowed.long())
+
+
 def test_argmax_rows_takes_the_kernel_once_loaded(monkeypatch, gen):
-    """`sampling.argmax_rows` calls the loaded extension for 2-D float32 CPU rows (never building it), and torch's
-    `max` for everything else."""
+    """`sampling.argmax_rows` calls the loaded extension for 2-D float32 CPU rows (never building it), with or
+    without a token mask (as `sample`'s greedy rows do), and torch's `max` (after masked_fill) for everything
+    else, with the same indices."""
     from models import sampling
 
     ops = w4a8.load()[0] or pytest.skip("extension unavailable")
@@ -167,8 +230,17 @@ def test_argmax_rows_takes_the_kernel_once_loaded(monkeypatch, gen):
     assert torch.equal(sampling.argmax_rows(x), x.max(-1).indices) and calls == [1]
     assert torch.equal(sampling.argmax_rows(x.bfloat16()), x.bfloat16().max(-1).indices) and calls == [1]
     assert torch.equal(sampling.argmax_rows(x[0]), x[0].argmax()) and calls == [1]
+    keep = torch.rand(x.shape, generator=gen) < 0.3
+    keep[:, 7] = True
+    allowed = pack_mask(keep)
+    want = masked_reference(x, allowed)
+    assert torch.equal(sampling.argmax_rows(x, allowed), want) and calls == [1, 1]
+    greedy = [sampling.SamplingParams(temperature=0.0)] * x.shape[0]
+    assert torch.equal(sampling.sample(x, greedy, allowed=allowed).tokens, want) and calls == [1, 1, 1]
     monkeypatch.setattr(w4a8, "loaded", lambda: None)
     assert torch.equal(sampling.argmax_rows(x), x.max(-1).indices)
+    assert torch.equal(sampling.argmax_rows(x, allowed), want)
+    assert torch.equal(sampling.sample(x, greedy, allowed=allowed).tokens, want)
 
 
 def test_input_checks(isa):
