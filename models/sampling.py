@@ -14,9 +14,12 @@ Order of operations (HF `generate` order for the warpers, vLLM order for the pen
 3. temperature, then top-k, then top-p (the smallest set of most likely tokens whose mass reaches top_p;
    the most likely token is always kept), then min-p (drop tokens whose probability is below
    min_p * the largest probability);
-4. one draw per row with the exponential race `argmax(p / E)`, `E ~ Exp(1)`, which is an exact sample of `p`.
-   A row with a generator draws only from it, so a seeded request gives the same tokens whatever else is
-   in the batch.
+4. one draw per row by inversion: one uniform u per row, the token where the cumulative probability of the kept
+   tokens, in vocabulary order, first exceeds u: an exact sample of `p`. A row with a generator draws only from it, so a seeded
+   request gives the same tokens whatever else is in the batch. On CPU, rows whose top-k / top-p keep a few
+   hundred tokens (top-k, top-p or min-p) are filtered and drawn among the top candidates only
+   (`_top_k_top_p_candidates`); the vocabulary is sorted or drawn over in full only where those do not cover a
+   row.
 
 Returned log-probabilities are those of the raw model distribution (`log_softmax` of the logits as given,
 before penalties and temperature), as vLLM reports them by default. They are computed only when a row asks.
@@ -33,7 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 
 if TYPE_CHECKING:
     import torch
@@ -305,56 +308,164 @@ def apply_penalties(
     return x
 
 
+def _filters(p: SamplingParams, v: int) -> bool:
+    """Whether a sampled row's top-k, top-p or min-p removes tokens from a `v`-token vocabulary."""
+    return 0 < p.top_k < v or p.top_p < 1.0 or p.min_p > 0.0
+
+
+def _temperature(x: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Float32 logits divided by each row's temperature (greedy rows by 1)."""
+    x = _as_float32(x)
+    temps = [p.temperature if p.temperature > 0 else 1.0 for p in params]
+    return x / _row_tensor(temps, x) if any(t != 1.0 for t in temps) else x
+
+
+def _k_and_p(params: Sequence[SamplingParams], v: int) -> Tuple[List[int], List[float]]:
+    """Per-row top-k (v: off) and top-p (1: off); greedy rows keep everything."""
+    ks = [p.top_k if (p.top_k > 0 and p.temperature > 0) else v for p in params]
+    ps = [p.top_p if p.temperature > 0 else 1.0 for p in params]
+    return ks, ps
+
+
+def _min_p(x: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Drop the tokens of each row whose probability is below min_p x the row's largest (rows of x: kept tokens
+    finite, removed ones -inf, in any order and over any subset of the vocabulary holding all kept tokens)."""
+    mins = [p.min_p if p.temperature > 0 else 0.0 for p in params]
+    if not any(m > 0 for m in mins):
+        return x
+    probs = x.softmax(dim=-1)
+    threshold = probs.amax(dim=-1, keepdim=True) * _row_tensor(mins, x)  # (B, 1)
+    return x.masked_fill(probs < threshold, float("-inf"))
+
+
 def apply_warpers(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     """Temperature, top-k, top-p, min-p for sampled rows; returns (B, V) float32 logits with removed tokens at -inf.
 
     Greedy rows (temperature 0) are left at temperature 1 and unfiltered: their token is the argmax anyway.
     """
-    x = _as_float32(logits)
-    b, v = x.shape
-    temps = [p.temperature if p.temperature > 0 else 1.0 for p in params]
-    if any(t != 1.0 for t in temps):
-        x = x / _row_tensor(temps, x)
-
-    ks = [p.top_k if (p.top_k > 0 and p.temperature > 0) else v for p in params]
-    ps = [p.top_p if p.temperature > 0 else 1.0 for p in params]
-    if any(k < v for k in ks) or any(p < 1.0 for p in ps):
+    x = _temperature(logits, params)
+    ks, ps = _k_and_p(params, x.shape[1])
+    if any(k < x.shape[1] for k in ks) or any(p < 1.0 for p in ps):
         x = _top_k_top_p(x, ks, ps)
-
-    mins = [p.min_p if p.temperature > 0 else 0.0 for p in params]
-    if any(m > 0 for m in mins):
-        probs = x.softmax(dim=-1)
-        threshold = probs.amax(dim=-1, keepdim=True) * _row_tensor(mins, x)  # (B, 1)
-        x = x.masked_fill(probs < threshold, float("-inf"))
-    return x
+    return _min_p(x, params)
 
 
-# On CPU a full sort of the vocabulary costs ~5 ms a row; the top-p nucleus almost always lies in the few hundred
-# most likely tokens, so try a top-K candidate set first and sort everything only when it does not cover a row.
-CPU_TOP_P_CANDIDATES = 1024
+def _draw(x: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[Optional[torch.Generator]]):
+    """One token per sampled row of `x` (S, V) from its warped distribution (`apply_warpers`' kept tokens and
+    probabilities), by inversion with one uniform per row (a row with a generator draws from it alone). On CPU,
+    rows that all filter with top-k / top-p are warped and drawn among their top candidates only."""
+    xt = _temperature(x, params)
+    v = xt.shape[1]
+    ks, ps = _k_and_p(params, v)
+    filtered = any(k < v for k in ks) or any(p < 1.0 for p in ps)
+    mins = [p.min_p for p in params]
+    cand = _top_k_top_p_candidates(xt, ks, ps, mins) if all(_filters(p, v) for p in params) else None
+    if cand is None:
+        vals, idx = _min_p(_top_k_top_p(xt, ks, ps, candidates=False) if filtered else xt, params), None  # (S, V)
+    else:
+        # in vocabulary order, as the full rows: a row's cumulative mass, and so its token for a given uniform,
+        # does not depend on whether its batch took this shortcut
+        idx, order = cand[1].sort(dim=-1)  # (S, K) each
+        vals = _min_p(cand[0], params).gather(1, order)
+    pos = _inverse_cdf(vals, _uniforms(vals.shape[0], vals.device, generators))
+    return pos if idx is None else idx.gather(1, pos.unsqueeze(1)).squeeze(1)
 
 
-def _top_k_top_p(x: torch.Tensor, ks: Sequence[int], ps: Sequence[float]) -> torch.Tensor:
-    """Keep each row's `ks[i]` largest logits, then the smallest prefix whose mass (after top-k) reaches `ps[i]`."""
+def _inverse_cdf(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per row of warped logits w (B, N) (removed tokens -inf), the first position whose cumulative probability
+    exceeds u (B,) in [0, 1): an exact draw from softmax(w). Removed tokens add no mass, so they are never drawn;
+    a row without any finite logit gives 0."""
+    import torch
+
+    m = w.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    cum = (w - m).exp_().cumsum_(dim=-1)  # (B, N), unnormalised
+    total = cum[:, -1:].contiguous()
+    pos = torch.searchsorted(cum, u.unsqueeze(1) * total, right=True)  # first position with cum > u * total
+    # u * total can round up to total: then the last position adding mass (the first where cum reaches total)
+    return torch.minimum(pos, torch.searchsorted(cum, total)).squeeze(1)
+
+
+def _uniforms(b: int, device: torch.device, generators: Sequence[Optional[torch.Generator]]) -> torch.Tensor:
+    """(B,) float32 uniforms in [0, 1): a row with a generator draws from it alone, other rows from the global
+    RNG."""
+    import torch
+
+    u = torch.empty(b, dtype=torch.float32, device=device)
+    unseeded = [i for i, g in enumerate(generators) if g is None]
+    if len(unseeded) == b:
+        return u.uniform_()
+    if unseeded:
+        u[unseeded] = torch.rand(len(unseeded), device=device)
+    for i, g in enumerate(generators):
+        if g is not None:
+            u[i] = torch.rand((), generator=g, device=device)
+    return u
+
+
+# On CPU a full sort of the vocabulary costs ~5 ms a row, and top-k of 1024 of 49152 logits ~0.3 ms against
+# ~0.06 ms for 128: the top-p nucleus almost always lies in the few dozen most likely tokens, so the candidate
+# sets are tried in these sizes, and everything is sorted only when the largest does not cover a row.
+CPU_TOP_P_CANDIDATES = (128, 1024)
+
+
+def _top_k_top_p_candidates(
+    x: torch.Tensor, ks: Sequence[int], ps: Sequence[float], mins: Optional[Sequence[float]] = None
+) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """CPU shortcut of `_top_k_top_p`: (values (B, K) sorted descending, removed ones -inf; their vocabulary
+    indices (B, K)) from each row's top K logits, K the first of `CPU_TOP_P_CANDIDATES` (at least the largest
+    top_k) that covers every row: a row is covered when the candidates hold every token whose preceding mass is
+    below its top_p, and, for a row that `mins` filters with min-p alone, every token whose probability is at
+    least min_p x the largest (its logit at least the largest + log(min_p)). None on other devices, or when no
+    size covers every row or K would hold the vocabulary."""
     import torch
 
     b, v = x.shape
+    if x.device.type != "cpu":
+        return None
+    need = max((k for k in ks if k < v), default=0)
     k_t = _row_tensor(ks, x, torch.long)  # (B, 1)
+    k_on = k_t < v
     # rows with top_p == 1 keep everything (float32 cumsum can reach 1.0 before the tail)
     limit = _row_tensor([p if p < 1.0 else float("inf") for p in ps], x)  # (B, 1)
-    n_cand = min(v, CPU_TOP_P_CANDIDATES)
-    if x.device.type == "cpu" and n_cand < v and all(k <= n_cand or k == v for k in ks):
+    # rows filtered by min-p alone: the logit a kept token reaches at least, relative to the largest
+    floor = _row_tensor([math.log(m) if m > 0 else float("-inf") for m in (mins or [0.0] * b)], x)  # (B, 1)
+    min_only = ~k_on & torch.isinf(limit) & torch.isfinite(floor)
+    need_mass = any(p < 1.0 for p in ps)  # top-p needs each candidate's probability; top-k and min-p do not
+    full_lse = None
+    for size in CPU_TOP_P_CANDIDATES:
+        n_cand = max(size, need)
+        if n_cand >= v or need > CPU_TOP_P_CANDIDATES[-1]:
+            return None
         cand, idx = x.topk(n_cand, dim=-1)  # (B, K) sorted descending
         cand = cand.masked_fill(torch.arange(n_cand).unsqueeze(0) >= k_t, float("-inf"))
-        k_on = k_t < v
-        lse = torch.where(k_on, cand.logsumexp(-1, keepdim=True), x.logsumexp(-1, keepdim=True))  # (B, 1)
-        probs = (cand - lse).exp()
-        cum = probs.cumsum(dim=-1)
-        # a row is covered when the candidates hold every token whose preceding mass is below top_p
-        if bool(((cum[:, -1:] >= limit) | torch.isinf(limit)).all()):  # host tensor: no device sync
-            cand = cand.masked_fill(cum - probs >= limit, float("-inf"))
-            active = k_on | torch.isfinite(limit)  # rows without any filter keep the full vocabulary
-            return torch.where(active, torch.full_like(x, float("-inf")).scatter(1, idx, cand), x)
+        covered = ~min_only | (cand[:, -1:] < cand[:, :1] + floor)
+        if need_mass:
+            if full_lse is None and not bool(k_on.all()):
+                full_lse = x.logsumexp(-1, keepdim=True)
+            lse = cand.logsumexp(-1, keepdim=True)
+            if full_lse is not None:
+                lse = torch.where(k_on, lse, full_lse)  # (B, 1)
+            probs = (cand - lse).exp()
+            cum = probs.cumsum(dim=-1)
+            covered &= (cum[:, -1:] >= limit) | torch.isinf(limit)
+        if bool(covered.all()):  # host tensor: no device sync
+            return (cand.masked_fill(cum - probs >= limit, float("-inf")) if need_mass else cand), idx
+    return None
+
+
+def _top_k_top_p(x: torch.Tensor, ks: Sequence[int], ps: Sequence[float], candidates: bool = True) -> torch.Tensor:
+    """Keep each row's `ks[i]` largest logits, then the smallest prefix whose mass (after top-k) reaches `ps[i]`.
+    `candidates=False` skips the CPU shortcut (a caller that already found it does not cover the rows)."""
+    import torch
+
+    b, v = x.shape
+    cand = _top_k_top_p_candidates(x, ks, ps) if candidates else None
+    if cand is not None:
+        active = _row_tensor([k < v or p < 1.0 for k, p in zip(ks, ps)], x, torch.bool)  # unfiltered rows keep all
+        return torch.where(active, torch.full_like(x, float("-inf")).scatter(1, cand[1], cand[0]), x)
+    k_t = _row_tensor(ks, x, torch.long)  # (B, 1)
+    limit = _row_tensor([p if p < 1.0 else float("inf") for p in ps], x)  # (B, 1)
     sorted_x, order = x.sort(dim=-1, descending=True)  # (B, V) each
     sorted_x = sorted_x.masked_fill(torch.arange(v, device=x.device).unsqueeze(0) >= k_t, float("-inf"))
     if any(p < 1.0 for p in ps):
@@ -362,25 +473,6 @@ def _top_k_top_p(x: torch.Tensor, ks: Sequence[int], ps: Sequence[float]) -> tor
         mass_before = probs.cumsum(dim=-1) - probs  # exclusive cumulative mass, (B, V)
         sorted_x = sorted_x.masked_fill(mass_before >= limit, float("-inf"))
     return torch.full_like(x, float("-inf")).scatter(1, order, sorted_x)
-
-
-def _log_exponential_noise(b: int, v: int, device: torch.device, generators: Sequence[Optional[torch.Generator]]):
-    """(B, V) log E with E ~ Exp(1); rows with a generator draw from it alone, other rows from the global RNG."""
-    import torch
-
-    u = torch.empty(b, v, dtype=torch.float32, device=device)
-    unseeded = [i for i, g in enumerate(generators) if g is None]
-    if unseeded:
-        if len(unseeded) == b:
-            u.uniform_()
-        else:
-            u[unseeded] = torch.rand(len(unseeded), v, device=device)
-    for i, g in enumerate(generators):
-        if g is not None:
-            u[i] = torch.rand(v, generator=g, device=device)
-    # u in [0, 1) -> E = -log(1 - u) in [0, 16.7] (1 - u is exact in float32); E == 0 would give log E = -inf and
-    # NaN at removed tokens, so clamp it to a tiny positive value
-    return u.neg_().add_(1.0).log_().neg_().clamp_min_(1e-30).log_()
 
 
 def unpack_token_bitmask(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -448,17 +540,17 @@ def sample(
         if allowed is not None:
             keep = unpack_token_bitmask(allowed.to(logits.device, non_blocking=True), v)
             x = x.masked_fill(~keep, float("-inf"))  # a new tensor: `logits` keeps the raw values for the logprobs
-        all_sampled = len(sampled_rows) == b
-        w = apply_warpers(x if all_sampled else x[sampled_rows], [params[i] for i in sampled_rows])  # (S, V)
-        log_e = _log_exponential_noise(w.shape[0], v, w.device, [generators[i] for i in sampled_rows])
-        # exponential race: argmax(p / E) == argmax(w - log E) (softmax's normaliser is constant per row);
-        # removed tokens stay at -inf
-        drawn = argmax_rows(w - log_e)
-        if all_sampled:
-            tokens = drawn
-        else:
-            tokens = argmax_rows(x)
-            tokens[torch.tensor(sampled_rows, device=tokens.device)] = drawn
+        tokens = argmax_rows(x) if len(sampled_rows) < b else torch.empty(b, dtype=torch.long, device=x.device)
+        # rows with a top-k / top-p filter apart from the others: on CPU they draw among their top candidates
+        filtered = [i for i in sampled_rows if _filters(params[i], v)]
+        for rows in (filtered, [i for i in sampled_rows if not _filters(params[i], v)]):
+            if rows:
+                sub = x if len(rows) == b else x[rows]
+                drawn = _draw(sub, [params[i] for i in rows], [generators[i] for i in rows])
+                if len(rows) == b:
+                    tokens = drawn
+                else:
+                    tokens[torch.tensor(rows, device=tokens.device)] = drawn
 
     out = SampleOutput(tokens=tokens)
     if not want_lp:

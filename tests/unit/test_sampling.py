@@ -30,9 +30,9 @@ def rng():
     return torch.Generator().manual_seed(seed)
 
 
-@pytest.fixture(params=[16, 4096], ids=["cpu-candidates", "full-sort"])
+@pytest.fixture(params=[(4, 16), (4096,)], ids=["cpu-candidates", "full-sort"])
 def cand(request, monkeypatch):
-    """Run a test with the CPU top-K candidate shortcut (16 of V=200) and with the full sort (4096 >= V)."""
+    """Run a test with the CPU top-K candidate shortcut (4, then 16 of V=200) and with the full sort (4096 >= V)."""
     monkeypatch.setattr(sampling, "CPU_TOP_P_CANDIDATES", request.param)
     return request.param
 
@@ -205,7 +205,7 @@ def test_never_picks_minus_inf_tokens():
 
 # ---- statistics: empirical frequencies vs the target distribution (chi-square, can fail) ----
 
-CHI2_999 = {7: 24.32, 4: 18.47, 3: 16.27, 2: 13.82}  # chi-square 0.999 quantiles by degrees of freedom
+CHI2_999 = {7: 24.32, 4: 18.47, 3: 16.27, 2: 13.82, 1: 10.83}  # chi-square 0.999 quantiles by degrees of freedom
 
 
 @pytest.fixture
@@ -260,6 +260,46 @@ def test_seeded_rows_follow_the_distribution():
     assert chi_square(toks, torch.softmax(logits, -1)) < CHI2_999[4]
 
 
+def test_candidate_shortcut_draws_follow_the_distribution(seeded_draws, monkeypatch):
+    """Rows drawn among their top candidates only (the CPU shortcut, here 4 of 8 tokens) are exact samples of
+    the top-k / top-p / min-p renormalised distribution; a min-p whose kept set the 4 do not cover takes the
+    whole vocabulary."""
+    monkeypatch.setattr(sampling, "CPU_TOP_P_CANDIDATES", (4,))
+    took = []
+    real = sampling._top_k_top_p_candidates
+    monkeypatch.setattr(sampling, "_top_k_top_p_candidates", lambda *a: took.append(real(*a) is not None) or real(*a))
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -0.5, -1.0, 1.5, 0.2])
+    n = 30000
+    cases = (
+        (SamplingParams(top_k=3), ref_top_k(logits, 3)),
+        (SamplingParams(top_p=0.7), ref_top_p(logits, 0.7)),
+        (SamplingParams(min_p=0.5), ref_min_p(logits, 0.5)),  # 2.0 and 1.5
+        (SamplingParams(min_p=0.01), ref_min_p(logits, 0.01)),  # all 8: not covered by 4
+    )
+    for params, kept in cases:
+        toks = sample(logits.expand(n, -1), [params] * n).tokens
+        target = torch.zeros(8)
+        target[list(kept)] = torch.softmax(logits, -1)[list(kept)]
+        target /= target.sum()
+        assert chi_square(toks, target) < CHI2_999[len(kept) - 1]
+    assert took == [True, True, True, False]
+
+
+def test_inverse_cdf_edges():
+    """Removed tokens (-inf) are never drawn, u = 0 gives the first kept token, a u whose product with the mass
+    rounds up to it gives the last kept one, and a row without finite logits gives 0."""
+    inf = float("-inf")
+    w = torch.tensor([[inf, 0.0, inf, 0.0, inf], [inf, inf, inf, inf, inf], [1.0, inf, 2.0, 3.0, inf]])
+    first = sampling._inverse_cdf(w, torch.zeros(3))
+    assert first.tolist() == [1, 0, 0]
+    last = sampling._inverse_cdf(w, torch.full((3,), 1.0 - 2.0**-24))
+    assert last.tolist() == [3, 0, 3]
+    always_over = sampling._inverse_cdf(w, torch.ones(3))  # u = 1 is outside [0, 1): still a kept token
+    assert always_over.tolist() == [3, 0, 3]
+    mid = sampling._inverse_cdf(torch.tensor([[0.0, 0.0, 0.0, 0.0]]), torch.tensor([0.6]))
+    assert mid.tolist() == [2]
+
+
 # ---- seeds ----
 
 
@@ -286,6 +326,26 @@ def test_seed_reproducible_regardless_of_batch(rng):
     assert _draw_sequence(row, 1234, [None, 5, None], 2) == alone
     assert _draw_sequence(row, 1234, [99, None, 7, 8, None, None, 3], 0) == alone
     assert _draw_sequence(row, 4321, [], 0) != alone  # 25 draws over a flat-ish 50-token set
+
+
+def test_seeded_row_same_tokens_with_or_without_the_candidate_shortcut(rng, monkeypatch):
+    """A seeded row drawn alone takes the CPU candidate shortcut; in a batch whose other row is not covered by
+    the candidates, the whole batch takes the full vocabulary: the seeded row's tokens are the same."""
+    monkeypatch.setattr(sampling, "CPU_TOP_P_CANDIDATES", (16,))
+    took = []
+    real = sampling._top_k_top_p_candidates
+    monkeypatch.setattr(sampling, "_top_k_top_p_candidates", lambda *a: took.append(real(*a) is not None) or real(*a))
+    row = rand_logits(rng, 1, scale=1.0)[0]
+    flat = torch.zeros(V)  # top_p 0.99 of a flat row needs 198 of 200 tokens: never covered by 16
+    seeded = SamplingParams(temperature=0.9, top_k=12, top_p=0.9, seed=77)
+    g_alone, g_batch = make_generator(77, "cpu"), make_generator(77, "cpu")
+    alone, batched = [], []
+    for _ in range(40):
+        alone.append(int(sample(row[None], [seeded], generators=[g_alone]).tokens[0]))
+        out = sample(torch.stack([flat, row]), [SamplingParams(top_p=0.99), seeded], generators=[None, g_batch])
+        batched.append(int(out.tokens[1]))
+    assert took[0::2] == [True] * 40 and took[1::2] == [False] * 40
+    assert alone == batched and len(set(alone)) > 1
 
 
 def test_same_seed_same_tokens_different_seed_differs(rng):
@@ -653,7 +713,7 @@ def test_shape_errors():
 
 def test_cpu_shortcut_avoids_full_sort(rng, monkeypatch):
     """Peaked logits: the nucleus lies in the 16 candidates, so no full-vocabulary sort runs, and masks still match."""
-    monkeypatch.setattr(sampling, "CPU_TOP_P_CANDIDATES", 16)
+    monkeypatch.setattr(sampling, "CPU_TOP_P_CANDIDATES", (16,))
     logits = rand_logits(rng, 3, scale=12.0)
     params = [SamplingParams(top_p=0.9), SamplingParams(top_k=10, top_p=0.99), SamplingParams()]
 
