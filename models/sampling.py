@@ -287,7 +287,9 @@ def apply_penalties(
 
     Token statistics come from `counts` (used when given) or from `histories`: (B, L) int64, each row prompt ids
     then generated ids, padded with -1, with prompt_lens: (B,) count of leading prompt ids per row (None: 0, i.e.
-    the whole history counts as generated). Equal statistics give bit-identical results.
+    the whole history counts as generated). Equal statistics give bit-identical results. Float32 CPU logits go
+    to the C++ kernel where this process has loaded the extension (it may round `logit - frequency * count` once
+    instead of twice).
     """
     import torch
 
@@ -299,6 +301,16 @@ def apply_penalties(
     if counts is None:
         counts = TokenCounts.from_histories(histories.to(x.device, torch.long), prompt_lens, x.shape[1])
     seen, n = counts.seen.to(x.device), counts.counts.to(x.device)
+    if x.device.type == "cpu" and seen.dtype == torch.bool and n.dtype == torch.float32:
+        from . import w4a8
+
+        ops = w4a8.loaded()
+        if ops is not None:  # the same formulas in one pass (models/csrc/fused_ops.cpp `penalties`)
+            row = [
+                torch.tensor([getattr(p, a) for p in params], dtype=torch.float32)
+                for a in ("repetition_penalty", "frequency_penalty", "presence_penalty")
+            ]
+            return ops.penalties(x.contiguous(), seen.contiguous(), n.contiguous(), *row)
     rep = _row_tensor([p.repetition_penalty for p in params], x)
     penalised = torch.where(x > 0, x / rep, x * rep)
     x = torch.where(seen, penalised, x)

@@ -13,6 +13,8 @@
 //                                  counting as larger than any number: torch's `x.max(-1).indices`, exactly; with
 //                                  `allowed` (B, ceil(V/32)) int32 packed token masks, that of the row with every
 //                                  disallowed index set to -inf (`sampling.unpack_token_bitmask`, masked_fill)
+//   penalties(x, seen, counts, r, f, p)  sampling's repetition / frequency / presence penalties in one pass over
+//                                  (B, V) float32 logits (`sampling.apply_penalties`; see the function)
 //
 // Each rounds where the eager bfloat16 ops of transformers round (every op's result is bfloat16; the norm's
 // statistics are float32), so they reproduce those ops up to float32 summation order and silu's exp (relative
@@ -356,6 +358,50 @@ at::Tensor argmax_rows(const at::Tensor& x, const std::optional<at::Tensor>& all
   return out;
 }
 
+// penalties(x, seen, counts, rep, freq, pres): sampling's repetition, frequency and presence penalties in one pass
+// (models/sampling.py `apply_penalties` is the reference): y = seen ? (x > 0 ? x / rep : x * rep) : x, then
+// y - freq * count, then y - pres where count > 0. The compiler may fuse `y - freq * count` into one FMA (one
+// rounding instead of two), so a penalised logit can differ from the reference in its last bit.
+at::Tensor penalties(const at::Tensor& x, const at::Tensor& seen, const at::Tensor& counts, const at::Tensor& rep,
+                     const at::Tensor& freq, const at::Tensor& pres) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
+              "penalties: x must be a contiguous 2-D float32 CPU tensor");
+  const int64_t B = x.size(0), V = x.size(1);
+  TORCH_CHECK(seen.device().is_cpu() && seen.scalar_type() == at::kBool && seen.sizes() == x.sizes() &&
+                  seen.is_contiguous(),
+              "penalties: seen must be a contiguous bool CPU tensor shaped like x");
+  TORCH_CHECK(counts.device().is_cpu() && counts.scalar_type() == at::kFloat && counts.sizes() == x.sizes() &&
+                  counts.is_contiguous(),
+              "penalties: counts must be a contiguous float32 CPU tensor shaped like x");
+  for (const at::Tensor* t : {&rep, &freq, &pres})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 1 && t->size(0) == B &&
+                    t->is_contiguous(),
+                "penalties: rep, freq and pres must be (B,) float32 CPU tensors");
+  at::Tensor out = at::empty({B, V}, x.options());
+  const float *xp = x.data_ptr<float>(), *np = counts.data_ptr<float>();
+  const bool* sp = seen.data_ptr<bool>();
+  const float *rp = rep.data_ptr<float>(), *fp = freq.data_ptr<float>(), *pp = pres.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, B, grain(V), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const float r = rp[b], f = fp[b], pr = pp[b];
+      const float* xr = xp + b * V;
+      const float* nr = np + b * V;
+      const uint8_t* sr = reinterpret_cast<const uint8_t*>(sp) + b * V;
+      float* o = op + b * V;
+#pragma omp simd
+      for (int64_t v = 0; v < V; ++v) {  // branch-free, so that it vectorizes
+        const float t = xr[v], c = nr[v];
+        const float div = t / r, mul = t * r;
+        const float pen = t > 0.f ? div : mul;
+        const float y = (sr[v] != 0 ? pen : t) - f * c;
+        o[v] = y - (c > 0.f ? pr : 0.f);
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(JETSERVE_W4A8_NS, m) {
@@ -366,6 +412,7 @@ TORCH_LIBRARY_FRAGMENT(JETSERVE_W4A8_NS, m) {
   m.def("kv_rows(Tensor x) -> Tensor");
   m.def("kv_values(Tensor rows) -> Tensor");
   m.def("argmax_rows(Tensor x, Tensor? allowed=None) -> Tensor");
+  m.def("penalties(Tensor x, Tensor seen, Tensor counts, Tensor rep, Tensor freq, Tensor pres) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(JETSERVE_W4A8_NS, CPU, m) {
@@ -376,4 +423,5 @@ TORCH_LIBRARY_IMPL(JETSERVE_W4A8_NS, CPU, m) {
   m.impl("kv_rows", &kv_rows);
   m.impl("kv_values", &kv_values);
   m.impl("argmax_rows", &argmax_rows);
+  m.impl("penalties", &penalties);
 }

@@ -217,6 +217,42 @@ def test_argmax_rows_with_a_token_mask_is_the_masked_max(isa, V, threads, gen):
         ops.argmax_rows(x, allowed.long())
 
 
+@pytest.mark.parametrize("V", [1, 15, 49152])
+def test_penalties_match_apply_penalties(isa, V, gen, monkeypatch):
+    """The one-pass penalty kernel against `sampling.apply_penalties`' torch formulas: positive, negative and zero
+    logits, NaN and infinities, seen and unseen tokens, counts, per-row penalties including neutral rows (which
+    must come back unchanged, bit for bit) and negative frequency / presence penalties."""
+    from models import sampling
+
+    ops = w4a8.load(isa)[0] or pytest.skip(f"extension build {isa} unavailable")
+    B = 5
+    x = torch.randn(B, V, generator=gen) * 4
+    x[:, 0] = 0.0
+    if V > 3:
+        x[0, 1], x[1, 2], x[2, 3] = float("nan"), float("inf"), float("-inf")
+    seen = torch.rand(B, V, generator=gen) < 0.3
+    counts = torch.where(torch.rand(B, V, generator=gen) < 0.2, torch.randint(1, 5, (B, V), generator=gen), 0).float()
+    params = [
+        sampling.SamplingParams(repetition_penalty=1.3),
+        sampling.SamplingParams(repetition_penalty=0.7, frequency_penalty=0.5, presence_penalty=-0.4),
+        sampling.SamplingParams(),  # neutral: stale statistics must not change its logits
+        sampling.SamplingParams(frequency_penalty=-1.5, presence_penalty=2.0),
+        sampling.SamplingParams(repetition_penalty=1.1, presence_penalty=0.2),
+    ]
+    tc = sampling.TokenCounts(seen, counts)
+    monkeypatch.setattr(w4a8, "loaded", lambda: None)
+    want = sampling.apply_penalties(x, params, None, counts=tc)
+    monkeypatch.setattr(w4a8, "loaded", lambda: ops)
+    got = sampling.apply_penalties(x, params, None, counts=tc)
+    assert got.dtype == torch.float32 and got.shape == (B, V)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, equal_nan=True)
+    assert torch.equal(got[2], x[2])
+    with pytest.raises(RuntimeError, match="seen must be"):
+        ops.penalties(x, seen.float(), counts, *[torch.ones(B)] * 3)
+    with pytest.raises(RuntimeError, match="rep, freq and pres"):
+        ops.penalties(x, seen, counts, torch.ones(B + 1), torch.ones(B), torch.ones(B))
+
+
 def test_argmax_rows_takes_the_kernel_once_loaded(monkeypatch, gen):
     """`sampling.argmax_rows` calls the loaded extension for 2-D float32 CPU rows (never building it), with or
     without a token mask (as `sample`'s greedy rows do), and torch's `max` (after masked_fill) for everything
