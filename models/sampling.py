@@ -15,11 +15,10 @@ Order of operations (HF `generate` order for the warpers, vLLM order for the pen
    the most likely token is always kept), then min-p (drop tokens whose probability is below
    min_p * the largest probability);
 4. one draw per row by inversion: one uniform u per row, the token where the cumulative probability of the kept
-   tokens, in vocabulary order, first exceeds u: an exact sample of `p`. A row with a generator draws only from it, so a seeded
-   request gives the same tokens whatever else is in the batch. On CPU, rows whose top-k / top-p keep a few
-   hundred tokens (top-k, top-p or min-p) are filtered and drawn among the top candidates only
-   (`_top_k_top_p_candidates`); the vocabulary is sorted or drawn over in full only where those do not cover a
-   row.
+   tokens, in vocabulary order, first exceeds u: an exact sample of `p`. A row with a generator draws only from
+   it, so a seeded request gives the same tokens whatever else is in the batch. On CPU, a row that filters
+   (top-k, top-p or min-p) and whose kept tokens lie among its 128 (else 1024) most likely is filtered and drawn
+   among those only (`_candidates`); the other rows are sorted or drawn over the whole vocabulary.
 
 Returned log-probabilities are those of the raw model distribution (`log_softmax` of the logits as given,
 before penalties and temperature), as vLLM reports them by default. They are computed only when a row asks.
@@ -364,23 +363,53 @@ def apply_warpers(logits: torch.Tensor, params: Sequence[SamplingParams]) -> tor
 
 def _draw(x: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[Optional[torch.Generator]]):
     """One token per sampled row of `x` (S, V) from its warped distribution (`apply_warpers`' kept tokens and
-    probabilities), by inversion with one uniform per row (a row with a generator draws from it alone). On CPU,
-    rows that all filter with top-k / top-p are warped and drawn among their top candidates only."""
+    probabilities), by inversion with one uniform per row (a row with a generator draws from it alone, once). On
+    CPU, when every row filters (top-k, top-p or min-p), each row whose top candidates cover its kept tokens is
+    warped and drawn among them (`CPU_TOP_P_CANDIDATES` sizes in turn); the others over the whole vocabulary."""
+    import torch
+
     xt = _temperature(x, params)
-    v = xt.shape[1]
+    s, v = xt.shape
     ks, ps = _k_and_p(params, v)
-    filtered = any(k < v for k in ks) or any(p < 1.0 for p in ps)
     mins = [p.min_p for p in params]
-    cand = _top_k_top_p_candidates(xt, ks, ps, mins) if all(_filters(p, v) for p in params) else None
-    if cand is None:
-        vals, idx = _min_p(_top_k_top_p(xt, ks, ps, candidates=False) if filtered else xt, params), None  # (S, V)
-    else:
-        # in vocabulary order, as the full rows: a row's cumulative mass, and so its token for a given uniform,
-        # does not depend on whether its batch took this shortcut
-        idx, order = cand[1].sort(dim=-1)  # (S, K) each
-        vals = _min_p(cand[0], params).gather(1, order)
-    pos = _inverse_cdf(vals, _uniforms(vals.shape[0], vals.device, generators))
-    return pos if idx is None else idx.gather(1, pos.unsqueeze(1)).squeeze(1)
+    tokens = torch.empty(s, dtype=torch.long, device=xt.device)
+    pending = list(range(s))
+    need = max((k for k in ks if k < v), default=0)
+    if xt.device.type == "cpu" and all(_filters(p, v) for p in params) and need <= CPU_TOP_P_CANDIDATES[-1]:
+        for size in CPU_TOP_P_CANDIDATES:
+            n_cand = max(size, need)
+            if n_cand >= v or not pending:
+                break
+            sub = xt if len(pending) == s else xt[pending]
+            cand, idx, covered = _candidates(
+                sub, [ks[i] for i in pending], [ps[i] for i in pending], [mins[i] for i in pending], n_cand
+            )
+            hit = covered.tolist()  # host tensor: no device sync
+            rows = [r for r, h in zip(pending, hit) if h]
+            if rows:
+                keep = torch.tensor([j for j, h in enumerate(hit) if h])
+                cand, idx = (cand, idx) if len(rows) == len(pending) else (cand[keep], idx[keep])
+                # in vocabulary order, as full rows: a row's cumulative mass, and so its token for a given uniform,
+                # does not depend on which path it took
+                idx, order = idx.sort(dim=-1)  # (R, K) each
+                vals = _min_p(cand, [params[i] for i in rows]).gather(1, order)
+                pos = _inverse_cdf(vals, _uniforms(len(rows), xt.device, [generators[i] for i in rows]))
+                drawn = idx.gather(1, pos.unsqueeze(1)).squeeze(1)
+                if len(rows) == s:
+                    return drawn
+                tokens[torch.tensor(rows)] = drawn
+            pending = [r for r, h in zip(pending, hit) if not h]
+    if pending:
+        sub = xt if len(pending) == s else xt[pending]
+        pk, pp = [ks[i] for i in pending], [ps[i] for i in pending]
+        if any(k < v for k in pk) or any(p < 1.0 for p in pp):
+            sub = _top_k_top_p(sub, pk, pp, candidates=False)
+        vals = _min_p(sub, [params[i] for i in pending])  # (P, V)
+        pos = _inverse_cdf(vals, _uniforms(len(pending), xt.device, [generators[i] for i in pending]))
+        if len(pending) == s:
+            return pos
+        tokens[torch.tensor(pending, device=xt.device)] = pos
+    return tokens
 
 
 def _inverse_cdf(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -421,48 +450,54 @@ def _uniforms(b: int, device: torch.device, generators: Sequence[Optional[torch.
 CPU_TOP_P_CANDIDATES = (128, 1024)
 
 
-def _top_k_top_p_candidates(
-    x: torch.Tensor, ks: Sequence[int], ps: Sequence[float], mins: Optional[Sequence[float]] = None
-) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-    """CPU shortcut of `_top_k_top_p`: (values (B, K) sorted descending, removed ones -inf; their vocabulary
-    indices (B, K)) from each row's top K logits, K the first of `CPU_TOP_P_CANDIDATES` (at least the largest
-    top_k) that covers every row: a row is covered when the candidates hold every token whose preceding mass is
-    below its top_p, and, for a row that `mins` filters with min-p alone, every token whose probability is at
-    least min_p x the largest (its logit at least the largest + log(min_p)). None on other devices, or when no
-    size covers every row or K would hold the vocabulary."""
+def _candidates(
+    x: torch.Tensor, ks: Sequence[int], ps: Sequence[float], mins: Sequence[float], n_cand: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each row's top `n_cand` (< V, >= every top_k below V) logits filtered by its top-k and top-p: (values
+    (B, K) sorted descending, removed ones -inf; their vocabulary indices (B, K); covered (B,) bool). A row is
+    covered when the candidates hold every token its top-p keeps (those whose preceding mass is below top_p) and,
+    for a row that min-p filters alone, every token whose probability is at least min_p x the largest (a logit
+    at least the largest + log(min_p)); only a covered row's values are its filtered distribution."""
     import torch
 
     b, v = x.shape
-    if x.device.type != "cpu":
-        return None
-    need = max((k for k in ks if k < v), default=0)
     k_t = _row_tensor(ks, x, torch.long)  # (B, 1)
     k_on = k_t < v
     # rows with top_p == 1 keep everything (float32 cumsum can reach 1.0 before the tail)
     limit = _row_tensor([p if p < 1.0 else float("inf") for p in ps], x)  # (B, 1)
-    # rows filtered by min-p alone: the logit a kept token reaches at least, relative to the largest
-    floor = _row_tensor([math.log(m) if m > 0 else float("-inf") for m in (mins or [0.0] * b)], x)  # (B, 1)
+    floor = _row_tensor([math.log(m) if m > 0 else float("-inf") for m in mins], x)  # (B, 1)
     min_only = ~k_on & torch.isinf(limit) & torch.isfinite(floor)
-    need_mass = any(p < 1.0 for p in ps)  # top-p needs each candidate's probability; top-k and min-p do not
-    full_lse = None
+    cand, idx = x.topk(n_cand, dim=-1)  # (B, K) sorted descending
+    cand = cand.masked_fill(torch.arange(n_cand).unsqueeze(0) >= k_t, float("-inf"))
+    covered = ~min_only | (cand[:, -1:] < cand[:, :1] + floor)
+    if any(p < 1.0 for p in ps):  # top-p needs each candidate's probability; top-k and min-p do not
+        lse = cand.logsumexp(-1, keepdim=True)
+        if not bool(k_on.all()):
+            lse = torch.where(k_on, lse, x.logsumexp(-1, keepdim=True))  # (B, 1)
+        probs = (cand - lse).exp()
+        cum = probs.cumsum(dim=-1)
+        covered &= (cum[:, -1:] >= limit) | torch.isinf(limit)
+        cand = cand.masked_fill(cum - probs >= limit, float("-inf"))
+    return cand, idx, covered.squeeze(1)
+
+
+def _top_k_top_p_candidates(
+    x: torch.Tensor, ks: Sequence[int], ps: Sequence[float]
+) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """CPU shortcut of `_top_k_top_p`: `_candidates` of the first of `CPU_TOP_P_CANDIDATES` (at least the largest
+    top_k) that covers every row, as (values, indices); None on other devices, or when no size covers every row
+    or K would hold the vocabulary."""
+    b, v = x.shape
+    need = max((k for k in ks if k < v), default=0)
+    if x.device.type != "cpu" or need > CPU_TOP_P_CANDIDATES[-1]:
+        return None
     for size in CPU_TOP_P_CANDIDATES:
         n_cand = max(size, need)
-        if n_cand >= v or need > CPU_TOP_P_CANDIDATES[-1]:
+        if n_cand >= v:
             return None
-        cand, idx = x.topk(n_cand, dim=-1)  # (B, K) sorted descending
-        cand = cand.masked_fill(torch.arange(n_cand).unsqueeze(0) >= k_t, float("-inf"))
-        covered = ~min_only | (cand[:, -1:] < cand[:, :1] + floor)
-        if need_mass:
-            if full_lse is None and not bool(k_on.all()):
-                full_lse = x.logsumexp(-1, keepdim=True)
-            lse = cand.logsumexp(-1, keepdim=True)
-            if full_lse is not None:
-                lse = torch.where(k_on, lse, full_lse)  # (B, 1)
-            probs = (cand - lse).exp()
-            cum = probs.cumsum(dim=-1)
-            covered &= (cum[:, -1:] >= limit) | torch.isinf(limit)
-        if bool(covered.all()):  # host tensor: no device sync
-            return (cand.masked_fill(cum - probs >= limit, float("-inf")) if need_mass else cand), idx
+        cand, idx, covered = _candidates(x, ks, ps, [0.0] * b, n_cand)
+        if bool(covered.all()):
+            return cand, idx
     return None
 
 

@@ -266,8 +266,14 @@ def test_candidate_shortcut_draws_follow_the_distribution(seeded_draws, monkeypa
     whole vocabulary."""
     monkeypatch.setattr(sampling, "CPU_TOP_P_CANDIDATES", (4,))
     took = []
-    real = sampling._top_k_top_p_candidates
-    monkeypatch.setattr(sampling, "_top_k_top_p_candidates", lambda *a: took.append(real(*a) is not None) or real(*a))
+    real = sampling._candidates
+
+    def spy(*a):
+        out = real(*a)
+        took.append(bool(out[2].all()))
+        return out
+
+    monkeypatch.setattr(sampling, "_candidates", spy)
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -0.5, -1.0, 1.5, 0.2])
     n = 30000
     cases = (
@@ -329,23 +335,35 @@ def test_seed_reproducible_regardless_of_batch(rng):
 
 
 def test_seeded_row_same_tokens_with_or_without_the_candidate_shortcut(rng, monkeypatch):
-    """A seeded row drawn alone takes the CPU candidate shortcut; in a batch whose other row is not covered by
-    the candidates, the whole batch takes the full vocabulary: the seeded row's tokens are the same."""
-    monkeypatch.setattr(sampling, "CPU_TOP_P_CANDIDATES", (16,))
-    took = []
-    real = sampling._top_k_top_p_candidates
-    monkeypatch.setattr(sampling, "_top_k_top_p_candidates", lambda *a: took.append(real(*a) is not None) or real(*a))
+    """A seeded row's tokens are the same whether it is drawn among its top candidates (CPU shortcut) or over the
+    whole vocabulary, and whether a batch companion the candidates do not cover goes the other way."""
     row = rand_logits(rng, 1, scale=1.0)[0]
     flat = torch.zeros(V)  # top_p 0.99 of a flat row needs 198 of 200 tokens: never covered by 16
     seeded = SamplingParams(temperature=0.9, top_k=12, top_p=0.9, seed=77)
-    g_alone, g_batch = make_generator(77, "cpu"), make_generator(77, "cpu")
-    alone, batched = [], []
-    for _ in range(40):
-        alone.append(int(sample(row[None], [seeded], generators=[g_alone]).tokens[0]))
-        out = sample(torch.stack([flat, row]), [SamplingParams(top_p=0.99), seeded], generators=[None, g_batch])
-        batched.append(int(out.tokens[1]))
-    assert took[0::2] == [True] * 40 and took[1::2] == [False] * 40
-    assert alone == batched and len(set(alone)) > 1
+    covered = []
+    real = sampling._candidates
+
+    def spy(*a):
+        out = real(*a)
+        covered.append(out[2].tolist())
+        return out
+
+    monkeypatch.setattr(sampling, "_candidates", spy)
+    runs = {}
+    for sizes, company in (((16,), False), ((16,), True), ((4096,), False)):  # 4096 >= V: no shortcut
+        monkeypatch.setattr(sampling, "CPU_TOP_P_CANDIDATES", sizes)
+        g = make_generator(77, "cpu")
+        out = []
+        for _ in range(40):
+            if company:
+                res = sample(torch.stack([flat, row]), [SamplingParams(top_p=0.99), seeded], generators=[None, g])
+                out.append(int(res.tokens[1]))
+            else:
+                out.append(int(sample(row[None], [seeded], generators=[g]).tokens[0]))
+        runs[(sizes, company)] = out
+    assert covered == [[True]] * 40 + [[False, True]] * 40  # the 4096 runs never try candidates
+    alone = runs[((16,), False)]
+    assert alone == runs[((16,), True)] == runs[((4096,), False)] and len(set(alone)) > 1
 
 
 def test_same_seed_same_tokens_different_seed_differs(rng):
