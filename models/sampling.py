@@ -363,9 +363,33 @@ def apply_warpers(logits: torch.Tensor, params: Sequence[SamplingParams]) -> tor
 
 def _draw(x: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[Optional[torch.Generator]]):
     """One token per sampled row of `x` (S, V) from its warped distribution (`apply_warpers`' kept tokens and
-    probabilities), by inversion with one uniform per row (a row with a generator draws from it alone, once). On
-    CPU, when every row filters (top-k, top-p or min-p), each row whose top candidates cover its kept tokens is
-    warped and drawn among them (`CPU_TOP_P_CANDIDATES` sizes in turn); the others over the whole vocabulary."""
+    probabilities), by inversion with one uniform per row (a row with a generator draws from it alone, once).
+    Float32 CPU rows go to the C++ kernel (`sample_rows` in models/csrc/fused_ops.cpp) where this process has
+    loaded the extension; `_draw_torch` is its plain-PyTorch reference and the path everywhere else."""
+    import torch
+
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        from . import w4a8
+
+        ops = w4a8.loaded()
+        if ops is not None:
+            v = x.shape[1]
+            f32 = [
+                torch.tensor([getattr(p, a) for p in params], dtype=torch.float32)
+                for a in ("temperature", "top_p", "min_p")
+            ]
+            top_k = torch.tensor([p.top_k if p.top_k > 0 else v for p in params], dtype=torch.long)
+            u = _uniforms(len(params), x.device, generators)
+            return ops.sample_rows(x.contiguous(), f32[0], top_k, f32[1], f32[2], u)
+    return _draw_torch(x, params, generators)
+
+
+def _draw_torch(
+    x: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[Optional[torch.Generator]]
+) -> torch.Tensor:
+    """`_draw` in torch operations. On CPU, when every row filters (top-k, top-p or min-p), each row whose top
+    candidates cover its kept tokens is warped and drawn among them (`CPU_TOP_P_CANDIDATES` sizes in turn); the
+    others over the whole vocabulary."""
     import torch
 
     xt = _temperature(x, params)

@@ -15,6 +15,8 @@
 //                                  disallowed index set to -inf (`sampling.unpack_token_bitmask`, masked_fill)
 //   penalties(x, seen, counts, r, f, p)  sampling's repetition / frequency / presence penalties in one pass over
 //                                  (B, V) float32 logits (`sampling.apply_penalties`; see the function)
+//   sample_rows(x, t, k, p, mp, u) one draw per row of the temperature / top-k / top-p / min-p distribution by
+//                                  inversion with the row's uniform u (`sampling._draw`; see the function)
 //
 // Each rounds where the eager bfloat16 ops of transformers round (every op's result is bfloat16; the norm's
 // statistics are float32), so they reproduce those ops up to float32 summation order and silu's exp (relative
@@ -40,6 +42,8 @@
 #endif
 #include <limits>
 #include <optional>
+#include <utility>
+#include <vector>
 
 #ifndef JETSERVE_W4A8_NS
 #define JETSERVE_W4A8_NS jetserve_w4a8
@@ -402,6 +406,211 @@ at::Tensor penalties(const at::Tensor& x, const at::Tensor& seen, const at::Tens
   return out;
 }
 
+// sample_rows(x, temperature, top_k, top_p, min_p, u): one draw per row of sampling's warped distribution
+// (models/sampling.py `_draw` is the reference): s = x / temperature, then top-k (k >= V: off), top-p (1: off) and
+// min-p (0: off) as `apply_warpers` keeps tokens, then the first kept token, in vocabulary order, whose cumulative
+// probability exceeds u. Only tokens within a margin of the row's largest logit are gathered and sorted: the margin
+// doubles until the gathered tokens hold every token the filters keep (for top-p: their mass reaches top_p), and
+// a row without filters draws in one pass over the whole row. Sums are in double, so a token whose top-p mass or
+// cumulative probability lies within float32 rounding of the boundary can go the other way than in the reference.
+// A NaN logit counts as -inf; a row without a finite logit gives 0.
+struct RowDraw {
+  std::vector<float> s, e;  // the row's x / temperature, and exp(s - max) where a token keeps mass
+  std::vector<std::pair<float, int32_t>> cand;  // (s, index)
+  std::vector<int32_t> kept;
+};
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// exp(d) for d <= 0; 0 below -87 (exp2_neg's clamp), for -inf and for NaN: such a token never holds mass
+inline float mass_of(float d) { return d > -87.f ? exp2_neg(d * kLog2e) : 0.f; }
+
+// The first index of e (V non-negative masses, `total` their sum) at which the running sum exceeds u * total, in
+// blocks of 256 summed as vectors; where rounding leaves no such index, the last index with mass.
+int64_t invert(const float* e, int64_t V, float u) {
+  constexpr int64_t kBlk = 256;
+  const int64_t nb = (V + kBlk - 1) / kBlk;
+  std::vector<double> bs(nb);
+  double total = 0.0;
+  for (int64_t b = 0; b < nb; ++b) {
+    float acc = 0.f;
+    const int64_t i1 = std::min(V, (b + 1) * kBlk);
+#pragma omp simd reduction(+ : acc)
+    for (int64_t i = b * kBlk; i < i1; ++i) acc += e[i];
+    bs[b] = acc;
+    total += acc;
+  }
+  const double r = static_cast<double>(u) * total;
+  double cum = 0.0;
+  for (int64_t b = 0; b < nb; ++b) {
+    if (cum + bs[b] <= r) {
+      cum += bs[b];
+      continue;
+    }
+    const int64_t i1 = std::min(V, (b + 1) * kBlk);
+    for (int64_t i = b * kBlk; i < i1; ++i) {
+      cum += e[i];
+      if (e[i] > 0.f && cum > r) return i;
+    }
+  }
+  for (int64_t i = V - 1; i > 0; --i)
+    if (e[i] > 0.f) return i;
+  return 0;
+}
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+using namespace jetserve::vec;
+#endif
+
+// s = x / temp over a row of V; returns the largest s, a NaN never counting (-inf when there is no number)
+inline float scale_row(const float* x, float temp, int64_t V, float* s) {
+  float m = kNegInf;
+  int64_t i = 0;
+#if defined(__AVX512F__) || defined(__AVX2__)
+  const VecF tv = vset1(temp);
+  VecF mv = vset1(kNegInf);
+  for (; i + kLanes <= V; i += kLanes) {
+    const VecF v = vdiv(vload(x + i), tv);
+    vstore(s + i, v);
+    mv = vmax(v, mv);  // max_ps returns its second operand when the first is a NaN
+  }
+  m = hmax(mv);
+#endif
+  for (; i < V; ++i) {
+    s[i] = x[i] / temp;
+    if (s[i] > m) m = s[i];
+  }
+  return m;
+}
+
+// e[i] = exp(s[i] - m) where s[i] - m >= lo (lo >= -87), else 0 (also for NaN and -inf), written to e unless it is
+// null; returns the sum
+inline double row_masses(const float* s, float m, float lo, int64_t V, float* e) {
+  float sum = 0.f;
+  int64_t i = 0;
+#if defined(__AVX512F__) || defined(__AVX2__)
+  const VecF mv = vset1(m), lov = vset1(lo), l2e = vset1(kLog2e);
+  VecF acc = vzero();
+  for (; i + kLanes <= V; i += kLanes) {
+    const VecF d = vsub(vload(s + i), mv);
+    const VecF w = vkeep_ge(vexp2_neg(vmul(d, l2e)), d, lov);
+    if (e) vstore(e + i, w);
+    acc = vadd(acc, w);
+  }
+  sum = hsum(acc);
+#endif
+  for (; i < V; ++i) {
+    const float d = s[i] - m;
+    const float w = d >= lo ? exp2_neg(d * kLog2e) : 0.f;
+    if (e) e[i] = w;
+    sum += w;
+  }
+  return sum;
+}
+
+int64_t draw_row(const float* x, int64_t V, float temp, int64_t k, float top_p, float min_p, float u, RowDraw& w) {
+  w.s.resize(V);
+  float* s = w.s.data();
+  const float m = scale_row(x, temp, V, s);
+  if (!(m > kNegInf)) return 0;
+  const bool k_on = k > 0 && k < V, p_on = top_p < 1.f, min_on = min_p > 0.f;
+  if (!k_on && !p_on) {  // every token stays, min-p aside: inversion over the whole row in vocabulary order
+    w.e.resize(V);
+    row_masses(s, m, std::max(min_on ? std::log(min_p) : kNegInf, -87.f), V, w.e.data());
+    return invert(w.e.data(), V, u);
+  }
+  // the whole row's mass relative to exp(m): top-p's normaliser without top-k
+  const double full = p_on && !k_on ? row_masses(s, m, -87.f, V, nullptr) : 0.0;
+  auto& cand = w.cand;
+  for (float margin = 8.f;; margin *= 2.f) {
+    const bool all = margin > 120.f;  // every token with mass, and then every other finite one
+    const float t = all ? -std::numeric_limits<float>::max() : m - margin;
+    cand.clear();
+    double mass = 0.0;
+    for (int64_t i = 0; i < V; ++i) {
+      if (s[i] >= t) {
+        cand.emplace_back(s[i], static_cast<int32_t>(i));
+        mass += mass_of(s[i] - m);
+      }
+    }
+    if (!all) {
+      if (k_on && static_cast<int64_t>(cand.size()) < k) continue;  // the k-th largest lies below the margin
+      if (p_on && !k_on && mass < top_p * full) continue;  // the nucleus may reach below the margin
+    }
+    break;
+  }
+  std::sort(cand.begin(), cand.end(), [](const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& b) {
+    return a.first > b.first || (a.first == b.first && a.second < b.second);
+  });
+  int64_t n = static_cast<int64_t>(cand.size());
+  if (k_on) n = std::min(n, k);
+  if (p_on) {
+    double norm = full;
+    if (k_on) {
+      norm = 0.0;
+      for (int64_t j = 0; j < n; ++j) norm += mass_of(cand[j].first - m);
+    }
+    double before = 0.0;
+    int64_t j = 0;
+    for (; j < n; ++j) {  // a token stays while the mass before it is below top_p (the first always does)
+      if (j > 0 && before >= top_p * norm) break;
+      before += mass_of(cand[j].first - m);
+    }
+    n = j;
+  }
+  if (min_on) {
+    const float floor = std::log(min_p);
+    int64_t j = 1;
+    while (j < n && cand[j].first - m >= floor) ++j;
+    n = j;
+  }
+  auto& kept = w.kept;
+  kept.resize(n);
+  for (int64_t j = 0; j < n; ++j) kept[j] = cand[j].second;
+  std::sort(kept.begin(), kept.end());
+  double total = 0.0;
+  for (int32_t i : kept) total += mass_of(s[i] - m);
+  const double r = static_cast<double>(u) * total;
+  double cum = 0.0;
+  int32_t last = kept[0];
+  for (int32_t i : kept) {
+    const float e = mass_of(s[i] - m);
+    if (e > 0.f) last = i;
+    cum += e;
+    if (e > 0.f && cum > r) return i;
+  }
+  return last;
+}
+
+at::Tensor sample_rows(const at::Tensor& x, const at::Tensor& temperature, const at::Tensor& top_k,
+                       const at::Tensor& top_p, const at::Tensor& min_p, const at::Tensor& u) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
+              "sample_rows: x must be a contiguous 2-D float32 CPU tensor");
+  const int64_t B = x.size(0), V = x.size(1);
+  TORCH_CHECK(V > 0 && V < std::numeric_limits<int32_t>::max(), "sample_rows: rows must have 1 to 2^31 - 2 values");
+  for (const at::Tensor* t : {&temperature, &top_p, &min_p, &u})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 1 && t->size(0) == B &&
+                    t->is_contiguous(),
+                "sample_rows: temperature, top_p, min_p and u must be (B,) float32 CPU tensors");
+  TORCH_CHECK(top_k.device().is_cpu() && top_k.scalar_type() == at::kLong && top_k.dim() == 1 &&
+                  top_k.size(0) == B && top_k.is_contiguous(),
+              "sample_rows: top_k must be a (B,) int64 CPU tensor");
+  at::Tensor out = at::empty({B}, x.options().dtype(at::kLong));
+  const float* xp = x.data_ptr<float>();
+  const float *tp = temperature.data_ptr<float>(), *pp = top_p.data_ptr<float>(), *mp = min_p.data_ptr<float>();
+  const float* up = u.data_ptr<float>();
+  const int64_t* kp = top_k.data_ptr<int64_t>();
+  int64_t* op = out.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(tp[b] > 0.f && pp[b] > 0.f && pp[b] <= 1.f && mp[b] >= 0.f && mp[b] <= 1.f,
+                "sample_rows: row ", b, " needs temperature > 0, 0 < top_p <= 1 and 0 <= min_p <= 1");
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    RowDraw w;
+    for (int64_t b = b0; b < b1; ++b) op[b] = draw_row(xp + b * V, V, tp[b], kp[b], pp[b], mp[b], up[b], w);
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(JETSERVE_W4A8_NS, m) {
@@ -413,6 +622,7 @@ TORCH_LIBRARY_FRAGMENT(JETSERVE_W4A8_NS, m) {
   m.def("kv_values(Tensor rows) -> Tensor");
   m.def("argmax_rows(Tensor x, Tensor? allowed=None) -> Tensor");
   m.def("penalties(Tensor x, Tensor seen, Tensor counts, Tensor rep, Tensor freq, Tensor pres) -> Tensor");
+  m.def("sample_rows(Tensor x, Tensor temperature, Tensor top_k, Tensor top_p, Tensor min_p, Tensor u) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(JETSERVE_W4A8_NS, CPU, m) {
@@ -424,4 +634,5 @@ TORCH_LIBRARY_IMPL(JETSERVE_W4A8_NS, CPU, m) {
   m.impl("kv_values", &kv_values);
   m.impl("argmax_rows", &argmax_rows);
   m.impl("penalties", &penalties);
+  m.impl("sample_rows", &sample_rows);
 }

@@ -176,19 +176,26 @@ def _stop_for(first: str, second: str) -> str:
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_stop_string_ends_one_choice_others_run_to_length(server, stream):
-    kw = dict(n=2, seed=21, max_tokens=16)
-    free = texts(create(server, False, **kw), False)
-    stop = _stop_for(free[0], free[1])
+    """A stop string in choice 0's first 16 tokens ends that choice ("stop", the text cut before it) and ends it
+    in the engine too (a "stop" finish in the metrics, no request left active), while choice 1 runs to max_tokens.
+    max_tokens is ten times longer than where the stop lies, so the engine cannot end choice 0 by length before
+    the edge's stop reaches it (seeded choices: a longer request's first 16 tokens are the 16-token request's)."""
+    long = 160
+    kw = dict(n=2, seed=21)
+    free = texts(create(server, False, max_tokens=16, **kw), False)
+    full = texts(create(server, False, max_tokens=long, **kw), False)
+    assert [f.startswith(s) for f, s in zip(full, free)] == [True, True]
+    stop = _stop_for(free[0], full[1])
     stops0 = metric(server, "jetserve:request_success_total", finish_reason="stop")
     if stream:
-        got, finish, usage, _ = stream_texts(server, False, stop=[stop], **kw)
+        got, finish, usage, _ = stream_texts(server, False, stop=[stop], max_tokens=long, **kw)
         got, finish = [got[0], got[1]], [finish[0], finish[1]]
     else:
-        r = create(server, False, stop=[stop], **kw)
+        r = create(server, False, stop=[stop], max_tokens=long, **kw)
         got, finish, usage = texts(r, False), [c.finish_reason for c in r.choices], r.usage
-    assert got == [free[0][: free[0].find(stop)], free[1]]
+    assert got == [free[0][: free[0].find(stop)], full[1]]
     assert finish == ["stop", "length"]
-    assert 0 < usage.completion_tokens - 16 <= 16  # choice 0's tokens up to the stop string, then 16
+    assert 0 < usage.completion_tokens - long <= 16  # choice 0's tokens up to the stop string, then `long`
     deadline = time.monotonic() + 10
     while server.engine().num_active and time.monotonic() < deadline:  # the stopped choice is ended in the engine
         time.sleep(0.05)

@@ -5,6 +5,8 @@ the same model with torch's ops (also on an int8 KV cache, whose rows `kv_rows` 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -251,6 +253,153 @@ def test_penalties_match_apply_penalties(isa, V, gen, monkeypatch):
         ops.penalties(x, seen.float(), counts, *[torch.ones(B)] * 3)
     with pytest.raises(RuntimeError, match="rep, freq and pres"):
         ops.penalties(x, seen, counts, torch.ones(B + 1), torch.ones(B), torch.ones(B))
+
+
+def kept_reference(x: torch.Tensor, t: float, k: int, p: float, mp: float):
+    """`sample_rows`' kept tokens of one row in float64, in vocabulary order, and each token's mass exp(s - max):
+    temperature, top-k, top-p (a token stays while the mass before it, normalised over the top-k or the whole row,
+    is below p), then min-p."""
+    s = x.double() / t
+    finite = torch.isfinite(s)
+    order = sorted((i for i in range(s.numel()) if finite[i]), key=lambda i: (-float(s[i]), i))
+    if not order:
+        return [], {}
+    m = float(s[order[0]])
+    mass = {i: math.exp(float(s[i]) - m) for i in order}
+    if 0 < k < s.numel():
+        order = order[:k]
+    if p < 1.0:
+        norm = sum(mass[i] for i in order) if 0 < k < s.numel() else sum(mass.values())
+        kept, before = [], 0.0
+        for i in order:
+            if kept and before >= p * norm:
+                break
+            kept.append(i)
+            before += mass[i]
+        order = kept
+    if mp > 0:
+        order = [i for i in order if mass[i] >= mp]
+    return sorted(order), mass
+
+
+def draw_reference(x: torch.Tensor, t: float, k: int, p: float, mp: float, u: float) -> int:
+    """`sample_rows` for one row in float64: the kept tokens, then inversion in vocabulary order with uniform u."""
+    kept, mass = kept_reference(x, t, k, p, mp)
+    if not kept:
+        return 0
+    total = sum(mass[i] for i in kept)
+    cum = 0.0
+    for i in kept:
+        cum += mass[i]
+        if cum > u * total:
+            return i
+    return kept[-1]
+
+
+DRAW_CASES = [
+    (0.7, 0, 1.0, 0.0),
+    (1.0, 0, 1.0, 0.0),
+    (0.8, 40, 1.0, 0.0),
+    (0.7, 0, 0.9, 0.0),
+    (1.2, 50, 0.95, 0.0),
+    (0.9, 0, 1.0, 0.05),
+    (0.7, 20, 0.8, 0.1),
+    (1.5, 0, 0.5, 0.02),
+    (0.5, 1, 1.0, 0.0),
+]
+
+
+@pytest.mark.parametrize("V", [5, 200, 49152])
+def test_sample_rows_matches_a_float64_reference(isa, V, gen):
+    """Every build draws the token a float64 reference draws for the same uniform, for temperature, top-k, top-p
+    and min-p alone and together; a case may differ only where nudging top_p or u by float32 rounding moves the
+    reference (a token at the boundary)."""
+    ops = w4a8.load(isa)[0] or pytest.skip(f"extension build {isa} unavailable")
+    rows = 4 if V > 1000 else 24
+    x = torch.randn(rows, V, generator=gen) * 3
+    x[1, : V // 2] = float("-inf")  # a masked half
+    checked = 0
+    for t, k, p, mp in DRAW_CASES:
+        u = torch.rand(rows, generator=gen)
+        u[0], u[2] = 0.0, 1.0 - 2.0**-24
+        cols = [torch.full((rows,), c, dtype=torch.float32) for c in (t, p, mp)]
+        got = ops.sample_rows(x, cols[0], torch.full((rows,), k, dtype=torch.long), cols[1], cols[2], u).tolist()
+        for b in range(rows):
+            args = (x[b], t, k, p, mp)
+            want = draw_reference(*args, float(u[b]))
+            if got[b] != want:  # accepted only at a boundary float32 rounding can move
+                nudged = {
+                    draw_reference(x[b], t, k, pp, mp, uu)
+                    for pp in (p * (1 - 1e-5), min(1.0, p * (1 + 1e-5)))
+                    for uu in (float(u[b]) - 1e-6, float(u[b]) + 1e-6)  # past 1: the last kept token
+                }
+                assert got[b] in nudged, (t, k, p, mp, b, got[b], want)
+            checked += 1
+    assert checked == rows * len(DRAW_CASES)
+
+
+def test_sample_rows_follows_the_distribution(isa):
+    """Drawn with torch's uniforms, the kernel's tokens pass a chi-square test against the warped distribution
+    (seeded, so the 0.999 bound cannot fail by bad luck); removed, NaN and -inf tokens are never drawn, and a row
+    without a finite logit gives 0."""
+    ops = w4a8.load(isa)[0] or pytest.skip(f"extension build {isa} unavailable")
+    g = torch.Generator().manual_seed(20261202)
+    logits = torch.tensor([2.0, 1.0, 0.5, float("nan"), -0.5, float("-inf"), 1.5, 0.2])
+    n = 30000
+    for t, k, p, mp in [
+        (1.0, 0, 1.0, 0.0),
+        (0.7, 0, 1.0, 0.0),
+        (1.0, 3, 1.0, 0.0),
+        (1.0, 0, 0.7, 0.0),
+        (1.0, 0, 1.0, 0.3),
+    ]:
+        x = logits.expand(n, -1).contiguous()
+        u = torch.rand(n, generator=g)
+        cols = [torch.full((n,), c, dtype=torch.float32) for c in (t, p, mp)]
+        toks = ops.sample_rows(x, cols[0], torch.full((n,), k, dtype=torch.long), cols[1], cols[2], u)
+        kept, mass = kept_reference(logits, t, k, p, mp)
+        keep = torch.zeros(8, dtype=torch.bool)
+        keep[kept] = True
+        target = torch.tensor([mass[i] if i in kept else 0.0 for i in range(8)], dtype=torch.float64)
+        target /= target.sum()
+        counts = torch.bincount(toks, minlength=8).double()
+        assert counts[~keep].sum() == 0
+        expected = target.double() * n
+        chi2 = float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+        assert chi2 < {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52}[int(keep.sum()) - 1], (t, k, p, mp, chi2)
+    none = torch.full((2, 8), float("-inf"))
+    none[1] = float("nan")
+    ones = torch.ones(2)
+    assert ops.sample_rows(none, ones, torch.zeros(2, dtype=torch.long), ones, 0 * ones, 0.5 * ones).tolist() == [0, 0]
+    with pytest.raises(RuntimeError, match="temperature > 0"):
+        ops.sample_rows(none, 0 * ones, torch.zeros(2, dtype=torch.long), ones, 0 * ones, 0.5 * ones)
+    with pytest.raises(RuntimeError, match="top_k must be"):
+        ops.sample_rows(none, ones, torch.zeros(2), ones, 0 * ones, 0.5 * ones)
+
+
+def test_sample_draws_with_the_kernel_once_loaded(monkeypatch, gen):
+    """`sampling.sample`'s sampled rows go to `sample_rows` where the extension is loaded, each with the uniform its
+    generator gives (the same tokens as calling the kernel with those uniforms), and to the torch reference
+    otherwise, with the same distribution (the chi-square tests in tests/unit/test_sampling.py)."""
+    from models import sampling
+
+    ops = w4a8.load()[0] or pytest.skip("extension unavailable")
+    monkeypatch.setattr(w4a8, "loaded", lambda: ops)
+    x = torch.randn(4, 3000, generator=gen) * 3
+    params = [
+        sampling.SamplingParams(temperature=0.7, top_p=0.9, seed=1),
+        sampling.SamplingParams(temperature=1.0, seed=2),
+        sampling.SamplingParams(temperature=0.8, top_k=40, min_p=0.05, seed=3),
+        sampling.SamplingParams(temperature=0.0),
+    ]
+    gens = [sampling.make_generator(p.seed, "cpu") for p in params]
+    got = sampling.sample(x, params, generators=gens).tokens
+    twins = [sampling.make_generator(p.seed, "cpu") for p in params[:3]]
+    u = torch.stack([torch.rand((), generator=g) for g in twins])
+    f32 = [torch.tensor([getattr(p, a) for p in params[:3]]) for a in ("temperature", "top_p", "min_p")]
+    k = torch.tensor([p.top_k if p.top_k > 0 else 3000 for p in params[:3]])
+    want = ops.sample_rows(x[:3].contiguous(), f32[0], k, f32[1], f32[2], u)
+    assert torch.equal(got[:3], want) and int(got[3]) == int(x[3].argmax())
 
 
 def test_argmax_rows_takes_the_kernel_once_loaded(monkeypatch, gen):

@@ -30,6 +30,15 @@ def rng():
     return torch.Generator().manual_seed(seed)
 
 
+@pytest.fixture
+def torch_draw(monkeypatch):
+    """Draw sampled rows with the torch reference (`_draw_torch`) even where the C++ extension is loaded in this
+    process (tests/unit/test_fused.py holds the `sample_rows` kernel to a reference of its own)."""
+    from models import w4a8
+
+    monkeypatch.setattr(w4a8, "loaded", lambda: None)
+
+
 @pytest.fixture(params=[(4, 16), (4096,)], ids=["cpu-candidates", "full-sort"])
 def cand(request, monkeypatch):
     """Run a test with the CPU top-K candidate shortcut (4, then 16 of V=200) and with the full sort (4096 >= V)."""
@@ -260,7 +269,7 @@ def test_seeded_rows_follow_the_distribution():
     assert chi_square(toks, torch.softmax(logits, -1)) < CHI2_999[4]
 
 
-def test_candidate_shortcut_draws_follow_the_distribution(seeded_draws, monkeypatch):
+def test_candidate_shortcut_draws_follow_the_distribution(seeded_draws, monkeypatch, torch_draw):
     """Rows drawn among their top candidates only (the CPU shortcut, here 4 of 8 tokens) are exact samples of
     the top-k / top-p / min-p renormalised distribution; a min-p whose kept set the 4 do not cover takes the
     whole vocabulary."""
@@ -334,7 +343,7 @@ def test_seed_reproducible_regardless_of_batch(rng):
     assert _draw_sequence(row, 4321, [], 0) != alone  # 25 draws over a flat-ish 50-token set
 
 
-def test_seeded_row_same_tokens_with_or_without_the_candidate_shortcut(rng, monkeypatch):
+def test_seeded_row_same_tokens_with_or_without_the_candidate_shortcut(rng, monkeypatch, torch_draw):
     """A seeded row's tokens are the same whether it is drawn among its top candidates (CPU shortcut) or over the
     whole vocabulary, and whether a batch companion the candidates do not cover goes the other way."""
     row = rand_logits(rng, 1, scale=1.0)[0]
