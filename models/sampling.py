@@ -387,7 +387,25 @@ def _draw(x: torch.Tensor, params: Sequence[SamplingParams], generators: Sequenc
 def _draw_torch(
     x: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[Optional[torch.Generator]]
 ) -> torch.Tensor:
-    """`_draw` in torch operations. On CPU, when every row filters (top-k, top-p or min-p), each row whose top
+    """`_draw` in torch operations: the rows that filter (top-k, top-p or min-p) apart from the others, so that on
+    CPU they can draw among their top candidates (`_draw_group_torch`)."""
+    import torch
+
+    v = x.shape[1]
+    filtered = [i for i, p in enumerate(params) if _filters(p, v)]
+    if len(filtered) in (0, len(params)):
+        return _draw_group_torch(x, params, generators)
+    tokens = torch.empty(len(params), dtype=torch.long, device=x.device)
+    for rows in (filtered, [i for i, p in enumerate(params) if not _filters(p, v)]):
+        idx = torch.tensor(rows, device=x.device)
+        tokens[idx] = _draw_group_torch(x[rows], [params[i] for i in rows], [generators[i] for i in rows])
+    return tokens
+
+
+def _draw_group_torch(
+    x: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[Optional[torch.Generator]]
+) -> torch.Tensor:
+    """`_draw_torch` for rows that all filter, or all do not. On CPU, when every row filters, each row whose top
     candidates cover its kept tokens is warped and drawn among them (`CPU_TOP_P_CANDIDATES` sizes in turn); the
     others over the whole vocabulary."""
     import torch
@@ -611,17 +629,13 @@ def sample(
         if allowed is not None:
             keep = unpack_token_bitmask(allowed.to(logits.device, non_blocking=True), v)
             x = x.masked_fill(~keep, float("-inf"))  # a new tensor: `logits` keeps the raw values for the logprobs
-        tokens = argmax_rows(x) if len(sampled_rows) < b else torch.empty(b, dtype=torch.long, device=x.device)
-        # rows with a top-k / top-p filter apart from the others: on CPU they draw among their top candidates
-        filtered = [i for i in sampled_rows if _filters(params[i], v)]
-        for rows in (filtered, [i for i in sampled_rows if not _filters(params[i], v)]):
-            if rows:
-                sub = x if len(rows) == b else x[rows]
-                drawn = _draw(sub, [params[i] for i in rows], [generators[i] for i in rows])
-                if len(rows) == b:
-                    tokens = drawn
-                else:
-                    tokens[torch.tensor(rows, device=tokens.device)] = drawn
+        sub = x if len(sampled_rows) == b else x[sampled_rows]
+        drawn = _draw(sub, [params[i] for i in sampled_rows], [generators[i] for i in sampled_rows])
+        if len(sampled_rows) == b:
+            tokens = drawn
+        else:
+            tokens = argmax_rows(x)
+            tokens[torch.tensor(sampled_rows, device=tokens.device)] = drawn
 
     out = SampleOutput(tokens=tokens)
     if not want_lp:

@@ -375,6 +375,24 @@ def test_seeded_row_same_tokens_with_or_without_the_candidate_shortcut(rng, monk
     assert alone == runs[((16,), True)] == runs[((4096,), False)] and len(set(alone)) > 1
 
 
+@pytest.mark.parametrize("path", ["kernel-if-loaded", "torch"])
+def test_filtered_and_unfiltered_rows_in_one_batch_draw_as_alone(rng, monkeypatch, path):
+    """A batch mixing a temperature-only row and a top-k row (the torch reference draws them as two groups) gives
+    each seeded row the tokens it gets alone."""
+    if path == "torch":
+        from models import w4a8
+
+        monkeypatch.setattr(w4a8, "loaded", lambda: None)
+    x = rand_logits(rng, 2, scale=1.0)
+    params = [SamplingParams(temperature=0.9, seed=5), SamplingParams(top_k=5, seed=6)]
+    gens = [make_generator(p.seed, "cpu") for p in params]
+    alone_gens = [make_generator(p.seed, "cpu") for p in params]
+    for _ in range(20):
+        both = sample(x, params, generators=gens).tokens.tolist()
+        alone = [int(sample(x[i : i + 1], [params[i]], generators=[alone_gens[i]]).tokens[0]) for i in range(2)]
+        assert both == alone
+
+
 def test_same_seed_same_tokens_different_seed_differs(rng):
     logits = rand_logits(rng, 1, scale=0.5).expand(2, -1)
     a = [make_generator(s, "cpu") for s in (7, 7)]
