@@ -16,9 +16,10 @@ Order of operations (HF `generate` order for the warpers, vLLM order for the pen
    min_p * the largest probability);
 4. one draw per row by inversion: one uniform u per row, the token where the cumulative probability of the kept
    tokens, in vocabulary order, first exceeds u: an exact sample of `p`. A row with a generator draws only from
-   it, so a seeded request gives the same tokens whatever else is in the batch. On CPU, a row that filters
-   (top-k, top-p or min-p) and whose kept tokens lie among its 128 (else 1024) most likely is filtered and drawn
-   among those only (`_candidates`); the other rows are sorted or drawn over the whole vocabulary.
+   it, so a seeded request gives the same tokens whatever else is in the batch. Float32 CPU rows take steps 3-4
+   in one C++ call (`sample_rows`) where the extension is loaded; `_draw_torch` is its reference and the path
+   elsewhere, and on CPU draws a row that filters (top-k, top-p or min-p) among its 128 (else 1024) most likely
+   tokens when they hold every token it keeps (`_candidates`).
 
 Returned log-probabilities are those of the raw model distribution (`log_softmax` of the logits as given,
 before penalties and temperature), as vLLM reports them by default. They are computed only when a row asks.
