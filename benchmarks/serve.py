@@ -18,10 +18,13 @@ One run measures, on the same machine and model:
    (target >= 5). `--prefix-only` runs just this;
 6. structured output: decode tok/s of `json_schema` requests (llguidance token masks) vs the same requests
    unconstrained, at 1 and 8 concurrent streams, interleaved pairs; prints constrained / free (target >= 0.90,
-   a cost of at most 10%). `--structured-only` runs just this.
+   a cost of at most 10%). `--structured-only` runs just this;
+7. sampled decode: the same for requests with a typical chat request's sampling (`SAMPLED`: temperature 0.7,
+   top_p 0.9) against greedy ones; prints sampled / greedy.
 
 Decode tok/s = (completion_tokens - 1) / (time of last token - time of first token), so prefill/TTFT is
-excluded from both sides of the ratio. Requests use greedy decoding with ignore_eos so lengths are fixed.
+excluded from both sides of the ratio. Requests use greedy decoding (but in 7) with ignore_eos so lengths are
+fixed.
 
     python benchmarks/serve.py [--model NAME] [--model-store DIR] [--device cpu] [--tokens 64] [--reps 3]
                                [--prefix-tokens 1000] [--prefix-only] [--structured-only]
@@ -135,13 +138,10 @@ def _greedy_stream(model: str, prompt, tokens: int) -> dict:
     }
 
 
-async def sse_request(
-    client, model: str, tokens: int, response_format: Optional[dict] = None
-) -> Tuple[float, float, int, float]:
-    """(ttft_s, decode_tps, completion_tokens, t_end) of one streamed completion."""
-    body = _greedy_stream(model, PROMPT, tokens)
-    if response_format is not None:
-        body["response_format"] = response_format
+async def sse_request(client, model: str, tokens: int, extra: Optional[dict] = None) -> Tuple[float, float, int, float]:
+    """(ttft_s, decode_tps, completion_tokens, t_end) of one streamed greedy completion, `extra` fields set over
+    its body (a response_format, sampling parameters)."""
+    body = {**_greedy_stream(model, PROMPT, tokens), **(extra or {})}
     t0, first, last, usage, _ = await stream_completion(client, body)
     n = usage["completion_tokens"]
     # chunks may coalesce several tokens; the first chunk carries >= 1 token
@@ -209,15 +209,13 @@ async def cpu_per_token(base: str, pid: int, model: str, tokens: int, reps: int)
     return out
 
 
-async def concurrency(
-    base: str, model: str, n: int, tokens: int, response_format: Optional[dict] = None
-) -> Dict[str, float]:
+async def concurrency(base: str, model: str, n: int, tokens: int, extra: Optional[dict] = None) -> Dict[str, float]:
     import httpx
 
     limits = httpx.Limits(max_connections=n + 2)
     async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as c:
         t0 = time.perf_counter()
-        res = await asyncio.gather(*(sse_request(c, model, tokens, response_format) for _ in range(n)))
+        res = await asyncio.gather(*(sse_request(c, model, tokens, extra) for _ in range(n)))
         wall = max(r[3] for r in res) - t0
     ttfts = [r[0] for r in res]
     total = sum(r[2] for r in res)
@@ -315,42 +313,63 @@ STRUCTURED_FORMAT = {
 }
 
 
-def structured_cost(base: str, model: str, tokens: int, reps: int, streams: List[int]) -> List[Dict[str, object]]:
-    """Per stream count: aggregate decode tok/s with `STRUCTURED_FORMAT` vs without, from interleaved pairs.
+# a typical chat request's sampling (temperature and nucleus), against greedy decoding
+SAMPLED = {"temperature": 0.7, "top_p": 0.9, "seed": 1}
+
+
+def variant_cost(
+    base: str, model: str, tokens: int, reps: int, streams: List[int], extra: dict
+) -> List[Dict[str, object]]:
+    """Per stream count: aggregate decode tok/s of requests with the `extra` body fields vs the same greedy
+    requests without them, from interleaved pairs.
 
     Aggregate decode tok/s = tokens after each stream's first / time from the last first token to the last
     token (prefill excluded, as in the batch-1 figure); the ratio is the median of per-pair ratios
     (same background load within a pair). Every request must reach `tokens` tokens (no early grammar stop)."""
     rows = []
     for n in streams:
-        asyncio.run(concurrency(base, model, n, 8, STRUCTURED_FORMAT))  # warm: compiles the grammar
-        free, constrained = [], []
+        asyncio.run(concurrency(base, model, n, 8, extra))  # warm: compiles a grammar
+        free, variant = [], []
         for _ in range(reps):
             f = asyncio.run(concurrency(base, model, n, tokens))
-            c = asyncio.run(concurrency(base, model, n, tokens, STRUCTURED_FORMAT))
+            c = asyncio.run(concurrency(base, model, n, tokens, extra))
             if c["completion_tokens"] != n * tokens:
-                raise RuntimeError(f"structured requests stopped early: {c['completion_tokens']} of {n * tokens}")
+                raise RuntimeError(f"requests stopped early: {c['completion_tokens']} of {n * tokens} tokens")
             free.append(f["decode_aggregate_tps"])
-            constrained.append(c["decode_aggregate_tps"])
+            variant.append(c["decode_aggregate_tps"])
         rows.append(
             {
                 "streams": n,
                 "free_tps": statistics.median(free),
-                "structured_tps": statistics.median(constrained),
-                "ratio": statistics.median(c / f for c, f in zip(constrained, free)),
+                "variant_tps": statistics.median(variant),
+                "ratio": statistics.median(c / f for c, f in zip(variant, free)),
                 "free_runs": free,
-                "structured_runs": constrained,
+                "variant_runs": variant,
             }
         )
     return rows
 
 
+def structured_cost(base: str, model: str, tokens: int, reps: int, streams: List[int]) -> List[Dict[str, object]]:
+    """`variant_cost` of `STRUCTURED_FORMAT` (json_schema requests against free text)."""
+    return variant_cost(base, model, tokens, reps, streams, {"response_format": STRUCTURED_FORMAT})
+
+
 def print_structured(rows: List[Dict[str, object]]) -> None:
     for r in rows:
         print(
-            f"structured output, {r['streams']} stream(s): json_schema {r['structured_tps']:.1f} tok/s vs free text "
+            f"structured output, {r['streams']} stream(s): json_schema {r['variant_tps']:.1f} tok/s vs free text "
             f"{r['free_tps']:.1f} tok/s aggregate decode, ratio {r['ratio']:.3f} (median of {len(r['free_runs'])} "
             f"interleaved pairs; target >= 0.90)"
+        )
+
+
+def print_sampled(rows: List[Dict[str, object]]) -> None:
+    for r in rows:
+        print(
+            f"sampled decode ({', '.join(f'{k} {v}' for k, v in SAMPLED.items())}), {r['streams']} stream(s): "
+            f"{r['variant_tps']:.1f} tok/s vs greedy {r['free_tps']:.1f} tok/s aggregate decode, ratio "
+            f"{r['ratio']:.3f} (median of {len(r['free_runs'])} interleaved pairs)"
         )
 
 
@@ -671,6 +690,10 @@ def main(argv=None) -> int:
         result["concurrency"] = rows
         result["structured"] = structured_cost(base, args.model, args.tokens, args.reps, _ints(args.structured_streams))
         print_structured(result["structured"])
+        result["sampled"] = variant_cost(
+            base, args.model, args.tokens, args.reps, _ints(args.structured_streams), SAMPLED
+        )
+        print_sampled(result["sampled"])
         result["loadavg_after"] = os.getloadavg()[0]
         print(
             f"load average (1 min) before {result['loadavg_before']:.1f}, after {result['loadavg_after']:.1f} "
