@@ -411,8 +411,9 @@ at::Tensor penalties(const at::Tensor& x, const at::Tensor& seen, const at::Tens
 // min-p (0: off) as `apply_warpers` keeps tokens, then the first kept token, in vocabulary order, whose cumulative
 // probability exceeds u. Only tokens within a margin of the row's largest logit are gathered and sorted: the margin
 // doubles until the gathered tokens hold every token the filters keep (for top-p: their mass reaches top_p), and
-// a row without filters draws in one pass over the whole row. Sums are in double, so a token whose top-p mass or
-// cumulative probability lies within float32 rounding of the boundary can go the other way than in the reference.
+// a row without filters draws in one pass over the whole row. Sums are in double (the whole row's in float blocks
+// or vector lanes first), so a token whose top-p mass or cumulative probability lies within float32 rounding of
+// the boundary can go the other way than in the reference.
 // A NaN logit counts as -inf; a row without a finite logit gives 0.
 struct RowDraw {
   std::vector<float> s, e;  // the row's x / temperature, and exp(s - max) where a token keeps mass
@@ -425,8 +426,8 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // exp(d) for d <= 0; 0 below -87 (exp2_neg's clamp), for -inf and for NaN: such a token never holds mass
 inline float mass_of(float d) { return d > -87.f ? exp2_neg(d * kLog2e) : 0.f; }
 
-// The first index of e (V non-negative masses, `total` their sum) at which the running sum exceeds u * total, in
-// blocks of 256 summed as vectors; where rounding leaves no such index, the last index with mass.
+// The first index of e (V non-negative masses) at which the running sum exceeds u x their sum, found through
+// block sums of 256 (float, added in double); where rounding leaves no such index, the last index with mass.
 int64_t invert(const float* e, int64_t V, float u) {
   constexpr int64_t kBlk = 256;
   const int64_t nb = (V + kBlk - 1) / kBlk;
