@@ -158,6 +158,13 @@ def _row_tensor(values: Sequence[float], like: torch.Tensor, dtype=None) -> torc
     return torch.tensor(values, dtype=dtype or torch.float32).to(like.device, non_blocking=True).unsqueeze(1)
 
 
+def _param_columns(params: Sequence[SamplingParams], *fields: str) -> List[torch.Tensor]:
+    """One (B,) float32 CPU tensor per named `SamplingParams` field: the C++ kernels' per-row arguments."""
+    import torch
+
+    return [torch.tensor([getattr(p, f) for p in params], dtype=torch.float32) for f in fields]
+
+
 def _as_float32(logits: torch.Tensor) -> torch.Tensor:
     """`logits` itself when already float32, else a float32 copy."""
     import torch
@@ -306,10 +313,7 @@ def apply_penalties(
 
         ops = w4a8.loaded()
         if ops is not None:  # the same formulas in one pass (models/csrc/fused_ops.cpp `penalties`)
-            row = [
-                torch.tensor([getattr(p, a) for p in params], dtype=torch.float32)
-                for a in ("repetition_penalty", "frequency_penalty", "presence_penalty")
-            ]
+            row = _param_columns(params, "repetition_penalty", "frequency_penalty", "presence_penalty")
             return ops.penalties(x.contiguous(), seen.contiguous(), n.contiguous(), *row)
     rep = _row_tensor([p.repetition_penalty for p in params], x)
     penalised = torch.where(x > 0, x / rep, x * rep)
@@ -375,10 +379,7 @@ def _draw(x: torch.Tensor, params: Sequence[SamplingParams], generators: Sequenc
         ops = w4a8.loaded()
         if ops is not None:
             v = x.shape[1]
-            f32 = [
-                torch.tensor([getattr(p, a) for p in params], dtype=torch.float32)
-                for a in ("temperature", "top_p", "min_p")
-            ]
+            f32 = _param_columns(params, "temperature", "top_p", "min_p")
             top_k = torch.tensor([p.top_k if p.top_k > 0 else v for p in params], dtype=torch.long)
             u = _uniforms(len(params), x.device, generators)
             return ops.sample_rows(x.contiguous(), f32[0], top_k, f32[1], f32[2], u)
