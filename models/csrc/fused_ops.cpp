@@ -409,9 +409,10 @@ at::Tensor penalties(const at::Tensor& x, const at::Tensor& seen, const at::Tens
 // sample_rows(x, temperature, top_k, top_p, min_p, u): one draw per row of sampling's warped distribution
 // (models/sampling.py `_draw` is the reference): s = x / temperature, then top-k (k >= V: off), top-p (1: off) and
 // min-p (0: off) as `apply_warpers` keeps tokens, then the first kept token, in vocabulary order, whose cumulative
-// probability exceeds u. Only tokens within a margin of the row's largest logit are gathered and sorted: the margin
-// doubles until the gathered tokens hold every token the filters keep (for top-p: their mass reaches top_p), and
-// a row without filters draws in one pass over the whole row. Sums are in double (the whole row's in float blocks
+// probability exceeds u. Only tokens within a margin of the row's largest logit are gathered (a vector compare
+// scan) and sorted, with top-k only the k largest of them: the margin doubles until the gathered tokens hold every
+// token the filters keep (for top-p: their mass reaches top_p), and a row without filters draws in one pass over
+// the whole row. Sums are in double (the whole row's in float blocks
 // or vector lanes first), so a token whose top-p mass or cumulative probability lies within float32 rounding of
 // the boundary can go the other way than in the reference.
 // A NaN logit counts as -inf; a row without a finite logit gives 0.
@@ -509,6 +510,23 @@ inline double row_masses(const float* s, float m, float lo, int64_t V, float* e)
   return sum;
 }
 
+// cand = (s[i], i) for every i with s[i] >= t, in index order (never a NaN)
+inline void gather_at_least(const float* s, int64_t V, float t, std::vector<std::pair<float, int32_t>>& cand) {
+  cand.clear();
+  int64_t i = 0;
+#if defined(__AVX512F__) || defined(__AVX2__)
+  const VecF tv = vset1(t);
+  for (; i + kLanes <= V; i += kLanes) {
+    for (uint32_t bits = vmask_ge(vload(s + i), tv); bits; bits &= bits - 1) {
+      const int64_t j = i + __builtin_ctz(bits);
+      cand.emplace_back(s[j], static_cast<int32_t>(j));
+    }
+  }
+#endif
+  for (; i < V; ++i)
+    if (s[i] >= t) cand.emplace_back(s[i], static_cast<int32_t>(i));
+}
+
 int64_t draw_row(const float* x, int64_t V, float temp, int64_t k, float top_p, float min_p, float u, RowDraw& w) {
   w.s.resize(V);
   float* s = w.s.data();
@@ -525,26 +543,27 @@ int64_t draw_row(const float* x, int64_t V, float temp, int64_t k, float top_p, 
   auto& cand = w.cand;
   for (float margin = 8.f;; margin *= 2.f) {
     const bool all = margin > 120.f;  // every token with mass, and then every other finite one
-    const float t = all ? -std::numeric_limits<float>::max() : m - margin;
-    cand.clear();
+    gather_at_least(s, V, all ? -std::numeric_limits<float>::max() : m - margin, cand);
+    if (all) break;
+    if (k_on) {
+      if (static_cast<int64_t>(cand.size()) < k) continue;  // the k-th largest lies below the margin
+      break;
+    }
     double mass = 0.0;
-    for (int64_t i = 0; i < V; ++i) {
-      if (s[i] >= t) {
-        cand.emplace_back(s[i], static_cast<int32_t>(i));
-        mass += mass_of(s[i] - m);
-      }
-    }
-    if (!all) {
-      if (k_on && static_cast<int64_t>(cand.size()) < k) continue;  // the k-th largest lies below the margin
-      if (p_on && !k_on && mass < top_p * full) continue;  // the nucleus may reach below the margin
-    }
-    break;
+    for (const auto& c : cand) mass += mass_of(c.first - m);
+    if (mass >= top_p * full) break;  // else the nucleus may reach below the margin
   }
-  std::sort(cand.begin(), cand.end(), [](const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& b) {
+  // largest first, the smaller index first on a tie: a strict order, so the first k are the same set however
+  // they are found, and only those are sorted
+  const auto desc = [](const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& b) {
     return a.first > b.first || (a.first == b.first && a.second < b.second);
-  });
+  };
   int64_t n = static_cast<int64_t>(cand.size());
-  if (k_on) n = std::min(n, k);
+  if (k_on && n > k) {
+    std::nth_element(cand.begin(), cand.begin() + k, cand.end(), desc);
+    n = k;
+  }
+  std::sort(cand.begin(), cand.begin() + n, desc);
   if (p_on) {
     double norm = full;
     if (k_on) {

@@ -77,6 +77,7 @@ inline VecF vdiv(VecF a, VecF b) { return _mm512_div_ps(a, b); }
 // x where a >= b (false for a NaN), else 0
 inline VecF vkeep_ge(VecF x, VecF a, VecF b) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(a, b, _CMP_GE_OQ), x); }
 inline float hsum(VecF x) { return _mm512_reduce_add_ps(x); }
+inline uint32_t vmask_ge(VecF a, VecF b) { return _mm512_cmp_ps_mask(a, b, _CMP_GE_OQ); }  // bit i: a[i] >= b[i]
 #else
 constexpr int64_t kLanes = 8;
 using VecF = __m256;
@@ -92,6 +93,7 @@ inline VecF vmul(VecF a, VecF b) { return _mm256_mul_ps(a, b); }
 inline VecF vfloor(VecF x) { return _mm256_floor_ps(x); }
 inline VecF vdiv(VecF a, VecF b) { return _mm256_div_ps(a, b); }
 inline VecF vkeep_ge(VecF x, VecF a, VecF b) { return _mm256_and_ps(_mm256_cmp_ps(a, b, _CMP_GE_OQ), x); }
+inline uint32_t vmask_ge(VecF a, VecF b) { return _mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_GE_OQ)); }
 inline VecF vpow2i(VecF n) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
 }
