@@ -410,22 +410,29 @@ at::Tensor penalties(const at::Tensor& x, const at::Tensor& seen, const at::Tens
 // (models/sampling.py `_draw` is the reference): s = x / temperature, then top-k (k >= V: off), top-p (1: off) and
 // min-p (0: off) as `apply_warpers` keeps tokens, then the first kept token, in vocabulary order, whose cumulative
 // probability exceeds u. Only tokens within a margin of the row's largest logit are gathered (a vector compare
-// scan) and sorted, with top-k only the k largest of them: the margin doubles until the gathered tokens hold every
-// token the filters keep (for top-p: their mass reaches top_p), and a row without filters draws in one pass over
-// the whole row. Sums are in double (the whole row's in float blocks
-// or vector lanes first), so a token whose top-p mass or cumulative probability lies within float32 rounding of
-// the boundary can go the other way than in the reference.
+// scan), the margin doubling until they hold every token the filters keep (for top-p: their mass reaches top_p);
+// a row without filters draws in one pass over the whole row. No full sort: top-k selects its k tokens
+// (nth_element), top-p sorts only the tokens near the point where its mass crosses top_p (`top_p_last`), and the
+// kept tokens stay in vocabulary order. Sums are in double (of float blocks of 256 for a whole row), so a token
+// whose top-p mass or cumulative probability lies within float32 rounding of the boundary can go the other way
+// than in the reference.
 // A NaN logit counts as -inf; a row without a finite logit gives 0.
+using Cand = std::pair<float, int32_t>;  // (s, index)
+
 struct RowDraw {
   std::vector<float> s, e;  // the row's x / temperature, and exp(s - max) where a token keeps mass
-  std::vector<std::pair<float, int32_t>> cand;  // (s, index)
+  std::vector<Cand> cand, sel;  // the gathered tokens in index order; scratch for selecting among them
+  std::vector<uint16_t> bucket;  // top_p_last: each candidate's bucket, and each bucket's mass and size
+  std::vector<double> bucket_mass;
+  std::vector<int32_t> bucket_size;
   std::vector<int32_t> kept;
 };
 
+// The filters' order: the larger s first, the smaller index first on a tie (strict and total over a row)
+inline bool ahead(const Cand& a, const Cand& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); }
+
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// exp(d) for d <= 0; 0 below -87 (exp2_neg's clamp), for -inf and for NaN: such a token never holds mass
-inline float mass_of(float d) { return d > -87.f ? exp2_neg(d * kLog2e) : 0.f; }
 
 // The first index of e (V non-negative masses) at which the running sum exceeds u x their sum, found through
 // block sums of 256 (float, added in double); where rounding leaves no such index, the last index with mass.
@@ -486,32 +493,39 @@ inline float scale_row(const float* x, float temp, int64_t V, float* s) {
 }
 
 // e[i] = exp(s[i] - m) where s[i] - m >= lo (lo >= -87), else 0 (also for NaN and -inf), written to e unless it is
-// null; returns the sum
+// null; returns the sum (float sums of blocks of 256, added in double: a float sum of a whole row can be off by
+// more than a token's mass, which moves top-p's last token where many tokens tie)
 inline double row_masses(const float* s, float m, float lo, int64_t V, float* e) {
-  float sum = 0.f;
-  int64_t i = 0;
+  constexpr int64_t kBlk = 256;  // a multiple of the vector width
+  double total = 0.0;
+  for (int64_t b0 = 0; b0 < V; b0 += kBlk) {
+    const int64_t b1 = std::min(V, b0 + kBlk);
+    float sum = 0.f;
+    int64_t i = b0;
 #if defined(__AVX512F__) || defined(__AVX2__)
-  const VecF mv = vset1(m), lov = vset1(lo), l2e = vset1(kLog2e);
-  VecF acc = vzero();
-  for (; i + kLanes <= V; i += kLanes) {
-    const VecF d = vsub(vload(s + i), mv);
-    const VecF w = vkeep_ge(vexp2_neg(vmul(d, l2e)), d, lov);
-    if (e) vstore(e + i, w);
-    acc = vadd(acc, w);
-  }
-  sum = hsum(acc);
+    const VecF mv = vset1(m), lov = vset1(lo), l2e = vset1(kLog2e);
+    VecF acc = vzero();
+    for (; i + kLanes <= b1; i += kLanes) {
+      const VecF d = vsub(vload(s + i), mv);
+      const VecF w = vkeep_ge(vexp2_neg(vmul(d, l2e)), d, lov);
+      if (e) vstore(e + i, w);
+      acc = vadd(acc, w);
+    }
+    sum = hsum(acc);
 #endif
-  for (; i < V; ++i) {
-    const float d = s[i] - m;
-    const float w = d >= lo ? exp2_neg(d * kLog2e) : 0.f;
-    if (e) e[i] = w;
-    sum += w;
+    for (; i < b1; ++i) {
+      const float d = s[i] - m;
+      const float w = d >= lo ? exp2_neg(d * kLog2e) : 0.f;
+      if (e) e[i] = w;
+      sum += w;
+    }
+    total += sum;
   }
-  return sum;
+  return total;
 }
 
 // cand = (s[i], i) for every i with s[i] >= t, in index order (never a NaN)
-inline void gather_at_least(const float* s, int64_t V, float t, std::vector<std::pair<float, int32_t>>& cand) {
+inline void gather_at_least(const float* s, int64_t V, float t, std::vector<Cand>& cand) {
   cand.clear();
   int64_t i = 0;
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -527,19 +541,66 @@ inline void gather_at_least(const float* s, int64_t V, float t, std::vector<std:
     if (s[i] >= t) cand.emplace_back(s[i], static_cast<int32_t>(i));
 }
 
+// Top-p over `cand` (any order, every mass finite and >= 0): in `ahead` order a token stays while the mass of the
+// tokens before it is below `limit` (> 0). Writes the last token that stays to *last and returns true, or returns
+// false when every token stays. Tokens go into 1024 buckets by s (monotone in s, so the buckets keep the order);
+// bucket masses find the bucket where the mass crosses `limit`, and only that bucket is sorted and walked.
+bool top_p_last(const std::vector<Cand>& cand, const float* e, float m, double limit, RowDraw& w, Cand* last) {
+  constexpr int kBuckets = 1024;
+  float lo = m;
+  for (const auto& c : cand) lo = std::min(lo, c.first);
+  lo = std::max(lo, m - 88.f);  // tokens further below have no mass: the last bucket
+  const double scale = m - lo > 0.f ? (kBuckets - 1) / static_cast<double>(m - lo) : 0.0;
+  const auto bucket_of = [&](float v) {
+    return static_cast<int>(std::min(static_cast<double>(m - v) * scale, kBuckets - 1.0));
+  };
+  auto& bm = w.bucket_mass;
+  auto& bn = w.bucket_size;
+  bm.assign(kBuckets, 0.0);
+  bn.assign(kBuckets, 0);
+  w.bucket.resize(cand.size());
+  for (size_t j = 0; j < cand.size(); ++j) {
+    const int b = bucket_of(cand[j].first);
+    w.bucket[j] = static_cast<uint16_t>(b);
+    bm[b] += e[cand[j].second];
+    ++bn[b];
+  }
+  double before = 0.0;
+  int b = 0;
+  while (b < kBuckets && before + bm[b] < limit) before += bm[b++];
+  bool first = true;
+  for (; b < kBuckets; ++b) {  // past the crossing bucket only where rounding kept all of it
+    if (bn[b] == 0) continue;
+    auto& sel = w.sel;
+    sel.clear();
+    for (size_t j = 0; j < cand.size(); ++j)
+      if (w.bucket[j] == b) sel.push_back(cand[j]);
+    std::sort(sel.begin(), sel.end(), ahead);
+    for (const auto& c : sel) {
+      if (!first && before >= limit) return true;
+      *last = c;
+      first = false;
+      before += e[c.second];
+    }
+  }
+  return false;
+}
+
 int64_t draw_row(const float* x, int64_t V, float temp, int64_t k, float top_p, float min_p, float u, RowDraw& w) {
   w.s.resize(V);
   float* s = w.s.data();
   const float m = scale_row(x, temp, V, s);
   if (!(m > kNegInf)) return 0;
   const bool k_on = k > 0 && k < V, p_on = top_p < 1.f, min_on = min_p > 0.f;
+  w.e.resize(V);
+  float* e = w.e.data();
   if (!k_on && !p_on) {  // every token stays, min-p aside: inversion over the whole row in vocabulary order
-    w.e.resize(V);
-    row_masses(s, m, std::max(min_on ? std::log(min_p) : kNegInf, -87.f), V, w.e.data());
-    return invert(w.e.data(), V, u);
+    row_masses(s, m, std::max(min_on ? std::log(min_p) : kNegInf, -87.f), V, e);
+    return invert(e, V, u);
   }
-  // the whole row's mass relative to exp(m): top-p's normaliser without top-k
-  const double full = p_on && !k_on ? row_masses(s, m, -87.f, V, nullptr) : 0.0;
+  // masses exp(s - m), 0 below -87 and for -inf and NaN (`row_masses`' rule): a top-p row without top-k needs every
+  // token's, and their sum as its normaliser; a top-k row only those of its k tokens (below)
+  const double full = p_on && !k_on ? row_masses(s, m, -87.f, V, e) : 0.0;
   auto& cand = w.cand;
   for (float margin = 8.f;; margin *= 2.f) {
     const bool all = margin > 120.f;  // every token with mass, and then every other finite one
@@ -550,54 +611,51 @@ int64_t draw_row(const float* x, int64_t V, float temp, int64_t k, float top_p, 
       break;
     }
     double mass = 0.0;
-    for (const auto& c : cand) mass += mass_of(c.first - m);
+    for (const auto& c : cand) mass += e[c.second];
     if (mass >= top_p * full) break;  // else the nucleus may reach below the margin
   }
-  // largest first, the smaller index first on a tie: a strict order, so the first k are the same set however
-  // they are found, and only those are sorted
-  const auto desc = [](const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& b) {
-    return a.first > b.first || (a.first == b.first && a.second < b.second);
+  // Each filter keeps a prefix of the candidates in `ahead` order, found without sorting them all: the filters
+  // narrow `cand` (still in index order) to the tokens ahead of or at their last kept token.
+  const auto keep_through = [&cand](const Cand& last) {
+    cand.erase(std::remove_if(cand.begin(), cand.end(), [&last](const Cand& c) { return ahead(last, c); }),
+               cand.end());
   };
-  int64_t n = static_cast<int64_t>(cand.size());
-  if (k_on && n > k) {
-    std::nth_element(cand.begin(), cand.begin() + k, cand.end(), desc);
-    n = k;
+  if (k_on && static_cast<int64_t>(cand.size()) > k) {
+    w.sel.assign(cand.begin(), cand.end());
+    std::nth_element(w.sel.begin(), w.sel.begin() + (k - 1), w.sel.end(), ahead);
+    keep_through(w.sel[k - 1]);
   }
-  std::sort(cand.begin(), cand.begin() + n, desc);
+  if (k_on)
+    for (const auto& c : cand) {
+      const float d = c.first - m;
+      e[c.second] = d >= -87.f ? exp2_neg(d * kLog2e) : 0.f;
+    }
   if (p_on) {
     double norm = full;
     if (k_on) {
       norm = 0.0;
-      for (int64_t j = 0; j < n; ++j) norm += mass_of(cand[j].first - m);
+      for (const auto& c : cand) norm += e[c.second];
     }
-    double before = 0.0;
-    int64_t j = 0;
-    for (; j < n; ++j) {  // a token stays while the mass before it is below top_p (the first always does)
-      if (j > 0 && before >= top_p * norm) break;
-      before += mass_of(cand[j].first - m);
-    }
-    n = j;
+    Cand last;
+    if (top_p_last(cand, e, m, top_p * norm, w, &last)) keep_through(last);
   }
-  if (min_on) {
+  if (min_on) {  // the largest token has s - m = 0 >= log(min_p): it always stays
     const float floor = std::log(min_p);
-    int64_t j = 1;
-    while (j < n && cand[j].first - m >= floor) ++j;
-    n = j;
+    cand.erase(std::remove_if(cand.begin(), cand.end(), [&](const Cand& c) { return !(c.first - m >= floor); }),
+               cand.end());
   }
   auto& kept = w.kept;
-  kept.resize(n);
-  for (int64_t j = 0; j < n; ++j) kept[j] = cand[j].second;
-  std::sort(kept.begin(), kept.end());
+  kept.resize(cand.size());
+  for (size_t j = 0; j < cand.size(); ++j) kept[j] = cand[j].second;
   double total = 0.0;
-  for (int32_t i : kept) total += mass_of(s[i] - m);
+  for (int32_t i : kept) total += e[i];
   const double r = static_cast<double>(u) * total;
   double cum = 0.0;
   int32_t last = kept[0];
   for (int32_t i : kept) {
-    const float e = mass_of(s[i] - m);
-    if (e > 0.f) last = i;
-    cum += e;
-    if (e > 0.f && cum > r) return i;
+    if (e[i] > 0.f) last = i;
+    cum += e[i];
+    if (e[i] > 0.f && cum > r) return i;
   }
   return last;
 }
