@@ -413,7 +413,7 @@ at::Tensor penalties(const at::Tensor& x, const at::Tensor& seen, const at::Tens
 // scan), the margin doubling until they hold every token the filters keep (for top-p: their mass reaches top_p);
 // a row without filters draws in one pass over the whole row. No full sort: top-k selects its k tokens
 // (nth_element), top-p sorts only the tokens near the point where its mass crosses top_p (`top_p_last`), and the
-// kept tokens stay in vocabulary order. Sums are in double (of float blocks of 256 for a whole row), so a token
+// kept tokens stay in vocabulary order. Sums are in double, so a token
 // whose top-p mass or cumulative probability lies within float32 rounding of the boundary can go the other way
 // than in the reference.
 // A NaN logit counts as -inf; a row without a finite logit gives 0.
@@ -436,18 +436,23 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // The first index of e (V non-negative masses) at which the running sum exceeds u x their sum, found through
 // block sums of 256 (float, added in double); where rounding leaves no such index, the last index with mass.
+// The sum of n floats, added in double (vector lanes in any order): a float sum of a row's masses can be off by
+// more than its last tokens' masses, or than one of many tied tokens'
+inline double sum_double(const float* x, int64_t n) {
+  double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += x[i];
+  return acc;
+}
+
 int64_t invert(const float* e, int64_t V, float u) {
   constexpr int64_t kBlk = 256;
   const int64_t nb = (V + kBlk - 1) / kBlk;
   std::vector<double> bs(nb);
   double total = 0.0;
   for (int64_t b = 0; b < nb; ++b) {
-    float acc = 0.f;
-    const int64_t i1 = std::min(V, (b + 1) * kBlk);
-#pragma omp simd reduction(+ : acc)
-    for (int64_t i = b * kBlk; i < i1; ++i) acc += e[i];
-    bs[b] = acc;
-    total += acc;
+    bs[b] = sum_double(e + b * kBlk, std::min(V, (b + 1) * kBlk) - b * kBlk);
+    total += bs[b];
   }
   const double r = static_cast<double>(u) * total;
   double cum = 0.0;
@@ -492,36 +497,21 @@ inline float scale_row(const float* x, float temp, int64_t V, float* s) {
   return m;
 }
 
-// e[i] = exp(s[i] - m) where s[i] - m >= lo (lo >= -87), else 0 (also for NaN and -inf), written to e unless it is
-// null; returns the sum (float sums of blocks of 256, added in double: a float sum of a whole row can be off by
-// more than a token's mass, which moves top-p's last token where many tokens tie)
+// e[i] = exp(s[i] - m) where s[i] - m >= lo (lo >= -87), else 0 (also for NaN and -inf); returns their sum
 inline double row_masses(const float* s, float m, float lo, int64_t V, float* e) {
-  constexpr int64_t kBlk = 256;  // a multiple of the vector width
-  double total = 0.0;
-  for (int64_t b0 = 0; b0 < V; b0 += kBlk) {
-    const int64_t b1 = std::min(V, b0 + kBlk);
-    float sum = 0.f;
-    int64_t i = b0;
+  int64_t i = 0;
 #if defined(__AVX512F__) || defined(__AVX2__)
-    const VecF mv = vset1(m), lov = vset1(lo), l2e = vset1(kLog2e);
-    VecF acc = vzero();
-    for (; i + kLanes <= b1; i += kLanes) {
-      const VecF d = vsub(vload(s + i), mv);
-      const VecF w = vkeep_ge(vexp2_neg(vmul(d, l2e)), d, lov);
-      if (e) vstore(e + i, w);
-      acc = vadd(acc, w);
-    }
-    sum = hsum(acc);
-#endif
-    for (; i < b1; ++i) {
-      const float d = s[i] - m;
-      const float w = d >= lo ? exp2_neg(d * kLog2e) : 0.f;
-      if (e) e[i] = w;
-      sum += w;
-    }
-    total += sum;
+  const VecF mv = vset1(m), lov = vset1(lo), l2e = vset1(kLog2e);
+  for (; i + kLanes <= V; i += kLanes) {
+    const VecF d = vsub(vload(s + i), mv);
+    vstore(e + i, vkeep_ge(vexp2_neg(vmul(d, l2e)), d, lov));
   }
-  return total;
+#endif
+  for (; i < V; ++i) {
+    const float d = s[i] - m;
+    e[i] = d >= lo ? exp2_neg(d * kLog2e) : 0.f;
+  }
+  return sum_double(e, V);
 }
 
 // cand = (s[i], i) for every i with s[i] >= t, in index order (never a NaN)

@@ -338,6 +338,21 @@ def test_sample_rows_matches_a_float64_reference(isa, V, gen):
     assert checked == rows * len(DRAW_CASES)
 
 
+def test_sample_rows_at_the_largest_uniform_draws_the_reference_token(isa, gen):
+    """With u = 1 - 2^-24 a row draws the last token whose mass the reference's cumulative sum still needs, also
+    where the last tokens hold less than 2^-24 of the row's mass: the row's total and the running sum are both
+    taken in double, so they agree to far below that (a float total drew an earlier token in about 5% of such
+    rows)."""
+    ops = w4a8.load(isa)[0] or pytest.skip(f"extension build {isa} unavailable")
+    rows, V = 200, 200
+    x = torch.randn(rows, V, generator=gen) * 3
+    u = torch.full((rows,), 1.0 - 2.0**-24)
+    ones = torch.ones(rows)
+    for t in (0.7, 1.0):
+        got = ops.sample_rows(x, t * ones, torch.zeros(rows, dtype=torch.long), ones, 0 * ones, u).tolist()
+        assert got == [draw_reference(x[b], t, 0, 1.0, 0.0, float(u[b])) for b in range(rows)], t
+
+
 @pytest.mark.parametrize("V", [200, 16384])
 def test_sample_rows_keeps_the_smaller_indices_of_a_tie(isa, V, gen):
     """Where the last token top-k or top-p keeps is tied, the tied tokens of smaller index stay (the reference's
