@@ -413,9 +413,8 @@ at::Tensor penalties(const at::Tensor& x, const at::Tensor& seen, const at::Tens
 // scan), the margin doubling until they hold every token the filters keep (for top-p: their mass reaches top_p);
 // a row without filters draws in one pass over the whole row. No full sort: top-k selects its k tokens
 // (nth_element), top-p sorts only the tokens near the point where its mass crosses top_p (`top_p_last`), and the
-// kept tokens stay in vocabulary order. Sums are in double, so a token
-// whose top-p mass or cumulative probability lies within float32 rounding of the boundary can go the other way
-// than in the reference.
+// kept tokens stay in vocabulary order. Sums are in double, so a token whose top-p mass or cumulative probability
+// lies within float32 rounding of the boundary can go the other way than in the reference.
 // A NaN logit counts as -inf; a row without a finite logit gives 0.
 using Cand = std::pair<float, int32_t>;  // (s, index)
 
@@ -429,13 +428,12 @@ struct RowDraw {
 };
 
 // The filters' order: the larger s first, the smaller index first on a tie (strict and total over a row)
-inline bool ahead(const Cand& a, const Cand& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); }
+inline bool ahead(const Cand& a, const Cand& b) {
+  return a.first > b.first || (a.first == b.first && a.second < b.second);
+}
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-
-// The first index of e (V non-negative masses) at which the running sum exceeds u x their sum, found through
-// block sums of 256 (float, added in double); where rounding leaves no such index, the last index with mass.
 // The sum of n floats, added in double (vector lanes in any order): a float sum of a row's masses can be off by
 // more than its last tokens' masses, or than one of many tied tokens'
 inline double sum_double(const float* x, int64_t n) {
@@ -445,6 +443,8 @@ inline double sum_double(const float* x, int64_t n) {
   return acc;
 }
 
+// The first index of e (V non-negative masses) at which the running sum exceeds u x their sum, found through
+// block sums of 256 (in double); where rounding leaves no such index, the last index with mass.
 int64_t invert(const float* e, int64_t V, float u) {
   constexpr int64_t kBlk = 256;
   const int64_t nb = (V + kBlk - 1) / kBlk;
