@@ -610,16 +610,17 @@ int64_t draw_row(const float* x, int64_t V, float temp, int64_t k, float top_p, 
     cand.erase(std::remove_if(cand.begin(), cand.end(), [&last](const Cand& c) { return ahead(last, c); }),
                cand.end());
   };
-  if (k_on && static_cast<int64_t>(cand.size()) > k) {
-    w.sel.assign(cand.begin(), cand.end());
-    std::nth_element(w.sel.begin(), w.sel.begin() + (k - 1), w.sel.end(), ahead);
-    keep_through(w.sel[k - 1]);
-  }
-  if (k_on)
-    for (const auto& c : cand) {
+  if (k_on) {
+    if (static_cast<int64_t>(cand.size()) > k) {
+      w.sel.assign(cand.begin(), cand.end());
+      std::nth_element(w.sel.begin(), w.sel.begin() + (k - 1), w.sel.end(), ahead);
+      keep_through(w.sel[k - 1]);
+    }
+    for (const auto& c : cand) {  // the masses of the k tokens only
       const float d = c.first - m;
       e[c.second] = d >= -87.f ? exp2_neg(d * kLog2e) : 0.f;
     }
+  }
   if (p_on) {
     double norm = full;
     if (k_on) {
